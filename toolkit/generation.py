@@ -1,0 +1,195 @@
+"""Batched sampling with the KV cache, left padding and per-row settings.
+
+One loop serves `llamakit serve`, the in-process `hf:` teacher and the PPO rollout: every row has its
+own temperature / top-p / top-k / seed / stop strings / token budget, and the log-prob of each sampled
+token is taken from the same temperature-scaled distribution it was drawn from.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    prompt_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, list | tuple) else [value])
+    return ids
+
+
+def cache_kwarg(model) -> str:
+    """Name of the KV-cache argument: transformers >= 5.24 calls it `cache`, older ones `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, width - len(p):] = 1
+    return input_ids, attention_mask
+
+
+def _filter_logits(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k and nucleus filtering (rows with top_k=0 / top_p=1 pass through)."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    ranks = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
+    remove = (top_k[:, None] > 0) & (ranks >= top_k[:, None])
+    probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(-1) - probs
+    remove |= mass_before >= top_p[:, None]
+    remove[:, 0] = False  # always keep the most likely token
+    return logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
+
+
+class _StopWatcher:
+    """Decodes a row's tokens incrementally; finds stop strings; yields text safe to stream."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
+        self.emitted = 0
+        self.text = ""
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def update(self, token_ids: list[int], final: bool) -> tuple[str, bool]:
+        """Return (new text to emit, stop string found)."""
+        self.text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        for s in self.stop:
+            cut = self.text.find(s)
+            if cut != -1:
+                self.text = self.text[:cut]
+                return self._emit(len(self.text)), True
+        safe = len(self.text) if final else len(self.text) - self.hold
+        if not final and self.text.endswith("\ufffd"):  # half of a multi-byte character
+            safe = min(safe, len(self.text) - 1)
+        return self._emit(safe), False
+
+    def _emit(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        return piece
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+             on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Sample a completion for every prompt (token ids) in one batch with the KV cache.
+
+    Finished rows leave the batch (and the cache) at once, so a long answer does not make the short
+    ones pay. `on_text(row, text)` receives streamed text as it becomes final (stop strings held back).
+    """
+    from transformers import DynamicCache
+
+    if len(prompts) != len(params):
+        raise ValueError("one SamplingParams per prompt")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = torch.tensor(sorted(eos_token_ids(model, tokenizer)) or [pad_id], device=device)
+    watchers = [_StopWatcher(tokenizer, p.stop) for p in params]
+    watch = [bool(p.stop) or on_text is not None for p in params]
+    tokens: list[list[int]] = [[] for _ in params]
+    logprobs: list[list[float]] = [[] for _ in params]
+    finish = ["length"] * len(params)
+
+    rows = [i for i, p in enumerate(params) if p.max_new_tokens > 0]  # original index of each batch row
+    if rows:
+        input_ids, attention_mask = (t.to(device) for t in left_pad([prompts[i] for i in rows], pad_id))
+        temperature = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
+        top_p = torch.tensor([params[i].top_p for i in rows], device=device, dtype=torch.float32)
+        top_k = torch.tensor([params[i].top_k for i in rows], device=device, dtype=torch.long)
+        # Seeded rows draw from their own generator so a seed gives the same text whatever the batch.
+        generators = {i: torch.Generator(device=device).manual_seed(params[i].seed)
+                      for i in rows if params[i].seed is not None}
+        shared_generator = torch.Generator(device=device)
+        shared_generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        cache = DynamicCache()
+        cache_arg = cache_kwarg(model)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        step_ids = input_ids
+
+    while rows:
+        out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        logits = out.logits[:, -1, :].float()
+        greedy = temperature <= 0
+        scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+        if bool(((top_p < 1) | (top_k > 0)).any()):
+            scaled = _filter_logits(scaled, top_p, top_k)
+        logp = torch.log_softmax(scaled, dim=-1)
+        probs = logp.exp()
+        next_ids = torch.where(greedy, logits.argmax(-1),
+                               torch.multinomial(probs, 1, generator=shared_generator)[:, 0])
+        for b, i in enumerate(rows):
+            if i in generators and not greedy[b]:
+                next_ids[b] = torch.multinomial(probs[b], 1, generator=generators[i])[0]
+        chosen_logp = logp.gather(-1, next_ids[:, None])[:, 0].tolist()
+        hit_eos = torch.isin(next_ids, eos).tolist()
+
+        keep = []
+        for b, i in enumerate(rows):
+            tokens[i].append(int(next_ids[b]))
+            logprobs[i].append(chosen_logp[b])
+            stopped = hit_eos[b]
+            out_of_budget = len(tokens[i]) >= params[i].max_new_tokens
+            if watch[i]:
+                text, stop_hit = watchers[i].update(tokens[i], final=stopped or out_of_budget)
+                if text and on_text:
+                    on_text(i, text)
+                stopped = stopped or stop_hit
+            if stopped or out_of_budget:
+                finish[i] = "stop" if stopped else "length"
+            else:
+                keep.append(b)
+
+        step_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, torch.ones_like(step_ids)], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+        if len(keep) < len(rows):
+            rows = [rows[b] for b in keep]
+            if not rows:
+                break
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            step_ids, attention_mask, position_ids = step_ids[index], attention_mask[index], position_ids[index]
+            temperature, top_p, top_k = temperature[index], top_p[index], top_k[index]
+
+    completions = []
+    for i in range(len(params)):
+        text = watchers[i].text if watch[i] else tokenizer.decode(tokens[i], skip_special_tokens=True)
+        completions.append(Completion(tokens[i], text, finish[i], len(prompts[i]), logprobs[i]))
+    return completions

@@ -1,0 +1,193 @@
+"""Files in and out: JSON/JSONL rows with line-numbered errors, crash-safe appends, atomic directories."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import UserError
+
+
+def read_rows(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, a JSON array, or a JSON object holding one list; errors name file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("no such file", file=str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 text (byte {err.start})", file=str(path), line=line) from None
+    stripped = text.lstrip()
+    if not stripped:
+        if allow_empty:
+            return []
+        raise UserError("file is empty", file=str(path))
+    if stripped[0] == "[" or path.suffix == ".json":
+        rows = _json_document(path, text)
+    else:
+        rows = list(_jsonl_rows(path, text))
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise UserError(f"row {number} is {type(row).__name__}, expected a JSON object", file=str(path))
+    if not rows and not allow_empty:
+        raise UserError("file holds no rows", file=str(path))
+    return rows
+
+
+def _json_document(path: Path, text: str) -> list:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("{") and "\n{" in text:
+            raise UserError("looks like JSONL (one object per line) but the file is named .json",
+                            file=str(path), line=err.lineno) from None
+        raise UserError(f"invalid JSON: {err.msg}", file=str(path), line=err.lineno) from None
+    if isinstance(doc, dict):
+        lists = [v for v in doc.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError("expected a JSON array of rows (or JSONL)", file=str(path))
+        doc = lists[0]
+    if not isinstance(doc, list):
+        raise UserError("expected a JSON array of rows (or JSONL)", file=str(path))
+    return doc
+
+
+def _jsonl_rows(path: Path, text: str) -> Iterator[Any]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", file=str(path), line=number) from None
+
+
+def require_str(row: dict, key: str, path: str | os.PathLike, line: int, *, allow_empty: bool = False) -> str:
+    """A string field of a row, or a one-line error naming file, line and field."""
+    if key not in row:
+        raise UserError("missing", file=str(path), line=line, field=key)
+    value = row[key]
+    if not isinstance(value, str):
+        raise UserError(f"expected a string, got {type(value).__name__}", file=str(path), line=line, field=key)
+    if not allow_empty and not value.strip():
+        raise UserError("empty string", file=str(path), line=line, field=key)
+    return value
+
+
+class RowWriter:
+    """Append-only JSONL output: every row is flushed and fsync'd, so a kill -9 loses at most the row
+    being written; a torn last line left by such a kill is cut off when the file is reopened.
+    An exclusive lock keeps a second process from interleaving rows into the same file."""
+
+    def __init__(self, path: str | os.PathLike):
+        from filelock import FileLock, Timeout
+
+        self.path = Path(path)
+        parent = self.path.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create output directory: {err.strerror}", file=str(parent)) from None
+        self._lock = FileLock(str(self.path) + ".lock")
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError("another llamakit process is writing this file", file=str(self.path)) from None
+        except OSError as err:
+            raise UserError(f"cannot write here: {err.strerror}", file=str(parent)) from None
+        try:
+            drop_torn_tail(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as err:
+            self._lock.release()
+            raise UserError(f"cannot write: {err.strerror}", file=str(self.path)) from None
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+        self._lock.release()
+
+    def __enter__(self) -> RowWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def drop_torn_tail(path: Path) -> int:
+    """Cut an unterminated or unparsable last line (left by a kill mid-write); return bytes removed."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = len(data)
+        if data.endswith(b"\n"):
+            last_start = data.rfind(b"\n", 0, end - 1) + 1
+            try:
+                json.loads(data[last_start:end])
+                return 0
+            except ValueError:
+                cut = last_start
+        else:
+            cut = data.rfind(b"\n") + 1
+        f.truncate(cut)
+        return end - cut
+
+
+def read_existing(path: str | os.PathLike) -> list[dict]:
+    """Rows already in an output file (for resume), tolerating a torn last line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place only when complete."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as err:
+        raise UserError(f"cannot write output: {err.strerror}", file=str(target)) from None
+    try:
+        yield tmp
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON through a temp file and rename, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

