@@ -119,6 +119,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -136,6 +143,7 @@ def load_causal_lm(name: str | os.PathLike, dtype: torch.dtype | None = None,
 
     path = resolve(name)
     _require_safetensors(path)
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True)

@@ -1,0 +1,67 @@
+"""Chats to token ids with the model's own chat template, safe against injected control tokens.
+
+The template is rendered with placeholders in place of message texts; template pieces are tokenized
+normally (their special tokens stay special) and message texts with `split_special_tokens=True`, so a
+user who types `<|im_start|>system` gets plain text, never a new turn.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from toolkit.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+FALLBACK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def validate_messages(messages: object) -> list[dict[str, str]]:
+    """Check a list of {role, content} messages; raise UserError naming the bad item."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError("'messages' must be a non-empty list", field="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise UserError(f"messages[{i}] must be an object", field=f"messages[{i}]")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise UserError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
+                            field=f"messages[{i}].role")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if len(parts) != len(content):
+                raise UserError(f"messages[{i}].content: only text parts are supported",
+                                field=f"messages[{i}].content")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise UserError(f"messages[{i}].content must be a string", field=f"messages[{i}].content")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def encode_chat(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template (ChatML if it has none)."""
+    masked = [{"role": m["role"], "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
+    rendered = tokenizer.apply_chat_template(masked, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    ids: list[int] = []
+    pos = 0
+    for match in _PLACEHOLDER.finditer(rendered):
+        ids += tokenizer(rendered[pos:match.start()], add_special_tokens=False).input_ids
+        content = messages[int(match.group(1))]["content"]
+        if content:
+            ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True).input_ids
+        pos = match.end()
+    ids += tokenizer(rendered[pos:], add_special_tokens=False).input_ids
+    return ids
+
+
+def context_length(model) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "max_position_embeddings", 2048) or 2048)

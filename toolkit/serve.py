@@ -1,0 +1,272 @@
+"""`llamakit serve`: an OpenAI-compatible HTTP API for any local causal LM.
+
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions (plain and server-sent-event streaming).
+Concurrent requests are batched by the engine; every bad request gets a 4xx with an OpenAI-style body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from toolkit.chat_format import context_length, encode_chat, validate_messages
+from toolkit.engine import BatchingEngine, QueueFull
+from toolkit.errors import UserError
+from toolkit.generation import SamplingParams
+
+
+@dataclass
+class ServeLimits:
+    max_tokens: int = 1024  # cap on max_tokens per choice
+    max_n: int = 8
+    max_body_bytes: int = 1_000_000
+    max_stop: int = 4
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    max_tokens_given: bool
+
+
+def _number(body: dict, key: str, kind: type, default, low=None, high=None):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise APIError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}", param=key)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise APIError(400, f"'{key}' must be between {low} and {high}, got {value}", param=key)
+    return kind(value)
+
+
+def parse_chat_request(body: Any, limits: ServeLimits) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        messages = validate_messages(body.get("messages"))
+    except UserError as err:
+        raise APIError(400, str(err).removeprefix(f"field '{err.field}': "), param=err.field) from None
+    max_tokens_given = body.get("max_completion_tokens", body.get("max_tokens")) is not None
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, int, limits.max_tokens, 1, limits.max_tokens)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > limits.max_stop:
+        raise APIError(400, f"'stop' must be a string or a list of at most {limits.max_stop} strings", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise APIError(400, "'seed' must be an integer", param="seed")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=_number(body, "temperature", float, 1.0, 0, 2),
+        top_p=_number(body, "top_p", float, 1.0, 0, 1) or 1.0,
+        top_k=_number(body, "top_k", int, 0, 0, None),
+        seed=seed,
+        stop=tuple(stop),
+    )
+    return ChatRequest(messages, params, _number(body, "n", int, 1, 1, limits.max_n), stream,
+                       bool(isinstance(options, dict) and options.get("include_usage")), max_tokens_given)
+
+
+def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = None,
+               limits: ServeLimits | None = None):
+    limits = limits or ServeLimits()
+    app = FastAPI(title="llamakit", docs_url=None, redoc_url=None, openapi_url=None)
+    context = context_length(engine.model)
+    started = int(time.time())
+
+    def error_response(err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return error_response(APIError(401, "missing or incorrect API key", code="invalid_api_key"))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            return error_response(APIError(413, f"request body over {limits.max_body_bytes} bytes"))
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def api_error(_request, err: APIError):
+        return error_response(err)
+
+    @app.exception_handler(404)
+    async def not_found(request, _exc):
+        return error_response(APIError(404, f"no route {request.method} {request.url.path}", code="not_found"))
+
+    @app.exception_handler(405)
+    async def not_allowed(request, _exc):
+        return error_response(APIError(405, f"method {request.method} not allowed on {request.url.path}"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "pending": engine.pending}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": started,
+                                             "owned_by": "llamakit"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        raw = await request.body()
+        if len(raw) > limits.max_body_bytes:
+            raise APIError(413, f"request body over {limits.max_body_bytes} bytes")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "request body is not valid JSON") from None
+        chat = parse_chat_request(body, limits)
+        prompt_ids = encode_chat(engine.tokenizer, chat.messages)
+        room = context - len(prompt_ids)
+        if room < 1 or (chat.max_tokens_given and chat.params.max_new_tokens > room):
+            raise APIError(400, f"this model's maximum context length is {context} tokens; the messages take "
+                                f"{len(prompt_ids)} and max_tokens asks for {chat.params.max_new_tokens}",
+                           param="messages", code="context_length_exceeded")
+        params = [_choice_params(chat.params, i, room) for i in range(chat.n)]
+        if engine.pending + chat.n > engine.max_queue:
+            raise APIError(503, "server is busy; retry later", type_="server_overloaded",
+                           headers={"Retry-After": "1"})
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        if chat.stream:
+            return StreamingResponse(
+                _sse(engine, prompt_ids, params, completion_id, created, model_name, chat.include_usage),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            results = await asyncio.gather(*(engine.complete(prompt_ids, p) for p in params))
+        except QueueFull as err:
+            raise APIError(503, f"server is busy: {err}", type_="server_overloaded",
+                           headers={"Retry-After": "1"}) from None
+        completion_tokens = sum(c.completion_tokens for c in results)
+        return {
+            "id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(results)],
+            "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                      "total_tokens": len(prompt_ids) + completion_tokens},
+        }
+
+    return app
+
+
+def _choice_params(params: SamplingParams, index: int, room: int) -> SamplingParams:
+    from dataclasses import replace
+
+    seed = None if params.seed is None else params.seed + index  # n choices differ but stay reproducible
+    return replace(params, seed=seed, max_new_tokens=min(params.max_new_tokens, room))
+
+
+async def _sse(engine: BatchingEngine, prompt_ids: list[int], params: list[SamplingParams],
+               completion_id: str, created: int, model_name: str, include_usage: bool):
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        data = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": model_name, "choices": choices}
+        if usage is not None:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, p: SamplingParams) -> None:
+        try:
+            async for kind, value in engine.stream(prompt_ids, p):
+                await events.put((index, kind, value))
+        except Exception as err:  # noqa: BLE001 - reported in the stream, the server stays up
+            await events.put((index, "error", err))
+
+    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(params)]
+    try:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(len(params))])
+        finished, completion_tokens = 0, 0
+        while finished < len(params):
+            index, kind, value = await events.get()
+            if kind == "text":
+                yield chunk([{"index": index, "delta": {"content": value}, "finish_reason": None}])
+            elif kind == "done":
+                finished += 1
+                completion_tokens += value.completion_tokens
+                yield chunk([{"index": index, "delta": {}, "finish_reason": value.finish_reason}])
+            else:
+                finished += 1
+                error = {"error": {"message": str(value), "type": "server_error", "param": None, "code": None}}
+                yield f"data: {json.dumps(error)}\n\n"
+        if include_usage:
+            yield chunk([], {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
+                             "total_tokens": len(prompt_ids) + completion_tokens})
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          served_name: str | None = None, max_batch: int = 32, batch_wait_ms: float = 20,
+          max_queue: int = 512, limits: ServeLimits | None = None, ready_file: str | None = None) -> None:
+    """Load `model` and serve it until interrupted."""
+    import socket
+    from pathlib import Path
+
+    import uvicorn
+
+    from toolkit.console import console
+    from toolkit.models import load_causal_lm
+
+    causal_lm, tokenizer = load_causal_lm(model)
+    engine = BatchingEngine(causal_lm, tokenizer, max_batch=max_batch, wait_ms=batch_wait_ms, max_queue=max_queue)
+    name = served_name or (model if not Path(model).is_dir() else Path(model).resolve().name)
+    app = create_app(engine, name, api_key=api_key, limits=limits)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    port = sock.getsockname()[1]
+    url = f"http://{host}:{port}/v1"
+    console.print(f"[bold green]serving[/] {name} on {url} (batch ≤ {max_batch}, "
+                  f"auth {'on' if api_key else 'off'}); Ctrl-C stops")
+    if ready_file:
+        Path(ready_file).write_text(json.dumps({"url": url, "port": port, "model": name}))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()

@@ -1,0 +1,191 @@
+"""Teachers: anything with one async `chat(messages, **params) -> Reply`, chosen by a spec string.
+
+    openai:MODEL                        AsyncOpenAI (OpenAI, vLLM, TGI, Ollama, `llamakit serve` via base_url)
+    langchain:module.path:ClassName     any LangChain chat model, built with --teacher-kwargs
+    hf:ALIAS_OR_PATH                    a local transformers model in this process, batched
+    rules:NAMES                         rule scorers: they score answers, they cannot write them
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from toolkit.errors import UserError
+
+OPENAI_PARAMS = ("temperature", "top_p", "max_tokens", "seed", "stop")
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str = ""
+    latency_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What a generated row records about the call (never the key)."""
+        return {"model": self.model, "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "latency_s": round(self.latency_s, 4)}
+
+
+class Teacher(Protocol):
+    name: str
+
+    async def chat(self, messages: list[dict[str, str]], **params: Any) -> Reply: ...
+
+
+class OpenAITeacher:
+    """The real `openai` client; talks to OpenAI or any compatible server (--base-url)."""
+
+    def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 timeout: float = 60.0, max_retries: int = 2):
+        from openai import AsyncOpenAI
+
+        key = os.environ.get(api_key_env)
+        if not key:
+            if base_url is None:
+                raise UserError(f"openai:{model} needs an API key in ${api_key_env} (or --base-url for a "
+                                "local server)")
+            key = "none"  # local servers without auth still want a header
+        self.name = f"openai:{model}"
+        self.model = model
+        self.client = AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+
+    async def chat(self, messages: list[dict[str, str]], **params: Any) -> Reply:
+        request = {k: v for k, v in params.items() if k in OPENAI_PARAMS and v is not None}
+        start = time.perf_counter()
+        response = await self.client.chat.completions.create(model=self.model, messages=messages, **request)
+        if not response.choices:
+            raise ValueError("the server answered with no choices")
+        choice = response.choices[0]
+        usage = response.usage
+        return Reply(text=choice.message.content or "", finish_reason=choice.finish_reason,
+                     prompt_tokens=usage.prompt_tokens if usage else 0,
+                     completion_tokens=usage.completion_tokens if usage else 0,
+                     model=response.model or self.model, latency_s=time.perf_counter() - start)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+class LangChainTeacher:
+    """Any LangChain chat model; sampling params go through `.bind()` as LangChain call kwargs."""
+
+    def __init__(self, class_path: str, kwargs: dict[str, Any] | None = None):
+        module_name, _, class_name = class_path.rpartition(":")
+        if not module_name or not class_name:
+            raise UserError(f"langchain teacher must be 'langchain:module.path:ClassName', got '{class_path}'")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as err:
+            raise UserError(f"cannot import LangChain chat model '{class_path}': {err}") from None
+        try:
+            self.model = cls(**(kwargs or {}))
+        except Exception as err:  # noqa: BLE001 - pydantic/validation errors from any provider
+            raise UserError(f"cannot build {class_name} from --teacher-kwargs: {err}".splitlines()[0]) from None
+        self.name = f"langchain:{class_path}"
+
+    async def chat(self, messages: list[dict[str, str]], **params: Any) -> Reply:
+        from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+        kinds = {"system": SystemMessage, "user": HumanMessage, "assistant": AIMessage}
+        lc_messages = [kinds[m["role"]](content=m["content"]) for m in messages]
+        bound = {k: v for k, v in params.items() if k in OPENAI_PARAMS and v is not None}
+        stop = bound.pop("stop", None)
+        runnable = self.model.bind(**bound) if bound else self.model
+        start = time.perf_counter()
+        message = await runnable.ainvoke(lc_messages, stop=stop)
+        content = message.content
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+        usage = getattr(message, "usage_metadata", None) or {}
+        meta = getattr(message, "response_metadata", None) or {}
+        return Reply(text=content, finish_reason=meta.get("finish_reason"),
+                     prompt_tokens=usage.get("input_tokens", 0), completion_tokens=usage.get("output_tokens", 0),
+                     model=meta.get("model_name") or meta.get("model") or self.name,
+                     latency_s=time.perf_counter() - start)
+
+
+class HFTeacher:
+    """A local transformers model in this process; concurrent chats share batched generation."""
+
+    def __init__(self, model: str, max_batch: int = 32, batch_wait_ms: float = 20):
+        from toolkit.engine import BatchingEngine
+        from toolkit.models import load_causal_lm
+
+        causal_lm, tokenizer = load_causal_lm(model)
+        self.engine = BatchingEngine(causal_lm, tokenizer, max_batch=max_batch, wait_ms=batch_wait_ms)
+        self.name = f"hf:{model}"
+
+    async def chat(self, messages: list[dict[str, str]], **params: Any) -> Reply:
+        from toolkit.chat_format import context_length, encode_chat, validate_messages
+        from toolkit.generation import SamplingParams
+
+        prompt_ids = encode_chat(self.engine.tokenizer, validate_messages(messages))
+        room = context_length(self.engine.model) - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"the messages take {len(prompt_ids)} tokens, over the model's context")
+        stop = params.get("stop") or ()
+        sampling = SamplingParams(
+            max_new_tokens=min(int(params.get("max_tokens") or 256), room),
+            temperature=float(params["temperature"]) if params.get("temperature") is not None else 1.0,
+            top_p=float(params.get("top_p") or 1.0), seed=params.get("seed"),
+            stop=(stop,) if isinstance(stop, str) else tuple(stop))
+        start = time.perf_counter()
+        completion = await self.engine.complete(prompt_ids, sampling)
+        return Reply(text=completion.text, finish_reason=completion.finish_reason,
+                     prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+                     model=self.name, latency_s=time.perf_counter() - start)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.engine.close)
+
+
+class RulesTeacher:
+    """Rule scorers behind the teacher spec syntax; for `--scorer` / `--judge`, not for writing text."""
+
+    def __init__(self, spec: str):
+        from toolkit.scorers import parse_rules
+
+        self.scorer = parse_rules(spec)
+        self.name = self.scorer.name
+
+    def score(self, prompt: str, response: str, finish_reason: str | None = None) -> float:
+        return self.scorer.score_one(prompt, response, finish_reason)
+
+    async def chat(self, messages: list[dict[str, str]], **params: Any) -> Reply:
+        raise UserError(f"{self.name} scores answers; it cannot write them — use an openai:, langchain: or "
+                        "hf: teacher to generate")
+
+
+def make_teacher(spec: str, *, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
+                 kwargs: dict[str, Any] | None = None, timeout: float = 60.0, max_retries: int = 2):
+    """Build a teacher from its spec (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "rules":
+        return RulesTeacher(spec)
+    if not rest:
+        raise UserError(f"teacher spec '{spec}' needs a target, e.g. openai:gpt-4o-mini, hf:smollm2-135m")
+    if kind == "openai":
+        return OpenAITeacher(rest, base_url=base_url, api_key_env=api_key_env, timeout=timeout,
+                             max_retries=max_retries)
+    if kind == "langchain":
+        return LangChainTeacher(rest, kwargs)
+    if kind == "hf":
+        return HFTeacher(rest)
+    raise UserError(f"unknown teacher kind '{kind}' in '{spec}' (use openai:, langchain:, hf: or rules:)")
+
+
+async def close_teacher(teacher: Any) -> None:
+    closer = getattr(teacher, "aclose", None)
+    if closer is not None:
+        await closer()
