@@ -44,3 +44,17 @@ def run_cli(*args: str, check: bool = False, timeout: float = 600, env: dict | N
     if check and proc.returncode != 0:
         raise AssertionError(f"llamakit {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+API_KEY = "test-secret-key"
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llama_dir):
+    """The real `llamakit serve` (subprocess, 127.0.0.1) on the tiny model, with a bearer key."""
+    from toolkit.server_process import running_server
+
+    with running_server(str(tiny_llama_dir), args=("--api-key-env", "LLAMAKIT_TEST_KEY", "--max-tokens-cap", "64",
+                                                   "--max-n", "4", "--served-name", "tiny"),
+                        env={"LLAMAKIT_TEST_KEY": API_KEY}) as server:
+        yield server

@@ -136,7 +136,9 @@ def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = No
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "pending": engine.pending}
+        stats = engine.stats
+        return {"status": "ok", "model": model_name, "pending": engine.pending, "batches": stats.batches,
+                "sequences": stats.sequences, "tokens": stats.tokens, "busy_s": round(stats.busy_s, 3)}
 
     @app.get("/v1/models")
     async def models():

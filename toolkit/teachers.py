@@ -171,6 +171,8 @@ def make_teacher(spec: str, *, base_url: str | None = None, api_key_env: str = "
                  kwargs: dict[str, Any] | None = None, timeout: float = 60.0, max_retries: int = 2):
     """Build a teacher from its spec (see the module docstring)."""
     kind, _, rest = spec.partition(":")
+    if kind not in ("openai", "langchain", "hf", "rules"):
+        raise UserError(f"unknown teacher kind '{kind}' in '{spec}' (use openai:, langchain:, hf: or rules:)")
     if kind == "rules":
         return RulesTeacher(spec)
     if not rest:
@@ -180,9 +182,7 @@ def make_teacher(spec: str, *, base_url: str | None = None, api_key_env: str = "
                              max_retries=max_retries)
     if kind == "langchain":
         return LangChainTeacher(rest, kwargs)
-    if kind == "hf":
-        return HFTeacher(rest)
-    raise UserError(f"unknown teacher kind '{kind}' in '{spec}' (use openai:, langchain:, hf: or rules:)")
+    return HFTeacher(rest)
 
 
 async def close_teacher(teacher: Any) -> None:

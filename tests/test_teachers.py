@@ -1,0 +1,92 @@
+"""The four teacher kinds behind one `chat(messages, **params)`; openai/langchain against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import API_KEY
+
+from toolkit.errors import UserError
+from toolkit.teachers import HFTeacher, close_teacher, make_teacher
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+
+
+def chat(teacher, **params):
+    async def run():
+        try:
+            return await teacher.chat(MESSAGES, **params)
+        finally:
+            await close_teacher(teacher)
+    return asyncio.run(run())
+
+
+def test_openai_teacher_against_llamakit_serve(tiny_server, monkeypatch):
+    monkeypatch.setenv("MY_KEY", API_KEY)
+    teacher = make_teacher("openai:tiny", base_url=tiny_server.url, api_key_env="MY_KEY", max_retries=0)
+    reply = chat(teacher, max_tokens=5, temperature=0.5, seed=1, stop=["\n\n\n"])
+    assert reply.model == "tiny"
+    assert 1 <= reply.completion_tokens <= 5 and reply.prompt_tokens > 0
+    assert reply.finish_reason in ("stop", "length")
+    assert API_KEY not in repr(reply.meta)
+
+
+def test_openai_teacher_wrong_key_fails_loudly(tiny_server, monkeypatch):
+    import openai
+
+    monkeypatch.setenv("MY_KEY", "wrong")
+    teacher = make_teacher("openai:tiny", base_url=tiny_server.url, api_key_env="MY_KEY", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        chat(teacher, max_tokens=2)
+
+
+def test_langchain_teacher_against_llamakit_serve(tiny_server):
+    teacher = make_teacher("langchain:langchain_openai:ChatOpenAI",
+                           kwargs={"base_url": tiny_server.url, "api_key": API_KEY, "model": "tiny", "max_retries": 0})
+    reply = chat(teacher, max_tokens=4, temperature=0)
+    assert isinstance(reply.text, str)
+    assert 1 <= reply.completion_tokens <= 4
+    assert reply.finish_reason in ("stop", "length")
+
+
+def test_hf_teacher_batches_concurrent_chats(tiny_llama_dir):
+    teacher = HFTeacher(str(tiny_llama_dir))
+
+    async def run():
+        try:
+            return await asyncio.gather(*(teacher.chat([{"role": "user", "content": f"q{i}"}], max_tokens=6, seed=i)
+                                          for i in range(6)))
+        finally:
+            await close_teacher(teacher)
+
+    replies = asyncio.run(run())
+    assert len(replies) == 6 and all(1 <= r.completion_tokens <= 6 for r in replies)
+    assert teacher.engine.stats.sequences == 6
+    assert teacher.engine.stats.batches < 6
+
+
+def test_rules_teacher_scores_but_cannot_write():
+    teacher = make_teacher("rules:refusal,truncation")
+    assert teacher.score("q", "I'm sorry, I cannot help.", "stop") == pytest.approx(0.5)
+    assert teacher.score("q", "Sure: Paris.", "stop") == pytest.approx(1.0)
+    with pytest.raises(UserError, match="cannot write"):
+        chat(teacher)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("gpt-4", "unknown teacher kind"),
+    ("openai:", "needs a target"),
+    ("langchain:nope_module:Chat", "cannot import"),
+    ("langchain:langchain_openai", "module.path:ClassName"),
+    ("rules:lenght", "unknown rule"),
+])
+def test_bad_specs_are_user_errors(spec, message):
+    with pytest.raises(UserError, match=message):
+        make_teacher(spec)
+
+
+def test_openai_without_key_or_base_url(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(UserError, match="OPENAI_API_KEY"):
+        make_teacher("openai:gpt-4o-mini")
