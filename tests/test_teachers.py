@@ -42,8 +42,11 @@ def test_openai_teacher_wrong_key_fails_loudly(tiny_server, monkeypatch):
 
 
 def test_langchain_teacher_against_llamakit_serve(tiny_server):
+    # langchain-openai caches one async HTTP client per (base_url, timeout) for the whole process; a client
+    # made under an earlier test's event loop cannot be reused, so this test asks for its own timeout.
     teacher = make_teacher("langchain:langchain_openai:ChatOpenAI",
-                           kwargs={"base_url": tiny_server.url, "api_key": API_KEY, "model": "tiny", "max_retries": 0})
+                           kwargs={"base_url": tiny_server.url, "api_key": API_KEY, "model": "tiny", "max_retries": 0,
+                                   "timeout": 61})
     reply = chat(teacher, max_tokens=4, temperature=0)
     assert isinstance(reply.text, str)
     assert 1 <= reply.completion_tokens <= 4
