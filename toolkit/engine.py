@@ -27,6 +27,7 @@ class _Request:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
 
     def push(self, kind: str, value: object) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -64,13 +65,20 @@ class BatchingEngine:
             raise QueueFull(f"{self._queue.qsize()} requests are already waiting")
         request = _Request(list(prompt_ids), params, asyncio.get_running_loop())
         self._queue.put(request)
-        while True:
-            kind, value = await request.events.get()
-            if kind == "error":
-                raise value  # type: ignore[misc]
-            yield kind, value
-            if kind == "done":
-                return
+        finished = False
+        try:
+            while True:
+                kind, value = await request.events.get()
+                if kind == "error":
+                    finished = True
+                    raise value  # type: ignore[misc]
+                yield kind, value
+                if kind == "done":
+                    finished = True
+                    return
+        finally:
+            # The caller stopped listening (client disconnected): stop spending compute on this row.
+            request.cancelled = not finished
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
         async for kind, value in self.stream(prompt_ids, params):
@@ -95,7 +103,7 @@ class BatchingEngine:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            batch = self._next_batch()
+            batch = [r for r in self._next_batch() if not r.cancelled]
             if not batch:
                 continue
             start = time.perf_counter()
@@ -104,7 +112,8 @@ class BatchingEngine:
 
             try:
                 completions = generate(self.model, self.tokenizer, [r.prompt_ids for r in batch],
-                                       [r.params for r in batch], on_text=on_text)
+                                       [r.params for r in batch], on_text=on_text,
+                                       is_cancelled=lambda row, batch=batch: batch[row].cancelled)
             except Exception as err:  # noqa: BLE001 - handed to every waiting caller
                 for r in batch:
                     r.push("error", err)

@@ -107,11 +107,14 @@ class _StopWatcher:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
-             on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+             on_text: Callable[[int, str], None] | None = None,
+             is_cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
     """Sample a completion for every prompt (token ids) in one batch with the KV cache.
 
     Finished rows leave the batch (and the cache) at once, so a long answer does not make the short
-    ones pay. `on_text(row, text)` receives streamed text as it becomes final (stop strings held back).
+    ones pay. `on_text(row, text)` receives streamed text as it becomes final (stop strings held back);
+    a row for which `is_cancelled(row)` turns true (its client went away) ends with finish_reason
+    "cancelled".
     """
     from transformers import DynamicCache
 
@@ -173,6 +176,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
                 stopped = stopped or stop_hit
             if stopped or out_of_budget:
                 finish[i] = "stop" if stopped else "length"
+            elif is_cancelled is not None and is_cancelled(i):
+                finish[i] = "cancelled"
             else:
                 keep.append(b)
 

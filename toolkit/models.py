@@ -107,6 +107,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = dequantized.config
@@ -177,6 +178,7 @@ def save_tiny_llama(out: str | os.PathLike, tokenizer_from: str = "smollm2-135m"
     import torch
     from transformers import LlamaForCausalLM
 
+    _quiet_transformers()
     tokenizer = load_tokenizer(tokenizer_from)
     torch.manual_seed(seed)
     cfg = tiny_llama_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
