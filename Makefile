@@ -5,9 +5,16 @@ BIN := $(VENV)/bin
 # CPU build of torch: an unpinned torch would pull the multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup browser demo test lint bench clean
 
 setup: $(VENV)/.installed
+
+# Headless Chromium for the browser tests of `llamakit annotate` (Debian packages).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q chromium chromium-driver >/dev/null; \
+	  else sudo apt-get install -y -q chromium chromium-driver >/dev/null; fi; \
+	fi
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -21,7 +28,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/llamakit demo
 
-test: setup
+test: setup browser
 	$(BIN)/ruff check toolkit rlhf tests benchmarks
 	$(BIN)/python -m pytest -q -x --durations=15
 

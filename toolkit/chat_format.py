@@ -46,8 +46,15 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
 
 def encode_chat(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` in the tokenizer's chat template (ChatML if it has none)."""
-    masked = [{"role": m["role"], "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
     template = getattr(tokenizer, "chat_template", None) or FALLBACK_TEMPLATE
+    control = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
+    if not any(c in m["content"] for m in messages for c in control):
+        # Plain text: tokenize the rendered chat in one go, exactly as apply_chat_template does (pieces
+        # tokenized apart would split whitespace runs at the edges of a message differently).
+        rendered = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+        return tokenizer(rendered, add_special_tokens=False).input_ids
+    masked = [{"role": m["role"], "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
     rendered = tokenizer.apply_chat_template(masked, chat_template=template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     ids: list[int] = []

@@ -27,18 +27,24 @@ def load_config(path: str, command: click.Command, ctx: click.Context) -> dict[s
         raise UserError("not UTF-8 text", file=path) from None
     if not isinstance(data, dict):
         raise UserError("expected a mapping of flag names to values", file=path)
-    options = {p.name: p for p in command.params if isinstance(p, click.Option) and p.name != "config"}
+    # Keys are flag names (`json` for `--json` even when the parameter is called `as_json`).
+    options: dict[str, click.Option] = {}
+    for p in command.params:
+        if isinstance(p, click.Option) and p.name != "config":
+            for flag in [p.name, *(o for o in p.opts if o.startswith("--"))]:
+                options[flag.lstrip("-").replace("-", "_")] = p
     defaults: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name not in options:
-            known = ", ".join(sorted(n.replace("_", "-") for n in options))
+            known = ", ".join(sorted({o.lstrip("-") for p in set(options.values()) for o in p.opts
+                                      if o.startswith("--")}))
             raise UserError(f"unknown key for `{command.name}` (known: {known})", file=path, field=str(key))
         try:
             options[name].type_cast_value(ctx, value)
         except click.BadParameter as err:
             raise UserError(f"wrong type: {err.message}", file=path, field=str(key)) from None
-        defaults[name] = value
+        defaults[options[name].name] = value
     return defaults
 
 

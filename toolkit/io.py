@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,15 @@ def read_rows(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dic
         raise UserError("file is empty", file=str(path))
     if stripped[0] == "[" or path.suffix == ".json":
         rows = _json_document(path, text)
+        for number, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise UserError(f"row {number} is {type(row).__name__}, expected a JSON object", file=str(path))
     else:
-        rows = list(_jsonl_rows(path, text))
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise UserError(f"row {number} is {type(row).__name__}, expected a JSON object", file=str(path))
+        rows = []
+        for line, row in _jsonl_rows(path, text):
+            if not isinstance(row, dict):
+                raise UserError(f"row is {type(row).__name__}, expected a JSON object", file=str(path), line=line)
+            rows.append(row)
     if not rows and not allow_empty:
         raise UserError("file holds no rows", file=str(path))
     return rows
@@ -60,12 +64,12 @@ def _json_document(path: Path, text: str) -> list:
     return doc
 
 
-def _jsonl_rows(path: Path, text: str) -> Iterator[Any]:
+def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", file=str(path), line=number) from None
 
@@ -112,6 +116,12 @@ class RowWriter:
 
     def write(self, row: dict) -> None:
         self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def write_many(self, rows: list[dict]) -> None:
+        """Group commit: append whole lines, then one flush + fsync for all of them."""
+        self._file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -168,7 +178,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        # Not mkdtemp: its private 0700 mode would stay on the renamed directory; mkdir honours the umask.
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
     except OSError as err:
         raise UserError(f"cannot write output: {err.strerror}", file=str(target)) from None
     try:

@@ -140,6 +140,7 @@ def load_causal_lm(name: str | os.PathLike, dtype: torch.dtype | None = None,
                    device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer, in eval mode (dropout off), from safetensors only."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve(name)
@@ -148,7 +149,7 @@ def load_causal_lm(name: str | os.PathLike, dtype: torch.dtype | None = None,
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # SafetensorError: a truncated file
         raise UserError(f"cannot load a causal LM from '{path}': {err}") from err
     if device:
         model.to(device)

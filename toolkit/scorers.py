@@ -6,6 +6,7 @@ score is the weighted mean, and `explain` shows each rule's part so a row can sa
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,8 +95,10 @@ class RuleScorer:
 
 def parse_rules(spec: str) -> RuleScorer:
     """`rules:length,refusal=2` -> RuleScorer({'length': 1, 'refusal': 2}); bare `rules` means all."""
-    body = spec.split(":", 1)[1] if spec.startswith("rules") and ":" in spec else ""
-    if spec.strip() == "rules" or not body.strip():
+    kind, _, body = spec.partition(":")
+    if kind.strip() != "rules":
+        raise UserError(f"rule scorers are written rules or rules:NAME[=WEIGHT],..., got '{spec}'")
+    if not body.strip():
         return RuleScorer({name: 1.0 for name in RULES})
     weights: dict[str, float] = {}
     for item in body.split(","):
@@ -106,6 +109,8 @@ def parse_rules(spec: str) -> RuleScorer:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
             raise UserError(f"rule weight '{weight}' in '{spec}' is not a number") from None
+        if not math.isfinite(weights[name]) or weights[name] < 0:
+            raise UserError(f"rule weight '{weight}' in '{spec}' must be a finite number >= 0")
     if sum(weights.values()) <= 0:
         raise UserError(f"rule weights in '{spec}' must add up to more than 0")
     return RuleScorer(weights)

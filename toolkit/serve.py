@@ -266,7 +266,9 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
     console.print(f"[bold green]serving[/] {name} on {url} (batch ≤ {max_batch}, "
                   f"auth {'on' if api_key else 'off'}); Ctrl-C stops")
     if ready_file:
-        Path(ready_file).write_text(json.dumps({"url": url, "port": port, "model": name}))
+        from toolkit.io import write_json
+
+        write_json(ready_file, {"url": url, "port": port, "model": name})  # atomic: readers never see half
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,290 @@
+"""toolkit/cli.py + toolkit/config.py: the click group, `--config file.yaml`, one-line errors, --debug."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT, run_cli
+
+from toolkit.cli import cli, main
+from toolkit.config import load_config
+
+COMMANDS = sorted(cli.commands)
+
+
+def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command and sub-command (`generate-data preferences` ...), as argument paths."""
+    paths = []
+    for name, command in sorted(group.commands.items()):
+        paths.append((*prefix, name))
+        if isinstance(command, click.Group):
+            paths += _command_paths(command, (*prefix, name))
+    return paths
+
+
+def _lookup(path: tuple[str, ...]) -> click.Command:
+    command = cli
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+PATHS = _command_paths(cli)
+
+
+def call(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `llamakit ARGS` in this process through the real entry point (`main`, as the console script)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*map(str, args)])
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (0 if code is None else code), out, err
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- --help
+
+
+def test_help_lists_every_command_and_is_fast():
+    start = time.perf_counter()
+    proc = run_cli("--help", timeout=60)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: llamakit" in proc.stdout
+    for name in ("ask", "serve", "demo", *COMMANDS):
+        assert f"  {name} " in proc.stdout, name
+    assert elapsed < 20, f"llamakit --help took {elapsed:.1f} s"
+
+
+def test_cli_and_every_help_stay_light():
+    """Importing the CLI and printing every command's help must not import torch or transformers."""
+    code = (
+        "import sys\n"
+        "import toolkit.cli\n"
+        "from click.testing import CliRunner\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, f'importing toolkit.cli imported {heavy}'\n"
+        "for name in sorted(toolkit.cli.cli.commands):\n"
+        "    result = CliRunner().invoke(toolkit.cli.cli, [name, '--help'])\n"
+        "    assert result.exit_code == 0, (name, result.output)\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, f'--help imported {heavy}'\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_version():
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0
+    assert "0." in result.output
+
+
+def _has_default(p: click.Parameter) -> bool:
+    """Options whose default click can print: everything but no default and plain on/off flags."""
+    if not isinstance(p, click.Option) or p.hidden:
+        return False
+    if p.default is None or type(p.default).__name__ == "Sentinel":  # click >= 8.3 marks "no default" UNSET
+        return False
+    return not (p.is_flag and not p.secondary_opts)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[" ".join(p) for p in PATHS])
+def test_every_command_help_shows_its_defaults(path):
+    command = _lookup(path)
+    result = CliRunner().invoke(cli, [*path, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"{path[-1]} [OPTIONS]" in result.output
+    options = [p for p in command.params if isinstance(p, click.Option)]
+    if isinstance(command, click.Group) and not options:
+        return  # a bare group of sub-commands
+    assert "--config" in result.output, "every command takes --config file.yaml"
+    ctx = click.Context(command, info_name=path[-1])
+    missing = []
+    for p in options:
+        if not _has_default(p):
+            continue
+        opts, text = p.get_help_record(ctx)
+        if "default:" not in text:
+            missing.append(opts)
+        assert opts.split(" ")[0] in result.output
+    assert not missing, f"`llamakit {' '.join(path)} --help` does not show the default of {missing}"
+
+
+def test_ask_help_shows_concrete_defaults():
+    result = CliRunner().invoke(cli, ["ask", "--help"], terminal_width=200)
+    assert "[default: hf:smollm2-135m]" in result.output
+    assert "[default: 128]" in result.output
+    assert "[default: 0.7]" in result.output
+
+
+def test_unknown_command_and_missing_argument(capsys):
+    code, _, err = call(capsys, "no-such-command")
+    assert code == 2
+    assert "no-such-command" in err
+    code, _, err = call(capsys, "ask")
+    assert code == 2
+    assert "Missing argument" in err
+
+
+# ---------------------------------------------------------------- --config: values and precedence
+
+
+def test_config_sets_values(capsys, tmp_path):
+    config = write(tmp_path / "c.yaml", "teacher: bogus:from-config\n")
+    code, _, err = call(capsys, "ask", "q", "--config", config)
+    assert code == 2
+    assert "bogus:from-config" in err  # the config's teacher was used
+
+
+def test_flag_overrides_config(capsys, tmp_path):
+    config = write(tmp_path / "c.yaml", "teacher: bogus:from-config\n")
+    # The flag wins wherever it stands, before or after --config.
+    for args in (("--teacher", "rules:length", "--config", config), ("--config", config, "--teacher", "rules:length")):
+        code, _, err = call(capsys, "ask", "q", *args)
+        assert code == 2
+        assert "bogus" not in err
+        assert "rules:length" in err and "cannot write" in err
+
+
+def test_config_and_flags_reach_a_real_run(capsys, tmp_path, tiny_llama_dir):
+    """A real `ask` against the tiny model: the config sets teacher, token budget and --json; a flag overrides."""
+    config = write(tmp_path / "c.yaml", f"teacher: hf:{tiny_llama_dir}\nmax_tokens: 3\njson: true\n"
+                                        "temperature: 0\n")
+    code, out, err = call(capsys, "ask", "hello", "--config", config)
+    assert code == 0, err
+    reply = json.loads(out)
+    assert reply["completion_tokens"] == 3
+    assert reply["finish_reason"] == "length"
+    code, out, err = call(capsys, "ask", "hello", "--config", config, "--max-tokens", "5")
+    assert code == 0, err
+    assert json.loads(out)["completion_tokens"] == 5
+
+
+def test_config_keys_may_use_dashes_underscores_or_flag_names(tmp_path):
+    command = cli.commands["ask"]
+    ctx = click.Context(command)
+    config = write(tmp_path / "c.yaml", "max-tokens: 3\nteacher_kwargs: '{}'\njson: true\n--seed: 4\n")
+    assert load_config(str(config), command, ctx) == {"max_tokens": 3, "teacher_kwargs": "{}", "as_json": True,
+                                                      "seed": 4}
+
+
+def test_empty_config_is_fine(capsys, tmp_path):
+    config = write(tmp_path / "c.yaml", "# nothing yet\n")
+    code, _, err = call(capsys, "ask", "q", "--teacher", "bogus:x", "--config", config)
+    assert code == 2
+    assert "bogus:x" in err
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "templates").glob("*.yaml")))
+def test_shipped_presets_are_valid_configs(preset):
+    """Every top-level preset in templates/ loads cleanly against the command it is named after."""
+    command_name = preset.split("-")[0].removesuffix(".yaml")
+    if command_name not in cli.commands:
+        pytest.skip(f"no `{command_name}` command")
+    command = cli.commands[command_name]
+    values = load_config(str(ROOT / "templates" / preset), command, click.Context(command))
+    assert values
+
+
+# ---------------------------------------------------------------- --config: errors are one line
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_unknown_key(capsys, tmp_path):
+    config = write(tmp_path / "c.yaml", "teacher: rules:length\nmax-tokenz: 3\n")
+    code, _, err = call(capsys, "ask", "q", "--config", config)
+    assert code == 2
+    line = _one_line(err)
+    assert str(config) in line
+    assert "max-tokenz" in line
+    assert "unknown key" in line
+    assert "max-tokens" in line  # the known keys are listed, as flag names
+    assert "as-json" not in line
+
+
+def test_wrong_type(capsys, tmp_path):
+    config = write(tmp_path / "c.yaml", 'max-tokens: "abc"\n')
+    code, _, err = call(capsys, "ask", "q", "--config", config)
+    assert code == 2
+    line = _one_line(err)
+    assert str(config) in line
+    assert "max-tokens" in line
+    assert "abc" in line
+
+
+def test_invalid_yaml_names_file_and_line(capsys, tmp_path):
+    config = write(tmp_path / "c.yaml", "teacher: rules:length\nmax-tokens: 3: 4\nseed: 1\n")
+    code, _, err = call(capsys, "ask", "q", "--config", config)
+    assert code == 2
+    line = _one_line(err)
+    assert f"{config}:2:" in line
+    assert "invalid YAML" in line
+
+
+def test_config_not_a_mapping(capsys, tmp_path):
+    config = write(tmp_path / "c.yaml", "- teacher\n- rules\n")
+    code, _, err = call(capsys, "ask", "q", "--config", config)
+    assert code == 2
+    assert str(config) in _one_line(err)
+
+
+def test_missing_config_file(capsys, tmp_path):
+    code, _, err = call(capsys, "ask", "q", "--config", tmp_path / "nope.yaml")
+    assert code == 2
+    line = _one_line(err)
+    assert "nope.yaml" in line and "not found" in line
+
+
+# ---------------------------------------------------------------- errors in the real CLI process
+
+
+def test_user_error_is_one_line_exit_2_without_traceback():
+    proc = run_cli("ask", "q", "--teacher", "bogus:x", timeout=60)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    line = _one_line(proc.stderr)
+    assert line.startswith("error: ")
+    assert "bogus" in line
+
+
+def test_debug_shows_the_traceback():
+    proc = run_cli("--debug", "ask", "q", "--teacher", "bogus:x", timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "UserError" in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("error: ")
+
+
+def test_debug_from_the_environment():
+    proc = run_cli("ask", "q", "--teacher", "bogus:x", env={"LLAMAKIT_DEBUG": "1"}, timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+
+
+def test_unexpected_error_is_one_line_exit_1(capsys):
+    # Not a chat model: the failure is a plain AttributeError deep inside, not a UserError.
+    code, _, err = call(capsys, "ask", "q", "--teacher", "langchain:json:JSONDecoder")
+    assert code == 1
+    line = _one_line(err)
+    assert "AttributeError" in line
+    assert "--debug" in line

@@ -1,0 +1,282 @@
+"""`llamakit generate-data ...` (instructions, conversations, preferences, scores) and `llamakit data ...`.
+
+A thin layer: flags -> dataclasses -> toolkit.generate.*; heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import click
+
+from toolkit.config import config_option
+
+TEACHER_HELP = "openai:MODEL | langchain:module:Class | hf:ALIAS_OR_PATH"
+
+
+def common_options(temperature: float = 0.7, max_tokens: int = 256):
+    """Flags every generate-data sub-command shares (engine, sampling, teacher connection, output)."""
+    options = [
+        click.option("--out", required=True, type=click.Path(dir_okay=False),
+                     help="Output file (JSONL rows; resumed when it exists). Failed rows go to OUT.failed.jsonl."),
+        click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
+                     help="Output format; parquet is written at the end from a JSONL journal OUT.jsonl."),
+        click.option("--limit", type=int, default=None, help="Use only the first N input rows."),
+        click.option("--concurrency", type=click.IntRange(1), default=16, show_default=True,
+                     help="Requests in flight at most."),
+        click.option("--rpm", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="Requests per minute at most (0: no limit)."),
+        click.option("--tpm", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="Tokens per minute at most, prompt + max_tokens estimated (0: no limit)."),
+        click.option("--max-retries", type=click.IntRange(0), default=5, show_default=True,
+                     help="Retries per request (429, 5xx, timeouts, resets, malformed or unparsable replies)."),
+        click.option("--timeout", type=click.FloatRange(0.001), default=60.0, show_default=True,
+                     help="Seconds per request."),
+        click.option("--backoff-base", type=click.FloatRange(0), default=1.0, show_default=True,
+                     help="First back-off in seconds (doubled per retry, with jitter; Retry-After wins)."),
+        click.option("--backoff-max", type=click.FloatRange(0), default=60.0, show_default=True,
+                     help="Longest back-off in seconds."),
+        click.option("--retry-failed", is_flag=True, help="Run again the rows recorded in OUT.failed.jsonl."),
+        click.option("--max-tokens", type=click.IntRange(1), default=max_tokens, show_default=True,
+                     help="Tokens per answer at most."),
+        click.option("--temperature", type=click.FloatRange(0), default=temperature, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Base seed sent with requests (part of every row id)."),
+        click.option("--base-url", default=None, help="OpenAI-compatible server for openai: teachers."),
+        click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
+                     help="Environment variable holding the API key (never printed or stored)."),
+        click.option("--teacher-kwargs", default="{}", show_default=True,
+                     help="JSON kwargs for langchain: teachers, e.g. '{\"model\": \"gpt-4o-mini\"}'."),
+        click.option("--price-in", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="USD per million prompt tokens, for the cost line."),
+        click.option("--price-out", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="USD per million completion tokens."),
+        click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout."),
+    ]
+
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return config_option(func)
+
+    return decorate
+
+
+def engine(kw: dict):
+    """Pop the shared flags into (RunOptions, Sampling, TeacherOptions, output kwargs)."""
+    from toolkit.generate.common import Sampling, TeacherOptions
+    from toolkit.generate.runner import RunOptions
+
+    options = RunOptions(concurrency=kw.pop("concurrency"), rpm=kw.pop("rpm"), tpm=kw.pop("tpm"),
+                         max_retries=kw.pop("max_retries"), timeout=kw.pop("timeout"),
+                         backoff_base=kw.pop("backoff_base"), backoff_max=kw.pop("backoff_max"),
+                         retry_failed=kw.pop("retry_failed"), price_in=kw.pop("price_in"),
+                         price_out=kw.pop("price_out"))
+    sampling = Sampling(max_tokens=kw.pop("max_tokens"), temperature=kw.pop("temperature"), top_p=kw.pop("top_p"),
+                        seed=kw.pop("seed"))
+    teacher_options = TeacherOptions(base_url=kw.pop("base_url"), api_key_env=kw.pop("api_key_env"),
+                                     kwargs_json=kw.pop("teacher_kwargs"), timeout=options.timeout)
+    return options, sampling, teacher_options, {"out": kw.pop("out"), "fmt": kw.pop("fmt"), "limit": kw.pop("limit")}
+
+
+def report(summary, as_json: bool, exports: tuple[str, ...] = ()) -> None:
+    from toolkit.console import console
+    from toolkit.generate.formats import export_path, write_rows
+    from toolkit.generate.runner import finish
+    from toolkit.io import read_existing
+
+    finish(summary, as_json=as_json)
+    if exports:
+        rows = read_existing(summary.files.rows)
+        for fmt in exports:
+            path = export_path(summary.files.parquet or summary.files.rows, fmt)
+            count = write_rows(rows, path, fmt)
+            console.print(f"exported {count} rows as {fmt}: {path}")
+
+
+@click.group("generate-data")
+def generate_data() -> None:
+    """Make instructions, conversations, preference pairs and scored answers with teacher LLMs.
+
+    Runs are concurrent, rate limited and resumable: run the same command again after a crash and
+    only unfinished rows are requested."""
+
+
+@generate_data.command("instructions")
+@click.option("--seeds", required=True, type=click.Path(dir_okay=False),
+              help="Seed tasks: self-instruct seed_tasks.jsonl, Alpaca rows or prompt rows.")
+@click.option("--teacher", default="hf:smollm2-135m", show_default=True, help=TEACHER_HELP)
+@click.option("--num-instructions", type=click.IntRange(1), default=100, show_default=True,
+              help="New instructions wanted in OUT.")
+@click.option("--num-examples", type=click.IntRange(1), default=8, show_default=True,
+              help="Instructions shown to the teacher per request.")
+@click.option("--max-rouge", type=click.FloatRange(0, 1), default=0.7, show_default=True,
+              help="Keep an instruction only when its ROUGE-L against every pool entry is below this.")
+@click.option("--min-words", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--max-words", type=click.IntRange(1), default=150, show_default=True)
+@click.option("--max-requests", type=click.IntRange(0), default=0, show_default=True,
+              help="Stop after this many requests (0: 4 x --num-instructions).")
+@common_options(temperature=1.0, max_tokens=128)
+def instructions_cmd(seeds, teacher, num_instructions, num_examples, max_rouge, min_words, max_words,
+                     max_requests, as_json, **kw):
+    """Self-instruct: new task instructions from seed tasks, ROUGE-L, length and blacklist filtered."""
+    from toolkit.generate import instructions
+
+    options, sampling, teacher_options, out = engine(kw)
+    summary = instructions.run(
+        seeds, out["out"], teacher=teacher, sampling=sampling, options=options, teacher_options=teacher_options,
+        limit=out["limit"], fmt=out["fmt"],
+        plan=instructions.Plan(num_instructions=num_instructions, num_examples=num_examples,
+                               max_requests=max_requests),
+        filters=instructions.Filters(max_rouge=max_rouge, min_words=min_words, max_words=max_words))
+    report(summary, as_json)
+
+
+@generate_data.command("conversations")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+              help="Seed prompts: llamakit, Alpaca, self-instruct, HH text or ShareGPT rows (JSONL/JSON).")
+@click.option("--teacher", default="hf:smollm2-135m", show_default=True, help=f"The assistant agent: {TEACHER_HELP}")
+@click.option("--user-teacher", default=None, help="The user-simulator agent (default: the --teacher).")
+@click.option("--turns", type=click.IntRange(1), default=2, show_default=True,
+              help="Assistant answers per conversation (1: single-turn answers).")
+@click.option("--window", type=click.IntRange(0), default=4, show_default=True,
+              help="Each agent sees the last k turns (0: all).")
+@click.option("--user-temperature", type=click.FloatRange(0), default=0.9, show_default=True)
+@click.option("--user-max-tokens", type=click.IntRange(1), default=96, show_default=True)
+@click.option("--assistant-system", default="assistant_system", show_default=True,
+              help="System prompt of the assistant: a name under prompts/ or a .txt file.")
+@click.option("--user-system", default="user_simulator_system", show_default=True,
+              help="System prompt of the user simulator (Jinja variable: goal).")
+@click.option("--export", "exports", multiple=True, type=click.Choice(["chatllama", "sharegpt", "hf"]),
+              help="Also write the conversations in this format beside OUT (repeatable).")
+@common_options()
+def conversations_cmd(prompts, teacher, user_teacher, turns, window, user_temperature, user_max_tokens,
+                      assistant_system, user_system, exports, as_json, **kw):
+    """Role-play: a user-simulator agent and an assistant agent talk for --turns turns per seed prompt."""
+    from toolkit.generate import conversations
+
+    options, sampling, teacher_options, out = engine(kw)
+    dialogue = conversations.Dialogue(turns=turns, window=window, assistant_system=assistant_system,
+                                      user_system=user_system, user_temperature=user_temperature,
+                                      user_max_tokens=user_max_tokens)
+    summary = conversations.run(prompts, out["out"], teacher=teacher, user_teacher=user_teacher, dialogue=dialogue,
+                                sampling=sampling, options=options, teacher_options=teacher_options,
+                                limit=out["limit"], fmt=out["fmt"])
+    report(summary, as_json, exports)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    from toolkit.errors import UserError
+
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"--temperatures takes numbers separated by commas, got '{text}'") from None
+
+
+@generate_data.command("preferences")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+              help="Prompts (any input format); rows with 'responses' (2+) are judged as they are.")
+@click.option("--teacher", "teachers", multiple=True, default=("hf:smollm2-135m",), show_default=True,
+              help=f"Writes candidates (repeatable: candidates cycle over teachers). {TEACHER_HELP}")
+@click.option("--num-candidates", type=click.IntRange(2), default=4, show_default=True, help="K answers per prompt.")
+@click.option("--temperatures", default=None,
+              help="Comma-separated temperatures the candidates cycle over (default: --temperature).")
+@click.option("--judge", default=None, help=f"Judge LLM: {TEACHER_HELP} (or rules:... as a scorer).")
+@click.option("--pairwise", is_flag=True, help="Judge pairs, each asked twice with positions swapped.")
+@click.option("--scorer", default=None, help="Rule scorers, e.g. rules:length,refusal=2,repetition,truncation.")
+@click.option("--scorer-weight", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Weight of the rules against the judge when both are given.")
+@click.option("--max-score", type=click.IntRange(1), default=10, show_default=True,
+              help="Pointwise judge rating scale 0..N.")
+@click.option("--min-margin", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Keep a pair only when best - worst >= this (scores are in [0, 1]); ties are always dropped.")
+@click.option("--judge-temperature", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--judge-max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--export", "exports", multiple=True, type=click.Choice(["trl-conversational", "trl-standard", "hh"]),
+              help="Also write the pairs in this format beside OUT (repeatable).")
+@common_options()
+def preferences_cmd(prompts, teachers, num_candidates, temperatures, judge, pairwise, scorer, scorer_weight,
+                    max_score, min_margin, judge_temperature, judge_max_tokens, exports, as_json, **kw):
+    """K candidates per prompt, scored by a judge and/or rules, binarized into chosen / rejected."""
+    from toolkit.generate import preferences
+
+    options, sampling, teacher_options, out = engine(kw)
+    judging = preferences.Judging(judge=judge, pairwise=pairwise, scorer=scorer, scorer_weight=scorer_weight,
+                                  max_score=max_score, min_margin=min_margin, judge_temperature=judge_temperature,
+                                  judge_max_tokens=judge_max_tokens)
+    summary = preferences.run(prompts, out["out"], teachers=teachers, judging=judging, num_candidates=num_candidates,
+                              temperatures=_floats(temperatures) if temperatures else (sampling.temperature,),
+                              sampling=sampling, options=options, teacher_options=teacher_options,
+                              limit=out["limit"], fmt=out["fmt"])
+    report(summary, as_json, exports)
+
+
+@generate_data.command("scores")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+              help="Rows with a prompt and an answer (response, completion, output, last assistant turn).")
+@click.option("--judge", required=True, help=f"Fills prompts/score_rubric.txt with a 0-5 score. {TEACHER_HELP}")
+@click.option("--teacher", default=None, help="Writes the answer for rows that have none.")
+@click.option("--judge-max-tokens", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--judge-temperature", type=click.FloatRange(0), default=0.0, show_default=True)
+@common_options()
+def scores_cmd(prompts, judge, teacher, judge_max_tokens, judge_temperature, as_json, **kw):
+    """ChatLLaMA-style reward data: one answer and a 0-5 rubric score per row; unparsable scores are retried."""
+    from toolkit.generate import scores
+    from toolkit.generate.common import Sampling
+
+    options, sampling, teacher_options, out = engine(kw)
+    judge_sampling = Sampling(max_tokens=judge_max_tokens, temperature=judge_temperature, top_p=1.0,
+                              seed=sampling.seed)
+    summary = scores.run(prompts, out["out"], judge=judge, teacher=teacher, sampling=sampling,
+                         judge_sampling=judge_sampling, options=options, teacher_options=teacher_options,
+                         limit=out["limit"], fmt=out["fmt"])
+    report(summary, as_json)
+
+
+@click.group("data")
+def data_group() -> None:
+    """Look at and convert data files (conversations, preference pairs, scored answers)."""
+
+
+@data_group.command("stats")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--png", default=None, type=click.Path(dir_okay=False),
+              help="Histogram PNG (default: FILE's name with .stats.png).")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object on stdout.")
+@config_option
+def stats_cmd(file, png, as_json):
+    """Rows, kinds, turns, lengths, score and margin histograms of FILE (any supported format)."""
+    from pathlib import Path
+
+    from toolkit.console import console, emit_json, summary_table
+    from toolkit.generate import stats
+
+    numbers = stats.compute(file)
+    png_path = stats.plot(numbers, png or Path(file).with_name(Path(file).name.split(".")[0] + ".stats.png"))
+    numbers.pop("_series")
+    numbers["png"] = str(png_path)
+    if as_json:
+        emit_json(numbers)
+    else:
+        summary_table(f"data stats: {file}", numbers)
+        console.print(f"histograms: {png_path}")
+
+
+@data_group.command("convert")
+@click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("dst", metavar="OUT", type=click.Path())
+@click.option("--to", "fmt", required=True,
+              type=click.Choice(["llamakit", "parquet", "hf", "sharegpt", "chatllama", "trl-conversational",
+                                 "trl-standard", "hh"]),
+              help="Output format (hf: a datasets directory; .json OUT: a JSON array, else JSONL).")
+@config_option
+def convert_cmd(src, dst, fmt):
+    """Convert IN (llamakit, TRL, HH, ShareGPT, ChatLLaMA, Alpaca; JSONL/JSON/Parquet) to OUT."""
+    from toolkit.console import console
+    from toolkit.generate.formats import convert
+
+    count = convert(src, dst, fmt)
+    console.print(f"wrote {count} rows as {fmt}: {dst}")
+
+
+COMMANDS = [generate_data, data_group]

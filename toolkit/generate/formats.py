@@ -1,0 +1,255 @@
+"""Dataset formats in and out (`llamakit data convert IN OUT --to FORMAT`, `--export` of generate-data).
+
+Every row read is first made a llamakit row of one of four kinds:
+    conversation  {"messages": [{"role", "content"}, ...]}
+    preference    {"prompt": text | messages, "chosen": text, "rejected": text, ...}
+    score         {"prompt": text | messages, "response": text, "score": number}
+    prompt        {"prompt": text | messages}
+from any of: llamakit rows, TRL conversational / standard / prompt-completion, Anthropic HH text,
+ShareGPT, ChatLLaMA actor / reward rows, Alpaca, self-instruct seeds; JSONL, JSON or Parquet.
+Written as one of FORMATS; `hf` is a Hugging Face `datasets` directory (save_to_disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import UserError
+from toolkit.generate.inputs import (
+    Messages,
+    check_messages,
+    parse_hh,
+    parse_prompt_row,
+    prompt_text,
+    read_table,
+    to_hh,
+    where,
+)
+
+FORMATS = ("llamakit", "parquet", "hf", "sharegpt", "chatllama", "trl-conversational", "trl-standard", "hh")
+SHAREGPT_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def kind(row: dict[str, Any]) -> str:
+    if "chosen" in row and "rejected" in row:
+        return "preference"
+    if "messages" in row or "conversations" in row:
+        return "conversation"
+    if "score" in row and any(k in row for k in ("response", "completion")):
+        return "score"
+    if "prompt" in row and "completion" in row or "instruction" in row and row.get("output"):
+        return "conversation"
+    if "user_input" in row and row.get("completion"):
+        return "conversation"
+    return "prompt"
+
+
+def _last_answer(value: Any, key: str, loc: dict[str, Any]) -> tuple[Messages | None, str]:
+    """A chosen/rejected value: text, or messages whose last one is the assistant's answer."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise UserError("empty text", field=key, **loc)
+        return None, value
+    messages = check_messages(value, key, loc)
+    if messages[-1]["role"] != "assistant":
+        raise UserError("the last message must be the assistant's answer", field=key, **loc)
+    return messages[:-1] or None, messages[-1]["content"]
+
+
+def normalize(row: dict[str, Any], loc: dict[str, Any]) -> dict[str, Any]:
+    """Any supported row -> a llamakit row (see the module docstring); keeps id and meta."""
+    keep = {k: row[k] for k in ("id", "meta") if k in row}
+    what = kind(row)
+    if what == "preference":
+        chosen_v, rejected_v = row["chosen"], row["rejected"]
+        if "prompt" not in row and isinstance(chosen_v, str) and "Human:" in chosen_v:  # HH text
+            chosen_m, rejected_m = parse_hh(chosen_v), parse_hh(rejected_v if isinstance(rejected_v, str) else "")
+            if len(chosen_m) < 2 or chosen_m[-1]["role"] != "assistant" or not rejected_m:
+                raise UserError("not an HH dialogue ending with an Assistant turn", field="chosen", **loc)
+            prompt: str | Messages = chosen_m[:-1]
+            chosen, rejected = chosen_m[-1]["content"], rejected_m[-1]["content"]
+        else:
+            implicit, chosen = _last_answer(chosen_v, "chosen", loc)
+            _, rejected = _last_answer(rejected_v, "rejected", loc)
+            if "prompt" in row:
+                prompt = row["prompt"] if isinstance(row["prompt"], str) else check_messages(row["prompt"], "prompt", loc)
+            elif implicit:
+                prompt = implicit
+            else:
+                raise UserError("missing", field="prompt", **loc)
+        if isinstance(prompt, list) and len(prompt) == 1 and prompt[0]["role"] == "user":
+            prompt = prompt[0]["content"]
+        extra = {k: row[k] for k in ("score_chosen", "score_rejected", "margin") if k in row}
+        return {**keep, "prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}
+    if what == "conversation":
+        if "messages" in row:
+            return {**keep, "messages": check_messages(row["messages"], "messages", loc)}
+        if "conversations" in row:
+            return {**keep, "messages": check_messages(row["conversations"], "conversations", loc, sharegpt=True)}
+        p = parse_prompt_row(row, loc)
+        answer = row.get("completion") if "completion" in row else row.get("output")
+        if isinstance(answer, list):
+            answer = _last_answer(answer, "completion", loc)[1]
+        if not isinstance(answer, str) or not answer.strip():
+            raise UserError("missing or empty answer", field="completion" if "completion" in row else "output", **loc)
+        messages = [{"role": "user", "content": p.prompt}] if isinstance(p.prompt, str) else list(p.prompt)
+        return {**keep, "messages": [*messages, {"role": "assistant", "content": answer}]}
+    if what == "score":
+        p = parse_prompt_row(row, loc)
+        score = row["score"]
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            raise UserError("expected a number", field="score", **loc)
+        return {**keep, "prompt": p.prompt, "response": p.response, "score": score}
+    p = parse_prompt_row(row, loc)
+    return {**keep, "prompt": p.prompt}
+
+
+def read_llamakit(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of any supported format as llamakit rows; the first bad row stops with file:line."""
+    rows, lines = read_table(path)
+    out = []
+    for i, row in enumerate(rows):
+        loc = where(path, i, lines[i])
+        if isinstance(row.get("meta"), str):  # Parquet / hf keep meta as JSON text
+            try:
+                row = {**row, "meta": json.loads(row["meta"])}
+            except ValueError:
+                pass
+        out.append(normalize(row, loc))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- converting
+
+
+def _messages(prompt: str | Messages) -> Messages:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _split(messages: Messages) -> tuple[Messages, str]:
+    """A conversation -> (everything before the last assistant message, that message)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return messages, ""
+    return messages[:last], messages[last]["content"]
+
+
+def convert_row(row: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """One llamakit row -> `fmt` (raises UserError for a kind the format cannot hold)."""
+    what = kind(row)
+    keep = {"id": row["id"]} if "id" in row else {}
+    if fmt in ("llamakit", "parquet", "hf"):
+        return row
+    if fmt == "sharegpt":
+        if what == "conversation":
+            messages = row["messages"]
+        elif what == "score":
+            messages = [*_messages(row["prompt"]), {"role": "assistant", "content": row["response"]}]
+        else:
+            raise UserError(f"sharegpt holds conversations, not {what} rows")
+        return {**keep, "conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in messages]}
+    if fmt == "chatllama":
+        if what == "conversation":
+            history, answer = _split(row["messages"])
+            return {"user_input": prompt_text(history), "completion": answer}
+        if what == "score":
+            return {"user_input": prompt_text(row["prompt"]), "completion": row["response"], "score": row["score"]}
+        if what == "prompt":
+            return {"user_input": prompt_text(row["prompt"])}
+        raise UserError("chatllama has actor (conversation), reward (score) and rlhf (prompt) rows; "
+                        "preference rows convert to trl-* or hh")
+    if fmt == "trl-conversational":
+        if what == "preference":
+            return {**keep, "prompt": _messages(row["prompt"]),
+                    "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": row["rejected"]}]}
+        if what == "conversation":
+            return {**keep, "messages": row["messages"]}
+        if what == "score":
+            return {**keep, "prompt": _messages(row["prompt"]),
+                    "completion": [{"role": "assistant", "content": row["response"]}], "score": row["score"]}
+        return {**keep, "prompt": _messages(row["prompt"])}
+    if fmt == "trl-standard":
+        if what == "preference":
+            return {**keep, "prompt": prompt_text(row["prompt"]), "chosen": row["chosen"], "rejected": row["rejected"]}
+        if what == "conversation":
+            history, answer = _split(row["messages"])
+            return {**keep, "prompt": prompt_text(history), "completion": answer}
+        if what == "score":
+            return {**keep, "prompt": prompt_text(row["prompt"]), "completion": row["response"], "score": row["score"]}
+        return {**keep, "prompt": prompt_text(row["prompt"])}
+    if fmt == "hh":
+        if what == "preference":
+            prompt = _messages(row["prompt"])
+            return {"chosen": to_hh([*prompt, {"role": "assistant", "content": row["chosen"]}]),
+                    "rejected": to_hh([*prompt, {"role": "assistant", "content": row["rejected"]}])}
+        if what == "conversation":
+            return {"text": to_hh(row["messages"])}
+        raise UserError(f"hh holds preference pairs and dialogues, not {what} rows")
+    raise UserError(f"unknown format '{fmt}' (one of: {', '.join(FORMATS)})")
+
+
+def _arrow_safe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """meta as JSON text, and columns that mix text and lists as JSON text, so Arrow takes any rows."""
+    columns: dict[str, set[type]] = {}
+    for row in rows:
+        for k, v in row.items():
+            columns.setdefault(k, set()).add(type(v))
+    mixed = {k for k, types in columns.items() if k == "meta" or (len(types - {type(None)}) > 1)}
+    return [{k: (json.dumps(v, ensure_ascii=False) if k in mixed and not isinstance(v, str) else v)
+             for k, v in row.items()} for row in rows]
+
+
+def write_rows(rows: Iterable[dict[str, Any]], path: str | os.PathLike, fmt: str) -> int:
+    """Write llamakit rows as `fmt` (JSONL, or a JSON array when the name ends in .json)."""
+    from toolkit.io import atomic_dir
+
+    path = Path(path)
+    out = [convert_row(r, fmt) for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        import pandas as pd
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        pd.DataFrame(_arrow_safe(out)).to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    elif fmt == "hf":
+        import datasets
+
+        datasets.disable_progress_bars()
+        with atomic_dir(path) as tmp:
+            datasets.Dataset.from_list(_arrow_safe(out)).save_to_disk(str(tmp))
+    else:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            if path.suffix == ".json":
+                json.dump(out, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+            else:
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
+        os.replace(tmp, path)
+    return len(out)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str) -> int:
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}' (one of: {', '.join(FORMATS)})")
+    if Path(src).resolve() == Path(dst).resolve():
+        raise UserError("IN and OUT are the same file", file=str(dst))
+    return write_rows(read_llamakit(src), dst, fmt)
+
+
+def export_path(out: str | os.PathLike, fmt: str) -> Path:
+    """Where `--export FMT` of a generate-data run goes, beside OUT: answers.jsonl -> answers.sharegpt.json."""
+    out = Path(out)
+    stem = out.name.split(".")[0]
+    suffix = {"hf": ".hf", "chatllama": ".chatllama.json", "sharegpt": ".sharegpt.json",
+              "parquet": ".parquet"}.get(fmt, f".{fmt}.jsonl")
+    return out.with_name(stem + suffix)
