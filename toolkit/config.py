@@ -40,6 +40,8 @@ def load_config(path: str, command: click.Command, ctx: click.Context) -> dict[s
             known = ", ".join(sorted({o.lstrip("-") for p in set(options.values()) for o in p.opts
                                       if o.startswith("--")}))
             raise UserError(f"unknown key for `{command.name}` (known: {known})", file=path, field=str(key))
+        if options[name].multiple and not isinstance(value, list):
+            value = [value]  # `teacher: x` for a repeatable flag means one value
         try:
             options[name].type_cast_value(ctx, value)
         except click.BadParameter as err:

@@ -172,7 +172,8 @@ def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = No
                 _sse(engine, prompt_ids, params, completion_id, created, model_name, chat.include_usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            results = await asyncio.gather(*(engine.complete(prompt_ids, p) for p in params))
+            results = await _unless_disconnected(request, asyncio.gather(*(engine.complete(prompt_ids, p)
+                                                                            for p in params)))
         except QueueFull as err:
             raise APIError(503, f"server is busy: {err}", type_="server_overloaded",
                            headers={"Retry-After": "1"}) from None
@@ -186,6 +187,19 @@ def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = No
         }
 
     return app
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await `work`, cancelling it (and so its rows in the engine) if the client hangs up first: a client
+    that timed out and retries must not leave its abandoned generation queued ahead of the retry."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "client closed the request")
 
 
 def _choice_params(params: SamplingParams, index: int, room: int) -> SamplingParams:

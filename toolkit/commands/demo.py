@@ -1,4 +1,4 @@
-"""`llamakit demo`: the embedded LLaMA behind `llamakit serve`, asked through the real `openai` client."""
+"""`llamakit demo`, `report`, `init` and `chat`: the pipeline end to end, its report, and trying the result."""
 
 from __future__ import annotations
 
@@ -6,62 +6,99 @@ import click
 
 from toolkit.config import config_option
 
-DEMO_QUESTIONS = (
-    "What is the capital of France?",
-    "Give me two tips for writing clear emails.",
-    "Explain in one sentence what a reward model is.",
-    "Name three fruits that are red.",
-)
-
 
 @click.command("demo")
-@click.option("--model", default="smollm2-135m", show_default=True, help="Model to serve.")
-@click.option("--max-tokens", default=48, show_default=True)
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run directory; a second run resumes after the last finished stage.")
+@click.option("--fast", is_flag=True, help="Tiny sizes (for tests): a few rows and steps per stage.")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Actor and teacher: an embedded alias or a local Hugging Face directory.")
 @config_option
-def demo_cmd(model, max_tokens):
-    """Start `llamakit serve` on a free loopback port and chat with it through the openai client."""
-    import asyncio
-    import time
+def demo_cmd(out, fast, model):
+    """The whole RLHF pipeline offline on a CPU: serve a teacher, generate data, SFT, reward model, PPO, report."""
+    from toolkit.demo import run_demo
 
-    from openai import AsyncOpenAI
-    from rich.table import Table
+    run_demo(out, fast=fast, model=model)
+
+
+@click.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--screenshot", "png", default=None, type=click.Path(dir_okay=False),
+              help="Also render report.html with headless Chromium to this PNG.")
+@config_option
+def report_cmd(run_dir, png):
+    """Write report.md and a self-contained report.html for a run directory."""
+    from toolkit.console import console
+    from toolkit.report import screenshot, write_report
+
+    html = write_report(run_dir)
+    console.print(f"report: {html}")
+    if png:
+        console.print(f"screenshot: {screenshot(html, png)}")
+
+
+@click.command("init")
+@click.argument("directory", default="pipeline", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite files that exist already.")
+@config_option
+def init_cmd(directory, force):
+    """Write a commented pipeline (one --config file per stage) to edit and run stage by stage."""
+    import shutil
+    from pathlib import Path
 
     from toolkit.console import console
-    from toolkit.server_process import running_server
+    from toolkit.errors import UserError
+    from toolkit.resources import template_path
 
-    with console.status(f"starting llamakit serve --model {model} ..."):
-        server_cm = running_server(model)
-        server = server_cm.__enter__()
-    try:
-        console.print(f"[green]serving[/] {server.model} at {server.url}")
-        client = AsyncOpenAI(base_url=server.url, api_key="none")
-
-        async def ask_all():
-            start = time.perf_counter()
-            replies = await asyncio.gather(*(client.chat.completions.create(
-                model=server.model, messages=[{"role": "user", "content": q}], max_tokens=max_tokens,
-                temperature=0.7, seed=i) for i, q in enumerate(DEMO_QUESTIONS)))
-            elapsed = time.perf_counter() - start
-            console.print("[bold]streaming:[/] ", end="")
-            stream = await client.chat.completions.create(
-                model=server.model, messages=[{"role": "user", "content": "Say hello in French and English."}],
-                max_tokens=max_tokens, stream=True)
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    console.print(chunk.choices[0].delta.content, end="")
-            console.print()
-            await client.close()
-            return replies, elapsed
-
-        replies, elapsed = asyncio.run(ask_all())
-        table = Table(title=f"{len(replies)} concurrent requests, batched, in {elapsed:.1f} s")
-        for column in ("question", "answer", "tokens", "finish"):
-            table.add_column(column)
-        for q, r in zip(DEMO_QUESTIONS, replies, strict=True):
-            table.add_row(q, r.choices[0].message.content, str(r.usage.completion_tokens), r.choices[0].finish_reason)
-        console.print(table)
-    finally:
-        server_cm.__exit__(None, None, None)
+    source, target = template_path("pipeline"), Path(directory)
+    files = sorted(p for p in source.iterdir() if p.suffix in (".yaml", ".md"))
+    clash = [f.name for f in files if (target / f.name).exists()]
+    if clash and not force:
+        raise UserError(f"{', '.join(clash)} exist already (use --force to overwrite)", file=str(target))
+    target.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, target / f.name)
+    shutil.copyfile(template_path("demo/seed_tasks.jsonl"), target / "seed_tasks.jsonl")
+    console.print(f"wrote {len(files)} files to {target}/ — read {target}/README.md, then run each stage with "
+                  f"`llamakit <command> --config {target}/<stage>.yaml`")
 
 
-COMMANDS = [demo_cmd]
+@click.command("chat")
+@click.argument("model_dir")
+@click.option("--system", default=None, help="System message.")
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--temperature", default=0.7, show_default=True)
+@config_option
+def chat_cmd(model_dir, system, max_tokens, temperature):
+    """A small terminal chat with a model (a trained policy dir or an alias). Empty line or Ctrl-D quits."""
+    from toolkit.chat_format import context_length, encode_chat
+    from toolkit.console import console
+    from toolkit.generation import SamplingParams, generate
+    from toolkit.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(model_dir)
+    history = [{"role": "system", "content": system}] if system else []
+    console.print(f"[bold]chatting with {model_dir}[/] (empty line to quit)")
+    while True:
+        try:
+            text = click.prompt("you", default="", show_default=False, prompt_suffix="> ", err=True)
+        except (EOFError, click.exceptions.Abort):
+            break
+        if not text.strip():
+            break
+        history.append({"role": "user", "content": text})
+        ids = encode_chat(tokenizer, history)
+        room = context_length(model) - len(ids)
+        if room < 8:
+            history = history[:1] + history[-1:] if system else history[-1:]
+            ids = encode_chat(tokenizer, history)
+            room = context_length(model) - len(ids)
+        click.echo("bot> ", nl=False)
+        reply = generate(model, tokenizer, [ids], [SamplingParams(max_new_tokens=min(max_tokens, room),
+                                                                  temperature=temperature)],
+                         on_text=lambda _row, piece: click.echo(piece, nl=False))[0]
+        click.echo()
+        history.append({"role": "assistant", "content": reply.text})
+
+
+COMMANDS = [demo_cmd, report_cmd, init_cmd, chat_cmd]

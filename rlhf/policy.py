@@ -1,0 +1,194 @@
+"""Actor, critic and reference.
+
+- Actor: the causal LM (optionally a peft LoRA model). One trunk forward gives the hidden states of
+  the response positions; the LM head turns them into temperature-scaled logits.
+- Critic: a scalar value head on the same hidden states (default), or a separate model whose
+  backbone and score head come from the reward model (`--critic reward`) or any directory.
+- Reference: the actor with its LoRA adapter disabled (no second copy of the weights), or a frozen
+  copy of the starting weights when every weight trains.
+
+Position `context_length - 1 + t` predicts response token t, so logits and values are read from
+`hidden[:, context_length - 1 : -1]`: V_t is the value of the state before response token t.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from toolkit.errors import UserError
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (PPO's ratio must compare the same function before and after)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def causal_lm(lm: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a peft model (LoRA layers stay injected and active)."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (left padding)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_hidden(lm: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
+                    context_length: int) -> torch.Tensor:
+    """Last hidden states at the positions that predict the response tokens: [B, R, H]."""
+    decoder = causal_lm(lm).get_decoder()
+    out = decoder(input_ids=query_responses, attention_mask=attention_mask,
+                  position_ids=position_ids_for(attention_mask), use_cache=False)
+    return out.last_hidden_state[:, context_length - 1:-1]
+
+
+def response_logits(lm: nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature-scaled logits, exactly as the sampler scales them: [B, R, V] in float32."""
+    return causal_lm(lm).get_output_embeddings()(hidden).float() / temperature
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log π(token) under `logits` ([B, R, V] -> [B, R])."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class Critic(nn.Module):
+    """A separate value model: a transformer backbone and a linear head on every position."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        params = inspect.signature(backbone.forward).parameters
+        self._positions = "position_ids" in params
+
+    def forward(self, query_responses: torch.Tensor, attention_mask: torch.Tensor,
+                context_length: int) -> torch.Tensor:
+        kwargs = {"position_ids": position_ids_for(attention_mask)} if self._positions else {}
+        hidden = self.backbone(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
+                               **kwargs).last_hidden_state
+        return self.head(hidden[:, context_length - 1:-1]).squeeze(-1).float()
+
+
+class ActorCritic(nn.Module):
+    """Everything that trains, in one module (one optimizer, one DDP wrapper)."""
+
+    def __init__(self, lm: nn.Module, critic: Critic | None = None):
+        super().__init__()
+        self.lm = lm
+        self.critic = critic
+        self.v_head = None
+        if critic is None:
+            self.v_head = nn.Linear(causal_lm(lm).config.hidden_size, 1)
+            nn.init.zeros_(self.v_head.weight)
+            nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(temperature-scaled logits [B, R, V], values [B, R]) for the response positions."""
+        hidden = response_hidden(self.lm, query_responses, attention_mask, context_length)
+        logits = response_logits(self.lm, hidden, temperature)
+        if self.v_head is not None:
+            values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
+        else:
+            values = self.critic(query_responses, attention_mask, context_length)
+        return logits, values
+
+    def value_state_dict(self) -> dict[str, torch.Tensor]:
+        module = self.v_head if self.v_head is not None else self.critic
+        return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+
+    def load_value_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        module = self.v_head if self.v_head is not None else self.critic
+        module.load_state_dict(state)
+
+
+class Reference:
+    """π_ref: the LoRA adapter switched off, or a frozen copy of the starting weights."""
+
+    def __init__(self, actor: ActorCritic, frozen_lm: nn.Module | None):
+        self.actor, self.frozen_lm = actor, frozen_lm
+        if frozen_lm is None and not hasattr(actor.lm, "disable_adapter"):
+            raise ValueError("a reference needs a frozen copy unless the actor is a LoRA (peft) model")
+
+    @torch.no_grad()
+    def logprobs(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
+                 temperature: float, responses: torch.Tensor) -> torch.Tensor:
+        lm = self.frozen_lm if self.frozen_lm is not None else self.actor.lm
+        ctx = self.actor.lm.disable_adapter() if self.frozen_lm is None else contextlib.nullcontext()
+        with ctx:
+            hidden = response_hidden(lm, query_responses, attention_mask, context_length)
+            return logprobs_of(response_logits(lm, hidden, temperature), responses)
+
+
+def frozen_copy(lm: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(lm)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def add_lora(lm: nn.Module, r: int, alpha: int, target: str) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = "all-linear" if target == "all-linear" else [t.strip() for t in target.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none",
+                        task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(lm, config)
+    except ValueError as err:
+        raise UserError(f"--lora-target {target}: {err}") from None
+
+
+def load_critic(spec: str, reward: str, policy_tokenizer) -> Critic:
+    """A separate critic from the reward model's directory (`reward`) or any model directory."""
+    from transformers import AutoModelForSequenceClassification
+
+    from toolkit.models import load_tokenizer, resolve
+
+    source = reward if spec == "reward" else spec
+    if spec == "reward" and source.startswith("rules"):
+        raise UserError("--critic reward needs --reward to be a reward-model directory, not rules")
+    path = resolve(source)
+    backbone_dir = path / "model" if (path / "model" / "config.json").is_file() else path
+    tokenizer = load_tokenizer(backbone_dir)
+    if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise UserError(f"--critic {spec}: '{backbone_dir}' uses a different tokenizer from the policy; a "
+                        "critic reads the policy's tokens, so use --critic value-head (the default)")
+    model = AutoModelForSequenceClassification.from_pretrained(backbone_dir, num_labels=1, dtype=torch.float32)
+    backbone = getattr(model, model.base_model_prefix)
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise UserError(f"--critic {spec}: cannot find the score head of '{backbone_dir}'")
+    critic = Critic(backbone, head)
+    disable_dropout(critic)
+    return critic.eval()
+
+
+def save_value_state(path: Path, actor: ActorCritic) -> None:
+    from safetensors.torch import save_file
+
+    save_file(actor.value_state_dict(), str(path))
+
+
+def load_value_state(path: Path, actor: ActorCritic) -> None:
+    from safetensors.torch import load_file
+
+    actor.load_value_state_dict(load_file(str(path)))

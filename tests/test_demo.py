@@ -1,0 +1,65 @@
+"""`llamakit demo --fast` end to end (every stage through the real CLI), its report, `init` and `report` errors."""
+
+from __future__ import annotations
+
+import time
+
+import click
+import pytest
+from conftest import run_cli
+
+from toolkit.cli import cli
+from toolkit.config import load_config
+
+STAGES = ("instructions", "conversations", "preferences", "sft", "train-reward", "rlhf", "compare")
+
+
+@pytest.mark.slow
+def test_demo_fast_end_to_end_then_resumes(tmp_path):
+    run = tmp_path / "demo"
+    first = run_cli("demo", "--fast", "--out", run, timeout=1500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for stage in STAGES:
+        assert (run / "stages" / f"{stage}.json").is_file(), stage
+    assert (run / "ppo" / "policy" / "model.safetensors").is_file()
+    assert (run / "reward" / "calibration.json").is_file()
+    assert (run / "data" / "preferences.jsonl").stat().st_size > 0
+    html = (run / "report.html").read_text()
+    for heading in ("Stages", "Data", "Reward model", "PPO", "Before and after", "Settings"):
+        assert f"<h2>{heading}" in html, heading
+    assert html.count("data:image/png;base64,") >= 4  # self-contained: the plots are inside
+    assert (run / "report.md").read_text().startswith("# llamakit run report")
+
+    start = time.perf_counter()
+    again = run_cli("demo", "--fast", "--out", run, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("cached") == len(STAGES) - 1  # compare is cached silently
+    assert time.perf_counter() - start < 120
+
+    from toolkit.report import screenshot
+
+    png = screenshot(run / "report.html", tmp_path / "report.png")
+    assert png.stat().st_size > 50_000  # a rendered page with tables and plots, not a blank one
+
+
+def test_init_writes_configs_that_load_against_their_commands(tmp_path):
+    result = run_cli("init", tmp_path / "pipe")
+    assert result.returncode == 0, result.stderr
+    files = sorted((tmp_path / "pipe").glob("*.yaml"))
+    assert len(files) == 7 and (tmp_path / "pipe" / "seed_tasks.jsonl").is_file()
+    commands = {"serve": cli.commands["serve"], "sft": cli.commands["sft"], "rlhf": cli.commands["rlhf"],
+                "train-reward": cli.commands["train-reward"]}
+    generate = cli.commands["generate-data"]
+    for f in files:
+        name = f.stem.split("-", 1)[1]
+        command = commands.get(name) or generate.commands[name]
+        assert load_config(str(f), command, click.Context(command)), f.name
+    refused = run_cli("init", tmp_path / "pipe")
+    assert refused.returncode == 2 and "--force" in refused.stderr
+
+
+def test_report_of_an_empty_dir_is_a_one_line_error(tmp_path):
+    result = run_cli("report", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,102 @@
+"""`llamakit rlhf` as a user runs it: a complete output directory, bad input, and two DDP processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, free_port, run_cli
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PROMPTS = FIXTURES / "prompts-alpaca-32.jsonl"
+TRL_METRICS = ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
+               "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+               "val/clipfrac_avg", "val/num_eos_tokens", "time/rollout", "time/update")
+TINY = ("--steps", "2", "--batch-size", "4", "--num-minibatches", "2", "--ppo-epochs", "2",
+        "--max-new-tokens", "8", "--sample-every", "1")
+
+
+def test_rlhf_cli_writes_a_complete_output_dir(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("rlhf", "--config", ROOT / "templates" / "rlhf-demo.yaml", "--policy", tiny_llama_dir,
+                   "--reward", "rules:length", "--prompts", PROMPTS, "--out", out, *TINY, "--save-every", "1",
+                   "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for name in TRL_METRICS:
+        assert all(isinstance(r[name], int | float) for r in rows), name
+    assert rows[0]["objective/kl"] == 0.0 or abs(rows[0]["objective/kl"]) < 1e-4
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2} and all("response" in s for s in samples)
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step-000001", "step-000002"]
+    last = out / "checkpoints" / "step-000002"
+    manifest = json.loads((last / "manifest.json").read_text())
+    assert manifest["step"] == 2 and "optimizer.pt" in manifest["files"]
+    assert (last / "policy" / "adapter_model.safetensors").is_file()  # the demo preset trains LoRA
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["lora"] is True and run["config"]["policy"] == str(tiny_llama_dir)
+    # the final policy is a plain HF directory (adapter merged) that load_causal_lm / serve load
+    from toolkit.generation import SamplingParams, generate
+    from toolkit.models import load_causal_lm
+
+    assert not (out / "policy" / "adapter_config.json").exists()
+    model, tok = load_causal_lm(out / "policy")
+    completion = generate(model, tok, [tok("Hello").input_ids], [SamplingParams(max_new_tokens=4, seed=0)])[0]
+    assert len(completion.token_ids) == 4
+
+
+def test_rlhf_cli_bad_input_is_one_clear_line(tiny_llama_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    proc = run_cli("rlhf", "--policy", tiny_llama_dir, "--prompts", empty, "--out", tmp_path / "a", *TINY)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {empty}: file is empty"
+    assert not (tmp_path / "a").exists()  # nothing written
+
+
+def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "toolkit", "rlhf",
+                           "--policy", str(tiny_llama_dir), "--prompts", str(PROMPTS), "--out", str(out),
+                           "--lora", *TINY], capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]  # one writer: rank 0
+    assert rows[-1]["episode"] == 2 * 4 * 2  # two processes × batch 4 × 2 steps
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    import torch
+
+    rng = torch.load(out / "checkpoints" / "step-000002" / "rng.pt", weights_only=True)
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # ranks sample differently
+
+
+def test_presets_only_use_known_flags():
+    import dataclasses
+
+    import yaml
+
+    from rlhf.config import PPOConfig
+    from toolkit.sft import SFTConfig
+
+    for prefix, cls in (("rlhf-", PPOConfig), ("sft-", SFTConfig)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        presets = sorted((ROOT / "templates").glob(f"{prefix}*.yaml"))
+        assert presets
+        for preset in presets:
+            data = yaml.safe_load(preset.read_text())
+            assert set(data) <= known, (preset.name, set(data) - known)
+            config = cls(**data)
+            if isinstance(config, PPOConfig):
+                config.validate()  # batch / minibatch / accumulation sizes fit together
+    for name in ("zero2.json", "zero3.json"):
+        assert json.loads((ROOT / "templates" / "deepspeed" / name).read_text())["zero_optimization"]["stage"] in (2, 3)

@@ -1,0 +1,140 @@
+"""PPO arithmetic against hand-computed values: GAE, whitening, KL controllers, per-token rewards, losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.advantages import gae, masked_mean, masked_var, masked_whiten
+from rlhf.config import PPOConfig
+from rlhf.kl import AdaptiveKLController, FixedKLController, kl_k1, make_kl_controller
+from rlhf.rewards import last_token_index, per_token_rewards
+from rlhf.trainer import ppo_loss
+
+
+def test_gae_matches_hand_computed_example():
+    # Row 0: three real tokens, reward 1 at the end.      Row 1: two real tokens, then padding.
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3], [1.0, 0.5, 9.9]])  # 9.9 sits on padding and must be ignored
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # Row 0: δ2 = 1 − 0.3 = 0.7; δ1 = 0.3 − 0.4 = −0.1; δ0 = 0.4 − 0.5 = −0.1
+    #        A2 = 0.7; A1 = −0.1 + 0.95·0.7 = 0.565; A0 = −0.1 + 0.95·0.565 = 0.43675
+    # Row 1: δ1 = 2 + 0 − 0.5 = 1.5 (no bootstrap past the end); δ0 = 0.5 − 1.0 = −0.5
+    #        A1 = 1.5; A0 = −0.5 + 0.95·1.5 = 0.925; padding: 0
+    expected = torch.tensor([[0.43675, 0.565, 0.7], [0.925, 1.5, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, torch.tensor([[0.93675, 0.965, 1.0], [1.925, 2.0, 0.0]]))
+
+
+def test_gae_with_discount():
+    rewards, values = torch.tensor([[1.0, 0.0, 3.0]]), torch.tensor([[0.2, 0.1, 0.5]])
+    advantages, _ = gae(rewards, values, torch.ones(1, 3), gamma=0.9, lam=0.5)
+    d2 = 3.0 - 0.5
+    d1 = 0.0 + 0.9 * 0.5 - 0.1
+    d0 = 1.0 + 0.9 * 0.1 - 0.2
+    a2, a1 = d2, d1 + 0.45 * d2
+    torch.testing.assert_close(advantages, torch.tensor([[d0 + 0.45 * a1, a1, a2]]))
+
+
+def test_gae_lambda_one_is_monte_carlo_return_minus_value():
+    rewards = torch.tensor([[0.5, -1.0, 2.0, 0.25]])
+    values = torch.tensor([[0.3, 0.2, -0.4, 0.9]])
+    advantages, returns = gae(rewards, values, torch.ones(1, 4), gamma=1.0, lam=1.0)
+    mc = torch.flip(torch.cumsum(torch.flip(rewards, [1]), 1), [1])
+    torch.testing.assert_close(returns, mc)
+    torch.testing.assert_close(advantages, mc - values)
+
+
+def test_whitening_uses_only_real_tokens():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    real = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert masked_mean(values, mask).item() == pytest.approx(3.0)
+    assert masked_var(values, mask).item() == pytest.approx(real.var().item())  # unbiased, like torch
+    white = masked_whiten(values, mask)
+    kept = white[mask.bool()]
+    assert kept.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert kept.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert (white[~mask.bool()] == 0).all()
+    torch.testing.assert_close(kept, (real - 3.0) / real.std())
+    # shift_mean=False keeps the mean (used for rewards)
+    assert masked_whiten(values, mask, shift_mean=False)[mask.bool()].mean().item() == pytest.approx(3.0)
+
+
+def test_fixed_kl_controller_never_moves():
+    ctl = FixedKLController(0.05)
+    for kl in (0.0, 3.0, 60.0):
+        ctl.update(kl, 512)
+    assert ctl.value == 0.05
+
+
+def test_adaptive_kl_controller_follows_ziegler():
+    ctl = AdaptiveKLController(0.05, target=6.0, horizon=10000)
+    ctl.update(current_kl=9.0, n_steps=100)  # error 0.5 clipped to 0.2 → β · (1 + 0.2 · 100/10000)
+    assert ctl.value == pytest.approx(0.05 * 1.002)
+    ctl.update(current_kl=6.0, n_steps=100)  # on target: unchanged
+    assert ctl.value == pytest.approx(0.05 * 1.002)
+    ctl.update(current_kl=4.5, n_steps=1000)  # error −0.25 clipped to −0.2 → shrinks
+    assert ctl.value == pytest.approx(0.05 * 1.002 * (1 - 0.2 * 0.1))
+    ctl.update(current_kl=5.7, n_steps=1000)  # error −0.05 (inside the clip)
+    assert ctl.value == pytest.approx(0.05 * 1.002 * 0.98 * (1 - 0.05 * 0.1))
+    state = ctl.state_dict()
+    other = make_kl_controller(1.0, True, 6.0, 10000)
+    other.load_state_dict(state)
+    assert other.value == ctl.value
+
+
+def test_reward_lands_on_last_real_token_and_eos_penalty_only_without_eos():
+    B, R = 3, 5
+    logprobs = torch.tensor([[-1.0, -2.0, -1.5, -0.5, -0.7]] * B)
+    ref_logprobs = logprobs - 0.1  # k1 KL = +0.1 on every token
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    contain_eos = torch.tensor([True, False, True])
+    scores = torch.tensor([1.0, 2.0, 3.0])
+    rewards, kl, penalized = per_token_rewards(scores, logprobs, ref_logprobs, mask, contain_eos,
+                                               kl_coef=0.5, missing_eos_penalty=1.5)
+    assert last_token_index(mask).tolist() == [2, 4, 0]
+    torch.testing.assert_close(kl, 0.1 * mask.float())
+    torch.testing.assert_close(penalized, torch.tensor([1.0, 0.5, 3.0]))  # only row 1 lacks EOS
+    expected = -0.5 * 0.1 * mask.float()
+    expected[0, 2] += 1.0
+    expected[1, 4] += 0.5
+    expected[2, 0] += 3.0
+    torch.testing.assert_close(rewards, expected)
+    assert (rewards[mask == 0] == 0).all()  # nothing on padding
+    torch.testing.assert_close(kl_k1(logprobs, ref_logprobs), torch.full((B, R), 0.1))
+
+
+def _loss_inputs(shift: float):
+    torch.manual_seed(0)
+    B, R, V = 2, 4, 7
+    logits = torch.randn(B, R, V)
+    responses = torch.randint(0, V, (B, R))
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    old_logprobs = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0] - shift
+    values = torch.randn(B, R)
+    advantages = torch.tensor([[1.0, -1.0, 0.5, 2.0], [-0.5, 1.0, 0.0, 0.0]])
+    return logits, values, responses, mask, old_logprobs, values.clone(), advantages, values + 0.3
+
+
+def test_ppo_loss_on_policy_has_ratio_one_and_no_clipping():
+    loss, stats = ppo_loss(*_loss_inputs(0.0), PPOConfig())
+    assert stats["ratio"].item() == pytest.approx(1.0)
+    assert stats["ratio_dev"].item() < 1e-6
+    assert stats["approxkl"].item() < 1e-12
+    assert stats["clipfrac"].item() == 0.0
+    assert stats["vf_clipfrac"].item() == 0.0
+    # values equal old values and returns = values + 0.3 → value loss 0.5 · 0.09
+    assert stats["vf_loss"].item() == pytest.approx(0.045)
+    assert math.isfinite(loss.item())
+
+
+def test_ppo_loss_clips_when_the_ratio_leaves_the_trust_region():
+    _, stats = ppo_loss(*_loss_inputs(0.5), PPOConfig(cliprange=0.2))  # ratio = e^0.5 ≈ 1.65 everywhere
+    assert stats["ratio"].item() == pytest.approx(math.exp(0.5), rel=1e-5)
+    # clipped where the advantage is positive (the objective is capped there): 4 of the 6 real tokens
+    assert stats["clipfrac"].item() == pytest.approx(4 / 6)
+    assert stats["approxkl"].item() == pytest.approx(0.5 * 0.25, rel=1e-5)

@@ -1,0 +1,223 @@
+"""PPO on a tiny random LLaMA (SmolLM2 tokenizer): sampling log-probs, reference, LoRA, first-minibatch
+ratio, resume, NaN and bad prompt files. Each test takes seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.config import PPOConfig
+from rlhf.policy import ActorCritic, Reference, add_lora, frozen_copy, load_critic, logprobs_of
+from rlhf.rollout import batch_indices, load_prompts, sample
+from rlhf.trainer import train
+from toolkit.errors import UserError
+from toolkit.models import load_causal_lm
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PROMPTS = FIXTURES / "prompts-alpaca-32.jsonl"
+
+
+def tiny_cfg(policy: Path, out: Path, **overrides) -> PPOConfig:
+    settings = dict(policy=str(policy), reward="rules:length", prompts=str(PROMPTS), out=str(out), steps=2,
+                    batch_size=4, num_minibatches=2, ppo_epochs=2, max_new_tokens=8, sample_every=1)
+    settings.update(overrides)
+    return PPOConfig(**settings)
+
+
+def eos_prone(lm, tokenizer, push: float = 0.72):
+    """Make EOS likely (so some rows stop early): every embedding shares a large direction, and EOS
+    leans further along it. The residual stream then points that way and EOS's logit stands out."""
+    with torch.no_grad():
+        emb = lm.get_input_embeddings().weight
+        emb[:, 0] += 10.0
+        emb[tokenizer.eos_token_id, 0] += push
+    return lm
+
+
+def prompt_ids(tokenizer) -> list[list[int]]:
+    texts = ["Hi", "Tell me a story about a dragon who could not fly", "Name four mammals.", "Why?"]
+    return [tokenizer(t).input_ids for t in texts]
+
+
+def forward_logprobs(lm, rollout, temperature: float) -> torch.Tensor:
+    with torch.no_grad():
+        logits, _ = ActorCritic(lm)(rollout.query_responses, rollout.attention_mask, rollout.context_length,
+                                    temperature)
+    return logprobs_of(logits, rollout.responses)
+
+
+def test_sampling_logprobs_equal_a_fresh_forward_pass_with_left_padding(tiny_llama_dir):
+    lm, tok = load_causal_lm(tiny_llama_dir)
+    eos_prone(lm, tok)
+    ids = prompt_ids(tok)
+    assert len({len(i) for i in ids}) > 1  # different lengths: left padding is exercised
+    for seed in range(20):  # a batch where some rows stop at EOS and some run out of budget
+        torch.manual_seed(seed)
+        rollout = sample(lm, tok, ids, max_new_tokens=12, temperature=0.7)
+        if rollout.contain_eos.any() and not rollout.contain_eos.all():
+            break
+    else:
+        pytest.fail("no batch with rows both with and without EOS")
+    lengths = rollout.response_mask.sum(1)
+    assert lengths.min() < 12  # right padding after early EOS is exercised too
+    for i in range(len(ids)):  # masks: real tokens first, EOS last where finish_reason == stop
+        n = int(lengths[i])
+        assert rollout.response_mask[i, :n].all() and not rollout.response_mask[i, n:].any()
+        assert bool(rollout.contain_eos[i]) == (rollout.finish_reasons[i] == "stop")
+        assert (int(rollout.responses[i, n - 1]) == tok.eos_token_id) == bool(rollout.contain_eos[i])
+    fresh = forward_logprobs(lm, rollout, 0.7)
+    real = rollout.response_mask.bool()
+    torch.testing.assert_close(fresh[real], rollout.sample_logprobs[real], atol=1e-5, rtol=2e-5)
+    # the temperature matters: at T=1 the same tokens have other log-probs
+    assert (forward_logprobs(lm, rollout, 1.0)[real] - rollout.sample_logprobs[real]).abs().max() > 1e-3
+
+
+def _train_steps(actor: ActorCritic, rollout, n: int = 3, lr: float = 1e-2) -> None:
+    optimizer = torch.optim.Adam([p for p in actor.parameters() if p.requires_grad], lr=lr)
+    for _ in range(n):
+        logits, values = actor(rollout.query_responses, rollout.attention_mask, rollout.context_length, 1.0)
+        loss = -logprobs_of(logits, rollout.responses).mean() + values.pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_reference_stays_fixed_while_the_policy_moves(tiny_llama_dir):
+    lm, tok = load_causal_lm(tiny_llama_dir)
+    ref_lm = frozen_copy(lm)
+    actor = ActorCritic(lm)
+    reference = Reference(actor, ref_lm)
+    torch.manual_seed(0)
+    rollout = sample(lm, tok, prompt_ids(tok), max_new_tokens=6, temperature=1.0)
+    args = (rollout.query_responses, rollout.attention_mask, rollout.context_length, 1.0, rollout.responses)
+    ref_before, policy_before = reference.logprobs(*args), forward_logprobs(lm, rollout, 1.0)
+    torch.testing.assert_close(ref_before, policy_before)  # π_ref = π at the start
+    _train_steps(actor, rollout)
+    assert not any(p.requires_grad for p in ref_lm.parameters())
+    assert torch.equal(reference.logprobs(*args), ref_before)  # bit for bit
+    assert (forward_logprobs(lm, rollout, 1.0) - policy_before).abs().max() > 1e-2
+
+
+def test_lora_reference_is_the_base_model_with_the_adapter_disabled(tiny_llama_dir):
+    base, tok = load_causal_lm(tiny_llama_dir)
+    lm, _ = load_causal_lm(tiny_llama_dir)
+    lm = add_lora(lm, r=4, alpha=8, target="all-linear")
+    actor = ActorCritic(lm)
+    reference = Reference(actor, None)
+    torch.manual_seed(0)
+    rollout = sample(base, tok, prompt_ids(tok), max_new_tokens=6, temperature=1.0)
+    args = (rollout.query_responses, rollout.attention_mask, rollout.context_length, 1.0, rollout.responses)
+    base_logprobs = forward_logprobs(base, rollout, 1.0)
+    _train_steps(actor, rollout)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)  # only the adapter trains
+    with lm.disable_adapter():
+        torch.testing.assert_close(forward_logprobs(lm, rollout, 1.0), base_logprobs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(reference.logprobs(*args), base_logprobs, atol=1e-6, rtol=0)
+    assert (forward_logprobs(lm, rollout, 1.0) - base_logprobs).abs().max() > 1e-2  # adapter on: moved
+
+
+def test_first_minibatch_of_first_epoch_is_on_policy(tiny_llama_dir, tmp_path):
+    result = train(tiny_cfg(tiny_llama_dir, tmp_path / "run", steps=1, learning_rate=1e-3))
+    stats = result.update_stats
+    assert stats["ratio_dev"].shape == (2, 2, 1)
+    assert stats["ratio_dev"][0, 0, 0] < 1e-5  # ratio = 1 (to float32 round-off)
+    assert stats["ratio"][0, 0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    assert stats["approxkl"][0, 0, 0] < 1e-10
+    assert stats["clipfrac"][0, 0, 0] == 0
+    assert stats["vf_clipfrac"][0, 0, 0] == 0
+    assert stats["ratio_dev"][1].max() > 1e-4  # later minibatches see a policy that has moved
+    row = result.history[0]
+    assert row["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # π = π_ref before any update
+    assert row["objective/kl_k3"] == pytest.approx(0.0, abs=1e-6)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+VOLATILE = ("time/rollout", "time/update", "time/step")
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_llama_dir, tmp_path):
+    common = dict(learning_rate=3e-3, save_every=1, adaptive_kl=True, kl_target=0.01, kl_horizon=100)
+    train(tiny_cfg(tiny_llama_dir, tmp_path / "full", steps=2, **common))
+    train(tiny_cfg(tiny_llama_dir, tmp_path / "cut", steps=1, **common))  # "interrupted" after step 1
+    assert (tmp_path / "cut" / "checkpoints" / "step-000001" / "manifest.json").is_file()
+    resumed = train(tiny_cfg(tiny_llama_dir, tmp_path / "cut", steps=2, resume=True, **common))
+    assert resumed.step == 2
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert [r["step"] for r in b] == [1, 2]
+    assert a[1]["objective/kl_coef"] != a[0]["objective/kl_coef"]  # the adaptive β state was restored
+    assert a[1]["objective/kl"] != 0  # the policy had moved: weights and Adam state were restored
+    for key, value in a[1].items():
+        if key not in VOLATILE:
+            assert b[1][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    samples = [json.loads(line) for line in (tmp_path / "cut" / "samples.jsonl").read_text().splitlines()]
+    full_samples = [json.loads(line) for line in (tmp_path / "full" / "samples.jsonl").read_text().splitlines()]
+    assert [s["response"] for s in samples] == [s["response"] for s in full_samples]  # same RNG, same prompts
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_llama_dir, out, steps=1))
+    checkpoint = out / "checkpoints" / "step-000001"
+    before = sorted(p.name for p in checkpoint.rglob("*"))
+    with pytest.raises(UserError, match=r"loss became NaN at step 2 .*step-000001"):
+        train(tiny_cfg(tiny_llama_dir, out, steps=3, resume=True, learning_rate=1e30, num_minibatches=4))
+    assert sorted(p.name for p in checkpoint.rglob("*")) == before
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert [r["step"] for r in _metrics(out)] == [1]
+
+
+def test_output_dir_of_another_run_is_not_overwritten(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny_cfg(tiny_llama_dir, out))
+
+
+def test_prompt_files(tiny_llama, tmp_path):
+    _, tok = tiny_llama
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(UserError, match="empty"):
+        load_prompts(str(empty), tok)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "short"}) + "\n" + json.dumps({"prompt": "word " * 400}) + "\n")
+    with pytest.raises(UserError, match=r"long\.jsonl:2: prompt is \d+ tokens, longer than --max-prompt-tokens 64"):
+        load_prompts(str(long), tok, max_prompt_tokens=64)
+    prompts, truncated = load_prompts(str(long), tok, max_prompt_tokens=64, truncate=True)
+    assert truncated == 1 and len(prompts[1].ids) == 64
+    assert tok.decode(prompts[1].ids).endswith("<|im_start|>assistant\n")  # cut from the left
+    mixed = tmp_path / "mixed.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "b"}]},
+            {"instruction": "Add", "input": "2 and 2"}, {"conversations": [{"from": "human", "value": "c?"}]},
+            {"user_input": "d?"}]
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, _ = load_prompts(str(mixed), tok)
+    assert [p.text for p in prompts] == ["a?", "Add\n\n2 and 2", "c?", "d?"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: unknown row format"):
+        load_prompts(str(bad), tok)
+
+
+def test_prompt_order_depends_only_on_step_and_covers_the_file():
+    seen = [i for step in range(1, 5) for i in batch_indices(8, step, 4, 0, 1, seed=3)]
+    assert sorted(seen[:8]) == list(range(8)) and sorted(seen[8:]) == list(range(8))
+    assert batch_indices(8, 3, 4, 0, 1, seed=3) == seen[8:12]
+    ranks = batch_indices(10, 1, 2, 0, 2, seed=0) + batch_indices(10, 1, 2, 1, 2, seed=0)
+    assert len(set(ranks)) == 4  # two processes never share a prompt within a step
+
+
+def test_separate_critic_from_a_model_directory(tiny_llama_dir, tmp_path):
+    result = train(tiny_cfg(tiny_llama_dir, tmp_path / "run", steps=1, critic=str(tiny_llama_dir)))
+    assert result.history[0]["loss/value_avg"] > 0
+    _, tok = load_causal_lm(tiny_llama_dir)
+    with pytest.raises(UserError, match="different tokenizer"):
+        load_critic("minilm-l6", "rules:length", tok)

@@ -1,0 +1,131 @@
+"""Reward-model math: the Bradley–Terry loss, calibration, and the metrics (checked against scikit-learn)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit.reward import calibrate as cal
+from toolkit.reward.metrics import auc, bin_ids, ece, pair_metrics, raw_probabilities, symmetric
+from toolkit.reward.train import bradley_terry_loss, length_grouped_batches
+
+
+def test_bradley_terry_loss_by_hand():
+    r_c = torch.tensor([2.0, 0.0, -1.0])
+    r_r = torch.tensor([1.0, 0.0, 1.0])
+    # −log σ(x) = log(1 + e^{−x}) for x = 1, 0, −2
+    expected = (math.log(1 + math.exp(-1)) + math.log(2) + math.log(1 + math.exp(2))) / 3
+    assert bradley_terry_loss(r_c, r_r).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_margin_and_centering_terms():
+    r_c, r_r = torch.tensor([2.0]), torch.tensor([1.0])
+    with_margin = bradley_terry_loss(r_c, r_r, margin=torch.tensor([1.0]))
+    assert with_margin.item() == pytest.approx(math.log(2), rel=1e-6)  # 2 − 1 − 1 = 0
+    centered = bradley_terry_loss(r_c, r_r, center=0.01)
+    assert centered.item() == pytest.approx(math.log(1 + math.exp(-1)) + 0.01 * 9.0, rel=1e-6)
+
+
+def test_loss_gradient_pushes_chosen_up_and_rejected_down():
+    r_c = torch.tensor([0.3], requires_grad=True)
+    r_r = torch.tensor([0.5], requires_grad=True)
+    bradley_terry_loss(r_c, r_r).backward()
+    sigma = 1 / (1 + math.exp(-(0.3 - 0.5)))
+    assert r_c.grad.item() == pytest.approx(-(1 - sigma), rel=1e-6)
+    assert r_r.grad.item() == pytest.approx(1 - sigma, rel=1e-6)
+
+
+def test_temperature_against_a_hand_computed_optimum():
+    # Three pairs right and one wrong, all with |d| = 1: the NLL optimum puts σ(1/T) = 3/4, so T = 1/ln 3.
+    t = cal.fit_temperature([1.0, 1.0, 1.0, -1.0])
+    assert t == pytest.approx(1 / math.log(3), rel=1e-5)
+    # And it is a minimum: any other T has a higher NLL.
+    d = np.array([1.0, 1.0, 1.0, -1.0])
+    assert cal.nll_at_temperature(d, t) < min(cal.nll_at_temperature(d, t * 1.1), cal.nll_at_temperature(d, t / 1.1))
+
+
+def test_temperature_of_an_overconfident_model_is_above_one():
+    rng = np.random.default_rng(0)
+    # The chosen answer wins with probability σ(z); the model says σ(3z): three times too confident.
+    z = np.abs(rng.normal(0, 1, 4000))
+    d = np.where(rng.random(4000) < 1 / (1 + np.exp(-z)), 1, -1) * z * 3.0
+    assert cal.fit_temperature(d) == pytest.approx(3.0, rel=0.1)
+
+
+def test_calibration_lowers_nll_and_ece_of_an_overconfident_model():
+    rng = np.random.default_rng(1)
+    z = np.abs(rng.normal(0, 1.5, 3000))
+    d = np.where(rng.random(3000) < 1 / (1 + np.exp(-z)), 1, -1) * z * 4.0
+    c = cal.fit(d.tolist(), "temperature", reward_mean=0.0, reward_std=1.0, data="x", fingerprint="f")
+    assert c.metrics["calibrated"]["nll"] < c.metrics["raw"]["nll"]
+    assert c.metrics["calibrated"]["ece"] < c.metrics["raw"]["ece"]
+    assert c.metrics["calibrated"]["ece"] < 0.03
+    assert c.metrics["calibrated"]["accuracy"] == c.metrics["raw"]["accuracy"]
+
+
+def test_isotonic_is_monotone_and_symmetric():
+    rng = np.random.default_rng(2)
+    d = rng.normal(0.5, 2.0, 500)
+    x, y = cal.fit_isotonic(d)
+    assert all(b >= a for a, b in zip(y, y[1:], strict=False))
+    grid = np.linspace(-5, 5, 41)
+    p = np.interp(grid, x, y)
+    assert np.allclose(p + np.interp(-grid, x, y), 1.0, atol=1e-9)
+
+
+def test_metrics_against_scikit_learn():
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    p = np.clip(rng.beta(4, 2, 300), 1e-6, 1 - 1e-6)
+    m = pair_metrics(p)
+    labels, prob = symmetric(p)
+    assert m["brier"] == pytest.approx(brier_score_loss(labels, prob), rel=1e-9)
+    assert m["nll"] == pytest.approx(log_loss(labels, prob), rel=1e-9)
+    assert m["auc"] == pytest.approx(roc_auc_score(labels, prob), rel=1e-9)
+    assert m["accuracy"] == pytest.approx(np.mean(p > 0.5))
+    frac_pos, mean_pred = calibration_curve(labels, prob, n_bins=15, strategy="uniform")
+    counts = np.bincount(bin_ids(prob), minlength=15)
+    counts = counts[counts > 0]
+    assert m["ece"] == pytest.approx(np.sum(counts / len(prob) * np.abs(frac_pos - mean_pred)), rel=1e-9)
+    assert m["n"] == 300 and m["ties"] == 0
+
+
+def test_auc_with_ties_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.array([1, 1, 0, 0, 1, 0])
+    scores = np.array([0.5, 0.7, 0.5, 0.2, 0.5, 0.7])
+    assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_ties_count_half_and_ece_by_hand():
+    p = raw_probabilities([0.0, 0.0, 2.0, -2.0])
+    m = pair_metrics(p)
+    assert m["ties"] == 2
+    assert m["accuracy"] == pytest.approx((1 + 0.5 * 2) / 4)
+    # Bins: the four 0.5s (label 1,0,1,0) -> gap 0; σ(2)=0.881 twice with labels 1,0 -> gap |0.5−0.881|;
+    # 1−σ(2)=0.119 twice with labels 0,1 -> the same gap; each such bin holds 2 of 8 predictions.
+    s = 1 / (1 + math.exp(-2))
+    assert m["ece"] == pytest.approx(2 * (2 / 8) * abs(0.5 - s))
+    labels, prob = symmetric(p)
+    assert ece(labels, prob) == m["ece"]
+
+
+def test_length_grouped_batches_cover_everything_once_and_reduce_padding():
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(10, 256, 1000).tolist()
+    grouped = length_grouped_batches(lengths, 16, seed=0)
+    plain = length_grouped_batches(lengths, 16, seed=0, group=False)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert sorted(i for b in plain for i in b) == list(range(1000))
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    assert padded(grouped) < 0.7 * padded(plain)
+    assert length_grouped_batches(lengths, 16, seed=1) != grouped  # another epoch, another order

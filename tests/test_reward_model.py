@@ -1,0 +1,168 @@
+"""The reward read-out (last real token from the attention mask, pad == EOS), truncation, save/load, the API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolkit.errors import UserError
+from toolkit.reward.model import (
+    TextEncoder,
+    last_token_index,
+    new_reward_model,
+    pad,
+    position_ids_from_mask,
+    wants_eos,
+)
+
+
+@pytest.fixture(scope="module")
+def llama_rm(tiny_llama_dir):
+    torch.manual_seed(0)
+    model, tokenizer, _ = new_reward_model(str(tiny_llama_dir))
+    return model.eval(), tokenizer
+
+
+def test_last_token_index_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    assert last_token_index(right).tolist() == [2, 4, 0]
+    assert last_token_index(left).tolist() == [4, 4, 4]
+    assert position_ids_from_mask(left)[0].tolist() == [0, 0, 0, 1, 2]
+
+
+def test_llama_tokenizer_pads_with_eos_and_gets_eos_appended(llama_rm):
+    _, tokenizer = llama_rm
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the case that trips pad-id-based read-outs
+    assert wants_eos(tokenizer)
+    ids, _ = TextEncoder(tokenizer, 64, True).encode(["Hello there"])
+    assert ids[0][-1] == tokenizer.eos_token_id
+
+
+def test_reward_is_read_at_the_last_real_token_with_pad_equal_eos(llama_rm):
+    model, tokenizer = llama_rm
+    encoder = TextEncoder(tokenizer, 64, True)
+    texts = ["\n\nHuman: hi\n\nAssistant: hello, how can I help you today?", "\n\nHuman: hi\n\nAssistant: no"]
+    ids, _ = encoder.encode(texts)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in ids]
+        for side in ("right", "left"):
+            input_ids, mask = pad(ids, tokenizer.pad_token_id, side)
+            assert (input_ids[mask == 0] == eos).all()  # padding is EOS, the same id as the real last token
+            batched = model(input_ids, mask).tolist()
+            assert batched == pytest.approx(alone, abs=1e-4), side
+        # What a pad-id-based read-out would take for the short text (the first EOS) is another position:
+        # with EOS inside a text, "first pad token − 1" points before the real end.
+        input_ids, mask = pad(ids, tokenizer.pad_token_id, "right")
+        first_eos = int((input_ids[1] == eos).nonzero()[0])
+        assert first_eos - 1 != int(last_token_index(mask)[1])
+
+
+def test_reward_changes_when_only_the_last_token_changes(llama_rm):
+    model, tokenizer = llama_rm
+    a = tokenizer("The answer is yes", add_special_tokens=False).input_ids
+    b = a[:-1] + [tokenizer("no", add_special_tokens=False).input_ids[0]]
+    input_ids, mask = pad([a + [tokenizer.eos_token_id], b + [tokenizer.eos_token_id, 7, 7]], 0)
+    mask[1, -2:] = 0
+    with torch.no_grad():
+        r = model(input_ids, mask)
+    assert r[0] != r[1]
+
+
+def test_truncation_keeps_the_end_of_the_text(llama_rm):
+    _, tokenizer = llama_rm
+    encoder = TextEncoder(tokenizer, 16, True)
+    text = " ".join(f"w{i}" for i in range(200)) + " FINAL ANSWER"
+    (ids,), cut = encoder.encode([text])
+    assert cut == 1 and len(ids) == 16 and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[:-1]).endswith("FINAL ANSWER")
+
+
+def test_truncation_keeps_encoder_special_tokens():
+    from toolkit.models import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm-l6")
+    assert not wants_eos(tokenizer)
+    encoder = TextEncoder(tokenizer, 12, False)
+    (ids,), cut = encoder.encode([" ".join(["cat"] * 50) + " final answer"])
+    assert cut == 1 and len(ids) == 12
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert tokenizer.decode(ids[1:-1]).endswith("final answer")
+
+
+def test_a_few_steps_on_tiny_llama_with_lora_then_the_api(tiny_llama_dir, tmp_path):
+    from conftest import FIXTURES
+
+    from toolkit.reward import load_reward_model
+    from toolkit.reward.train import TrainConfig, train_reward
+
+    out = tmp_path / "rm"
+    cfg = TrainConfig(data=str(FIXTURES / "hh-harmless-200.jsonl"), out=str(out), model=str(tiny_llama_dir),
+                      lora=True, lora_r=4, max_length=48, batch_size=8, epochs=1, max_steps=3, eval_split=0.1,
+                      learning_rate=1e-3, show_progress=False)
+    result = train_reward(cfg)
+    assert result.metrics["train"]["optimizer_steps"] == 3
+    settings = json.loads((out / "reward_config.json").read_text())
+    assert settings["append_eos"] is True and settings["lora"] is True
+    assert not (out / "adapter_config.json").exists()  # LoRA merged: a plain backbone dir
+
+    rm = load_reward_model(str(out))
+    prompts, responses = ["How do I bake bread?", "hi"], ["Mix flour, water, yeast; bake at 230 C.", "hello"]
+    raw = rm.raw_scores(prompts, responses)
+    scores = rm.score(prompts, responses, batch_size=1)
+    cal = json.loads((out / "calibration.json").read_text())
+    assert scores == pytest.approx([(r - cal["reward_mean"]) / cal["temperature"] for r in raw], rel=1e-4, abs=1e-5)
+    assert rm.raw_scores(prompts[:1], responses[:1]) == pytest.approx(raw[:1], abs=1e-4)  # batch-independent
+    with pytest.raises(UserError, match="2 prompts but 1 responses"):
+        rm.score(prompts, responses[:1])
+
+
+def test_missing_or_foreign_calibration_is_a_clear_error(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from conftest import FIXTURES
+
+    from toolkit.reward import load_reward_model
+    from toolkit.reward.train import TrainConfig, train_reward
+
+    dirs = []
+    for seed in (1, 2):
+        out = tmp_path / f"rm{seed}"
+        train_reward(TrainConfig(data=str(FIXTURES / "hh-harmless-200.jsonl"), out=str(out), model=str(tiny_llama_dir),
+                                 max_length=32, batch_size=8, epochs=1, max_steps=1, seed=seed, show_progress=False))
+        dirs.append(out)
+    shutil.copy(dirs[0] / "calibration.json", dirs[1] / "calibration.json")
+    with pytest.raises(UserError, match="calibration.json: field 'fingerprint': fitted on other weights"):
+        load_reward_model(str(dirs[1]))
+    (dirs[0] / "calibration.json").unlink()
+    with pytest.raises(UserError, match="no calibration.json"):
+        load_reward_model(str(dirs[0]))
+    with pytest.raises(UserError, match="not a reward model"):
+        load_reward_model(str(tiny_llama_dir))
+    assert Path(dirs[1] / "model.safetensors").is_file()
+
+
+def test_regression_on_chatllama_scored_rows_with_bf16(tiny_llama_dir, tmp_path):
+    from conftest import FIXTURES, run_cli
+
+    from toolkit.reward.data import load_preferences
+
+    rows = []
+    for pair in load_preferences(FIXTURES / "hh-harmless-200.jsonl").pairs[:40]:
+        rows += [{"user_input": pair.prompt, "completion": pair.chosen, "score": 4},
+                 {"user_input": pair.prompt, "completion": pair.rejected, "score": 1}]
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rm"
+    proc = run_cli("train-reward", "--data", data, "--out", out, "--model", tiny_llama_dir, "--objective",
+                   "regression", "--bf16", "--max-length", "32", "--batch-size", "8", "--max-steps", "2",
+                   "--learning-rate", "1e-3", "--json", check=True, timeout=300)
+    metrics = json.loads(proc.stdout)
+    assert metrics["train"]["scored_rows"] == 72 and metrics["train"]["optimizer_steps"] == 2
+    assert metrics["heldout"]["raw"]["n"] == 4  # 4 held-out prompts, each a (score 4, score 1) pair
+    assert any("only 4 held-out pairs" in w for w in metrics["warnings"])
+    assert json.loads((out / "reward_config.json").read_text())["objective"] == "regression"

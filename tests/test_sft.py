@@ -1,0 +1,140 @@
+"""SFT: the assistant-only loss mask, the input formats, packing, and `llamakit sft` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from toolkit.errors import UserError
+from toolkit.sft import IGNORE, Example, collate, load_examples, pack, row_to_messages, tokenize_conversation
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+]
+
+
+def spans(ids: list[int], labels: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """Runs of labelled and unlabelled token ids."""
+    learned, ignored, current, kind = [], [], [], None
+    for token, label in zip(ids, labels, strict=True):
+        k = label != IGNORE
+        if k != kind and current:
+            (learned if kind else ignored).append(current)
+            current = []
+        kind = k
+        current.append(token)
+    (learned if kind else ignored).append(current)
+    return learned, ignored
+
+
+def test_loss_mask_covers_assistant_tokens_only(tiny_llama):
+    _, tok = tiny_llama
+    ids, labels = tokenize_conversation(tok, CONVERSATION)
+    assert len(ids) == len(labels)
+    assert all(label in (IGNORE, token) for token, label in zip(ids, labels, strict=True))
+    learned, ignored = spans(ids, labels)
+    assert [tok.decode(s) for s in learned] == ["Hello! How can I help?<|im_end|>", "4.<|im_end|>"]
+    unlearned = tok.decode([t for s in ignored for t in s])
+    for text in ("Be brief.", "Hi there", "What is 2+2?", "<|im_start|>assistant\n", "<|im_start|>user\n"):
+        assert text in unlearned
+    assert tok.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_injected_control_tokens_in_text_stay_text(tiny_llama):
+    _, tok = tiny_llama
+    ids, labels = tokenize_conversation(tok, [{"role": "user", "content": "x<|im_end|>y"},
+                                              {"role": "assistant", "content": "ok"}])
+    learned, _ = spans(ids, labels)
+    assert [tok.decode(s) for s in learned] == ["ok<|im_end|>"]
+    assert ids.count(tok.eos_token_id) == 3  # system, user, assistant turns: not the typed one
+
+
+def test_formats_become_the_same_messages():
+    user, answer = "Name a colour.", "Blue."
+    expected = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    rows = [
+        {"messages": expected},
+        {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]},
+        {"instruction": user, "input": "", "output": answer},
+        {"user_input": user, "completion": answer},
+        {"prompt": user, "response": answer},
+    ]
+    for n, row in enumerate(rows, 1):
+        assert row_to_messages(row, "f.jsonl", n) == expected, row
+    alpaca = row_to_messages({"instruction": "Sum", "input": "2, 3", "output": "5"}, "f.json", 1)
+    assert alpaca[0]["content"] == "Sum\n\n2, 3"
+    with pytest.raises(UserError, match=r"f\.jsonl:7: field 'conversations\[1\]\.from': unknown speaker"):
+        row_to_messages({"conversations": [{"from": "human", "value": "a"}, {"from": "robot", "value": "b"}]},
+                        "f.jsonl", 7)
+    with pytest.raises(UserError, match=r"f\.jsonl:3: no assistant turn"):
+        row_to_messages({"messages": [{"role": "user", "content": "hi"}]}, "f.jsonl", 3)
+    with pytest.raises(UserError, match=r"f\.jsonl:2: missing the answer"):
+        row_to_messages({"instruction": "x"}, "f.jsonl", 2)
+
+
+def test_alpaca_fixture_loads_and_long_rows_are_cut(tiny_llama):
+    _, tok = tiny_llama
+    examples, stats = load_examples(str(FIXTURES / "alpaca-24.json"), tok, max_length=48)
+    assert stats["rows"] == 24 and stats["truncated"] > 0
+    assert all(len(e.input_ids) <= 48 for e in examples)
+    assert stats["examples"] + stats["dropped"] == 24
+
+
+def test_packing_keeps_conversations_apart(tiny_llama):
+    lm, tok = tiny_llama
+    a = Example(*tokenize_conversation(tok, CONVERSATION))
+    b = Example(*tokenize_conversation(tok, [{"role": "user", "content": "Why is the sky blue?"},
+                                             {"role": "assistant", "content": "Rayleigh scattering."}]))
+    blocks = pack([b, a], max_length=len(a.input_ids) + len(b.input_ids))
+    assert len(blocks) == 1 and blocks[0].starts == [0, len(b.input_ids)]
+    packed = collate(blocks, tok.pad_token_id, packed=True)
+    assert "attention_mask" not in packed
+    assert packed["position_ids"][0, len(b.input_ids)] == 0  # positions restart at the second conversation
+    alone = collate([a], tok.pad_token_id, packed=False)
+    with torch.no_grad():
+        logits_packed = lm(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        logits_alone = lm(**{k: v for k, v in alone.items() if k != "labels"}).logits
+    # a's logits do not depend on b sitting before it in the same row
+    torch.testing.assert_close(logits_packed[0, len(b.input_ids):], logits_alone[0], atol=1e-4, rtol=1e-4)
+    assert len(pack([a, b, a], max_length=len(a.input_ids) + 1)) == 3
+
+
+def test_sft_cli_end_to_end(tiny_llama_dir, tmp_path):
+    out = tmp_path / "sft"
+    proc = run_cli("sft", "--data", FIXTURES / "alpaca-24.json", "--model", tiny_llama_dir, "--out", out,
+                   "--max-steps", "6", "--batch-size", "4", "--gradient-accumulation-steps", "2",
+                   "--learning-rate", "3e-3", "--warmup-ratio", "0", "--max-length", "128", "--save-every", "3",
+                   "--packing", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 6 and summary["examples"] == 24
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5  # it learns
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "checkpoints" / "step-000006" / "manifest.json").is_file()
+    assert (out / "model" / "llamakit-manifest.json").is_file()
+    from toolkit.models import load_causal_lm
+
+    model, tok = load_causal_lm(out / "model")
+    assert model.config.hidden_size == 64 and tok.eos_token == "<|im_end|>"
+
+
+def test_sft_cli_bad_row_names_file_and_row(tiny_llama_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant",
+                                                                                "content": "b"}]}) + "\n"
+                    + json.dumps({"messages": [{"role": "robot", "content": "a"}]}) + "\n")
+    proc = run_cli("sft", "--data", data, "--model", tiny_llama_dir, "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {data}:2: ")
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,153 @@
+"""`llamakit train-reward`, `calibrate`, `eval-reward`: reward models you can trust (logic in toolkit/reward/)."""
+
+from __future__ import annotations
+
+import click
+
+from toolkit.config import config_option
+
+FORMAT_CHOICE = click.Choice(["auto", "preference", "hh", "implicit", "chatllama"])
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@click.command("train-reward")
+@click.option("--data", required=True, type=click.Path(),
+              help="Pairs: llamakit/TRL JSONL (prompt, chosen, rejected), Anthropic HH, TRL implicit prompt, "
+                   "ChatLLaMA scored rows (user_input, completion, score), or a `datasets` directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (written atomically).")
+@click.option("--model", default="minilm-l6", show_default=True,
+              help="Backbone: an alias (minilm-l6, smollm2-135m) or a local Hugging Face directory (LLaMA too).")
+@click.option("--eval-data", default=None, type=click.Path(), help="Held-out pairs for calibration (else --eval-split).")
+@click.option("--eval-split", default=0.1, show_default=True, help="Fraction of --data held out for calibration.")
+@click.option("--format", "fmt", default="auto", show_default=True, type=FORMAT_CHOICE, help="Input format.")
+@click.option("--objective", default="bradley-terry", show_default=True,
+              type=click.Choice(["bradley-terry", "regression"]),
+              help="Pairwise loss, or MSE to scores of scored rows.")
+@click.option("--max-length", default=256, show_default=True, help="Tokens per text; longer texts keep their end.")
+@click.option("--batch-size", default=16, show_default=True, help="Pairs per micro-batch.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--epochs", default=1, show_default=True, help="Reward models overfit fast: one epoch is the usual choice.")
+@click.option("--learning-rate", default=1e-4, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--warmup-ratio", default=0.1, show_default=True, help="Linear warm-up, then linear decay to 0.")
+@click.option("--max-grad-norm", default=1.0, show_default=True)
+@click.option("--center-rewards", default=0.0, show_default=True,
+              help="Coefficient of mean (r_c + r_r)^2 (0.01 is the usual value; 0 = off).")
+@click.option("--margin/--no-margin", "use_margin", default=True, show_default=True,
+              help="Honour a `margin` column when the data has one.")
+@click.option("--lora", is_flag=True, help="Train LoRA adapters (peft) instead of all weights; merged on save.")
+@click.option("--lora-r", default=16, show_default=True)
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast (fast on GPUs / CPUs with bf16 units).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Less memory, ~30% more compute.")
+@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+              help="Batch texts of similar length together (less padding).")
+@click.option("--calibration", default="temperature", show_default=True,
+              type=click.Choice(["temperature", "isotonic"]))
+@click.option("--max-steps", default=None, type=int, help="Stop after this many optimizer steps.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@config_option
+def train_reward_cmd(data, out, model, eval_data, eval_split, fmt, objective, max_length, batch_size, grad_accum,
+                     epochs, learning_rate, weight_decay, warmup_ratio, max_grad_norm, center_rewards, use_margin,
+                     lora, lora_r, bf16, gradient_checkpointing, group_by_length, calibration, max_steps, seed,
+                     threads, as_json):
+    """Train a Bradley–Terry reward model and calibrate it on held-out pairs."""
+    from toolkit.console import console, emit_json, summary_table
+    from toolkit.reward.train import TrainConfig, train_reward
+
+    _threads(threads)
+    cfg = TrainConfig(data=data, out=out, model=model, eval_data=eval_data, eval_split=eval_split, format=fmt,
+                      objective=objective, max_length=max_length, batch_size=batch_size, grad_accum=grad_accum,
+                      epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay,
+                      warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, center_rewards=center_rewards,
+                      use_margin=use_margin, lora=lora, lora_r=lora_r, bf16=bf16,
+                      gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length,
+                      calibration=calibration, max_steps=max_steps, seed=seed, show_progress=not as_json)
+    result = train_reward(cfg)
+    if not result.metrics:  # a non-main rank under accelerate launch
+        return
+    heldout = result.metrics["heldout"]
+    if as_json:
+        emit_json({"out": str(result.out), **result.metrics})
+        return
+    raw, calibrated = heldout.get("raw", {}), heldout.get("calibrated", {})
+    rows = [("output", str(result.out)), ("training pairs", result.metrics["train"]["pairs"]),
+            ("pairs / s", result.metrics["train"]["pairs_per_s"]), ("held-out pairs", raw.get("n", 0)),
+            ("temperature T", result.calibration.temperature)]
+    for key in ("accuracy", "ece", "brier", "nll", "auc"):
+        rows.append((f"{key} raw → {result.calibration.method}", f"{_f(raw.get(key))} → {_f(calibrated.get(key))}"))
+    summary_table("train-reward", rows)
+    console.print(f"model card: {result.out / 'README.md'}")
+
+
+def _f(value) -> str:
+    return "—" if value is None or value != value else f"{value:.4f}"
+
+
+@click.command("eval-reward")
+@click.argument("model_dir", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Pairs to evaluate on (any format train-reward reads).")
+@click.option("--format", "fmt", default="auto", show_default=True, type=FORMAT_CHOICE)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="Write a reliability diagram PNG here.")
+@click.option("--threads", default=None, type=int, help="torch CPU threads.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: accuracy, ece, brier, nll, auc, n, ties (calibrated) and `raw` with the same.")
+@config_option
+def eval_reward_cmd(model_dir, data, fmt, batch_size, plot, threads, as_json):
+    """Accuracy, ECE, Brier, NLL and AUC of a reward model on pairs, raw and calibrated."""
+    from toolkit.console import emit_json, summary_table
+    from toolkit.reward.evaluate import evaluate
+
+    _threads(threads)
+    result = evaluate(model_dir, data, fmt=fmt, batch_size=batch_size, plot=plot)
+    if as_json:
+        emit_json(result)
+        return
+    rows = [("pairs", result["n"]), ("ties", result["ties"]), ("calibration", result["method"]),
+            ("temperature T", result["temperature"])]
+    for key in ("accuracy", "ece", "brier", "nll", "auc"):
+        rows.append((f"{key} raw → calibrated", f"{_f(result['raw'][key])} → {_f(result[key])}"))
+    if plot:
+        rows.append(("reliability diagram", plot))
+    summary_table(f"eval-reward {data}", rows)
+
+
+@click.command("calibrate")
+@click.argument("model_dir", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="Held-out pairs the model never trained on.")
+@click.option("--method", default="temperature", show_default=True, type=click.Choice(["temperature", "isotonic"]))
+@click.option("--format", "fmt", default="auto", show_default=True, type=FORMAT_CHOICE)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--threads", default=None, type=int, help="torch CPU threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new calibration as one JSON object.")
+@config_option
+def calibrate_cmd(model_dir, data, method, fmt, batch_size, threads, as_json):
+    """Refit the calibration of a reward model on held-out pairs; rewrites calibration.json."""
+    from dataclasses import asdict
+
+    from toolkit.console import console, emit_json, summary_table
+    from toolkit.reward.evaluate import recalibrate
+
+    _threads(threads)
+    calibration, kept_stats = recalibrate(model_dir, data, method=method, fmt=fmt, batch_size=batch_size)
+    if as_json:
+        emit_json(asdict(calibration))
+        return
+    raw, new = calibration.metrics["raw"], calibration.metrics["calibrated"]
+    rows = [("pairs", calibration.n_pairs), ("method", calibration.method), ("temperature T", calibration.temperature)]
+    for key in ("accuracy", "ece", "brier", "nll", "auc"):
+        rows.append((f"{key} raw → calibrated", f"{_f(raw[key])} → {_f(new[key])}"))
+    summary_table(f"calibrate {model_dir}", rows)
+    if not kept_stats:
+        console.print("[yellow]warning:[/] no valid calibration.json before: reward mean/std taken from these pairs")
+
+
+COMMANDS = [train_reward_cmd, eval_reward_cmd, calibrate_cmd]

@@ -1,0 +1,69 @@
+"""`llamakit sft` and `llamakit rlhf`: one flag per field of SFTConfig / PPOConfig (YAML keys = flag names)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import click
+
+from rlhf.config import PPOConfig
+from toolkit.config import config_option
+from toolkit.sft import SFTConfig
+
+
+def dataclass_options(cls: type) -> Callable:
+    """Add `--field-name` for every field of `cls` (booleans get `--x/--no-x`), defaults and help from it."""
+
+    def decorate(func: Callable) -> Callable:
+        for f in reversed(dataclasses.fields(cls)):
+            name = f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            if isinstance(f.default, bool):
+                option = click.option(f"--{name}/--no-{name}", f.name, default=f.default, show_default=True,
+                                      help=help_text)
+            else:
+                option = click.option(f"--{name}", f.name, type=type(f.default), default=f.default,
+                                      show_default=True, help=help_text)
+            func = option(func)
+        return func
+
+    return decorate
+
+
+@click.command("sft")
+@dataclass_options(SFTConfig)
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
+@config_option
+def sft_cmd(as_json: bool, **settings) -> None:
+    """Supervised fine-tuning on conversations (loss on assistant tokens only); writes OUT/model."""
+    from toolkit.console import emit_json
+    from toolkit.sft import train_sft
+
+    result = train_sft(SFTConfig(**settings))
+    if as_json:
+        final = result.history[-1] if result.history else {}
+        emit_json({"out": str(result.out), "model": str(result.model_dir), "steps": result.steps,
+                   "loss": final.get("loss"), **result.data_stats})
+
+
+@click.command("rlhf")
+@dataclass_options(PPOConfig)
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
+@config_option
+def rlhf_cmd(as_json: bool, **settings) -> None:
+    """PPO of the policy against a reward model or rule scorers; writes OUT/policy and OUT/metrics.jsonl.
+
+    Runs on one CPU/GPU as is, and on several under `torchrun --nproc_per_node N -m toolkit rlhf ...`
+    or `accelerate launch --config_file templates/accelerate/... -m toolkit rlhf ...`.
+    """
+    from rlhf.trainer import train
+    from toolkit.console import emit_json
+
+    result = train(PPOConfig(**settings))
+    if as_json and result.policy_dir is not None:
+        emit_json({"out": str(result.out), "policy": str(result.policy_dir), "steps": result.step,
+                   "final": result.history[-1] if result.history else {}})
+
+
+COMMANDS = [sft_cmd, rlhf_cmd]

@@ -1,0 +1,212 @@
+"""`llamakit demo`: the whole RLHF pipeline, offline, on a CPU, each stage the same CLI a user runs.
+
+serve (teacher) → instructions → conversations → preferences → sft → train-reward → rlhf → compare → report.
+Each stage is a `llamakit ...` subprocess; a finished stage leaves `stages/NAME.json` (its command,
+seconds and result), so running the demo again resumes after the last finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.console import console
+from toolkit.errors import UserError
+from toolkit.io import read_existing, write_json
+from toolkit.resources import template_path
+
+COMPARE_PROMPTS = (
+    "Give me three tips for a good night's sleep.",
+    "What is the capital of France?",
+    "Write a short thank-you note to a colleague.",
+    "Explain what a reward model is in one sentence.",
+)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    instructions: int
+    conversations: int
+    turns: int
+    candidates: int
+    preference_prompts: int
+    answer_tokens: int
+    sft_steps: int
+    reward_steps: int
+    reward_max_length: int
+    hh_pairs: int
+    ppo_steps: int
+    ppo_batch: int
+    ppo_new_tokens: int
+
+
+FULL = Sizes(instructions=40, conversations=24, turns=2, candidates=3, preference_prompts=32, answer_tokens=96,
+             sft_steps=40, reward_steps=0, reward_max_length=256, hh_pairs=200, ppo_steps=16, ppo_batch=8,
+             ppo_new_tokens=48)
+FAST = Sizes(instructions=4, conversations=3, turns=2, candidates=2, preference_prompts=4, answer_tokens=40,
+             sft_steps=3, reward_steps=8, reward_max_length=128, hh_pairs=48, ppo_steps=2, ppo_batch=4,
+             ppo_new_tokens=16)
+
+
+def _stage_commands(run: Path, sizes: Sizes, teacher_url: str | None, model: str) -> dict[str, list[str]]:
+    data = run / "data"
+    teacher = ["--teacher", f"openai:{model}", "--base-url", teacher_url or "", "--api-key-env", "LLAMAKIT_DEMO_KEY",
+               "--concurrency", "16", "--seed", "0",
+               "--timeout", "600"]  # a busy CPU can take minutes per batch; never give up on the local teacher
+    return {
+        "instructions": ["generate-data", "instructions", "--seeds", str(template_path("demo/seed_tasks.jsonl")),
+                         "--out", str(data / "instructions.jsonl"), "--num-instructions", str(sizes.instructions),
+                         "--max-tokens", "48", *teacher],
+        "conversations": ["generate-data", "conversations", "--prompts", str(data / "prompts.jsonl"),
+                          "--out", str(data / "conversations.jsonl"), "--limit", str(sizes.conversations),
+                          "--turns", str(sizes.turns), "--max-tokens", str(sizes.answer_tokens),
+                          "--user-max-tokens", "40", *teacher],
+        "preferences": ["generate-data", "preferences", "--prompts", str(data / "prompts.jsonl"),
+                        "--out", str(data / "preferences.jsonl"), "--limit", str(sizes.preference_prompts),
+                        "--num-candidates", str(sizes.candidates), "--temperatures", "0.7,1.2",
+                        "--max-tokens", str(sizes.answer_tokens),
+                        # Rules, not the 135M teacher as judge: it does not follow the "Rating: [[N]]" format
+                        # (0 of 4 rows parsable after 6 tries each); a capable teacher takes --judge.
+                        "--scorer", "rules:length,refusal,repetition,truncation,format",
+                        *teacher],
+        "sft": ["sft", "--data", str(data / "conversations.jsonl"), "--model", model, "--out", str(run / "sft"),
+                "--lora", "--max-steps", str(sizes.sft_steps), "--batch-size", "4", "--max-length", "256",
+                "--learning-rate", "2e-4", "--seed", "0"],
+        "train-reward": ["train-reward", "--data", str(data / "reward-pairs.jsonl"), "--model", "minilm-l6",
+                         "--out", str(run / "reward"), "--eval-split", "0.2", "--epochs", "1", "--batch-size", "16",
+                         "--max-length", str(sizes.reward_max_length), "--seed", "0",
+                         *(["--max-steps", str(sizes.reward_steps)] if sizes.reward_steps else [])],
+        "rlhf": ["rlhf", "--policy", str(run / "sft" / "model"), "--reward", str(run / "reward"),
+                 "--prompts", str(data / "prompts.jsonl"), "--out", str(run / "ppo"), "--lora",
+                 "--steps", str(sizes.ppo_steps), "--batch-size", str(sizes.ppo_batch),
+                 "--max-new-tokens", str(sizes.ppo_new_tokens), "--num-minibatches", "2", "--seed", "0",
+                 "--save-every", "0"],
+    }
+
+
+def _prompt_pool(run: Path, sizes: Sizes) -> int:
+    """New instructions from self-instruct first, topped up with the seed tasks' own instructions, so a small
+    teacher that writes few usable instructions still leaves every later stage enough prompts."""
+    rows = [{"prompt": r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")}
+            for r in read_existing(run / "data" / "instructions.jsonl") if r.get("instruction")]
+    wanted = max(sizes.conversations, sizes.preference_prompts, sizes.ppo_batch * 2)
+    for seed in read_existing(template_path("demo/seed_tasks.jsonl")):
+        if len(rows) >= wanted:
+            break
+        first = (seed.get("instances") or [{}])[0].get("input", "")
+        rows.append({"prompt": seed["instruction"] + (f"\n\n{first}" if first else "")})
+    path = run / "data" / "prompts.jsonl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return len(rows)
+
+
+def _reward_pairs(run: Path, sizes: Sizes) -> int:
+    """Synthetic preference pairs plus a slice of human HH pairs, as one file for train-reward."""
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "source": "synthetic"}
+            for r in read_existing(run / "data" / "preferences.jsonl")
+            if isinstance(r.get("prompt"), str) and r.get("chosen") and r.get("rejected")]
+    hh = read_existing(template_path("demo/hh-harmless-200.jsonl"))[: sizes.hh_pairs]
+    rows += [{"chosen": r["chosen"], "rejected": r["rejected"], "source": "hh"} for r in hh]
+    path = run / "data" / "reward-pairs.jsonl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return len(rows)
+
+
+def _run_stage(name: str, args: list[str], run: Path) -> dict:
+    marker = run / "stages" / f"{name}.json"
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        console.print(f"[dim]✓ {name:<13} cached ({done['seconds']:.0f} s earlier run)[/]")
+        return done
+    console.rule(f"[bold]{name}")
+    start = time.perf_counter()
+    log = run / "logs" / f"{name}.log"
+    proc = subprocess.run([sys.executable, "-m", "toolkit", *args, "--json"], stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    log.write_text(proc.stdout)
+    if proc.returncode != 0:
+        raise UserError(f"stage '{name}' failed (exit {proc.returncode}); command: llamakit {' '.join(args)}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {}
+    done = {"stage": name, "command": ["llamakit", *args], "seconds": round(seconds, 1), "result": result}
+    write_json(marker, done)
+    console.print(f"[green]✓ {name:<13}[/] {seconds:6.1f} s  {_headline(name, result)}")
+    return done
+
+
+def _headline(name: str, result: dict) -> str:
+    keys = {"instructions": ("done", "failed"), "conversations": ("done", "failed"), "preferences": ("done", "failed"),
+            "sft": ("steps", "loss"), "train-reward": ("accuracy", "ece"), "rlhf": ("steps", "reward_end")}
+    picked = {k: result.get(k) for k in keys.get(name, ()) if k in result}
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in picked.items())
+
+
+def _generate_compare(run: Path, sizes: Sizes, model: str) -> dict:
+    """Greedy answers of the base model and the PPO policy to the same prompts (for the report)."""
+    marker = run / "stages" / "compare.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    from toolkit.chat_format import encode_chat
+    from toolkit.generation import SamplingParams, generate
+    from toolkit.models import load_causal_lm
+
+    start = time.perf_counter()
+    rows = [{"prompt": p} for p in COMPARE_PROMPTS]
+    for label, path in (("base", model), ("policy", str(run / "ppo" / "policy"))):
+        lm, tokenizer = load_causal_lm(path)
+        prompts = [encode_chat(tokenizer, [{"role": "user", "content": p}]) for p in COMPARE_PROMPTS]
+        outs = generate(lm, tokenizer, prompts, [SamplingParams(max_new_tokens=sizes.answer_tokens, temperature=0)]
+                        * len(prompts))
+        for row, out in zip(rows, outs, strict=True):
+            row[label] = out.text
+    write_json(run / "compare.json", rows)
+    done = {"stage": "compare", "command": ["(in-process) greedy answers, base vs policy"],
+            "seconds": round(time.perf_counter() - start, 1), "result": {"prompts": len(rows)}}
+    write_json(marker, done)
+    console.print(f"[green]✓ {'compare':<13}[/] {done['seconds']:6.1f} s  base vs policy on {len(rows)} prompts")
+    return done
+
+
+def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "smollm2-135m") -> Path:
+    """Run (or resume) every stage; return the report path."""
+    import os
+
+    from toolkit.report import write_report
+    from toolkit.server_process import running_server
+
+    run = Path(out)
+    sizes = FAST if fast else FULL
+    for sub in ("data", "stages", "logs"):
+        (run / sub).mkdir(parents=True, exist_ok=True)
+    write_json(run / "demo.json", {"fast": fast, "model": model, "sizes": sizes.__dict__})
+    total = time.perf_counter()
+    data_stages = ("instructions", "conversations", "preferences")
+    if not all((run / "stages" / f"{s}.json").is_file() for s in data_stages):
+        console.rule("[bold]serve")
+        key = os.urandom(12).hex()
+        os.environ["LLAMAKIT_DEMO_KEY"] = key  # the stages' openai clients read it; never written to disk
+        with running_server(model, args=("--api-key-env", "LLAMAKIT_DEMO_KEY", "--max-batch", "16"),
+                            env={"LLAMAKIT_DEMO_KEY": key}, log_file=run / "logs" / "serve.log") as server:
+            console.print(f"[green]✓ serve[/]         {server.model} at {server.url} (the teacher, via openai)")
+            commands = _stage_commands(run, sizes, server.url, model)
+            _run_stage("instructions", commands["instructions"], run)
+            console.print(f"[dim]prompt pool: {_prompt_pool(run, sizes)} prompts (new instructions + seed tasks)[/]")
+            for name in data_stages[1:]:
+                _run_stage(name, commands[name], run)
+    commands = _stage_commands(run, sizes, None, model)
+    pairs = _reward_pairs(run, sizes)
+    console.print(f"[dim]reward data: {pairs} pairs (synthetic + {sizes.hh_pairs} HH)[/]")
+    for name in ("sft", "train-reward", "rlhf"):
+        _run_stage(name, commands[name], run)
+    _generate_compare(run, sizes, model)
+    report = write_report(run)
+    console.print(f"[bold green]demo finished[/] in {time.perf_counter() - total:.0f} s — report: {report}")
+    return report

@@ -1,0 +1,68 @@
+"""The reward model as the PPO loop sees it: text in, one float per (prompt, response) out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from toolkit.errors import UserError
+
+
+class RewardModel:
+    """A trained, calibrated reward model. It tokenizes text itself (its tokenizer may differ from the policy's)."""
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu"):
+        from toolkit.reward import calibrate as cal
+        from toolkit.reward.model import HEAD_FILE, TextEncoder, fingerprint, load_trained
+
+        self.path = Path(path)
+        self.device = device
+        if not (self.path / HEAD_FILE).is_file():
+            raise UserError(f"not a reward model made by `llamakit train-reward` (no {HEAD_FILE})",
+                            file=str(self.path))
+        # Checked first: rewards from an uncalibrated or mismatched dir would be silently off.
+        self.calibration = cal.read(self.path, fingerprint(self.path))
+        self.net, self.tokenizer, self.settings = load_trained(self.path, device)
+        self.encoder = TextEncoder(self.tokenizer, self.settings.max_length, self.settings.append_eos)
+
+    @property
+    def temperature(self) -> float:
+        return self.calibration.temperature
+
+    @property
+    def reward_mean(self) -> float:
+        return self.calibration.reward_mean
+
+    @property
+    def reward_std(self) -> float:
+        return self.calibration.reward_std
+
+    def texts(self, prompts: list[str], responses: list[str]) -> list[str]:
+        from toolkit.reward.data import join
+
+        if len(prompts) != len(responses):
+            raise UserError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return [join(p, r) for p, r in zip(prompts, responses, strict=True)]
+
+    def raw_scores(self, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
+        """r(prompt, response) as the head outputs it (uncentred, uncalibrated)."""
+        from toolkit.reward.model import score_texts
+
+        return score_texts(self.net, self.encoder, self.texts(prompts, responses), batch_size, self.device)
+
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
+        """(r − mean) / T: centred on the training data's rewards, in calibrated log-odds units, so that
+        σ(score_a − score_b) is the calibrated probability that response a is preferred to response b."""
+        return self.calibration.normalize(self.raw_scores(prompts, responses, batch_size)).tolist()
+
+    def preference_probabilities(self, prompts: list[str], chosen: list[str], rejected: list[str],
+                                 batch_size: int = 16) -> list[float]:
+        """Calibrated P(chosen ≻ rejected) per pair (temperature or isotonic, as fitted)."""
+        r_c = self.raw_scores(prompts, chosen, batch_size)
+        r_r = self.raw_scores(prompts, rejected, batch_size)
+        return self.calibration.probabilities([c - r for c, r in zip(r_c, r_r, strict=True)]).tolist()
+
+
+def load_reward_model(path: str, device: str = "cpu") -> RewardModel:
+    """Load a directory written by `llamakit train-reward` (weights + calibration.json)."""
+    return RewardModel(path, device)

@@ -1,0 +1,149 @@
+"""Calibration: make P(chosen ≻ rejected) mean what it says, on pairs the model never trained on.
+
+    temperature   p = σ((r_c − r_r) / T),  T = argmin_T  mean −log σ(d_i / T)        (one 1-D convex fit)
+    isotonic      p = a monotone step function of d, fitted symmetrically so that p(−d) = 1 − p(d)
+
+calibration.json beside the weights also keeps the mean and std of raw rewards on training data, so the
+PPO loop gets centred rewards in calibrated units: score = (r − mean) / T, and σ(score_a − score_b) is the
+calibrated probability that answer a beats answer b.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import UserError
+from toolkit.reward.metrics import pair_metrics, raw_probabilities, sigmoid
+
+CALIBRATION_FILE = "calibration.json"
+METHODS = ("temperature", "isotonic")
+# Isotonic steps reach 0 and 1 on small held-out sets; a bounded p keeps NLL finite.
+ISOTONIC_CLIP = 1e-3
+
+
+def nll_at_temperature(diffs: np.ndarray, temperature: float) -> float:
+    """mean −log σ(d / T) = mean softplus(−d / T)."""
+    return float(np.mean(np.logaddexp(0.0, -np.asarray(diffs, dtype=np.float64) / temperature)))
+
+
+def fit_temperature(diffs: list[float] | np.ndarray) -> float:
+    """T minimizing the NLL of σ(d / T). Convex in 1/T, so a bounded 1-D search over log(1/T) finds it."""
+    from scipy.optimize import minimize_scalar
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if len(d) == 0 or not np.any(d):
+        return 1.0
+    result = minimize_scalar(lambda log_beta: nll_at_temperature(d, math.exp(-log_beta)),
+                             bounds=(-9.0, 9.0), method="bounded", options={"xatol": 1e-9})
+    return float(math.exp(-result.x))
+
+
+def fit_isotonic(diffs: list[float] | np.ndarray) -> tuple[list[float], list[float]]:
+    """Knots (x, y) of a monotone map d -> p, fitted on (d, 1) and (−d, 0) and made symmetric."""
+    from sklearn.isotonic import IsotonicRegression
+
+    d = np.asarray(diffs, dtype=np.float64)
+    iso = IsotonicRegression(increasing=True, out_of_bounds="clip", y_min=0.0, y_max=1.0)
+    iso.fit(np.concatenate([d, -d]), np.concatenate([np.ones_like(d), np.zeros_like(d)]))
+    x = np.unique(np.concatenate([iso.X_thresholds_, -iso.X_thresholds_]))
+    y = 0.5 * (iso.predict(x) + 1.0 - iso.predict(-x))
+    return x.tolist(), np.clip(y, ISOTONIC_CLIP, 1 - ISOTONIC_CLIP).tolist()
+
+
+@dataclass
+class Calibration:
+    method: str
+    temperature: float
+    reward_mean: float
+    reward_std: float
+    n_pairs: int
+    data: str
+    fingerprint: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    isotonic: dict[str, list[float]] | None = None
+
+    def probabilities(self, diffs: list[float] | np.ndarray) -> np.ndarray:
+        """Calibrated P(chosen ≻ rejected) for reward differences r_c − r_r."""
+        d = np.asarray(diffs, dtype=np.float64)
+        if self.method == "isotonic" and self.isotonic:
+            return np.interp(d, self.isotonic["x"], self.isotonic["y"])
+        return sigmoid(d / self.temperature)
+
+    def normalize(self, rewards: list[float] | np.ndarray) -> np.ndarray:
+        return (np.asarray(rewards, dtype=np.float64) - self.reward_mean) / self.temperature
+
+
+def fit(diffs: list[float], method: str, *, reward_mean: float, reward_std: float, data: str,
+        fingerprint: str) -> Calibration:
+    """Fit a calibration on held-out reward differences and measure before/after on the same pairs."""
+    if method not in METHODS:
+        raise UserError(f"unknown calibration method '{method}' (one of {', '.join(METHODS)})")
+    d = np.asarray(diffs, dtype=np.float64)
+    calibration = Calibration(method=method, temperature=fit_temperature(d), reward_mean=reward_mean,
+                              reward_std=reward_std, n_pairs=len(d), data=data, fingerprint=fingerprint)
+    if method == "isotonic":
+        x, y = fit_isotonic(d)
+        calibration.isotonic = {"x": x, "y": y}
+    calibration.metrics = {"raw": pair_metrics(raw_probabilities(d)),
+                           "calibrated": pair_metrics(calibration.probabilities(d))}
+    return calibration
+
+
+def write(calibration: Calibration, directory: str | os.PathLike) -> Path:
+    from toolkit.io import write_json
+
+    path = Path(directory) / CALIBRATION_FILE
+    write_json(path, _finite(asdict(calibration)))
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """NaN is not JSON: an undefined metric (e.g. AUC on one pair) is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def read(directory: str | os.PathLike, expected_fingerprint: str | None = None) -> Calibration:
+    """calibration.json of a reward dir; a missing, broken or foreign one is a one-line error."""
+    path = Path(directory) / CALIBRATION_FILE
+    hint = f"run `llamakit calibrate {directory} --data HELD_OUT_PAIRS.jsonl`"
+    if not path.is_file():
+        raise UserError(f"no {CALIBRATION_FILE}: this reward model is not calibrated; {hint}", file=str(directory))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"unreadable: {err}; {hint}", file=str(path)) from None
+    if not isinstance(raw, dict):
+        raise UserError(f"expected a JSON object; {hint}", file=str(path))
+    for key, kinds in (("method", str), ("temperature", (int, float)), ("reward_mean", (int, float)),
+                       ("reward_std", (int, float)), ("fingerprint", str)):
+        if not isinstance(raw.get(key), kinds) or isinstance(raw.get(key), bool):
+            raise UserError(f"missing or not a {kinds if isinstance(kinds, type) else 'number'}; {hint}",
+                            file=str(path), field=key)
+    if raw["method"] not in METHODS:
+        raise UserError(f"unknown method '{raw['method']}'; {hint}", file=str(path), field="method")
+    if not raw["temperature"] > 0:
+        raise UserError("must be > 0", file=str(path), field="temperature")
+    if raw["method"] == "isotonic" and not (isinstance(raw.get("isotonic"), dict)
+                                            and raw["isotonic"].get("x") and raw["isotonic"].get("y")):
+        raise UserError(f"isotonic knots missing; {hint}", file=str(path), field="isotonic")
+    if expected_fingerprint is not None and raw["fingerprint"] != expected_fingerprint:
+        raise UserError(f"fitted on other weights (fingerprint {raw['fingerprint']}, these weights are "
+                        f"{expected_fingerprint}); {hint}", file=str(path), field="fingerprint")
+    return Calibration(method=raw["method"], temperature=float(raw["temperature"]),
+                       reward_mean=float(raw["reward_mean"]), reward_std=float(raw["reward_std"]),
+                       n_pairs=int(raw.get("n_pairs") or 0), data=str(raw.get("data") or ""),
+                       fingerprint=raw["fingerprint"], metrics=raw.get("metrics") or {},
+                       isotonic=raw.get("isotonic"))

@@ -1,0 +1,97 @@
+"""`eval-reward` and `calibrate`: metrics of a trained reward model on any pair file, and refitting T."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import UserError
+
+
+def _pairs(data: str, fmt: str):
+    from toolkit.reward.data import load_preferences, pairs_from_scored
+
+    loaded = load_preferences(data, fmt)
+    pairs = loaded.pairs or pairs_from_scored(loaded.scored)
+    if not pairs:
+        raise UserError("no pairs (scored rows need a prompt with two answers of different scores)", file=data)
+    return pairs
+
+
+def _diffs(directory: str | os.PathLike, pairs, batch_size: int, device: str, check_calibration: bool):
+    from toolkit.console import progress
+    from toolkit.reward import calibrate as cal
+    from toolkit.reward.model import TextEncoder, fingerprint, load_trained, score_texts
+
+    existing = None
+    if check_calibration or (Path(directory) / cal.CALIBRATION_FILE).is_file():
+        # Before the weights are loaded: a missing or foreign calibration.json fails in a second.
+        try:
+            existing = cal.read(directory, _fingerprint(directory, fingerprint))
+        except UserError:
+            if check_calibration:
+                raise
+    net, tokenizer, settings = load_trained(directory, device)
+    encoder = TextEncoder(tokenizer, settings.max_length, settings.append_eos)
+    texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
+    _, n_cut = encoder.encode(texts)
+    with progress(transient=True) as bar:
+        rewards = score_texts(net, encoder, texts, batch_size, device, progress=bar)
+    return rewards, existing, n_cut
+
+
+def _fingerprint(directory, fingerprint) -> str:
+    from toolkit.reward.model import HEAD_FILE
+
+    if not (Path(directory) / HEAD_FILE).is_file():
+        raise UserError(f"not a reward model made by `llamakit train-reward` (no {HEAD_FILE})", file=str(directory))
+    return fingerprint(directory)
+
+
+def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batch_size: int = 32,
+             device: str = "cpu", plot: str | None = None) -> dict[str, Any]:
+    """Calibrated metrics at the top level, raw ones under "raw" (keys: accuracy, ece, brier, nll, auc, n, ties)."""
+    from toolkit.reward.metrics import pair_metrics, raw_probabilities
+
+    pairs = _pairs(data, fmt)
+    rewards, calibration, n_cut = _diffs(directory, pairs, batch_size, device, check_calibration=True)
+    diffs = [c - r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)]
+    p_raw, p_cal = raw_probabilities(diffs), calibration.probabilities(diffs)
+    result: dict[str, Any] = {**pair_metrics(p_cal), "raw": pair_metrics(p_raw), "method": calibration.method,
+                              "temperature": calibration.temperature, "texts_cut": n_cut, "data": data,
+                              "model": str(directory)}
+    if plot:
+        from toolkit.reward.plots import reliability_diagram
+
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        reliability_diagram({"raw": p_raw, calibration.method: p_cal}, plot, title=f"{Path(data).name} (n={len(diffs)})")
+        result["plot"] = plot
+    return result
+
+
+def recalibrate(directory: str | os.PathLike, data: str, *, method: str = "temperature", fmt: str = "auto",
+                batch_size: int = 32, device: str = "cpu", plot: str | None = None):
+    """Refit the calibration on the user's held-out pairs and rewrite calibration.json (and reliability.png)."""
+    import statistics
+
+    from toolkit.reward import calibrate as cal
+    from toolkit.reward.metrics import raw_probabilities
+    from toolkit.reward.model import fingerprint
+
+    pairs = _pairs(data, fmt)
+    rewards, existing, _ = _diffs(directory, pairs, batch_size, device, check_calibration=False)
+    if existing is not None:
+        mean, std = existing.reward_mean, existing.reward_std
+    else:
+        # No trustworthy training statistics: centre on the rewards of these pairs' answers instead.
+        mean, std = statistics.fmean(rewards), (statistics.stdev(rewards) if len(rewards) > 1 else 1.0) or 1.0
+    diffs = [c - r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)]
+    calibration = cal.fit(diffs, method, reward_mean=mean, reward_std=std, data=data,
+                          fingerprint=fingerprint(directory))
+    cal.write(calibration, directory)
+    from toolkit.reward.plots import reliability_diagram
+
+    reliability_diagram({"raw": raw_probabilities(diffs), method: calibration.probabilities(diffs)},
+                        plot or Path(directory) / "reliability.png", title=f"{Path(data).name} (n={len(diffs)})")
+    return calibration, existing is not None

@@ -1,0 +1,104 @@
+"""How good and how honest a reward model is on preference pairs.
+
+A pair gives p = P(chosen ≻ rejected). Each pair is read as two binary predictions, (p, 1) and
+(1 − p, 0), so that a model is judged on its confidence in whichever side it picks; with this
+symmetric reading Brier, NLL and ECE equal those of the usual one-sided form, and AUC is defined.
+
+    accuracy  mean[p > 1/2] + ½ · mean[p = 1/2]            (ties count half)
+    ECE       Σ_b (n_b / N) · |mean(y_b) − mean(p_b)|      15 equal-width bins on [0, 1]
+    Brier     mean (1 − p)²
+    NLL       mean −log p
+    AUC       ROC AUC of the 2N symmetric predictions
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+N_BINS = 15
+EPS = 1e-12
+
+
+def symmetric(p: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of the 2N binary predictions a list of pair probabilities stands for."""
+    p = np.asarray(p, dtype=np.float64)
+    return np.concatenate([np.ones_like(p), np.zeros_like(p)]), np.concatenate([p, 1.0 - p])
+
+
+def bin_ids(prob: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    # Same edges and edge rule as sklearn.calibration.calibration_curve(strategy="uniform").
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return np.searchsorted(edges[1:-1], prob)
+
+
+def ece(labels: np.ndarray, prob: np.ndarray, n_bins: int = N_BINS) -> float:
+    ids = bin_ids(prob, n_bins)
+    total = 0.0
+    for b in range(n_bins):
+        inside = ids == b
+        if inside.any():
+            total += inside.sum() / len(prob) * abs(labels[inside].mean() - prob[inside].mean())
+    return float(total)
+
+
+def reliability(labels: np.ndarray, prob: np.ndarray, n_bins: int = N_BINS) -> list[dict[str, float]]:
+    """Per non-empty bin: mean confidence, observed frequency, count (the points of a reliability diagram)."""
+    ids = bin_ids(prob, n_bins)
+    out = []
+    for b in range(n_bins):
+        inside = ids == b
+        if inside.any():
+            out.append({"bin": b, "confidence": float(prob[inside].mean()), "frequency": float(labels[inside].mean()),
+                        "count": int(inside.sum())})
+    return out
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann–Whitney) formula, ties counted half."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    pos = labels == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def pair_metrics(p: Sequence[float]) -> dict[str, float | int]:
+    """accuracy, ece, brier, nll, auc, n, ties for pair probabilities p = P(chosen ≻ rejected)."""
+    p = np.asarray(p, dtype=np.float64)
+    n = len(p)
+    if n == 0:
+        return {"accuracy": float("nan"), "ece": float("nan"), "brier": float("nan"), "nll": float("nan"),
+                "auc": float("nan"), "n": 0, "ties": 0}
+    ties = int((p == 0.5).sum())
+    labels, prob = symmetric(p)
+    clipped = np.clip(p, EPS, 1.0)
+    return {
+        "accuracy": float(((p > 0.5).sum() + 0.5 * ties) / n),
+        "ece": ece(labels, prob),
+        "brier": float(np.mean((1.0 - p) ** 2)),
+        "nll": float(np.mean(-np.log(clipped))),
+        "auc": auc(labels, prob),
+        "n": n,
+        "ties": ties,
+    }
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+
+
+def raw_probabilities(diffs: Sequence[float]) -> np.ndarray:
+    """P(chosen ≻ rejected) = σ(r_c − r_r), the model's own, uncalibrated reading."""
+    return sigmoid(np.asarray(diffs, dtype=np.float64))
+
+
+def fmt(metrics: dict[str, float | int]) -> str:
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) and not math.isnan(v) else f"{k} {v}"
+                     for k, v in metrics.items())

@@ -1,0 +1,345 @@
+"""`train-reward`: a Bradley–Terry reward model, calibrated on held-out pairs, in one readable loop.
+
+    loss = −log σ(r_c − r_r − margin)  +  center · mean (r_c + r_r)²
+
+Chosen and rejected texts of a batch go through the model in ONE forward (concatenated). Batches are
+grouped by length (little padding), padded only to their own longest text, and every text longer than
+`max_length` keeps its END (the final answer). With `--objective regression` the loss is the MSE to a
+row's score (ChatLLaMA's scored data). Under `accelerate launch` the batches are split between ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import UserError
+from toolkit.reward.data import Pair, PreferenceData, Scored, load_preferences, pairs_from_scored, split
+
+OBJECTIVES = ("bradley-terry", "regression")
+MIN_CALIBRATION_PAIRS = 50
+STATS_TEXTS = 256  # training texts scored after training for the reward mean / std
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of `llamakit train-reward` (flag names are these, in kebab-case)."""
+
+    data: str
+    out: str
+    model: str = "minilm-l6"
+    eval_data: str | None = None
+    eval_split: float = 0.1
+    format: str = "auto"
+    objective: str = "bradley-terry"
+    max_length: int = 256
+    batch_size: int = 16  # pairs (or scored rows) per micro-batch
+    grad_accum: int = 1
+    epochs: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    center_rewards: float = 0.0  # 0.01 is the usual value (Eisenstein et al. 2023)
+    use_margin: bool = True
+    lora: bool = False
+    lora_r: int = 16
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    calibration: str = "temperature"
+    max_steps: int | None = None
+    seed: int = 0
+    eval_batch_size: int = 32
+    show_progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    metrics: dict[str, Any]
+    calibration: Any
+    warnings: list[str] = field(default_factory=list)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: bool = True,
+                           megabatch: int = 50) -> list[list[int]]:
+    """Shuffle, sort each megabatch of `megabatch` batches by length, cut into batches, shuffle the batches:
+    random like a plain shuffle across batches, similar lengths inside one (HF's LengthGroupedSampler)."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not group:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = []
+    size = batch_size * megabatch
+    for start in range(0, len(order), size):
+        chunk = sorted(order[start:start + size], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def bradley_terry_loss(r_chosen, r_rejected, margin=None, center: float = 0.0):
+    """−log σ(r_c − r_r − margin), plus the centering term center · mean (r_c + r_r)²."""
+    import torch.nn.functional as F
+
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    loss = -F.logsigmoid(diff).mean()
+    if center:
+        loss = loss + center * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+def _load(cfg: TrainConfig, warnings: list[str]) -> tuple[list[Pair], list[Scored], list[Pair], str, str]:
+    """(train pairs, train scored rows, held-out pairs, format, held-out description)."""
+    data = load_preferences(cfg.data, cfg.format)
+    regression = cfg.objective == "regression"
+    if regression and not data.scored:
+        raise UserError("--objective regression needs scored rows (user_input / completion / score)",
+                        file=cfg.data)
+    heldout_scored: list[Scored] = []
+    if cfg.eval_data:
+        held = load_preferences(cfg.eval_data, cfg.format)
+        heldout = held.pairs or pairs_from_scored(held.scored)
+        train_pairs, train_scored, where = data.pairs, data.scored, cfg.eval_data
+    else:
+        if not 0.0 < cfg.eval_split < 1.0:
+            raise UserError("--eval-split must be between 0 and 1 (or give --eval-data)")
+        where = f"{cfg.eval_split:.0%} held out of {cfg.data}"
+        if data.scored:
+            # Split by prompt: every answer to a prompt lands on the same side, so held-out pairs exist.
+            prompts = sorted({row.prompt for row in data.scored})
+            _, held_prompts = split(prompts, cfg.eval_split, cfg.seed)
+            held_set = set(held_prompts)
+            train_scored = [r for r in data.scored if r.prompt not in held_set]
+            heldout_scored = [r for r in data.scored if r.prompt in held_set]
+            heldout, train_pairs = pairs_from_scored(heldout_scored), []
+        else:
+            _require_pairs(data, 2)
+            n_out = min(len(data.pairs) - 1, max(1, round(len(data.pairs) * cfg.eval_split)))
+            train_pairs, heldout = split(data.pairs, n_out / len(data.pairs), cfg.seed)
+            train_scored = []
+    if not regression and train_scored:
+        train_pairs = pairs_from_scored(train_scored)
+        if not train_pairs:
+            raise UserError("scored rows give no pairs (no prompt has two answers with different scores); "
+                            "use --objective regression", file=cfg.data)
+        train_scored = []
+    if regression:
+        if len(train_scored) < 2:
+            raise UserError(f"needs at least 2 scored rows to train on, got {len(train_scored)}", file=cfg.data)
+    elif len(train_pairs) < 1 or (not cfg.eval_data and len(data.pairs) < 2):
+        _require_pairs(data, 2)
+    if not heldout:
+        warnings.append("no held-out pairs to calibrate on: temperature left at 1 "
+                        "(give --eval-data with pairs, or scored rows with several answers per prompt)")
+    elif len(heldout) < MIN_CALIBRATION_PAIRS:
+        warnings.append(f"calibrating on only {len(heldout)} held-out pairs: T and the metrics are noisy "
+                        f"(use ≥ {MIN_CALIBRATION_PAIRS})")
+    return train_pairs, train_scored, heldout, data.format, where
+
+
+def _require_pairs(data: PreferenceData, n: int) -> None:
+    if len(data.pairs) < n:
+        raise UserError(f"only {len(data.pairs)} pair(s); training needs at least {n} "
+                        "(at least 1 to train on and 1 held out for calibration)", file=data.source)
+
+
+def train_reward(cfg: TrainConfig) -> TrainResult:
+    """Train, calibrate on the held-out pairs, and write the reward model directory atomically."""
+    if cfg.objective not in OBJECTIVES:
+        raise UserError(f"unknown --objective '{cfg.objective}' (one of {', '.join(OBJECTIVES)})")
+    if cfg.calibration not in ("temperature", "isotonic"):
+        raise UserError(f"unknown --calibration '{cfg.calibration}' (temperature or isotonic)")
+    for name in ("batch_size", "grad_accum", "epochs", "max_length"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be ≥ 1")
+    warnings: list[str] = []
+    # Data first: a bad file fails in a second, before torch and the backbone are loaded.
+    train_pairs, train_scored, heldout, fmt, heldout_from = _load(cfg, warnings)
+    regression = cfg.objective == "regression"
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from toolkit.console import console, progress
+    from toolkit.io import atomic_dir, write_json
+    from toolkit.reward import calibrate as cal
+    from toolkit.reward import card, plots
+    from toolkit.reward.metrics import pair_metrics, raw_probabilities
+    from toolkit.reward.model import (
+        RewardSettings,
+        TextEncoder,
+        fingerprint,
+        new_reward_model,
+        pad,
+        save_reward_model,
+        score_texts,
+        wants_eos,
+    )
+
+    # cpu=True on CPU-only machines is what makes `torchrun`/`accelerate launch` give gloo ranks.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                              mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    main = accelerator.is_main_process
+    model, tokenizer, backbone_path = new_reward_model(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r,
+                                                       gradient_checkpointing=cfg.gradient_checkpointing)
+    encoder = TextEncoder(tokenizer, cfg.max_length, wants_eos(tokenizer))
+    pad_id = tokenizer.pad_token_id
+
+    # ---- tokenize once: chosen i and rejected i are items 2i and 2i+1 ------------------------------------
+    if regression:
+        texts = [row.text for row in train_scored]
+        targets = [row.score for row in train_scored]
+    else:
+        texts = [t for p in train_pairs for t in (p.chosen_text, p.rejected_text)]
+        margins = [p.margin if cfg.use_margin else 0.0 for p in train_pairs]
+    ids, n_cut = encoder.encode(texts)
+    if n_cut:
+        warnings.append(f"{n_cut} of {len(texts)} training texts were longer than --max-length {cfg.max_length} "
+                        "tokens and were cut from the left (their final answer is kept)")
+    if main and cfg.show_progress:  # now, not after minutes of training
+        for w in warnings:
+            console.print(f"[yellow]warning:[/] {w}")
+    per_item = 1 if regression else 2
+    n_items = len(ids) // per_item
+    lengths = [max(len(ids[per_item * i + k]) for k in range(per_item)) for i in range(n_items)]
+
+    # ---- optimizer and schedule ----------------------------------------------------------------------------
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches_per_epoch = math.ceil(n_items / cfg.batch_size) // world or 1
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(1, warmup), max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    device = accelerator.device
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    history: list[tuple[int, float]] = []
+    eval_points: list[tuple[int, float]] = []
+    recent: list[tuple[float, float]] = []
+    step, pairs_seen, train_seconds = 0, 0, 0.0
+    heldout_rewards: list[float] | None = None
+    model.train()
+    bar = progress(transient=False) if (cfg.show_progress and main) else None
+    with bar if bar is not None else contextlib.nullcontext():
+        task = bar.add_task("train-reward", total=total_steps, status="") if bar else None
+        for epoch in range(cfg.epochs):
+            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed * 1000 + epoch, cfg.group_by_length)
+            batches = batches[:batches_per_epoch * world][rank::world]
+            started = time.perf_counter()
+            micro_losses: list[float] = []
+            for batch in batches:
+                if step >= total_steps:
+                    break
+                seqs = [ids[per_item * i + k] for i in batch for k in (range(per_item))]
+                if not regression:  # all chosen first, then all rejected: one forward, split in two
+                    seqs = seqs[0::2] + seqs[1::2]
+                input_ids, mask = pad(seqs, pad_id)
+                with accelerator.accumulate(model):
+                    rewards = model(input_ids.to(device), mask.to(device))
+                    if regression:
+                        target = torch.tensor([targets[i] for i in batch], device=device)
+                        loss = torch.nn.functional.mse_loss(rewards, target)
+                        right = float("nan")
+                    else:
+                        r_c, r_r = rewards.chunk(2)
+                        margin = torch.tensor([margins[i] for i in batch], device=device)
+                        loss = bradley_terry_loss(r_c, r_r, margin if any(margins[i] for i in batch) else None,
+                                                  cfg.center_rewards)
+                        right = float((r_c > r_r).float().mean())
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(loss.item())
+                pairs_seen += len(batch) * world
+                recent = (recent + [(micro_losses[-1], right)])[-20:]
+                if accelerator.sync_gradients:
+                    step += 1
+                    history.append((step, sum(micro_losses) / len(micro_losses)))
+                    micro_losses = []
+                    if bar:
+                        avg_loss = sum(x for x, _ in recent) / len(recent)
+                        status = f"epoch {epoch + 1}/{cfg.epochs} loss {avg_loss:.3f}"
+                        if not regression:
+                            status += f" acc {sum(a for _, a in recent) / len(recent):.2f}"
+                        bar.update(task, completed=step, status=status)
+            train_seconds += time.perf_counter() - started
+            if heldout and main:
+                heldout_rewards = _score_pairs(accelerator.unwrap_model(model), encoder, heldout,
+                                               cfg.eval_batch_size, device, score_texts)
+                diffs = [c - r for c, r in heldout_rewards]
+                eval_points.append((step, pair_metrics(raw_probabilities(diffs))["nll"]))
+                model.train()
+            if step >= total_steps:
+                break
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model).eval()
+    if not main:
+        return TrainResult(Path(cfg.out), {}, None, warnings)
+
+    # ---- calibration statistics: reward mean / std on training texts ----------------------------------
+    rng = random.Random(cfg.seed)
+    sample = rng.sample(texts, min(STATS_TEXTS, len(texts)))
+    train_rewards = score_texts(unwrapped, encoder, sample, cfg.eval_batch_size, device)
+    mean = sum(train_rewards) / len(train_rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in train_rewards) / max(1, len(train_rewards) - 1)) or 1.0
+    diffs = [c - r for c, r in heldout_rewards] if heldout_rewards else []
+
+    settings = RewardSettings(backbone=str(cfg.model), max_length=cfg.max_length, append_eos=encoder.append_eos,
+                              objective=cfg.objective, lora=cfg.lora)
+    pairs_per_s = pairs_seen / train_seconds if train_seconds else 0.0
+    with atomic_dir(cfg.out) as tmp:
+        save_reward_model(unwrapped, tokenizer, settings, tmp)
+        calibration = cal.fit(diffs, cfg.calibration, reward_mean=mean, reward_std=std, data=heldout_from,
+                              fingerprint=fingerprint(tmp))
+        cal.write(calibration, tmp)
+        metrics = {
+            "heldout": calibration.metrics,
+            "heldout_data": heldout_from,
+            "train": {"data": cfg.data, "format": fmt, "pairs": len(train_pairs), "scored_rows": len(train_scored),
+                      "texts_cut": n_cut, "optimizer_steps": step, "items_seen": pairs_seen,
+                      "seconds": round(train_seconds, 2), "pairs_per_s": round(pairs_per_s, 3),
+                      "final_loss": history[-1][1] if history else None,
+                      "loss_history": [round(v, 5) for _, v in history]},
+            "calibration": {"method": calibration.method, "temperature": calibration.temperature,
+                            "reward_mean": mean, "reward_std": std},
+            "settings": {k: v for k, v in asdict(cfg).items() if k != "show_progress"},
+            "backbone_path": str(backbone_path),
+            "warnings": warnings,
+        }
+        write_json(tmp / "metrics.json", cal._finite(metrics))
+        plots.loss_curve([s for s, _ in history], [v for _, v in history], tmp / "loss.png", eval_points,
+                         baseline=None if regression else math.log(2))
+        if diffs:
+            plots.reliability_diagram({"raw": raw_probabilities(diffs), calibration.method:
+                                       calibration.probabilities(diffs)}, tmp / "reliability.png",
+                                      title=f"Held-out pairs (n={len(diffs)})")
+        (tmp / "README.md").write_text(card.render(cfg, metrics, calibration), encoding="utf-8")
+    return TrainResult(Path(cfg.out), metrics, calibration, warnings)
+
+
+def _score_pairs(model, encoder, pairs: list[Pair], batch_size: int, device, score_texts) -> list[tuple[float, float]]:
+    texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
+    rewards = score_texts(model, encoder, texts, batch_size, device)
+    return list(zip(rewards[0::2], rewards[1::2], strict=True))

@@ -1,0 +1,476 @@
+"""`llamakit sft`: supervised fine-tuning of the actor on conversations, loss on assistant tokens only.
+
+Rows (JSONL or JSON): llamakit `{"messages": [{role, content}, ...]}`, ShareGPT `{"conversations":
+[{from, value}, ...]}`, Alpaca `{"instruction", "input", "output"}`, ChatLLaMA actor `{"user_input",
+"completion"}`, or `{"prompt", "response"|"completion"}`. Each conversation goes through the model's
+own chat template; the tokens each assistant turn adds (its text and end-of-turn token) are the only
+labels. A plain torch loop under Accelerate (DDP / bf16 / gradient accumulation), LoRA through peft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import UserError
+
+IGNORE = -100
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
+                  "system": "system"}
+
+
+# ---- formats ---------------------------------------------------------------------------------------------
+
+def row_to_messages(row: dict, path: str, line: int, for_prompt: bool = False) -> list[dict[str, str]]:
+    """One row of any supported format as chat messages. `for_prompt`: drop the trailing answer."""
+    from toolkit.chat_format import validate_messages
+    from toolkit.io import require_str
+
+    def err(message: str, field: str | None = None) -> UserError:
+        return UserError(message, file=str(path), line=line, field=field)
+
+    def answer(*keys: str) -> list[dict[str, str]]:
+        for key in keys:
+            if key in row:
+                return [{"role": "assistant", "content": require_str(row, key, path, line)}]
+        if for_prompt:
+            return []
+        raise err(f"missing the answer (one of: {', '.join(keys)})")
+
+    if "messages" in row:
+        try:
+            messages = validate_messages(row["messages"])
+        except UserError as e:
+            raise err(str(e)) from None
+    elif "conversations" in row:
+        turns = row["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise err("must be a non-empty list of {from, value}", "conversations")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise err("expected {from, value} with a string value", f"conversations[{i}]")
+            role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+            if role is None:
+                raise err(f"unknown speaker {turn.get('from')!r} (known: {', '.join(SHAREGPT_ROLES)})",
+                          f"conversations[{i}].from")
+            messages.append({"role": role, "content": turn["value"]})
+    elif "instruction" in row:
+        instruction = require_str(row, "instruction", path, line)
+        extra = row.get("input") or ""
+        if not isinstance(extra, str):
+            raise err("expected a string", "input")
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": user}, *answer("output")]
+    elif "user_input" in row:
+        messages = [{"role": "user", "content": require_str(row, "user_input", path, line)},
+                    *answer("completion")]
+    elif "prompt" in row:
+        messages = [{"role": "user", "content": require_str(row, "prompt", path, line)},
+                    *answer("response", "completion", "chosen")]
+    else:
+        raise err("unknown row format: expected messages | conversations | instruction | user_input | prompt")
+
+    if for_prompt:
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not any(m["role"] == "user" for m in messages):
+            raise err("no user turn to use as a prompt")
+    elif not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise err("no assistant turn to learn from")
+    return messages
+
+
+# ---- tokenization with the assistant-only mask ---------------------------------------------------------------
+
+def tokenize_conversation(tokenizer, messages: list[dict[str, str]],
+                          eos_ids: set[int] | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): labels equal input_ids on assistant tokens and IGNORE everywhere else.
+
+    An assistant turn's tokens are what rendering messages[:i+1] adds to messages[:i] + the generation
+    prompt, cut after its first end-of-turn token (trailing newlines of the template are not learned).
+    """
+    from toolkit.chat_format import encode_chat
+
+    eos_ids = eos_ids if eos_ids is not None else {tokenizer.eos_token_id}
+    input_ids = encode_chat(tokenizer, messages, add_generation_prompt=False)
+    labels = [IGNORE] * len(input_ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = encode_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else []
+        upto = encode_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if input_ids[: len(upto)] != upto or upto[: len(prefix)] != prefix:
+            raise UserError("this tokenizer's chat template does not render a conversation turn by turn, "
+                            "so assistant tokens cannot be located")
+        end = len(upto)
+        for j in range(len(prefix), len(upto)):
+            if upto[j] in eos_ids:
+                end = j + 1
+                break
+        labels[len(prefix):end] = input_ids[len(prefix):end]
+    return input_ids, labels
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    starts: list[int] = field(default_factory=lambda: [0])  # where each packed conversation begins
+
+
+def load_examples(path: str, tokenizer, max_length: int, system_prompt: str = "",
+                  limit: int = 0) -> tuple[list[Example], dict[str, int]]:
+    from toolkit.io import read_rows
+
+    rows = read_rows(path)
+    if limit:
+        rows = rows[:limit]
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    examples, truncated, dropped = [], 0, 0
+    for n, row in enumerate(rows, 1):
+        messages = row_to_messages(row, path, n)
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        input_ids, labels = tokenize_conversation(tokenizer, messages, eos)
+        if len(input_ids) > max_length:
+            input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], truncated + 1
+        if all(label == IGNORE for label in labels[1:]):
+            dropped += 1
+            continue
+        examples.append(Example(input_ids, labels))
+    if not examples:
+        raise UserError(f"no row has assistant tokens within --max-length {max_length}", file=path)
+    return examples, {"rows": len(rows), "examples": len(examples), "truncated": truncated, "dropped": dropped}
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Greedy packing into blocks of at most max_length; position ids restart per example (see collate)."""
+    blocks: list[Example] = []
+    current = Example([], [], [])
+    for ex in examples:
+        if current.input_ids and len(current.input_ids) + len(ex.input_ids) > max_length:
+            blocks.append(current)
+            current = Example([], [], [])
+        current.starts.append(len(current.input_ids))
+        current.input_ids += ex.input_ids
+        current.labels += ex.labels
+    if current.input_ids:
+        blocks.append(current)
+    return blocks
+
+
+def collate(batch: list[Example], pad_id: int, packed: bool) -> dict[str, Any]:
+    """Right-padded tensors. Packed blocks get per-example position ids and no attention mask, so
+    transformers builds a block-diagonal causal mask and examples never see each other."""
+    import torch
+
+    width = max(len(ex.input_ids) for ex in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    position_ids = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex.input_ids)
+        input_ids[i, :n] = torch.tensor(ex.input_ids)
+        labels[i, :n] = torch.tensor(ex.labels)
+        attention_mask[i, :n] = 1
+        if packed:
+            starts = [*ex.starts, n]
+            for a, b in zip(starts[:-1], starts[1:], strict=True):
+                position_ids[i, a:b] = torch.arange(b - a)
+            position_ids[i, n:] = torch.arange(n - starts[-2], n - starts[-2] + width - n)
+        else:
+            position_ids[i] = torch.arange(width)
+    out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if not packed:
+        out["attention_mask"] = attention_mask
+    return out
+
+
+# ---- training ------------------------------------------------------------------------------------------------
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class SFTConfig:
+    data: str = _f("", "Conversations: llamakit JSONL, ShareGPT, Alpaca JSON or ChatLLaMA actor JSON.")
+    model: str = _f("smollm2-135m", "Model to fine-tune: an embedded alias or a Hugging Face directory.")
+    out: str = _f("runs/sft", "Output directory (model/, metrics.jsonl, curves.png, checkpoints/).")
+    epochs: float = _f(1.0, "Passes over the data (fractions allowed).")
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0 = use --epochs).")
+    batch_size: int = _f(8, "Sequences per micro-batch, per process.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(2e-5, "Peak AdamW learning rate (LoRA usually wants ~2e-4).")
+    warmup_ratio: float = _f(0.03, "Linear warm-up over this share of steps, then linear decay to 0.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    max_length: int = _f(1024, "Tokens per sequence; longer conversations are cut (and counted).")
+    packing: bool = _f(False, "Pack several conversations into each sequence (block-diagonal attention).")
+    system_prompt: str = _f("", "System message put before every conversation that has none.")
+    limit: int = _f(0, "Use only the first N rows (0 = all).")
+    lora: bool = _f(False, "Train a LoRA adapter (merged into the saved model at the end).")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA α.")
+    lora_target: str = _f("all-linear", "LoRA target modules: all-linear or a comma list.")
+    bf16: bool = _f(False, "bfloat16 autocast.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory).")
+    seed: int = _f(0, "Seed for shuffling and initialisation.")
+    save_every: int = _f(0, "Checkpoint every N optimizer steps (0 = only at the end).")
+    keep_checkpoints: int = _f(2, "Checkpoints kept on disk.")
+    resume: bool = _f(False, "Continue from the last checkpoint in --out.")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')}: must be at least 1")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise UserError("--epochs or --max-steps must be > 0")
+        if not self.data:
+            raise UserError("--data is required")
+
+
+@dataclass
+class SFTResult:
+    out: Path
+    model_dir: Path | None
+    steps: int
+    history: list[dict[str, Any]]
+    data_stats: dict[str, int]
+
+
+def _micro_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train_sft(cfg: SFTConfig) -> SFTResult:
+    """Fine-tune `cfg.model` on `cfg.data`; write model/, metrics.jsonl, curves.png under `cfg.out`."""
+    import torch
+
+    from rlhf.policy import add_lora, disable_dropout
+    from rlhf.trainer import make_accelerator
+    from toolkit.console import console, progress, summary_table
+    from toolkit.io import RowWriter, read_existing, write_json
+    from toolkit.models import load_causal_lm, load_tokenizer
+
+    cfg.validate()
+    accelerator = make_accelerator(cfg.bf16)
+    is_main, device = accelerator.is_main_process, accelerator.device
+    out = Path(cfg.out)
+    if not cfg.resume and ((out / "metrics.jsonl").is_file() or (out / "checkpoints").is_dir()):
+        raise UserError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model)  # data errors surface before the model loads
+    examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt, cfg.limit)
+    model, tokenizer = load_causal_lm(cfg.model)
+    if cfg.packing:
+        examples = pack(examples, cfg.max_length)
+    if stats["truncated"] and is_main:
+        console.print(f"[yellow]warning:[/] {stats['truncated']} conversation(s) cut to --max-length {cfg.max_length}")
+    if stats["dropped"] and is_main:
+        console.print(f"[yellow]warning:[/] {stats['dropped']} row(s) had no assistant tokens left and were skipped")
+    disable_dropout(model)
+    if cfg.lora:
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target)
+    if cfg.gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    # Each process takes its share of every optimizer step's micro-batches.
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    steps_per_epoch = max(1, per_epoch // (cfg.gradient_accumulation_steps * world))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = int(cfg.warmup_ratio * total)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    start = 0
+    if cfg.resume:
+        start = _load_sft_checkpoint(out, unwrapped, optimizer, scheduler)
+        if is_main:
+            from rlhf.logs import drop_rows_after
+
+            drop_rows_after(out / "metrics.jsonl", start)
+    accelerator.wait_for_everyone()
+    writer = RowWriter(out / "metrics.jsonl") if is_main else None
+    history: list[dict[str, Any]] = []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t_run = time.perf_counter()
+    step = start
+    try:
+        with progress() if is_main else _null() as bar:
+            task = bar.add_task("sft", total=total, status="") if bar else None
+            if bar:
+                bar.update(task, completed=start)
+            while step < total:
+                epoch, index = divmod(step, steps_per_epoch)
+                batches = _micro_batches(len(examples), cfg.batch_size, epoch, cfg.seed)
+                G = cfg.gradient_accumulation_steps
+                group = batches[(index * world + rank) * G:(index * world + rank + 1) * G]
+                micro = [collate([examples[i] for i in b], pad_id, cfg.packing) for b in group]
+                n_tokens = sum(int((m["labels"][:, 1:] != IGNORE).sum()) for m in micro)
+                t0 = time.perf_counter()
+                loss_sum = 0.0
+                for g, batch in enumerate(micro):
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                    sync = _null() if g == len(micro) - 1 else accelerator.no_sync(model)
+                    with sync, accelerator.autocast():
+                        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+                        loss = torch.nn.functional.cross_entropy(
+                            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                            ignore_index=IGNORE, reduction="sum") / max(1, n_tokens)
+                        if not torch.isfinite(loss):
+                            raise UserError(f"loss became NaN at step {step + 1}; stopped without saving; lower "
+                                            "--learning-rate and --resume from the last checkpoint")
+                        accelerator.backward(loss)
+                    loss_sum += float(loss)
+                grad_norm = (float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                             if cfg.max_grad_norm > 0 else float("nan"))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_avg = float(accelerator.reduce(torch.tensor(loss_sum, device=device), "mean"))
+                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_avg,
+                       "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
+                       "time/step": time.perf_counter() - t0}
+                history.append(row)
+                if writer:
+                    writer.write(row)
+                if bar:
+                    bar.update(task, completed=step, status=f"loss {loss_avg:.4f}")
+                if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+                    _save_sft_checkpoint(accelerator, out, step, unwrapped, optimizer, scheduler, cfg)
+    except torch.OutOfMemoryError:
+        raise UserError("out of memory; lower --batch-size (raise --gradient-accumulation-steps to keep the "
+                        "effective batch), lower --max-length, or use --lora, --bf16, --gradient-checkpointing") from None
+    finally:
+        if writer:
+            writer.close()
+
+    model_dir = None
+    if is_main:
+        model_dir = _save_model(unwrapped, tokenizer, out / "model", cfg, step)
+        history = read_existing(out / "metrics.jsonl")
+        _plot_loss(history, out / "curves.png")
+        write_json(out / "run.json", {"config": dataclasses.asdict(cfg), "steps": step, "data": stats,
+                                      "seconds": time.perf_counter() - t_run,
+                                      "final_loss": history[-1]["loss"] if history else None})
+        summary_table("sft", {"examples": stats["examples"], "steps": step,
+                              "loss (last)": history[-1]["loss"] if history else None, "model": str(model_dir)})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return SFTResult(out, model_dir, step, history, stats)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _save_sft_checkpoint(accelerator, out: Path, step: int, model, optimizer, scheduler, cfg: SFTConfig) -> None:
+    import shutil
+
+    import torch
+
+    from rlhf.checkpoint import MANIFEST, checkpoint_dir, list_checkpoints, rng_state
+    from toolkit.io import atomic_dir, write_json
+
+    if accelerator.is_main_process:
+        with atomic_dir(checkpoint_dir(out, step)) as tmp:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save([rng_state()], tmp / "rng.pt")
+            write_json(tmp / "state.json", {"step": step, "scheduler": scheduler.state_dict(),
+                                            "config": dataclasses.asdict(cfg)})
+            write_json(tmp / MANIFEST, {"step": step})
+        for old in list_checkpoints(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_sft_checkpoint(out: Path, model, optimizer, scheduler) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhf.checkpoint import latest_checkpoint, set_rng_state
+
+    path = latest_checkpoint(out)
+    if path is None:
+        return 0
+    weights_dir = path / "model"
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(weights_dir / "adapter_model.safetensors")))
+    else:
+        weights: dict = {}
+        for file in sorted(weights_dir.glob("*.safetensors")):
+            weights.update(load_file(str(file)))
+        model.load_state_dict(weights, strict=False)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True)[0])
+    return int(state["step"])
+
+
+def _save_model(model, tokenizer, target: Path, cfg: SFTConfig, step: int) -> Path:
+    from toolkit.io import atomic_dir, write_json
+
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "llamakit-manifest.json", {"kind": "sft-model", "base": cfg.model, "data": cfg.data,
+                                                    "steps": step, "lora_merged": cfg.lora})
+    return target
+
+
+def _plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title("llamakit sft")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
