@@ -7,7 +7,7 @@ import math
 import threading
 
 import pytest
-from conftest import FIXTURES
+from conftest import FIXTURES, run_cli
 
 from toolkit.annotate import agreement as agr
 from toolkit.annotate.db import LEASE_S, AnnotationDB, display_order
@@ -256,3 +256,31 @@ def test_guidelines_markdown_cannot_inject_html():
     assert "<h1>Rules</h1>" in html and "<strong>bold</strong>" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert 'href="javascript' not in html
+
+
+def test_progress_counts_each_annotators_work_and_complete_items(db, tmp_path):
+    for name in ("alice", "bob"):
+        db.add_annotator(name)
+    alice, bob = db.annotators()
+    db.save_ranking(alice.id, "capital", [[0], [1], [2]])
+    db.save_ranking(bob.id, "capital", [[0], [2], [1]])
+    db.save_ranking(alice.id, "sum", [[0, 1], [2]])
+    db.skip_item(bob.id, "boil")
+    chat = db.create_chat(bob.id, "self")
+    db.add_message(chat, bob.id, "user", "Hi", "human")
+    db.add_message(chat, bob.id, "assistant", "Hello!", "human")
+    db.set_chat_status(chat, bob.id, "done")
+
+    people = {p["annotator"]: p for p in db.team_progress()}
+    assert (people["alice"]["ranked"], people["alice"]["skipped"], people["alice"]["chats"]) == (2, 0, 0)
+    assert (people["bob"]["ranked"], people["bob"]["skipped"], people["bob"]["chats"]) == (1, 1, 1)
+    assert people["bob"]["last_active"] > 0
+    assert db.items_with_rankings(2)["complete"] == 1  # only "capital" has two rankings
+    assert db.items_with_rankings(1)["complete"] == 2
+
+    shown = run_cli("annotate", "progress", "--db", db.path, "--per-item", 2, "--json")
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["complete"] == 1 and len(report["annotators"]) == 2
+    missing = run_cli("annotate", "progress", "--db", tmp_path / "nope.sqlite")
+    assert missing.returncode == 2 and "nope.sqlite" in missing.stderr

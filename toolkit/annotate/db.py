@@ -360,6 +360,35 @@ class AnnotationDB:
             (annotator_id, annotator_id, annotator_id, per_item, per_item))[0]
         return {key: row[key] for key in row.keys()} | {"per_item": per_item}
 
+    def team_progress(self) -> list[dict[str, Any]]:
+        """One row per annotator: items ranked and skipped, median seconds per item, chats, last activity."""
+        rows = self.query(
+            "SELECT a.name, "
+            "(SELECT COUNT(*) FROM rankings r WHERE r.annotator_id = a.id AND r.status = 'done') AS ranked, "
+            "(SELECT COUNT(*) FROM rankings r WHERE r.annotator_id = a.id AND r.status = 'skipped') AS skipped, "
+            "(SELECT COUNT(*) FROM chats c WHERE c.annotator_id = a.id AND c.status = 'done') AS chats, "
+            "MAX(COALESCE((SELECT MAX(updated_at) FROM rankings r WHERE r.annotator_id = a.id), 0), "
+            "    COALESCE((SELECT MAX(updated_at) FROM chats c WHERE c.annotator_id = a.id), 0)) AS last_active "
+            "FROM annotators a ORDER BY a.name")
+        out = []
+        for row in rows:
+            seconds = sorted(r[0] for r in self.query(
+                "SELECT r.seconds FROM rankings r JOIN annotators a ON a.id = r.annotator_id "
+                "WHERE a.name = ? AND r.status = 'done' AND r.seconds IS NOT NULL", (row["name"],)))
+            median = seconds[len(seconds) // 2] if seconds else None
+            out.append({"annotator": row["name"], "ranked": row["ranked"], "skipped": row["skipped"],
+                        "chats": row["chats"], "median_seconds": median,
+                        "last_active": row["last_active"] or None})
+        return out
+
+    def items_with_rankings(self, per_item: int) -> dict[str, int]:
+        """How many items have reached `per_item` finished rankings, and how many are still short of it."""
+        row = self.query(
+            "SELECT COUNT(*) AS items, COALESCE(SUM(n >= ?), 0) AS complete FROM (SELECT i.id, "
+            "(SELECT COUNT(*) FROM rankings r WHERE r.item_id = i.id AND r.status = 'done') AS n FROM items i)",
+            (per_item,))[0]
+        return {"items": row["items"], "complete": row["complete"], "per_item": per_item}
+
     # chats ------------------------------------------------------------------------------------------
 
     def create_chat(self, annotator_id: int, mode: str, model: str | None = None, system: str | None = None) -> str:

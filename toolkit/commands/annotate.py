@@ -135,6 +135,38 @@ def add_user_cmd(name, db_path, rotate, as_json):
                   "they log in with it on the app's page")
 
 
+@annotate_cmd.command("progress")
+@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The annotation database.")
+@click.option("--per-item", default=1, show_default=True, type=click.IntRange(1, 100),
+              help="Rankings each item needs (as given to the app) to count as complete.")
+@click.option("--json", "as_json", is_flag=True, help="Print {items, complete, per_item, annotators} as JSON.")
+@config_option
+def progress_cmd(db_path, per_item, as_json):
+    """The team's progress: items complete, and per annotator items ranked, skipped, pace and chats."""
+    import datetime
+
+    from rich.table import Table
+
+    from toolkit.annotate.db import AnnotationDB
+    from toolkit.console import console, emit_json
+
+    with AnnotationDB(db_path, readonly=True, create=False) as db:
+        totals, people = db.items_with_rankings(per_item), db.team_progress()
+    if as_json:
+        emit_json({**totals, "annotators": people})
+        return
+    table = Table(title=f"{totals['complete']} of {totals['items']} items have {per_item} ranking(s)",
+                  title_justify="left")
+    for column in ("annotator", "ranked", "skipped", "s / item", "chats", "last active"):
+        table.add_column(column, justify="left" if column in ("annotator", "last active") else "right")
+    for p in people:
+        last = (datetime.datetime.fromtimestamp(p["last_active"]).strftime("%Y-%m-%d %H:%M")
+                if p["last_active"] else "—")
+        pace = "—" if p["median_seconds"] is None else f"{p['median_seconds']:.1f}"
+        table.add_row(p["annotator"], str(p["ranked"]), str(p["skipped"]), pace, str(p["chats"]), last)
+    console.print(table)
+
+
 @annotate_cmd.command("export")
 @click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The annotation database.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
