@@ -257,24 +257,19 @@ def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000
           served_name: str | None = None, max_batch: int = 32, batch_wait_ms: float = 20,
           max_queue: int = 512, limits: ServeLimits | None = None, ready_file: str | None = None) -> None:
     """Load `model` and serve it until interrupted."""
-    import socket
     from pathlib import Path
 
     import uvicorn
 
     from toolkit.console import console
     from toolkit.models import load_causal_lm
+    from toolkit.netutil import listen_socket
 
     causal_lm, tokenizer = load_causal_lm(model)
     engine = BatchingEngine(causal_lm, tokenizer, max_batch=max_batch, wait_ms=batch_wait_ms, max_queue=max_queue)
     name = served_name or (model if not Path(model).is_dir() else Path(model).resolve().name)
     app = create_app(engine, name, api_key=api_key, limits=limits)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        raise UserError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock = listen_socket(host, port)
     port = sock.getsockname()[1]
     url = f"http://{host}:{port}/v1"
     console.print(f"[bold green]serving[/] {name} on {url} (batch ≤ {max_batch}, "

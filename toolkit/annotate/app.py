@@ -22,7 +22,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
 from toolkit.annotate.db import AnnotationDB, Annotator, Item, display_order
-from toolkit.errors import UserError
 
 COOKIE = "llamakit_annotate"
 MAX_BODY = 1_000_000
@@ -386,22 +385,16 @@ def run(db_path: str, *, host: str = "127.0.0.1", port: int = 8080, per_item: in
         guidelines_markdown: str = "", teacher_factory: Callable[[], Any] | None = None,
         teacher_name: str | None = None, chat: ChatSettings | None = None, ready_file: str | None = None) -> None:
     """Serve the annotation app until interrupted (binds loopback unless told otherwise)."""
-    import socket
-
     import uvicorn
 
     from toolkit.console import console
     from toolkit.io import write_json
+    from toolkit.netutil import listen_socket
 
     db = AnnotationDB(db_path)
     app = create_app(db, per_item=per_item, guidelines_markdown=guidelines_markdown,
                      teacher_factory=teacher_factory, teacher_name=teacher_name, chat=chat)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        raise UserError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock = listen_socket(host, port)
     port = sock.getsockname()[1]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
     annotators = db.annotators()
