@@ -221,3 +221,52 @@ def test_separate_critic_from_a_model_directory(tiny_llama_dir, tmp_path):
     _, tok = load_causal_lm(tiny_llama_dir)
     with pytest.raises(UserError, match="different tokenizer"):
         load_critic("minilm-l6", "rules:length", tok)
+
+
+def test_k1_kl_is_unbiased_for_the_exact_kl_of_the_sampled_prefixes(tiny_llama_dir):
+    """objective/kl (Σ_t log π − log π_ref on the sampled tokens, padding masked) must average to the
+    exact KL. Per row, E[k1_t | prefix] = KL(π(·|prefix) ‖ π_ref(·|prefix)), so the paired difference
+    Σ_t k1_t − Σ_t KL_t has mean 0 (a negative objective/kl on a small batch is this estimator's noise
+    when the true KL is small, not a bias); arg-max tokens or a flipped sign shift it by many standard
+    errors."""
+    from rlhf.rewards import per_token_rewards
+
+    torch.manual_seed(0)
+    lm, tok = load_causal_lm(tiny_llama_dir)
+    eos_prone(lm, tok, push=0.6)
+    ref_lm = frozen_copy(lm)
+    with torch.no_grad():  # π_ref: the same model with its final norm's gains scattered
+        ref_lm.model.norm.weight.mul_(torch.exp(2 * torch.randn_like(ref_lm.model.norm.weight)))
+    actor, reference, T = ActorCritic(lm), Reference(ActorCritic(lm), ref_lm), 0.7
+    rollout = sample(lm, tok, prompt_ids(tok) * 16, max_new_tokens=8, temperature=T)
+    mask = rollout.response_mask
+    assert not mask.all()  # some rows stop at EOS: padding is exercised
+    args = (rollout.query_responses, rollout.attention_mask, rollout.context_length, T)
+    with torch.no_grad():
+        logits, _ = actor(*args)
+        ref_logits = ref_lm.get_output_embeddings()(
+            ref_lm.get_decoder()(input_ids=rollout.query_responses, attention_mask=rollout.attention_mask,
+                                 position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0))
+            .last_hidden_state[:, rollout.context_length - 1:-1]) / T
+    logprobs = logprobs_of(logits, rollout.responses)
+    ref_logprobs = reference.logprobs(*args, rollout.responses)
+    # padding holds junk log-probs (the pad token's): the KL must ignore them
+    _, kl, _ = per_token_rewards(torch.zeros(len(mask)), logprobs, ref_logprobs, mask, rollout.contain_eos,
+                                 kl_coef=0.1, missing_eos_penalty=0.0)
+    assert (kl[mask == 0] == 0).all()
+    logp, ref_logp = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+    exact = ((logp.exp() * (logp - ref_logp)).sum(-1) * mask).sum(1)  # Σ_t KL_t per row, ≥ 0
+    k1 = kl.sum(1)
+    assert exact.mean() > 0.5  # π and π_ref differ enough for a bias to show
+    diff = k1 - exact
+    standard_error = diff.std() / len(diff) ** 0.5
+    assert diff.mean().abs() < 4 * standard_error, (k1.mean(), exact.mean(), standard_error)
+
+    def detected(estimate: torch.Tensor) -> bool:
+        return bool((estimate - exact).mean().abs() > 4 * (estimate - exact).std() / len(diff) ** 0.5)
+
+    # the same check catches ChatLLaMA's mistakes: the arg-max token scored instead of the sampled
+    # one, and the KL with its sign flipped (temperature is pinned by the sampling log-prob test above)
+    greedy = logits.argmax(-1)
+    assert detected(((logprobs_of(logits, greedy) - logprobs_of(ref_logits, greedy)) * mask).sum(1))
+    assert detected(-k1)
