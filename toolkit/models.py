@@ -30,6 +30,25 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises on a broken model directory (bad config.json values, truncated or
+    missing weights), so that each becomes one line instead of a traceback."""
+    errors: list[type[BaseException]] = [OSError, ValueError, KeyError, TypeError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors.append(StrictDataclassError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 @dataclass(frozen=True)
 class EmbeddedModel:
     alias: str
@@ -130,7 +149,11 @@ def _quiet_transformers() -> None:
 def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve(name), trust_remote_code=False)
+    path = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except _load_errors() as err:
+        raise UserError(f"cannot load a tokenizer from '{path}': {_one_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -140,27 +163,59 @@ def load_causal_lm(name: str | os.PathLike, dtype: torch.dtype | None = None,
                    device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer, in eval mode (dropout off), from safetensors only."""
     import torch
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve(name)
-    _require_safetensors(path)
+    use_safetensors = check_weights(path)
     _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=True)
-    except (OSError, ValueError, KeyError, SafetensorError) as err:  # SafetensorError: a truncated file
-        raise UserError(f"cannot load a causal LM from '{path}': {err}") from err
+            path, dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=use_safetensors)
+    except _load_errors() as err:
+        raise UserError(f"cannot load a causal LM from '{path}': {_one_line(err)}") from err
     if device:
         model.to(device)
     return model.eval(), load_tokenizer(path)
 
 
-def _require_safetensors(path: Path) -> None:
-    if (path / "adapter_config.json").is_file():
-        return
-    if not any(path.glob("*.safetensors")):
-        raise UserError(f"'{path}' has no *.safetensors weights (pickled weights are not loaded)")
+_allow_pickle = False
+
+
+def allow_pickle(enabled: bool) -> None:
+    """`--allow-pickle`: let this process load pickled `*.bin` weights, for users who trust the file
+    (unpickling can run any code the file's author wrote, so it is off unless asked for)."""
+    global _allow_pickle
+    _allow_pickle = enabled
+
+
+def allow_pickle_option(func):
+    """The `--allow-pickle` flag of every command that loads model weights (one place, one meaning)."""
+    import click
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        allow_pickle(value)
+
+    return click.option("--allow-pickle", is_flag=True, expose_value=False, callback=callback,
+                        help="Also load pickled *.bin weights (unsafe: only for files you trust).")(func)
+
+
+def check_weights(path: Path) -> bool:
+    """The `use_safetensors` value for from_pretrained: True when the directory has safetensors weights;
+    pickled-only weights are refused unless --allow-pickle was given."""
+    if (path / "adapter_config.json").is_file() or any(path.glob("*.safetensors")):
+        return True
+    pickled = sorted(p.name for p in path.glob("*.bin") if p.name.startswith(("pytorch_model", "model")))
+    if pickled and _allow_pickle:
+        return False
+    hint = " (pickled weights are not loaded: convert them to safetensors, or pass --allow-pickle if you " \
+           "trust the file)" if pickled else ""
+    raise UserError(f"'{path}' has no *.safetensors weights{hint}")
+
+
+def _one_line(err: BaseException) -> str:
+    """transformers' multi-line messages folded into one line (the CLI prints errors as one line)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,

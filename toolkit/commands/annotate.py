@@ -7,6 +7,7 @@ import json
 import click
 
 from toolkit.config import config_option
+from toolkit.models import allow_pickle_option
 
 
 @click.group("annotate", invoke_without_command=True)
@@ -39,6 +40,7 @@ from toolkit.config import config_option
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False),
               help="Write {url, port} here once listening (for scripts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the load summary as JSON (then serve).")
+@allow_pickle_option
 @config_option
 @click.pass_context
 def annotate_cmd(ctx, tasks, db_path, host, port, per_item, guidelines, teacher, base_url, api_key_env,

@@ -7,6 +7,7 @@ import json
 import click
 
 from toolkit.config import config_option
+from toolkit.models import allow_pickle_option
 
 
 @click.command("ask")
@@ -23,6 +24,7 @@ from toolkit.config import config_option
 @click.option("--seed", default=None, type=int)
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds per request.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as one JSON object.")
+@allow_pickle_option
 @config_option
 def ask_cmd(question, teacher, base_url, api_key_env, teacher_kwargs, system, max_tokens, temperature, seed,
             timeout, as_json):

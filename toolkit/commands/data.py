@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from toolkit.config import config_option
+from toolkit.models import allow_pickle_option
 
 TEACHER_HELP = "openai:MODEL | langchain:module:Class | hf:ALIAS_OR_PATH"
 
@@ -56,7 +57,7 @@ def common_options(temperature: float = 0.7, max_tokens: int = 256):
     def decorate(func):
         for option in reversed(options):
             func = option(func)
-        return config_option(func)
+        return config_option(allow_pickle_option(func))
 
     return decorate
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from toolkit.config import config_option
+from toolkit.models import allow_pickle_option
 
 
 @click.command("demo")
@@ -68,6 +69,7 @@ def init_cmd(directory, force):
 @click.option("--system", default=None, help="System message.")
 @click.option("--max-tokens", default=256, show_default=True)
 @click.option("--temperature", default=0.7, show_default=True)
+@allow_pickle_option
 @config_option
 def chat_cmd(model_dir, system, max_tokens, temperature):
     """A small terminal chat with a model (a trained policy dir or an alias). Empty line or Ctrl-D quits."""

@@ -7,6 +7,7 @@ import os
 import click
 
 from toolkit.config import config_option
+from toolkit.models import allow_pickle_option
 
 
 @click.command("serve")
@@ -27,6 +28,7 @@ from toolkit.config import config_option
 @click.option("--max-n", default=8, show_default=True, help="Largest n (choices per request).")
 @click.option("--ready-file", default=None, type=click.Path(dir_okay=False),
               help="Write {url, port, model} here once listening (for scripts).")
+@allow_pickle_option
 @config_option
 def serve_cmd(model, host, port, api_key_env, api_key, served_name, max_batch, batch_wait_ms, max_queue,
               max_tokens_cap, max_n, ready_file):

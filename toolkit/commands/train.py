@@ -9,6 +9,7 @@ import click
 
 from rlhf.config import PPOConfig
 from toolkit.config import config_option
+from toolkit.models import allow_pickle_option
 from toolkit.sft import SFTConfig
 
 
@@ -34,6 +35,7 @@ def dataclass_options(cls: type) -> Callable:
 @click.command("sft")
 @dataclass_options(SFTConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
+@allow_pickle_option
 @config_option
 def sft_cmd(as_json: bool, **settings) -> None:
     """Supervised fine-tuning on conversations (loss on assistant tokens only); writes OUT/model."""
@@ -50,6 +52,7 @@ def sft_cmd(as_json: bool, **settings) -> None:
 @click.command("rlhf")
 @dataclass_options(PPOConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
+@allow_pickle_option
 @config_option
 def rlhf_cmd(as_json: bool, **settings) -> None:
     """PPO of the policy against a reward model or rule scorers; writes OUT/policy and OUT/metrics.jsonl.

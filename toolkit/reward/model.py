@@ -134,6 +134,9 @@ def _quiet() -> None:
 def _load_backbone(path: Path, dtype: torch.dtype, gradient_checkpointing: bool = False) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
+    from toolkit.models import check_weights
+
+    use_safetensors = check_weights(path)
     _quiet()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -142,7 +145,8 @@ def _load_backbone(path: Path, dtype: torch.dtype, gradient_checkpointing: bool 
         if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
             # The pooler reads [CLS]; unused here, and an unused parameter breaks DDP.
             kwargs["add_pooling_layer"] = False
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=False, use_safetensors=True,
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=False,
+                                             use_safetensors=use_safetensors,
                                              **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot load a backbone from '{path}': {err}") from None
@@ -163,11 +167,10 @@ def disable_dropout(model: nn.Module) -> None:
 def new_reward_model(backbone_name: str, *, lora: bool = False, lora_r: int = 16,
                      gradient_checkpointing: bool = False) -> tuple[RewardNet, Any, Path]:
     """A fresh reward model on a backbone (alias or local dir), its tokenizer, and the resolved path."""
-    from toolkit.models import load_tokenizer, resolve
+    from toolkit.models import check_weights, load_tokenizer, resolve
 
     path = resolve(backbone_name)
-    if not any(path.glob("*.safetensors")):
-        raise UserError(f"'{path}' has no *.safetensors weights (pickled weights are not loaded)")
+    check_weights(path)  # before the tokenizer: a pickled-only dir fails fast
     tokenizer = load_tokenizer(path)
     backbone = _load_backbone(path, torch.float32, gradient_checkpointing)
     disable_dropout(backbone)
