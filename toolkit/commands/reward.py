@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from toolkit.config import config_option
+from toolkit.models import allow_pickle_option
 
 FORMAT_CHOICE = click.Choice(["auto", "preference", "hh", "implicit", "chatllama"])
 
@@ -53,6 +54,7 @@ def _threads(threads: int | None) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as one JSON object.")
+@allow_pickle_option
 @config_option
 def train_reward_cmd(data, out, model, eval_data, eval_split, fmt, objective, max_length, batch_size, grad_accum,
                      epochs, learning_rate, weight_decay, warmup_ratio, max_grad_norm, center_rewards, use_margin,
