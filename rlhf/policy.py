@@ -161,7 +161,7 @@ def load_critic(spec: str, reward: str, policy_tokenizer) -> Critic:
     """A separate critic from the reward model's directory (`reward`) or any model directory."""
     from transformers import AutoModelForSequenceClassification
 
-    from toolkit.models import check_weights, load_tokenizer, resolve
+    from toolkit.models import check_weights, load_errors, load_tokenizer, one_line, resolve
 
     source = reward if spec == "reward" else spec
     if spec == "reward" and source.startswith("rules"):
@@ -172,9 +172,12 @@ def load_critic(spec: str, reward: str, policy_tokenizer) -> Critic:
     if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
         raise UserError(f"--critic {spec}: '{backbone_dir}' uses a different tokenizer from the policy; a "
                         "critic reads the policy's tokens, so use --critic value-head (the default)")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        backbone_dir, num_labels=1, dtype=torch.float32, trust_remote_code=False,
-        use_safetensors=check_weights(backbone_dir))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            backbone_dir, num_labels=1, dtype=torch.float32, trust_remote_code=False,
+            use_safetensors=check_weights(backbone_dir))
+    except load_errors() as err:  # a truncated safetensors file too
+        raise UserError(f"--critic {spec}: cannot load '{backbone_dir}': {one_line(err)}") from None
     backbone = getattr(model, model.base_model_prefix)
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if head is None:

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _load_errors() -> tuple[type[BaseException], ...]:
+def load_errors() -> tuple[type[BaseException], ...]:
     """What transformers raises on a broken model directory (bad config.json values, truncated or
     missing weights), so that each becomes one line instead of a traceback."""
     errors: list[type[BaseException]] = [OSError, ValueError, KeyError, TypeError]
@@ -152,8 +152,8 @@ def load_tokenizer(name: str | os.PathLike) -> PreTrainedTokenizerBase:
     path = resolve(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except _load_errors() as err:
-        raise UserError(f"cannot load a tokenizer from '{path}': {_one_line(err)}") from None
+    except load_errors() as err:
+        raise UserError(f"cannot load a tokenizer from '{path}': {one_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -171,8 +171,8 @@ def load_causal_lm(name: str | os.PathLike, dtype: torch.dtype | None = None,
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype or torch.float32, trust_remote_code=False, use_safetensors=use_safetensors)
-    except _load_errors() as err:
-        raise UserError(f"cannot load a causal LM from '{path}': {_one_line(err)}") from err
+    except load_errors() as err:
+        raise UserError(f"cannot load a causal LM from '{path}': {one_line(err)}") from err
     if device:
         model.to(device)
     return model.eval(), load_tokenizer(path)
@@ -212,7 +212,7 @@ def check_weights(path: Path) -> bool:
     raise UserError(f"'{path}' has no *.safetensors weights{hint}")
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     """transformers' multi-line messages folded into one line (the CLI prints errors as one line)."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."

@@ -171,6 +171,11 @@ def _pair(row: dict[str, Any], fmt: str, where: _Where) -> Pair:
         prompt = _as_prompt(row["prompt"], "prompt", where)
         pair = Pair(prompt, _as_response(row["chosen"], "chosen", where),
                     _as_response(row["rejected"], "rejected", where), margin, where.line)
+        # A blank prompt or a blank preferred answer is a broken row, not a preference; a blank *rejected*
+        # answer is kept (models do answer with nothing, and that answer is rightly the worse one).
+        for key, text in (("prompt", pair.prompt), ("chosen", pair.chosen)):
+            if not text.strip():
+                raise where.error("empty text", field=key)
     if pair.chosen_text == pair.rejected_text:
         raise where.error("identical to 'chosen' (a pair must differ)", field="rejected")
     return pair

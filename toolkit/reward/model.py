@@ -134,7 +134,7 @@ def _quiet() -> None:
 def _load_backbone(path: Path, dtype: torch.dtype, gradient_checkpointing: bool = False) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
-    from toolkit.models import check_weights
+    from toolkit.models import check_weights, load_errors, one_line
 
     use_safetensors = check_weights(path)
     _quiet()
@@ -148,8 +148,8 @@ def _load_backbone(path: Path, dtype: torch.dtype, gradient_checkpointing: bool 
         backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=False,
                                              use_safetensors=use_safetensors,
                                              **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"cannot load a backbone from '{path}': {err}") from None
+    except load_errors() as err:  # a truncated safetensors file too
+        raise UserError(f"cannot load a backbone from '{path}': {one_line(err)}") from None
     if hasattr(backbone.config, "use_cache"):
         backbone.config.use_cache = False
     if gradient_checkpointing:
