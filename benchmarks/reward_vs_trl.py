@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/reward_vs_trl.py                       # full run (HH dev 80/20, 1 epoch)
     .venv/bin/python benchmarks/reward_vs_trl.py --max-pairs 240       # ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/reward_vs_trl.py --together --threads 1   # both at once, one core each
 
 The HH dev file is split 80/20 (seeded). TRL silently drops pairs longer than max_length, so both get
 only the pairs that fit (llamakit itself would keep long pairs, cut from the left). Each trainer runs in
@@ -33,6 +34,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: a check on pairs/s when other jobs share the machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 1)
+
+
 def accuracy(diffs: list[float]) -> float:
     return (sum(d > 0 for d in diffs) + 0.5 * sum(d == 0 for d in diffs)) / len(diffs)
 
@@ -54,7 +61,7 @@ def run_llamakit(args) -> dict:
     train = result.metrics["train"]
     return {"pairs_per_s": train["pairs_per_s"], "accuracy": result.metrics["heldout"]["raw"]["accuracy"],
             "pairs": train["pairs"], "steps": train["optimizer_steps"], "train_seconds": train["seconds"],
-            "texts_cut": train["texts_cut"], "peak_rss_mb": peak_rss_mb()}
+            "texts_cut": train["texts_cut"], "peak_rss_mb": peak_rss_mb(), "cpu_seconds": cpu_seconds()}
 
 
 def run_trl(args) -> dict:
@@ -100,7 +107,7 @@ def run_trl(args) -> dict:
             scores = model(**enc).logits.squeeze(-1).tolist()
             diffs += [c - r for c, r in zip(scores[0::2], scores[1::2], strict=True)]
     return {"pairs_per_s": pairs_done / runtime, "accuracy": accuracy(diffs), "pairs": kept,
-            "steps": output.global_step, "train_seconds": runtime, "peak_rss_mb": peak_rss_mb(),
+            "steps": output.global_step, "train_seconds": runtime, "peak_rss_mb": peak_rss_mb(), "cpu_seconds": cpu_seconds(),
             "trl_version": trl.__version__, "gradient_checkpointing": bool(config.gradient_checkpointing)}
 
 
@@ -147,7 +154,8 @@ def prepare(args, tmp: Path) -> tuple[Path, Path, dict]:
     return files["train"], files["test"], info
 
 
-def child(python: str, kind: str, args, train: Path, test: Path, model_path: str) -> dict:
+def child(python: str, kind: str, args, train: Path, test: Path, model_path: str) -> subprocess.Popen:
+    """Start one trainer in its own process (its own peak RSS); `finish` collects its JSON line."""
     cmd = [python, __file__, "--child", kind, "--train", str(train), "--test", str(test), "--model-path", model_path,
            "--max-length", str(args.max_length), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
            "--learning-rate", str(args.learning_rate), "--warmup-ratio", str(args.warmup_ratio),
@@ -155,13 +163,18 @@ def child(python: str, kind: str, args, train: Path, test: Path, model_path: str
            "--trl-gradient-checkpointing", args.trl_gradient_checkpointing]
     if args.max_steps:
         cmd += ["--max-steps", str(args.max_steps)]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+    proc.started = time.perf_counter()  # type: ignore[attr-defined]
+    return proc
+
+
+def finish(proc: subprocess.Popen, kind: str) -> dict:
+    stdout, stderr = proc.communicate()
     if proc.returncode != 0:
-        sys.exit(f"{kind} run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+        sys.exit(f"{kind} run failed ({proc.returncode}):\n{stderr[-4000:]}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["wall_seconds"] = round(time.perf_counter() - proc.started, 1)  # type: ignore[attr-defined]
     return result
 
 
@@ -181,6 +194,8 @@ def main() -> None:
     parser.add_argument("--trl-python", default=None, help="a Python with trl (default: benchmarks/.peer-venv)")
     parser.add_argument("--trl-gradient-checkpointing", choices=["default", "on", "off"], default="default",
                         help="TRL's RewardConfig turns it on by default")
+    parser.add_argument("--together", action="store_true",
+                        help="run both trainers at the same time (use with --threads 1 on a shared 2-core machine)")
     parser.add_argument("--details", action="store_true", help="add both runs' details to the JSON line")
     parser.add_argument("--child", choices=["llamakit", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--train", help=argparse.SUPPRESS)
@@ -202,8 +217,15 @@ def main() -> None:
     trl_python = peer_python(args.trl_python)
     with tempfile.TemporaryDirectory() as tmp:
         train, test, info = prepare(args, Path(tmp))
-        mine = child(sys.executable, "llamakit", args, train, test, model_path)
-        peer = child(trl_python, "trl", args, train, test, model_path)
+        if args.together:
+            # Both at once, `--threads` each: on a machine shared with other jobs, both see the same load,
+            # so the ratio holds even when the absolute pairs/s do not.
+            procs = [child(sys.executable, "llamakit", args, train, test, model_path),
+                     child(trl_python, "trl", args, train, test, model_path)]
+            mine, peer = finish(procs[0], "llamakit"), finish(procs[1], "trl")
+        else:
+            mine = finish(child(sys.executable, "llamakit", args, train, test, model_path), "llamakit")
+            peer = finish(child(trl_python, "trl", args, train, test, model_path), "trl")
     line = {
         "llamakit_pairs_per_s": round(mine["pairs_per_s"], 3),
         "trl_pairs_per_s": round(peer["pairs_per_s"], 3),
@@ -216,7 +238,7 @@ def main() -> None:
     if args.details:
         line.update({"data": info, "settings": {k: getattr(args, k) for k in (
             "max_length", "batch_size", "epochs", "learning_rate", "warmup_ratio", "max_pairs", "max_steps",
-            "threads", "seed", "trl_gradient_checkpointing")}, "llamakit": mine, "trl": peer})
+            "threads", "seed", "trl_gradient_checkpointing", "together")}, "llamakit": mine, "trl": peer})
     print(json.dumps(line))
 
 

@@ -1,8 +1,17 @@
-"""End to end through the real CLI: train-reward on an HH slice (MiniLM), then eval-reward and calibrate."""
+"""End to end through the CLI: train-reward on an HH slice (MiniLM), then eval-reward and calibrate.
+
+The commands run in this process through `toolkit.cli.main` (the same entry point, error handling and exit
+codes as the `llamakit` script): a subprocess per command would re-import torch and transformers each time
+and cost most of this file's run time. One test keeps a real subprocess for the one-line error contract.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, run_cli
@@ -11,13 +20,40 @@ HH = FIXTURES / "hh-harmless-200.jsonl"
 KEYS = {"accuracy", "ece", "brier", "nll", "auc", "n", "ties"}
 
 
+def cli(*args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `llamakit ARGS`, run in-process."""
+    import torch
+
+    from toolkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()  # --threads must not leak into the tests that follow
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as done:
+            main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    return int(done.value.code or 0), out.getvalue(), err.getvalue()
+
+
+def hh_slice(path: Path, start: int, stop: int) -> Path:
+    path.write_text("".join(HH.read_text(encoding="utf-8").splitlines(keepends=True)[start:stop]), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is as fast, and steady on a shared machine
     out = tmp_path_factory.mktemp("reward") / "rm"
-    proc = run_cli("train-reward", "--data", HH, "--out", out, "--max-steps", "3", "--batch-size", "8",
-                   "--max-length", "64", "--eval-split", "0.2", "--epochs", "1", "--threads", "2", "--json",
-                   check=True, timeout=300)
-    return out, json.loads(proc.stdout)
+    data = hh_slice(out.parent / "hh-60.jsonl", 0, 60)
+    rc, stdout, stderr = cli("train-reward", "--data", data, "--out", out, "--max-steps", "2", "--batch-size", "4",
+                             "--max-length", "48", "--eval-split", "0.25", "--json")
+    assert rc == 0, stderr
+    yield out, json.loads(stdout)
+    torch.set_num_threads(threads)
 
 
 def test_train_reward_writes_a_complete_directory(trained):
@@ -28,10 +64,13 @@ def test_train_reward_writes_a_complete_directory(trained):
     assert not list(out.parent.glob(".rm.tmp-*"))  # the temp dir was renamed into place
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["method"] == "temperature" and calibration["temperature"] > 0
-    assert calibration["n_pairs"] == 40 and calibration["reward_std"] > 0
+    assert calibration["n_pairs"] == 15 and calibration["reward_std"] > 0
     assert set(calibration["metrics"]["raw"]) == KEYS == set(calibration["metrics"]["calibrated"])
-    assert metrics["train"]["pairs"] == 160 and metrics["train"]["optimizer_steps"] == 3
-    assert metrics["train"]["texts_cut"] > 0  # 64 tokens cut most HH dialogues, from the left
+    assert metrics["train"]["pairs"] == 45 and metrics["train"]["optimizer_steps"] == 2
+    # Rows longer than --max-length: training goes on, with a warning, and the texts keep their end.
+    assert metrics["train"]["texts_cut"] > 0
+    assert any("cut from the left" in w for w in metrics["warnings"])
+    assert any("only 15 held-out pairs" in w for w in metrics["warnings"])
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     card = (out / "README.md").read_text()
     assert "| raw |" in card and "reliability.png" in card
@@ -39,37 +78,70 @@ def test_train_reward_writes_a_complete_directory(trained):
 
 def test_eval_reward_json_and_plot(trained, tmp_path):
     out, _ = trained
-    small = tmp_path / "pairs.jsonl"
-    small.write_text("".join(HH.read_text(encoding="utf-8").splitlines(keepends=True)[:30]))
+    small = hh_slice(tmp_path / "pairs.jsonl", 150, 170)
     plot = tmp_path / "rel.png"
-    proc = run_cli("eval-reward", out, "--data", small, "--json", "--plot", plot, "--threads", "2", check=True)
-    result = json.loads(proc.stdout)
+    rc, stdout, stderr = cli("eval-reward", out, "--data", small, "--json", "--plot", plot)
+    assert rc == 0, stderr
+    assert len(stdout.strip().splitlines()) == 1  # ONE JSON object on stdout
+    result = json.loads(stdout)
     assert KEYS <= set(result) and KEYS <= set(result["raw"])
-    assert result["n"] == 30 and 0 <= result["accuracy"] <= 1 and 0 <= result["ece"] <= 1
+    assert result["n"] == 20 and 0 <= result["accuracy"] <= 1 and 0 <= result["ece"] <= 1
     assert result["accuracy"] == result["raw"]["accuracy"]  # a temperature never flips a pair
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_reward_format_flag(trained, tmp_path):
+    out, _ = trained
+    small = hh_slice(tmp_path / "pairs.jsonl", 150, 155)
+    rc, stdout, _ = cli("eval-reward", out, "--data", small, "--format", "hh", "--json")
+    assert rc == 0 and json.loads(stdout)["n"] == 5
+    # Forcing a format the rows are not in is a one-line error naming file, line and field.
+    rc, _, stderr = cli("eval-reward", out, "--data", small, "--format", "preference")
+    assert rc == 2 and len(stderr.strip().splitlines()) == 1
+    assert "pairs.jsonl:1: field 'prompt': missing" in stderr
+
+
 def test_calibrate_rewrites_calibration_json(trained, tmp_path):
     out, _ = trained
-    before = json.loads((out / "calibration.json").read_text())
-    small = tmp_path / "held.jsonl"
-    small.write_text("".join(HH.read_text(encoding="utf-8").splitlines(keepends=True)[100:160]))
-    run_cli("calibrate", out, "--data", small, "--method", "isotonic", "--threads", "2", check=True)
-    after = json.loads((out / "calibration.json").read_text())
-    assert after["method"] == "isotonic" and after["n_pairs"] == 60 and after["data"] == str(small)
+    copy = tmp_path / "rm"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / "calibration.json").read_text())
+    small = hh_slice(tmp_path / "held.jsonl", 100, 125)
+    rc, stdout, stderr = cli("calibrate", copy, "--data", small, "--calibration", "isotonic", "--json")
+    assert rc == 0, stderr
+    after = json.loads((copy / "calibration.json").read_text())
+    assert json.loads(stdout)["method"] == after["method"] == "isotonic"
+    assert after["n_pairs"] == 25 and after["data"] == str(small)
     assert after["reward_mean"] == before["reward_mean"]  # training statistics are kept
     assert after["metrics"]["calibrated"]["nll"] <= after["metrics"]["raw"]["nll"] + 1e-9
+    assert not list(copy.glob(".calibration.json.tmp"))  # written through a temp file and renamed
+    # The refitted calibration is the one scoring now uses.
+    rc, stdout, _ = cli("eval-reward", copy, "--data", small, "--json")
+    assert rc == 0 and json.loads(stdout)["method"] == "isotonic"
+
+
+def test_mismatched_calibration_is_one_line(trained, tmp_path):
+    out, _ = trained
+    copy = tmp_path / "other"
+    shutil.copytree(out, copy)
+    calibration = json.loads((copy / "calibration.json").read_text())
+    (copy / "calibration.json").write_text(json.dumps({**calibration, "fingerprint": "0123456789abcdef"}))
+    rc, _, stderr = cli("eval-reward", copy, "--data", HH)
+    assert rc == 2 and len(stderr.strip().splitlines()) == 1
+    assert "calibration.json: field 'fingerprint': fitted on other weights" in stderr
+    # `calibrate` is the way out: it refits on the pairs given and the model is usable again.
+    small = hh_slice(tmp_path / "held.jsonl", 100, 120)
+    rc, _, stderr = cli("calibrate", copy, "--data", small)
+    assert rc == 0 and "reward mean/std taken from these pairs" in " ".join(stderr.split())
+    assert cli("eval-reward", copy, "--data", small, "--json")[0] == 0
 
 
 def test_eval_reward_without_calibration_is_one_line(trained, tmp_path):
-    import shutil
-
     out, _ = trained
     copy = tmp_path / "uncalibrated"
     shutil.copytree(out, copy)
     (copy / "calibration.json").unlink()
-    proc = run_cli("eval-reward", copy, "--data", HH)
+    proc = run_cli("eval-reward", copy, "--data", HH)  # a real process: exit code and stderr as a user sees them
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "no calibration.json" in proc.stderr and "llamakit calibrate" in proc.stderr

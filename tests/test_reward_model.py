@@ -94,60 +94,73 @@ def test_truncation_keeps_encoder_special_tokens():
     assert tokenizer.decode(ids[1:-1]).endswith("final answer")
 
 
-def test_a_few_steps_on_tiny_llama_with_lora_then_the_api(tiny_llama_dir, tmp_path):
+@pytest.fixture(scope="module")
+def trained_llama_rm(tiny_llama_dir, tmp_path_factory):
+    """A few LoRA steps on the tiny LLaMA, calibrated with isotonic regression (the non-default method)."""
     from conftest import FIXTURES
 
-    from toolkit.reward import load_reward_model
     from toolkit.reward.train import TrainConfig, train_reward
 
-    out = tmp_path / "rm"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 200k-parameter model: one thread is as fast, and steady on a shared machine
+    out = tmp_path_factory.mktemp("llama-rm") / "rm"
     cfg = TrainConfig(data=str(FIXTURES / "hh-harmless-200.jsonl"), out=str(out), model=str(tiny_llama_dir),
-                      lora=True, lora_r=4, max_length=48, batch_size=8, epochs=1, max_steps=3, eval_split=0.1,
-                      learning_rate=1e-3, show_progress=False)
-    result = train_reward(cfg)
+                      lora=True, lora_r=4, max_length=48, batch_size=8, epochs=1, max_steps=3, eval_split=0.3,
+                      learning_rate=1e-3, calibration="isotonic", show_progress=False)
+    yield out, train_reward(cfg)
+    torch.set_num_threads(threads)
+
+
+def test_a_few_steps_on_tiny_llama_with_lora_then_the_api(trained_llama_rm):
+    from toolkit.reward import load_reward_model
+
+    out, result = trained_llama_rm
     assert result.metrics["train"]["optimizer_steps"] == 3
     settings = json.loads((out / "reward_config.json").read_text())
     assert settings["append_eos"] is True and settings["lora"] is True
     assert not (out / "adapter_config.json").exists()  # LoRA merged: a plain backbone dir
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["method"] == "isotonic" and cal["n_pairs"] == 60 and len(cal["isotonic"]["x"]) >= 2
 
     rm = load_reward_model(str(out))
     prompts, responses = ["How do I bake bread?", "hi"], ["Mix flour, water, yeast; bake at 230 C.", "hello"]
     raw = rm.raw_scores(prompts, responses)
     scores = rm.score(prompts, responses, batch_size=1)
-    cal = json.loads((out / "calibration.json").read_text())
     assert scores == pytest.approx([(r - cal["reward_mean"]) / cal["temperature"] for r in raw], rel=1e-4, abs=1e-5)
     assert rm.raw_scores(prompts[:1], responses[:1]) == pytest.approx(raw[:1], abs=1e-4)  # batch-independent
+    p = rm.preference_probabilities(prompts[:1] * 2, responses, responses[::-1])
+    assert all(0 < x < 1 for x in p) and p[0] == pytest.approx(1 - p[1], abs=1e-6)  # isotonic is symmetric
     with pytest.raises(UserError, match="2 prompts but 1 responses"):
         rm.score(prompts, responses[:1])
 
 
-def test_missing_or_foreign_calibration_is_a_clear_error(tiny_llama_dir, tmp_path):
+def test_missing_or_foreign_calibration_is_a_clear_error(trained_llama_rm, tiny_llama_dir, tmp_path):
     import shutil
 
-    from conftest import FIXTURES
+    from safetensors.torch import load_file, save_file
 
     from toolkit.reward import load_reward_model
-    from toolkit.reward.train import TrainConfig, train_reward
+    from toolkit.reward.model import HEAD_FILE
 
-    dirs = []
-    for seed in (1, 2):
-        out = tmp_path / f"rm{seed}"
-        train_reward(TrainConfig(data=str(FIXTURES / "hh-harmless-200.jsonl"), out=str(out), model=str(tiny_llama_dir),
-                                 max_length=32, batch_size=8, epochs=1, max_steps=1, seed=seed, show_progress=False))
-        dirs.append(out)
-    shutil.copy(dirs[0] / "calibration.json", dirs[1] / "calibration.json")
+    out, _ = trained_llama_rm
+    changed = tmp_path / "changed"
+    shutil.copytree(out, changed)
+    # Other weights under the same calibration.json (e.g. a re-trained head copied over): refused.
+    head = load_file(str(changed / HEAD_FILE))
+    save_file({k: v + 0.01 for k, v in head.items()}, str(changed / HEAD_FILE))
     with pytest.raises(UserError, match="calibration.json: field 'fingerprint': fitted on other weights"):
-        load_reward_model(str(dirs[1]))
-    (dirs[0] / "calibration.json").unlink()
+        load_reward_model(str(changed))
+    (changed / "calibration.json").unlink()
     with pytest.raises(UserError, match="no calibration.json"):
-        load_reward_model(str(dirs[0]))
+        load_reward_model(str(changed))
     with pytest.raises(UserError, match="not a reward model"):
         load_reward_model(str(tiny_llama_dir))
-    assert Path(dirs[1] / "model.safetensors").is_file()
+    assert Path(changed / "model.safetensors").is_file()
 
 
 def test_regression_on_chatllama_scored_rows_with_bf16(tiny_llama_dir, tmp_path):
-    from conftest import FIXTURES, run_cli
+    from conftest import FIXTURES
+    from test_reward_cli import cli
 
     from toolkit.reward.data import load_preferences
 
@@ -158,10 +171,11 @@ def test_regression_on_chatllama_scored_rows_with_bf16(tiny_llama_dir, tmp_path)
     data = tmp_path / "scored.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "rm"
-    proc = run_cli("train-reward", "--data", data, "--out", out, "--model", tiny_llama_dir, "--objective",
-                   "regression", "--bf16", "--max-length", "32", "--batch-size", "8", "--max-steps", "2",
-                   "--learning-rate", "1e-3", "--json", check=True, timeout=300)
-    metrics = json.loads(proc.stdout)
+    rc, stdout, stderr = cli("train-reward", "--data", data, "--out", out, "--model", tiny_llama_dir, "--objective",
+                             "regression", "--bf16", "--max-length", "32", "--batch-size", "8", "--max-steps", "2",
+                             "--learning-rate", "1e-3", "--threads", "1", "--json")
+    assert rc == 0, stderr
+    metrics = json.loads(stdout)
     assert metrics["train"]["scored_rows"] == 72 and metrics["train"]["optimizer_steps"] == 2
     assert metrics["heldout"]["raw"]["n"] == 4  # 4 held-out prompts, each a (score 4, score 1) pair
     assert any("only 4 held-out pairs" in w for w in metrics["warnings"])

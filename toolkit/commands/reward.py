@@ -77,7 +77,9 @@ def train_reward_cmd(data, out, model, eval_data, eval_split, fmt, objective, ma
         return
     heldout = result.metrics["heldout"]
     if as_json:
-        emit_json({"out": str(result.out), **result.metrics})
+        from toolkit.reward.calibrate import json_safe
+
+        emit_json(json_safe({"out": str(result.out), **result.metrics}))
         return
     raw, calibrated = heldout.get("raw", {}), heldout.get("calibrated", {})
     rows = [("output", str(result.out)), ("training pairs", result.metrics["train"]["pairs"]),
@@ -111,7 +113,9 @@ def eval_reward_cmd(model_dir, data, fmt, batch_size, plot, threads, as_json):
     _threads(threads)
     result = evaluate(model_dir, data, fmt=fmt, batch_size=batch_size, plot=plot)
     if as_json:
-        emit_json(result)
+        from toolkit.reward.calibrate import json_safe
+
+        emit_json(json_safe(result))  # NaN (e.g. AUC of one pair) is not JSON: null instead
         return
     rows = [("pairs", result["n"]), ("ties", result["ties"]), ("calibration", result["method"]),
             ("temperature T", result["temperature"])]
@@ -125,7 +129,8 @@ def eval_reward_cmd(model_dir, data, fmt, batch_size, plot, threads, as_json):
 @click.command("calibrate")
 @click.argument("model_dir", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Held-out pairs the model never trained on.")
-@click.option("--method", default="temperature", show_default=True, type=click.Choice(["temperature", "isotonic"]))
+@click.option("--method", "--calibration", "method", default="temperature", show_default=True,
+              type=click.Choice(["temperature", "isotonic"]), help="Same choices as train-reward --calibration.")
 @click.option("--format", "fmt", default="auto", show_default=True, type=FORMAT_CHOICE)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--threads", default=None, type=int, help="torch CPU threads.")
@@ -141,7 +146,9 @@ def calibrate_cmd(model_dir, data, method, fmt, batch_size, threads, as_json):
     _threads(threads)
     calibration, kept_stats = recalibrate(model_dir, data, method=method, fmt=fmt, batch_size=batch_size)
     if as_json:
-        emit_json(asdict(calibration))
+        from toolkit.reward.calibrate import json_safe
+
+        emit_json(json_safe(asdict(calibration)))
         return
     raw, new = calibration.metrics["raw"], calibration.metrics["calibrated"]
     rows = [("pairs", calibration.n_pairs), ("method", calibration.method), ("temperature T", calibration.temperature)]

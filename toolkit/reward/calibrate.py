@@ -34,15 +34,25 @@ def nll_at_temperature(diffs: np.ndarray, temperature: float) -> float:
 
 
 def fit_temperature(diffs: list[float] | np.ndarray) -> float:
-    """T minimizing the NLL of σ(d / T). Convex in 1/T, so a bounded 1-D search over log(1/T) finds it."""
-    from scipy.optimize import minimize_scalar
-
+    """T minimizing the NLL of σ(d / T). The NLL is convex in β = 1/T, so a golden-section search over
+    log β ∈ [−9, 9] finds it (plain numpy: importing scipy.optimize would cost more than the fit)."""
     d = np.asarray(diffs, dtype=np.float64)
     if len(d) == 0 or not np.any(d):
         return 1.0
-    result = minimize_scalar(lambda log_beta: nll_at_temperature(d, math.exp(-log_beta)),
-                             bounds=(-9.0, 9.0), method="bounded", options={"xatol": 1e-9})
-    return float(math.exp(-result.x))
+    lo, hi = -9.0, 9.0
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll_at_temperature(d, math.exp(-a)), nll_at_temperature(d, math.exp(-b))
+    while hi - lo > 1e-10:
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll_at_temperature(d, math.exp(-a))
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll_at_temperature(d, math.exp(-b))
+    return float(math.exp(-(lo + hi) / 2))
 
 
 def fit_isotonic(diffs: list[float] | np.ndarray) -> tuple[list[float], list[float]]:
@@ -100,18 +110,18 @@ def write(calibration: Calibration, directory: str | os.PathLike) -> Path:
     from toolkit.io import write_json
 
     path = Path(directory) / CALIBRATION_FILE
-    write_json(path, _finite(asdict(calibration)))
+    write_json(path, json_safe(asdict(calibration)))
     return path
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN is not JSON: an undefined metric (e.g. AUC on one pair) is written as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

@@ -169,6 +169,7 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
 
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from toolkit.console import console, progress
@@ -187,6 +188,10 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
         wants_eos,
     )
 
+    # AcceleratorState is a process-wide singleton: a second train_reward in the same process (the Python
+    # API, the demo pipeline) with another --bf16 setting would be refused. Clearing it keeps PartialState,
+    # i.e. the process group under `accelerate launch`, as it is.
+    AcceleratorState._reset_state(reset_partial_state=False)  # noqa: SLF001 - no public way to do this
     # cpu=True on CPU-only machines is what makes `torchrun`/`accelerate launch` give gloo ranks.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                               mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
@@ -328,7 +333,7 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
             "backbone_path": str(backbone_path),
             "warnings": warnings,
         }
-        write_json(tmp / "metrics.json", cal._finite(metrics))
+        write_json(tmp / "metrics.json", cal.json_safe(metrics))
         plots.loss_curve([s for s, _ in history], [v for _, v in history], tmp / "loss.png", eval_points,
                          baseline=None if regression else math.log(2))
         if diffs:
