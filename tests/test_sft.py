@@ -138,3 +138,30 @@ def test_sft_cli_bad_row_names_file_and_row(tiny_llama_dir, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {data}:2: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tiny_llama_dir, tmp_path, monkeypatch):
+    import toolkit.sft as sft
+
+    def cfg(out: Path, **kw) -> sft.SFTConfig:
+        return sft.SFTConfig(data=str(FIXTURES / "alpaca-24.json"), model=str(tiny_llama_dir), out=str(out),
+                             max_steps=4, batch_size=4, learning_rate=3e-3, warmup_ratio=0.5, max_length=64,
+                             save_every=2, **kw)
+
+    full = sft.train_sft(cfg(tmp_path / "full"))
+    save = sft._save_sft_checkpoint
+
+    def save_then_die(accelerator, out, step, *args):  # a kill right after the step-2 checkpoint
+        save(accelerator, out, step, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft, "_save_sft_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sft.train_sft(cfg(tmp_path / "cut"))
+    monkeypatch.setattr(sft, "_save_sft_checkpoint", save)
+    resumed = sft.train_sft(cfg(tmp_path / "cut", resume=True))
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4]
+    # same weights, Adam moments, warm-up/decay position and batch order -> same next losses
+    for a, b in zip(full.history, resumed.history, strict=True):
+        for key in ("loss", "lr", "tokens", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)

@@ -347,7 +347,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
                             raise UserError(f"loss became NaN at step {step + 1}; stopped without saving; lower "
                                             "--learning-rate and --resume from the last checkpoint")
                         accelerator.backward(loss)
-                    loss_sum += float(loss)
+                    loss_sum += float(loss.detach())
                 grad_norm = (float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
                              if cfg.max_grad_norm > 0 else float("nan"))
                 optimizer.step()
