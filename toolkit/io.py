@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,8 +179,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(target)
         # Not mkdtemp: its private 0700 mode would stay on the renamed directory; mkdir honours the umask.
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = target.with_name(f".{target.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
     except OSError as err:
         raise UserError(f"cannot write output: {err.strerror}", file=str(target)) from None
@@ -195,6 +197,30 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temp dirs that a killed process left beside `target` (a checkpoint's can be gigabytes).
+    Only those of this host whose process is gone: another live writer's temp dir is never touched."""
+    prefix = f".{target.name}.tmp-"
+    for tmp in target.parent.glob(prefix + "*"):
+        host, _, rest = tmp.name[len(prefix):].rpartition("-")[0].rpartition("-")
+        if host != _HOST or not rest.isdigit() or _alive(int(rest)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
