@@ -59,6 +59,9 @@ class PPOConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
     bf16: bool = _f(False, "bfloat16 autocast (GPUs with bf16, recent CPUs).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
+    gather_for_generation: bool = _f(True, "Under DeepSpeed ZeRO-3, gather the whole policy on each GPU to "
+                                     "generate (fast; needs the full weights' memory). Off: ZeRO-3 gathers "
+                                     "layer by layer (slow, fits 33B/65B).")
     # --- actor / reference / critic ---------------------------------------------------------------------
     lora: bool = _f(False, "Train a LoRA adapter; the reference is the adapter disabled (no second copy).")
     lora_r: int = _f(16, "LoRA rank.")

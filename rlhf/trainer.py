@@ -194,7 +194,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 # ---- 1. rollout ---------------------------------------------------------------------------
                 t0 = time.perf_counter()
                 batch = [prompts[i] for i in batch_indices(len(prompts), step, B, rank, world, cfg.seed)]
-                with torch.no_grad(), accelerator.autocast(), _gathered(accelerator, unwrapped.lm):
+                with torch.no_grad(), accelerator.autocast(), _gathered(accelerator, unwrapped.lm,
+                                                                        cfg.gather_for_generation):
                     rollout = sample(unwrapped.lm, tokenizer, [p.ids for p in batch], cfg.max_new_tokens,
                                      cfg.temperature, cfg.top_p, cfg.top_k)
                     responses, mask, ctx = rollout.responses, rollout.response_mask, rollout.context_length
@@ -327,11 +328,13 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     return TrainResult(out, last_saved, history, policy_dir, update_stats)
 
 
-def _gathered(accelerator, module: torch.nn.Module):
-    """Under DeepSpeed ZeRO-3 the weights are sharded: gather them for generation (as TRL and OpenRLHF do).
-    A no-op everywhere else. (deepspeed is not a llamakit dependency; see templates/deepspeed/.)"""
+def _gathered(accelerator, module: torch.nn.Module, gather: bool):
+    """Under DeepSpeed ZeRO-3 the weights are sharded: gather them all for generation, as TRL and OpenRLHF
+    do, unless `gather` is off — then ZeRO-3's own hooks gather one layer at a time during each forward,
+    slower but the full model never has to fit on one GPU (33B/65B). A no-op everywhere else.
+    (deepspeed is not a llamakit dependency; see templates/deepspeed/.)"""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or getattr(plugin, "zero_stage", 0) != 3:
+    if not gather or plugin is None or getattr(plugin, "zero_stage", 0) != 3:
         return contextlib.nullcontext()
     import deepspeed
 

@@ -80,23 +80,33 @@ def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path):
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # ranks sample differently
 
 
-def test_presets_only_use_known_flags():
-    import dataclasses
-
+def test_presets_parse_with_the_config_loader_and_document_memory_and_launch():
+    import click
     import yaml
 
     from rlhf.config import PPOConfig
+    from toolkit.commands.train import rlhf_cmd, sft_cmd
+    from toolkit.config import load_config
     from toolkit.sft import SFTConfig
 
-    for prefix, cls in (("rlhf-", PPOConfig), ("sft-", SFTConfig)):
-        known = {f.name for f in dataclasses.fields(cls)}
+    for prefix, command, cls in (("rlhf-", rlhf_cmd, PPOConfig), ("sft-", sft_cmd, SFTConfig)):
         presets = sorted((ROOT / "templates").glob(f"{prefix}*.yaml"))
         assert presets
         for preset in presets:
-            data = yaml.safe_load(preset.read_text())
-            assert set(data) <= known, (preset.name, set(data) - known)
-            config = cls(**data)
+            # what `llamakit rlhf --config PRESET` does: every key a known flag, every value of its type
+            values = load_config(str(preset), command, click.Context(command))
+            config = cls(**values)
             if isinstance(config, PPOConfig):
                 config.validate()  # batch / minibatch / accumulation sizes fit together
+    for preset in sorted((ROOT / "templates").glob("rlhf-llama-*.yaml")):
+        comments = "\n".join(line for line in preset.read_text().splitlines() if line.startswith("#"))
+        assert "Memory" in comments and " GB" in comments, preset.name
+        launch = "accelerate launch --config_file templates/accelerate/" if "deepspeed" in preset.name \
+            else "llamakit rlhf"
+        assert launch in comments and f"--config templates/{preset.name}" in comments, preset.name
     for name in ("zero2.json", "zero3.json"):
         assert json.loads((ROOT / "templates" / "deepspeed" / name).read_text())["zero_optimization"]["stage"] in (2, 3)
+    for accelerate_config in sorted((ROOT / "templates" / "accelerate").glob("*.yaml")):
+        data = yaml.safe_load(accelerate_config.read_text())
+        ds_file = data.get("deepspeed_config", {}).get("deepspeed_config_file")
+        assert ds_file is None or (ROOT / ds_file).is_file(), accelerate_config.name

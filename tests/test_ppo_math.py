@@ -138,3 +138,17 @@ def test_ppo_loss_clips_when_the_ratio_leaves_the_trust_region():
     # clipped where the advantage is positive (the objective is capped there): 4 of the 6 real tokens
     assert stats["clipfrac"].item() == pytest.approx(4 / 6)
     assert stats["approxkl"].item() == pytest.approx(0.5 * 0.25, rel=1e-5)
+
+
+def test_zero3_generation_gathers_the_policy_only_when_asked():
+    import contextlib
+    from types import SimpleNamespace
+
+    from rlhf.trainer import _gathered
+
+    zero3 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    module = torch.nn.Linear(2, 2)
+    # gather_for_generation: false (33B/65B presets): ZeRO-3's own per-layer gathering, no full copy
+    assert isinstance(_gathered(zero3, module, gather=False), contextlib.nullcontext)
+    no_deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))
+    assert isinstance(_gathered(no_deepspeed, module, gather=True), contextlib.nullcontext)
