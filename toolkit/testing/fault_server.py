@@ -7,8 +7,9 @@ request's last user message script what happens to that exact request text, atte
     <<faults:always-500>>           every attempt gets that fault
 
 Faults: 429ra (429 + Retry-After: --retry-after s), 429 (no header), 500, 502, 503, 400, 401,
-timeout (hangs --hang s before answering), reset (headers sent, then the connection is dropped),
-malformed (200 with a broken JSON body), empty (200 with `choices: []`).
+timeout (hangs --hang s before answering), never (never answers at all), reset (headers sent, then the
+connection is dropped), malformed (200 with a broken JSON body), cut (200, half the body sent, then the
+connection is dropped: a response cut mid-way), empty (200 with `choices: []`).
 
 Answers are deterministic: a normal request gets a few words whose count depends on the seed and
 temperature; a judge prompt (from prompts/judge_*.txt, score_rubric.txt) gets a verdict that prefers
@@ -106,6 +107,8 @@ class FaultApp:
             await asyncio.sleep(self.settings.latency)
         if fault == "timeout":
             await asyncio.sleep(self.settings.hang)
+        elif fault == "never":
+            await asyncio.Event().wait()  # until the server stops: only the client's timeout ends this
         elif fault in ("429ra", "429"):
             headers = [(b"retry-after", str(self.settings.retry_after).encode())] if fault == "429ra" else []
             await _json(send, 429, {"error": {"message": "rate limited", "type": "rate_limit_error"}}, headers)
@@ -126,15 +129,27 @@ class FaultApp:
         finish = "stop"
         if len(words) > max_tokens:
             content, finish = " ".join(words[:max_tokens]), "length"
-        choices = [] if fault == "empty" else [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}]
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        completion = _completion(self.total, request, content, finish, messages)
+        if fault == "cut":
+            body = json.dumps(completion).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+            raise ConnectionResetError("injected cut")  # uvicorn drops the connection mid-body
+        if fault == "empty":
+            completion["choices"] = []
         self.ok[text] += 1
-        await _json(send, 200, {
-            "id": f"chatcmpl-{self.total}", "object": "chat.completion", "created": int(time.time()),
-            "model": request.get("model", "fault"), "choices": choices,
+        await _json(send, 200, completion)
+
+
+def _completion(number: int, request: dict, content: str, finish: str, messages: list) -> dict:
+    prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+    return {"id": f"chatcmpl-{number}", "object": "chat.completion", "created": int(time.time()),
+            "model": request.get("model", "fault"),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(content.split()),
-                      "total_tokens": prompt_tokens + len(content.split())}})
+                      "total_tokens": prompt_tokens + len(content.split())}}
 
 
 def _fault_for(text: str, attempt: int) -> str | None:
