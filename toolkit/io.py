@@ -116,19 +116,29 @@ class RowWriter:
             raise UserError(f"cannot write: {err.strerror}", file=str(self.path)) from None
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._append(json.dumps(row, ensure_ascii=False) + "\n")
 
     def write_many(self, rows: list[dict]) -> None:
         """Group commit: append whole lines, then one flush + fsync for all of them."""
-        self._file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        self._append("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+    def _append(self, text: str) -> None:
+        try:
+            self._file.write(text)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            # Disk full, quota, a vanished mount: rows already fsync'd stay; a half-written last line is
+            # dropped when the file is reopened.
+            raise UserError(f"cannot write: {err.strerror or err}", file=str(self.path)) from None
 
     def close(self) -> None:
-        self._file.close()
-        self._lock.release()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # the write that failed already raised; closing must still release the lock
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> RowWriter:
         return self
