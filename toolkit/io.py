@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,26 @@ def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", file=str(path), line=number) from None
 
 
+def ensure_writable_dir(directory: str | os.PathLike) -> None:
+    """Create `directory` (with parents) and prove a file can be made in it: a run whose output cannot be
+    written fails now, in one line, instead of after hours of work when it saves."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".llamakit-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"cannot write here: {why(err)}", file=str(directory)) from None
+
+
+def why(err: OSError) -> str:
+    """An OSError in words a user can act on ("File exists" for a file blocking a directory says little)."""
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        return f"'{err.filename}' is a file, not a directory" if err.filename else "a file is in the way"
+    return err.strerror or str(err)
+
+
 def require_str(row: dict, key: str, path: str | os.PathLike, line: int, *, allow_empty: bool = False) -> str:
     """A string field of a row, or a one-line error naming file, line and field."""
     if key not in row:
@@ -100,7 +121,7 @@ class RowWriter:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(f"cannot create output directory: {err.strerror}", file=str(parent)) from None
+            raise UserError(f"cannot create output directory: {why(err)}", file=str(parent)) from None
         self._lock = FileLock(str(self.path) + ".lock")
         try:
             self._lock.acquire(timeout=0)
@@ -194,7 +215,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         tmp = target.with_name(f".{target.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()
     except OSError as err:
-        raise UserError(f"cannot write output: {err.strerror}", file=str(target)) from None
+        raise UserError(f"cannot write output: {why(err)}", file=str(target)) from None
     try:
         yield tmp
         if target.exists():

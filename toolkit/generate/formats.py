@@ -209,11 +209,21 @@ def _arrow_safe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_rows(rows: Iterable[dict[str, Any]], path: str | os.PathLike, fmt: str) -> int:
     """Write llamakit rows as `fmt` (JSONL, or a JSON array when the name ends in .json)."""
-    from toolkit.io import atomic_dir
+    from toolkit.io import ensure_writable_dir, why
 
     path = Path(path)
     out = [convert_row(r, fmt) for r in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(path.parent)
+    try:
+        _write(out, path, fmt)
+    except OSError as err:  # disk full, quota: the target is untouched (each format writes a temp, then renames)
+        raise UserError(f"cannot write: {why(err)}", file=str(path)) from None
+    return len(out)
+
+
+def _write(out: list[dict[str, Any]], path: Path, fmt: str) -> None:
+    from toolkit.io import atomic_dir
+
     if fmt == "parquet":
         import pandas as pd
 
@@ -235,7 +245,6 @@ def write_rows(rows: Iterable[dict[str, Any]], path: str | os.PathLike, fmt: str
             else:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in out)
         os.replace(tmp, path)
-    return len(out)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str) -> int:

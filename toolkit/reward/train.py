@@ -165,6 +165,9 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     warnings: list[str] = []
     # Data first: a bad file fails in a second, before torch and the backbone are loaded.
     train_pairs, train_scored, heldout, fmt, heldout_from = _load(cfg, warnings)
+    from toolkit.io import ensure_writable_dir
+
+    ensure_writable_dir(Path(cfg.out).parent)  # an unwritable --out fails now, not after training
     regression = cfg.objective == "regression"
 
     import torch
