@@ -48,6 +48,8 @@ def test_faults_end_as_rows_or_failed_rows_then_retry_failed_completes(tmp_path,
         "reset": "faults-test connection reset <<faults:reset>>",
         "malformed": "faults-test broken JSON <<faults:malformed>>",
         "empty": "faults-test no choices <<faults:empty,503>>",
+        "cut": "faults-test answer cut mid-way <<faults:cut>>",
+        "never": "faults-test server never answers <<faults:never>>",
     }
     failing = {
         "three 500s": "faults-test down for a while <<faults:500,500,500>>",  # 3 attempts allowed: fails once
@@ -60,7 +62,7 @@ def test_faults_end_as_rows_or_failed_rows_then_retry_failed_completes(tmp_path,
     first = run_cli(*answers_cmd(prompts, out, fault_server, *flags), timeout=120)
     assert first.returncode == 0, first.stderr
     summary = json.loads(first.stdout)
-    assert summary["rows_done"] == 13 and summary["rows_failed"] == 2, summary
+    assert summary["rows_done"] == 15 and summary["rows_failed"] == 2, summary
 
     done = {r["messages"][0]["content"] for r in rows_of(out)}
     assert done == set(plain) | set(recovering.values())
@@ -79,7 +81,7 @@ def test_faults_end_as_rows_or_failed_rows_then_retry_failed_completes(tmp_path,
     # the same command again: nothing is requested; the failed rows are skipped, not lost
     before = stats["total"]
     again = run_cli(*answers_cmd(prompts, out, fault_server, *flags), timeout=60)
-    assert json.loads(again.stdout)["rows_skipped_done_before"] == 13
+    assert json.loads(again.stdout)["rows_skipped_done_before"] == 15
     assert json.loads(again.stdout)["rows_failed"] == 2
     assert fault_server.stats()["total"] == before
 
@@ -88,7 +90,7 @@ def test_faults_end_as_rows_or_failed_rows_then_retry_failed_completes(tmp_path,
     assert retried.returncode == 0, retried.stderr
     assert json.loads(retried.stdout)["rows_done"] == 2
     rows = rows_of(out)
-    assert len(rows) == 15 and len({r["id"] for r in rows}) == 15
+    assert len(rows) == 17 and len({r["id"] for r in rows}) == 17
     assert not (tmp_path / "answers.failed.jsonl").exists()
     assert fault_server.stats()["total"] - before == 2  # one more request each, and both succeed
     for row in rows:

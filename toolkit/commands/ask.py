@@ -48,7 +48,13 @@ def ask_cmd(question, teacher, base_url, api_key_env, teacher_kwargs, system, ma
         finally:
             await close_teacher(t)
 
-    reply = asyncio.run(run())
+    try:
+        reply = asyncio.run(run())
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - `ask` checks a teacher spec: how the call failed is the answer
+        where = f" at {base_url}" if base_url else ""
+        raise UserError(f"{teacher}{where} failed: {type(err).__name__}: {err}") from err
     if as_json:
         emit_json({"text": reply.text, **reply.meta})
         return

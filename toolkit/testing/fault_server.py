@@ -16,7 +16,7 @@ temperature; a judge prompt (from prompts/judge_*.txt, score_rubric.txt) gets a 
 the longer response, so judge logic can be tested end to end. `<<judge:garbage>>` makes judges
 answer without a score, `<<judge:always-A>>` makes the pairwise judge pick position A every time.
 
-GET /stats returns per-request-text counts and arrival times:
+GET /stats returns per-request-text counts ("ok": answers without an injected fault) and arrival times:
 {"requests": {text: n}, "ok": {text: n}, "times": {text: [unix seconds, ...]}, "total": n}.
 
     python -m toolkit.testing.fault_server --port 0 --latency 0.2 --ready-file ready.json
@@ -139,7 +139,8 @@ class FaultApp:
             raise ConnectionResetError("injected cut")  # uvicorn drops the connection mid-body
         if fault == "empty":
             completion["choices"] = []
-        self.ok[text] += 1
+        if fault is None:  # a late answer after a 'timeout' or an empty one is not an answer the client can use
+            self.ok[text] += 1
         await _json(send, 200, completion)
 
 
