@@ -180,3 +180,63 @@ def test_regression_on_chatllama_scored_rows_with_bf16(tiny_llama_dir, tmp_path)
     assert metrics["heldout"]["raw"]["n"] == 4  # 4 held-out prompts, each a (score 4, score 1) pair
     assert any("only 4 held-out pairs" in w for w in metrics["warnings"])
     assert json.loads((out / "reward_config.json").read_text())["objective"] == "regression"
+
+
+def test_shared_prefix_forward_matches_two_full_forwards(tiny_llama_dir):
+    """Causal backbones: prefix once + both answers on its cache = the two full texts, rewards and gradients."""
+    from toolkit.reward.model import is_causal, shared_prefix_batch
+
+    torch.manual_seed(0)
+    model, tokenizer, _ = new_reward_model(str(tiny_llama_dir))
+    assert is_causal(model.backbone.config)
+    encoder = TextEncoder(tokenizer, 40, True)
+    prompt = "\n\nHuman: what is the capital of France, and why is it famous?\n\nAssistant:"
+    chosen = [prompt + " Paris, for the Eiffel tower.", "\n\nHuman: hi\n\nAssistant: hello there, friend",
+              prompt + " " + "Paris is famous for many things. " * 3]  # too long: cut, both at the same point
+    rejected = [prompt + " Lyon.", "\n\nHuman: hi\n\nAssistant: go away", prompt + " I do not know."]
+    # And a pair whose answers alone are too long: cut text by text, nothing shared (an all-padding prefix row).
+    chosen.append("\n\nHuman: go on\n\nAssistant: " + "once upon a time " * 12)
+    rejected.append("\n\nHuman: go on\n\nAssistant: " + "a long time ago " * 12)
+    ids, cut = encoder.encode_pairs(chosen, rejected)
+    assert cut == 3 and max(len(s) for s in ids) == 40 and ids[6][0] != ids[7][0]
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        if shared:
+            tensors = shared_prefix_batch(ids[0::2], ids[1::2], tokenizer.pad_token_id, min_saving=None)
+            rewards = model(*tensors)
+            r_c, r_r = rewards[0::2], rewards[1::2]
+            assert tensors[0].shape[1] > 20  # the prompt really is shared
+        else:
+            input_ids, mask = pad(ids[0::2] + ids[1::2], tokenizer.pad_token_id)
+            r_c, r_r = model(input_ids, mask).chunk(2)
+        (-torch.nn.functional.logsigmoid(r_c - r_r).mean()).backward()
+        grads.append((r_c.detach(), r_r.detach(), model.backbone.layers[0].self_attn.q_proj.weight.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5) and torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+    assert torch.allclose(grads[0][2], grads[1][2], atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prefix_is_used_in_training_and_not_for_encoders(tiny_llama_dir, tmp_path):
+    from transformers import AutoConfig
+
+    from toolkit.models import resolve
+    from toolkit.reward.model import is_causal
+    from toolkit.reward.train import TrainConfig, train_reward
+
+    assert not is_causal(AutoConfig.from_pretrained(resolve("minilm-l6")))  # BERT: every token sees the answer
+    # PPO-style pairs: a long shared prompt, short answers. (HH pairs share ~60% of their tokens, but with
+    # batch padding the saving shrinks to nothing there; the forward then falls back to the plain one.)
+    story = "Tell me, in your own words and with care, what the old lighthouse keeper saw that night"
+    rows = [{"prompt": f"{story} ({i})?", "chosen": f"A ship, number {i}.", "rejected": "No."} for i in range(24)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = {}
+    for shared in (True, False):
+        cfg = TrainConfig(data=str(data), out=str(tmp_path / f"rm-{shared}"), model=str(tiny_llama_dir),
+                          max_length=64, batch_size=8, max_steps=2, eval_split=0.25, shared_prefix=shared,
+                          show_progress=False)
+        runs[shared] = train_reward(cfg).metrics["train"]
+    assert runs[True]["shared_prefix"] and not runs[False]["shared_prefix"]
+    # Same batches, fewer token positions through the model, the same loss.
+    assert runs[True]["tokens_forwarded"] < 0.7 * runs[False]["tokens_forwarded"]
+    assert runs[True]["loss_history"][0] == pytest.approx(runs[False]["loss_history"][0], abs=1e-4)

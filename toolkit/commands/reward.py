@@ -48,6 +48,8 @@ def _threads(threads: int | None) -> None:
 @click.option("--gradient-checkpointing", is_flag=True, help="Less memory, ~30% more compute.")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
               help="Batch texts of similar length together (less padding).")
+@click.option("--shared-prefix/--no-shared-prefix", default=True, show_default=True,
+              help="Causal backbones (LLaMA): run a pair's shared dialogue once and both answers on its cache.")
 @click.option("--calibration", default="temperature", show_default=True,
               type=click.Choice(["temperature", "isotonic"]))
 @click.option("--max-steps", default=None, type=int, help="Stop after this many optimizer steps.")
@@ -58,7 +60,7 @@ def _threads(threads: int | None) -> None:
 @config_option
 def train_reward_cmd(data, out, model, eval_data, eval_split, fmt, objective, max_length, batch_size, grad_accum,
                      epochs, learning_rate, weight_decay, warmup_ratio, max_grad_norm, center_rewards, use_margin,
-                     lora, lora_r, bf16, gradient_checkpointing, group_by_length, calibration, max_steps, seed,
+                     lora, lora_r, bf16, gradient_checkpointing, group_by_length, shared_prefix, calibration, max_steps, seed,
                      threads, as_json):
     """Train a Bradley–Terry reward model and calibrate it on held-out pairs."""
     from toolkit.console import console, emit_json, summary_table
@@ -71,6 +73,7 @@ def train_reward_cmd(data, out, model, eval_data, eval_split, fmt, objective, ma
                       warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, center_rewards=center_rewards,
                       use_margin=use_margin, lora=lora, lora_r=lora_r, bf16=bf16,
                       gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length,
+                      shared_prefix=shared_prefix,
                       calibration=calibration, max_steps=max_steps, seed=seed, show_progress=not as_json)
     result = train_reward(cfg)
     if not result.metrics:  # a non-main rank under accelerate launch

@@ -49,13 +49,71 @@ class RewardNet(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                suffix_ids: torch.Tensor | None = None, suffix_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One reward per row of `input_ids`; or, given suffixes (a causal backbone only), `input_ids` are
+        shared prefixes (left-padded) and each is continued by two suffixes (rows 2i and 2i + 1 of
+        `suffix_ids`, right-padded): one reward per suffix. A keyword form of one `forward`, not a second
+        method, so that DDP's forward hooks see both."""
+        if suffix_ids is not None:
+            return self._shared_prefix_forward(input_ids, attention_mask, suffix_ids, suffix_mask)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids_from_mask(attention_mask))
-        hidden = out.last_hidden_state
+        return self._read(out.last_hidden_state, attention_mask)
+
+    def _read(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         last = hidden[rows, last_token_index(attention_mask)]
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    def _shared_prefix_forward(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
+                               suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+        # A causal token sees only what precedes it, so the prefix's keys and values are the same under either
+        # answer: compute them once and run both answers on that cache (gradients flow through it).
+        out = self.backbone(input_ids=prefix_ids, attention_mask=prefix_mask,
+                            position_ids=position_ids_from_mask(prefix_mask), use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(2)
+        full_mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1)
+        positions = position_ids_from_mask(full_mask)[:, prefix_ids.shape[1]:]
+        out = self.backbone(input_ids=suffix_ids, attention_mask=full_mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True)
+        return self._read(out.last_hidden_state, suffix_mask)
+
+
+def is_causal(config) -> bool:
+    """A decoder-only LM (LLaMA, Qwen, SmolLM ...), where a shared prefix can be computed once. BERT-like
+    encoders also have a causal-LM head class, so "has a masked-LM class" rules those out."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", "")
+    return (kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+def shared_prefix_batch(chosen: list[list[int]], rejected: list[list[int]], pad_id: int,
+                        min_saving: float | None = 0.1
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(prefix ids, prefix mask, suffix ids, suffix mask) for RewardNet's shared-prefix forward, from each
+    pair's token ids: the prefix is the pair's common start (each answer keeps ≥ 1 token of its own), the
+    suffixes are chosen_i, rejected_i interleaved. A pair that shares no token (e.g. its answers alone were
+    longer than max_length) gets an all-padding prefix row, which attends to nothing. None when no pair
+    shares a token, or when the prefix saves less than `min_saving` of the token positions: padding the
+    prefixes and the suffixes each to their own longest eats the saving when lengths vary a lot (None: share
+    anyway)."""
+    cuts = [common_prefix_length(c, r) for c, r in zip(chosen, rejected, strict=True)]
+    if max(cuts) < 1:
+        return None
+    prefix_ids, prefix_mask = pad([c[:k] for c, k in zip(chosen, cuts, strict=True)], pad_id, "left")
+    suffixes = [s for c, r, k in zip(chosen, rejected, cuts, strict=True) for s in (c[k:], r[k:])]
+    suffix_ids, suffix_mask = pad(suffixes, pad_id, "right")
+    plain = 2 * len(chosen) * max(len(s) for s in chosen + rejected)
+    if min_saving is not None and prefix_mask.numel() + suffix_mask.numel() > (1 - min_saving) * plain:
+        return None
+    return prefix_ids, prefix_mask, suffix_ids, suffix_mask
 
 
 @dataclass
@@ -89,18 +147,56 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> tuple[list[list[int]], int]:
         """Token ids of each text, and how many texts were cut to fit."""
         ids = self.tokenizer(texts, add_special_tokens=True).input_ids
+        out = [self._fit(seq) for seq in ids]
+        return [seq for seq, _ in out], sum(cut for _, cut in out)
+
+    def _fit(self, seq: list[int]) -> tuple[list[int], bool]:
+        """seq (+ EOS) cut from the left to max_length, keeping the leading and trailing special tokens."""
         eos = [self.tokenizer.eos_token_id] if self.append_eos else []
+        seq = seq + eos
+        if len(seq) <= self.max_length:
+            return seq, False
+        lead, tail = seq[:self.n_lead], seq[len(seq) - self.n_tail - len(eos):]
+        keep = self.max_length - len(lead) - len(tail)
+        body = seq[self.n_lead:len(seq) - len(tail)]
+        return lead + body[len(body) - keep:] + tail, True
+
+    def encode_pairs(self, chosen: list[str], rejected: list[str]) -> tuple[list[list[int]], int]:
+        """Token ids of chosen_0, rejected_0, chosen_1 ... cut so that each pair keeps a common start.
+
+        For the shared-prefix forward: a long pair loses the SAME number of tokens from the start of its
+        shared dialogue (as many as its longer text needs), where cutting each text on its own would start
+        the two at different points of the dialogue and leave nothing to share. A pair whose answers alone
+        are too long is cut text by text, as `encode` does."""
+        eos = [self.tokenizer.eos_token_id] if self.append_eos else []
+        ids_c = self.tokenizer(chosen, add_special_tokens=True).input_ids
+        ids_r = self.tokenizer(rejected, add_special_tokens=True).input_ids
         out, cut = [], 0
-        for seq in ids:
-            seq = seq + eos
-            if len(seq) > self.max_length:
-                lead, tail = seq[:self.n_lead], seq[len(seq) - self.n_tail - len(eos):]
-                keep = self.max_length - len(lead) - len(tail)
-                body = seq[self.n_lead:len(seq) - len(tail)]
-                seq = lead + body[len(body) - keep:] + tail
-                cut += 1
-            out.append(seq)
+        for c, r in zip(ids_c, ids_r, strict=True):
+            full_c, full_r = c + eos, r + eos
+            over = max(len(full_c), len(full_r)) - self.max_length
+            if over <= 0:
+                out += [full_c, full_r]
+            elif common_prefix_length(full_c, full_r) - self.n_lead - 1 >= over:
+                # Keep ≥ 1 shared token after the leading special ones; drop `over` tokens just after those.
+                start = self.n_lead
+                out += [full_c[:start] + full_c[start + over:], full_r[:start] + full_r[start + over:]]
+                cut += (len(full_c) > self.max_length) + (len(full_r) > self.max_length)
+            else:
+                for seq in (c, r):
+                    seq, was_cut = self._fit(seq)
+                    out.append(seq)
+                    cut += was_cut
         return out, cut
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Tokens at the start of a and b that are the same, leaving each at least one token of its own."""
+    limit = min(len(a), len(b)) - 1
+    k = 0
+    while k < limit and a[k] == b[k]:
+        k += 1
+    return k
 
 
 def wants_eos(tokenizer) -> bool:

@@ -52,6 +52,7 @@ class TrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     group_by_length: bool = True
+    shared_prefix: bool = True  # causal backbones: the shared dialogue goes through the model once per pair
     calibration: str = "temperature"
     max_steps: int | None = None
     seed: int = 0
@@ -184,10 +185,12 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
         RewardSettings,
         TextEncoder,
         fingerprint,
+        is_causal,
         new_reward_model,
         pad,
         save_reward_model,
         score_texts,
+        shared_prefix_batch,
         wants_eos,
     )
 
@@ -212,7 +215,14 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     else:
         texts = [t for p in train_pairs for t in (p.chosen_text, p.rejected_text)]
         margins = [p.margin if cfg.use_margin else 0.0 for p in train_pairs]
-    ids, n_cut = encoder.encode(texts)
+    # Causal backbones only: an encoder's prefix tokens attend to the answer, so nothing can be shared there.
+    # A gradient-checkpointed backbone drops its KV cache, which the shared-prefix forward runs on.
+    shared = (not regression and cfg.shared_prefix and not cfg.gradient_checkpointing
+              and is_causal(model.backbone.config))
+    if shared:
+        ids, n_cut = encoder.encode_pairs(texts[0::2], texts[1::2])
+    else:
+        ids, n_cut = encoder.encode(texts)
     if n_cut:
         warnings.append(f"{n_cut} of {len(texts)} training texts were longer than --max-length {cfg.max_length} "
                         "tokens and were cut from the left (their final answer is kept)")
@@ -242,7 +252,7 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     history: list[tuple[int, float]] = []
     eval_points: list[tuple[int, float]] = []
     recent: list[tuple[float, float]] = []
-    step, pairs_seen, train_seconds = 0, 0, 0.0
+    step, pairs_seen, train_seconds, tokens_forwarded = 0, 0, 0.0, 0
     heldout_rewards: list[float] | None = None
     model.train()
     bar = progress(transient=False) if (cfg.show_progress and main) else None
@@ -256,18 +266,23 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
             for batch in batches:
                 if step >= total_steps:
                     break
-                seqs = [ids[per_item * i + k] for i in batch for k in (range(per_item))]
-                if not regression:  # all chosen first, then all rejected: one forward, split in two
-                    seqs = seqs[0::2] + seqs[1::2]
-                input_ids, mask = pad(seqs, pad_id)
+                tensors = shared_prefix_batch([ids[2 * i] for i in batch], [ids[2 * i + 1] for i in batch],
+                                              pad_id) if shared else None
+                if tensors is None:
+                    seqs = [ids[per_item * i + k] for i in batch for k in (range(per_item))]
+                    if not regression:  # all chosen first, then all rejected: one forward, split in two
+                        seqs = seqs[0::2] + seqs[1::2]
+                    tensors = pad(seqs, pad_id)
+                tokens_forwarded += sum(t.numel() for t in tensors[1::2])  # the masks: padded positions run
                 with accelerator.accumulate(model):
-                    rewards = model(input_ids.to(device), mask.to(device))
+                    rewards = model(*(t.to(device) for t in tensors))
                     if regression:
                         target = torch.tensor([targets[i] for i in batch], device=device)
                         loss = torch.nn.functional.mse_loss(rewards, target)
                         right = float("nan")
                     else:
-                        r_c, r_r = rewards.chunk(2)
+                        # Shared-prefix rows are chosen_0, rejected_0, chosen_1 ...; plain ones all chosen first.
+                        r_c, r_r = (rewards[0::2], rewards[1::2]) if len(tensors) == 4 else rewards.chunk(2)
                         margin = torch.tensor([margins[i] for i in batch], device=device)
                         loss = bradley_terry_loss(r_c, r_r, margin if any(margins[i] for i in batch) else None,
                                                   cfg.center_rewards)
@@ -326,7 +341,8 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
             "heldout": calibration.metrics,
             "heldout_data": heldout_from,
             "train": {"data": cfg.data, "format": fmt, "pairs": len(train_pairs), "scored_rows": len(train_scored),
-                      "texts_cut": n_cut, "optimizer_steps": step, "items_seen": pairs_seen,
+                      "texts_cut": n_cut, "shared_prefix": shared,
+                      "tokens_forwarded": tokens_forwarded, "optimizer_steps": step, "items_seen": pairs_seen,
                       "seconds": round(train_seconds, 2), "pairs_per_s": round(pairs_per_s, 3),
                       "final_loss": history[-1][1] if history else None,
                       "loss_history": [round(v, 5) for _, v in history]},
