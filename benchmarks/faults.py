@@ -242,29 +242,39 @@ def never_answering_server(where: Path) -> dict:
             "ask_error": ask.stderr.strip().splitlines()[-1][:160]}
 
 
-def two_writers(server: FaultServer) -> Callable[[Path], dict]:
+def both(argv: list[str]) -> tuple[list[int], list[str]]:
+    """Run `llamakit ARGV` twice at once; sorted exit codes and the stderr of the ones that failed."""
+    procs = [subprocess.Popen([*LLAMAKIT, *map(str, argv)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        results = [(p.wait(timeout=240), p.stderr.read()) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            kill_9(p)
+        raise Hang("two writers") from None
+    refusals = [err.strip().splitlines()[-1] for code, err in results if code != 0]
+    return sorted(code for code, _ in results), refusals
+
+
+def two_writers(server: FaultServer, tiny: Path) -> Callable[[Path], dict]:
     def scenario(where: Path) -> dict:
         n = 30
         prompts = write_prompts(where / "prompts.jsonl", [f"two writers {i}" for i in range(n)])
         out = where / "answers.jsonl"
-        argv = [*LLAMAKIT, *conversations(prompts, out, server.url, "--concurrency", "2")]
-        procs = [subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
-        try:
-            results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                kill_9(p)
-            raise Hang("two writers") from None
-        codes = sorted(code for code, _ in results)
-        refusal = [err for code, err in results if code != 0]
+        codes, refusals = both(conversations(prompts, out, server.url, "--concurrency", "2"))
         rows, torn = jsonl(out)
         ids = [r["id"] for r in rows]
         expect(torn == 0 and len(ids) == len(set(ids)) == n, f"{len(ids)} rows, {len(set(ids))} distinct, {torn} torn")
         # either the second one was refused, or it started after the first finished and found nothing to do
-        expect(codes == [0, 0] or (codes == [0, 2] and "another llamakit process is writing" in refusal[0]),
-               f"exit codes {codes}: {refusal[:1]}")
-        return {"exit_codes": codes, "refusal": refusal[0].strip().splitlines()[-1][:160] if refusal else None}
+        expect(codes == [0, 0] or (codes == [0, 2] and "another llamakit process is writing" in refusals[0]),
+               f"exit codes {codes}: {refusals[:1]}")
+        sft_out = where / "sft"
+        sft_codes, sft_refusals = both(["sft", "--data", FIXTURES / "alpaca-24.json", "--model", tiny, "--out",
+                                        sft_out, "--max-steps", "6", "--batch-size", "2", "--max-length", "64"])
+        steps = [r["step"] for r in jsonl(sft_out / "metrics.jsonl")[0]]
+        expect(sft_codes == [0, 2] and steps == list(range(1, 7)), f"sft twice: exit {sft_codes}, steps {steps}")
+        return {"generate_exit_codes": codes, "generate_refusal": refusals[0][:160] if refusals else None,
+                "sft_exit_codes": sft_codes, "sft_refusal": sft_refusals[0][:160]}
     return scenario
 
 
@@ -522,7 +532,7 @@ def main() -> None:
                 suite.run(f"generate-data kill -9 seed {seed}", generate_kill(suite, server, seed))
             suite.run("teacher faults", teacher_faults(suite, server))
             suite.run("server that never answers", never_answering_server)
-            suite.run("two processes, one output", two_writers(server))
+            suite.run("two processes, one output", two_writers(server, tiny))
             suite.run("unwritable or full output", unwritable(tiny, server))
         for command in ("sft", "rlhf", "train-reward"):
             for seed in range(max(1, args.seeds - 1)):
