@@ -19,6 +19,7 @@ from toolkit.errors import UserError
 from toolkit.io import read_existing, write_json
 from toolkit.resources import template_path
 
+HH_ASSISTANT = "\n\nAssistant:"
 COMPARE_PROMPTS = (
     "Give me three tips for a good night's sleep.",
     "What is the capital of France?",
@@ -110,9 +111,15 @@ def _reward_pairs(run: Path, sizes: Sizes) -> int:
     """Synthetic preference pairs plus a slice of human HH pairs, as one file for train-reward."""
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "source": "synthetic"}
             for r in read_existing(run / "data" / "preferences.jsonl")
-            if isinstance(r.get("prompt"), str) and r.get("chosen") and r.get("rejected")]
+            if isinstance(r.get("prompt"), str) and r.get("chosen") and r.get("rejected")
+            and r["chosen"] != r["rejected"]]
     hh = read_existing(template_path("demo/hh-harmless-200.jsonl"))[: sizes.hh_pairs]
-    rows += [{"chosen": r["chosen"], "rejected": r["rejected"], "source": "hh"} for r in hh]
+    for r in hh:  # HH text → prompt (the dialogue before the last answer) + the two final answers
+        cut_c, cut_r = r["chosen"].rfind(HH_ASSISTANT), r["rejected"].rfind(HH_ASSISTANT)
+        chosen = r["chosen"][cut_c + len(HH_ASSISTANT):].strip()
+        rejected = r["rejected"][cut_r + len(HH_ASSISTANT):].strip()
+        if r["chosen"][:cut_c] == r["rejected"][:cut_r] and chosen and rejected and chosen != rejected:
+            rows.append({"prompt": r["chosen"][:cut_c], "chosen": chosen, "rejected": rejected, "source": "hh"})
     path = run / "data" / "reward-pairs.jsonl"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -120,12 +127,21 @@ def _reward_pairs(run: Path, sizes: Sizes) -> int:
     return len(rows)
 
 
-def _run_stage(name: str, args: list[str], run: Path) -> dict:
+def _cached(name: str, run: Path) -> dict | None:
+    """The result of a stage an earlier run finished, or None."""
     marker = run / "stages" / f"{name}.json"
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        console.print(f"[dim]✓ {name:<13} cached ({done['seconds']:.0f} s earlier run)[/]")
+    if not marker.is_file():
+        return None
+    done = json.loads(marker.read_text())
+    console.print(f"[dim]✓ {name:<13} cached ({done['seconds']:.0f} s earlier run)[/]")
+    return done
+
+
+def _run_stage(name: str, args: list[str], run: Path) -> dict:
+    done = _cached(name, run)
+    if done is not None:
         return done
+    marker = run / "stages" / f"{name}.json"
     console.rule(f"[bold]{name}")
     start = time.perf_counter()
     log = run / "logs" / f"{name}.log"
@@ -201,6 +217,9 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "sm
             console.print(f"[dim]prompt pool: {_prompt_pool(run, sizes)} prompts (new instructions + seed tasks)[/]")
             for name in data_stages[1:]:
                 _run_stage(name, commands[name], run)
+    else:  # no teacher needed: say so per stage rather than skip silently
+        for name in data_stages:
+            _cached(name, run)
     commands = _stage_commands(run, sizes, None, model)
     pairs = _reward_pairs(run, sizes)
     console.print(f"[dim]reward data: {pairs} pairs (synthetic + {sizes.hh_pairs} HH)[/]")
