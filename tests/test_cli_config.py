@@ -281,10 +281,21 @@ def test_debug_from_the_environment():
     assert "Traceback" in proc.stderr
 
 
-def test_unexpected_error_is_one_line_exit_1(capsys):
-    # Not a chat model: the failure is a plain AttributeError deep inside, not a UserError.
-    code, _, err = call(capsys, "ask", "q", "--teacher", "langchain:json:JSONDecoder")
+def test_unexpected_error_is_one_line_exit_1(capsys, monkeypatch):
+    # A bug, not bad input: a plain AttributeError deep inside a command, not a UserError.
+    @click.command("crash")
+    def crash() -> None:
+        None.bind()  # noqa: B018
+
+    monkeypatch.setitem(cli.commands, "crash", crash)
+    code, _, err = call(capsys, "crash")
     assert code == 1
     line = _one_line(err)
     assert "AttributeError" in line
     assert "--debug" in line
+
+
+def test_a_class_that_is_not_a_chat_model_is_refused(capsys):
+    code, _, err = call(capsys, "ask", "q", "--teacher", "langchain:json:JSONDecoder")
+    assert code == 2
+    assert "not a LangChain chat model" in _one_line(err)

@@ -113,6 +113,8 @@ class LangChainTeacher:
             self.model = cls(**(kwargs or {}))
         except Exception as err:  # noqa: BLE001 - pydantic/validation errors from any provider
             raise UserError(f"cannot build {class_name} from --teacher-kwargs: {err}".splitlines()[0]) from None
+        if not callable(getattr(self.model, "ainvoke", None)) or not callable(getattr(self.model, "bind", None)):
+            raise UserError(f"'{class_path}' is not a LangChain chat model (it has no ainvoke/bind)")
         self.name = f"langchain:{class_path}"
 
     async def chat(self, messages: list[dict[str, str]], **params: Any) -> Reply:

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import click
 
+from toolkit.config import config_option
+
 
 @click.command("convert-llama")
+@config_option
 @click.option("--input-dir", required=True, type=click.Path(file_okay=False),
               help="Meta's model directory: params.json and consolidated.00.pth (.01 ... for 13B and up).")
 @click.option("--out", required=True, type=click.Path(), help="Hugging Face directory to write (safetensors).")
 @click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
               help="tokenizer.model [default: looked up in --input-dir, then its parent].")
-@click.option("--dtype", default="auto", type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
               help="Weight dtype of the output (auto keeps the checkpoint's, float16 for Meta's files).")
-@click.option("--context-length", default=0, type=int,
+@click.option("--context-length", default=0, type=int, show_default=True,
               help="max_position_embeddings (0: 2048 for LLaMA 1, 4096 for LLaMA 2).")
-@click.option("--max-shard-gb", default=5.0, type=float, help="Largest safetensors file written.")
+@click.option("--max-shard-gb", default=5.0, type=float, show_default=True, help="Largest safetensors file written.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def convert_llama_cmd(input_dir: str, out: str, tokenizer: str | None, dtype: str, context_length: int,
                       max_shard_gb: float, as_json: bool) -> None:
