@@ -278,6 +278,9 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     "val/ratio_var": update_stats["ratio"].var() if update_stats["ratio"].numel() > 1
                     else torch.zeros(()),
                     "response/length_avg": mask.sum(1).float().mean(),
+                    # the sampler's log-probs against the forward pass's: ~1e-5 when the rollout is on-policy
+                    # (bf16, top-p / top-k < 1 widen it: the sampler renormalises over the tokens it keeps)
+                    "val/sampling_logprob_gap": (rollout.sample_logprobs - logprobs).abs().mul(maskf).max(),
                 }
                 reduced = accelerator.reduce(torch.stack([v.float().to(device) for v in local.values()]), "mean")
                 row: dict[str, Any] = {"step": step, "episode": step * B * world}

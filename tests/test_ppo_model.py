@@ -133,6 +133,7 @@ def test_first_minibatch_of_first_epoch_is_on_policy(tiny_llama_dir, tmp_path):
     row = result.history[0]
     assert row["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # π = π_ref before any update
     assert row["objective/kl_k3"] == pytest.approx(0.0, abs=1e-6)
+    assert row["val/sampling_logprob_gap"] < 1e-4  # the KL and the ratio score the tokens actually sampled
 
 
 def _metrics(out: Path) -> list[dict]:
