@@ -65,6 +65,8 @@ def test_train_reward_writes_a_complete_directory(trained):
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["method"] == "temperature" and calibration["temperature"] > 0
     assert calibration["n_pairs"] == 15 and calibration["reward_std"] > 0
+    # MiniLM is an encoder: its reward is read at [CLS], and the dir says so for whoever scores with it.
+    assert json.loads((out / "reward_config.json").read_text())["read_at"] == "first"
     assert set(calibration["metrics"]["raw"]) == KEYS == set(calibration["metrics"]["calibrated"])
     assert metrics["train"]["pairs"] == 45 and metrics["train"]["optimizer_steps"] == 2
     # Rows longer than --max-length: training goes on, with a warning, and the texts keep their end.
@@ -87,6 +89,7 @@ def test_eval_reward_json_and_plot(trained, tmp_path):
     assert KEYS <= set(result) and KEYS <= set(result["raw"])
     assert result["n"] == 20 and 0 <= result["accuracy"] <= 1 and 0 <= result["ece"] <= 1
     assert result["accuracy"] == result["raw"]["accuracy"]  # a temperature never flips a pair
+    assert 0 <= result["ece_noise"]["median"] <= result["ece_noise"]["p90"] <= 1
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 

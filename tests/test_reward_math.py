@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from toolkit.reward import calibrate as cal
-from toolkit.reward.metrics import auc, bin_ids, ece, pair_metrics, raw_probabilities, symmetric
+from toolkit.reward.metrics import auc, bin_ids, ece, ece_noise, pair_metrics, raw_probabilities, symmetric
 from toolkit.reward.train import bradley_terry_loss, length_grouped_batches
 
 
@@ -129,3 +129,20 @@ def test_length_grouped_batches_cover_everything_once_and_reduce_padding():
 
     assert padded(grouped) < 0.7 * padded(plain)
     assert length_grouped_batches(lengths, 16, seed=1) != grouped  # another epoch, another order
+
+
+def test_ece_noise_of_a_constant_confidence_by_hand():
+    # Every pair at p = 0.7: both non-empty bins hold one side of each pair, so ECE = |k/n − 0.7| with
+    # k ~ Binomial(n, 0.7) chosen wins; its median is ≈ 0.6745 · sqrt(0.7 · 0.3 / n) (normal approximation).
+    n = 400
+    noise = ece_noise([0.7] * n, draws=4000)
+    expected_median = 0.6745 * math.sqrt(0.21 / n)
+    assert noise["median"] == pytest.approx(expected_median, rel=0.15)
+    assert noise["p90"] == pytest.approx(1.645 * math.sqrt(0.21 / n), rel=0.15)
+    assert ece_noise([0.7] * (4 * n), draws=4000)["median"] == pytest.approx(expected_median / 2, rel=0.15)
+
+
+def test_ece_noise_is_zero_for_coin_flips_and_seeded():
+    assert ece_noise([0.5] * 50)["median"] == 0.0  # σ = 1/2 both ways: nothing to miscalibrate
+    p = np.random.default_rng(1).uniform(0.3, 0.9, 200)
+    assert ece_noise(p) == ece_noise(p)

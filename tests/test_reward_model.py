@@ -240,3 +240,21 @@ def test_shared_prefix_is_used_in_training_and_not_for_encoders(tiny_llama_dir, 
     # Same batches, fewer token positions through the model, the same loss.
     assert runs[True]["tokens_forwarded"] < 0.7 * runs[False]["tokens_forwarded"]
     assert runs[True]["loss_history"][0] == pytest.approx(runs[False]["loss_history"][0], abs=1e-4)
+
+
+def test_an_encoder_reads_its_reward_at_cls_whichever_side_is_padded():
+    torch.manual_seed(0)
+    model, tokenizer, _ = new_reward_model("minilm-l6")
+    assert model.read_at == "first"
+    model.eval()
+    encoder = TextEncoder(tokenizer, 64, wants_eos(tokenizer))
+    ids, _ = encoder.encode(["\n\nHuman: hi\n\nAssistant: hello, how can I help you today?",
+                             "\n\nHuman: hi\n\nAssistant: no"])
+    assert all(seq[0] == tokenizer.cls_token_id for seq in ids)
+    with torch.no_grad():
+        alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in ids]
+        for side in ("right", "left"):
+            batched = model(*pad(ids, tokenizer.pad_token_id, side)).tolist()
+            assert batched == pytest.approx(alone, abs=1e-4), side
+        hidden = model.backbone(input_ids=torch.tensor([ids[0]])).last_hidden_state
+        assert alone[0] == pytest.approx(model.head(hidden[0, 0]).item(), abs=1e-5)

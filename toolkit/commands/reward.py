@@ -124,6 +124,9 @@ def eval_reward_cmd(model_dir, data, fmt, batch_size, plot, threads, as_json):
             ("temperature T", result["temperature"])]
     for key in ("accuracy", "ece", "brier", "nll", "auc"):
         rows.append((f"{key} raw → calibrated", f"{_f(result['raw'][key])} → {_f(result[key])}"))
+    noise = result["ece_noise"]
+    rows.append(("ECE from sampling noise alone", f"median {_f(noise['median'])}, 90% {_f(noise['p90'])} "
+                 f"(a perfectly calibrated model on {result['n']} pairs)"))
     if plot:
         rows.append(("reliability diagram", plot))
     summary_table(f"eval-reward {data}", rows)

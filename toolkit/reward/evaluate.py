@@ -52,7 +52,7 @@ def _fingerprint(directory, fingerprint) -> str:
 def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batch_size: int = 32,
              device: str = "cpu", plot: str | None = None) -> dict[str, Any]:
     """Calibrated metrics at the top level, raw ones under "raw" (keys: accuracy, ece, brier, nll, auc, n, ties)."""
-    from toolkit.reward.metrics import pair_metrics, raw_probabilities
+    from toolkit.reward.metrics import ece_noise, pair_metrics, raw_probabilities
 
     pairs = _pairs(data, fmt)
     rewards, calibration, n_cut = _diffs(directory, pairs, batch_size, device, check_calibration=True)
@@ -60,7 +60,7 @@ def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batc
     p_raw, p_cal = raw_probabilities(diffs), calibration.probabilities(diffs)
     result: dict[str, Any] = {**pair_metrics(p_cal), "raw": pair_metrics(p_raw), "method": calibration.method,
                               "temperature": calibration.temperature, "texts_cut": n_cut, "data": data,
-                              "model": str(directory)}
+                              "model": str(directory), "ece_noise": ece_noise(p_cal)}
     if plot:
         from toolkit.reward.plots import reliability_diagram
 

@@ -102,6 +102,22 @@ def pair_metrics(p: Sequence[float]) -> dict[str, float | int]:
     }
 
 
+def ece_noise(p: Sequence[float], draws: int = 2000, seed: int = 0) -> dict[str, float]:
+    """The ECE a perfectly calibrated model with these confidences would show on this many pairs.
+
+    ECE is biased upwards on a finite set: even when P(chosen ≻ rejected) = p exactly, the observed
+    frequency in each bin scatters around its confidence. Outcomes are drawn from p itself (chosen wins
+    with probability p), so the result is the scale below which an ECE is indistinguishable from noise.
+    """
+    p = np.asarray(p, dtype=np.float64)
+    if len(p) == 0:
+        return {"median": float("nan"), "p90": float("nan")}
+    rng = np.random.default_rng(seed)
+    chosen_wins = rng.random((draws, len(p))) < p
+    values = [ece(*symmetric(np.where(wins, p, 1.0 - p))) for wins in chosen_wins]
+    return {"median": float(np.median(values)), "p90": float(np.quantile(values, 0.9))}
+
+
 def sigmoid(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))

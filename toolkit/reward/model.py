@@ -41,10 +41,20 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def default_read_at(config) -> str:
+    """Where a backbone's reward is read: a causal LM's last real token is the only one that has seen the
+    whole text; a bidirectional encoder's first token ([CLS]) is what it was pre-trained to summarise with
+    (on HH with MiniLM, reading its last token, [SEP], cost ~4 points of accuracy: 58.2% vs 61.6-62.1%)."""
+    return "last" if is_causal(config) else "first"
+
+
 class RewardNet(nn.Module):
-    def __init__(self, backbone: nn.Module, hidden_size: int):
+    def __init__(self, backbone: nn.Module, hidden_size: int, read_at: str = "last"):
         super().__init__()
+        if read_at not in ("last", "first"):
+            raise ValueError(f"read_at must be 'last' or 'first', got {read_at!r}")
         self.backbone = backbone
+        self.read_at = read_at
         self.head = nn.Linear(hidden_size, 1)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -63,8 +73,11 @@ class RewardNet(nn.Module):
 
     def _read(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(attention_mask)]
-        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+        if self.read_at == "first":  # an encoder's [CLS]: the first real token, whichever side is padded
+            picked = hidden[rows, attention_mask.long().argmax(-1)]
+        else:
+            picked = hidden[rows, last_token_index(attention_mask)]
+        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def _shared_prefix_forward(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
                                suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
@@ -127,6 +140,7 @@ class RewardSettings:
     truncation: str = "left"  # keep the end of the dialogue, where the answer is
     objective: str = "bradley-terry"
     lora: bool = False
+    read_at: str = "last"  # the token the reward is read at: "last" (causal LMs) or "first" (encoders, [CLS])
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -276,7 +290,7 @@ def new_reward_model(backbone_name: str, *, lora: bool = False, lora_r: int = 16
         config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear")
         backbone = get_peft_model(backbone, config)
     hidden = backbone.config.hidden_size
-    return RewardNet(backbone, hidden), tokenizer, path
+    return RewardNet(backbone, hidden, default_read_at(backbone.config)), tokenizer, path
 
 
 def save_reward_model(model: RewardNet, tokenizer, settings: RewardSettings, out: Path) -> None:
@@ -326,7 +340,7 @@ def load_trained(directory: str | os.PathLike, device: str = "cpu") -> tuple[Rew
         raise UserError(f"written by a newer llamakit (format {settings.format_version})", file=str(settings_file))
     tokenizer = load_tokenizer(directory)
     backbone = _load_backbone(directory, torch.float32)
-    model = RewardNet(backbone, backbone.config.hidden_size)
+    model = RewardNet(backbone, backbone.config.hidden_size, settings.read_at)
     model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
     return model.to(device).eval(), tokenizer, settings
 

@@ -332,7 +332,7 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     diffs = [c - r for c, r in heldout_rewards] if heldout_rewards else []
 
     settings = RewardSettings(backbone=str(cfg.model), max_length=cfg.max_length, append_eos=encoder.append_eos,
-                              objective=cfg.objective, lora=cfg.lora)
+                              objective=cfg.objective, lora=cfg.lora, read_at=unwrapped.read_at)
     pairs_per_s = pairs_seen / train_seconds if train_seconds else 0.0
     with atomic_dir(cfg.out) as tmp:
         save_reward_model(unwrapped, tokenizer, settings, tmp)
