@@ -438,18 +438,10 @@ class AnnotationDB:
         """Append one turn to an open chat; roles alternate user, assistant, user ... Returns its position."""
         if role not in ("user", "assistant"):
             raise ValueError("role must be 'user' or 'assistant'")
-        if not isinstance(content, str) or not content.strip():
-            raise ValueError("the message is empty")
-        if len(content) > MAX_TEXT:
-            raise ValueError(f"the message is over {MAX_TEXT} characters")
+        _check_message(content)
         now = time.time()
         with self.transaction() as conn:
-            chat = conn.execute("SELECT status FROM chats WHERE id = ? AND annotator_id = ?",
-                                (chat_id, annotator_id)).fetchone()
-            if chat is None:
-                raise KeyError(chat_id)
-            if chat["status"] != "open":
-                raise ValueError(f"this chat is {chat['status']}")
+            _check_open(conn, chat_id, annotator_id)
             last = conn.execute("SELECT position, role FROM messages WHERE chat_id = ? ORDER BY position DESC LIMIT 1",
                                 (chat_id,)).fetchone()
             expected = "user" if last is None or last["role"] == "assistant" else "assistant"
@@ -464,18 +456,10 @@ class AnnotationDB:
 
     def edit_message(self, chat_id: str, annotator_id: int, position: int, content: str) -> None:
         """The annotator corrects a turn (a model's answer becomes author 'model+human')."""
-        if not isinstance(content, str) or not content.strip():
-            raise ValueError("the message is empty")
-        if len(content) > MAX_TEXT:
-            raise ValueError(f"the message is over {MAX_TEXT} characters")
+        _check_message(content)
         now = time.time()
         with self.transaction() as conn:
-            chat = conn.execute("SELECT status FROM chats WHERE id = ? AND annotator_id = ?",
-                                (chat_id, annotator_id)).fetchone()
-            if chat is None:
-                raise KeyError(chat_id)
-            if chat["status"] != "open":
-                raise ValueError(f"this chat is {chat['status']}")
+            _check_open(conn, chat_id, annotator_id)
             message = conn.execute("SELECT author, content, meta FROM messages WHERE chat_id = ? AND position = ?",
                                    (chat_id, position)).fetchone()
             if message is None:
@@ -517,3 +501,20 @@ def _ranking(row: sqlite3.Row) -> dict[str, Any]:
         out[key] = json.loads(out[key]) if out.get(key) else None
     out["flags"] = json.loads(out.get("flags") or "{}")
     return out
+
+
+def _check_message(content: object) -> None:
+    if not isinstance(content, str) or not content.strip():
+        raise ValueError("the message is empty")
+    if len(content) > MAX_TEXT:
+        raise ValueError(f"the message is over {MAX_TEXT} characters")
+
+
+def _check_open(conn, chat_id: str, annotator_id: int) -> None:
+    """The chat exists, is this annotator's, and is still open (KeyError / ValueError otherwise)."""
+    chat = conn.execute("SELECT status FROM chats WHERE id = ? AND annotator_id = ?",
+                        (chat_id, annotator_id)).fetchone()
+    if chat is None:
+        raise KeyError(chat_id)
+    if chat["status"] != "open":
+        raise ValueError(f"this chat is {chat['status']}")
