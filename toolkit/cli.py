@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 
 import click
 
@@ -37,6 +38,8 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
+    # peft asks transformers for a deprecated attribute on every LoRA model: noise, not the user's to fix.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("LLAMAKIT_DEBUG") == "1"
     try:
