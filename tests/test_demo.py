@@ -60,3 +60,13 @@ def test_report_of_an_empty_dir_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+def test_stage_headlines_read_each_commands_json():
+    from toolkit.demo import _headline
+
+    reward = {"heldout": {"calibrated": {"accuracy": 0.625, "ece": 0.041}, "raw": {"accuracy": 0.625}}}
+    assert _headline("train-reward", reward) == "held-out accuracy 0.625, ECE 0.041"
+    assert _headline("rlhf", {"steps": 2, "final": {"objective/scores": -0.75}}) == "steps 2, score -0.75"
+    assert _headline("preferences", {"rows_done": 4, "rows_failed": 1}) == "pairs 4, failed 1"
+    assert _headline("compare", {"prompts": 4}) == ""

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from toolkit.console import console
 from toolkit.errors import UserError
@@ -158,11 +159,26 @@ def _run_stage(name: str, args: list[str], run: Path) -> dict:
     return done
 
 
+HEADLINES = {  # stage -> (label, path into the stage's --json result)
+    "instructions": (("rows", ("rows_done",)), ("failed", ("rows_failed",))),
+    "conversations": (("rows", ("rows_done",)), ("failed", ("rows_failed",))),
+    "preferences": (("pairs", ("rows_done",)), ("failed", ("rows_failed",)), ("dropped", ("rows_dropped",))),
+    "sft": (("steps", ("steps",)), ("loss", ("loss",))),
+    "train-reward": (("held-out accuracy", ("heldout", "calibrated", "accuracy")),
+                     ("ECE", ("heldout", "calibrated", "ece"))),
+    "rlhf": (("steps", ("steps",)), ("score", ("final", "objective/scores")), ("KL", ("final", "objective/kl"))),
+}
+
+
 def _headline(name: str, result: dict) -> str:
-    keys = {"instructions": ("done", "failed"), "conversations": ("done", "failed"), "preferences": ("done", "failed"),
-            "sft": ("steps", "loss"), "train-reward": ("accuracy", "ece"), "rlhf": ("steps", "reward_end")}
-    picked = {k: result.get(k) for k in keys.get(name, ()) if k in result}
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in picked.items())
+    parts = []
+    for label, path in HEADLINES.get(name, ()):
+        value: Any = result
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            parts.append(f"{label} {value:.3g}" if isinstance(value, float) else f"{label} {value}")
+    return ", ".join(parts)
 
 
 def _generate_compare(run: Path, sizes: Sizes, model: str) -> dict:
