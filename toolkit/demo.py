@@ -47,7 +47,7 @@ class Sizes:
 
 
 FULL = Sizes(instructions=40, conversations=24, turns=2, candidates=3, preference_prompts=32, answer_tokens=96,
-             sft_steps=20, reward_steps=0, reward_max_length=256, hh_pairs=200, ppo_steps=12, ppo_batch=8,
+             sft_steps=20, reward_steps=0, reward_max_length=256, hh_pairs=200, ppo_steps=8, ppo_batch=8,
              ppo_new_tokens=48)
 FAST = Sizes(instructions=4, conversations=3, turns=2, candidates=2, preference_prompts=4, answer_tokens=40,
              sft_steps=3, reward_steps=8, reward_max_length=128, hh_pairs=48, ppo_steps=2, ppo_batch=4,
