@@ -20,7 +20,6 @@ from toolkit.errors import UserError
 from toolkit.io import read_existing, write_json
 from toolkit.resources import template_path
 
-HH_ASSISTANT = "\n\nAssistant:"
 COMPARE_PROMPTS = (
     "Give me three tips for a good night's sleep.",
     "What is the capital of France?",
@@ -114,13 +113,14 @@ def _reward_pairs(run: Path, sizes: Sizes) -> int:
             for r in read_existing(run / "data" / "preferences.jsonl")
             if isinstance(r.get("prompt"), str) and r.get("chosen") and r.get("rejected")
             and r["chosen"] != r["rejected"]]
-    hh = read_existing(template_path("demo/hh-harmless-200.jsonl"))[: sizes.hh_pairs]
-    for r in hh:  # HH text → prompt (the dialogue before the last answer) + the two final answers
-        cut_c, cut_r = r["chosen"].rfind(HH_ASSISTANT), r["rejected"].rfind(HH_ASSISTANT)
-        chosen = r["chosen"][cut_c + len(HH_ASSISTANT):].strip()
-        rejected = r["rejected"][cut_r + len(HH_ASSISTANT):].strip()
-        if r["chosen"][:cut_c] == r["rejected"][:cut_r] and chosen and rejected and chosen != rejected:
-            rows.append({"prompt": r["chosen"][:cut_c], "chosen": chosen, "rejected": rejected, "source": "hh"})
+    from toolkit.reward.data import load_preferences
+
+    # HH text → prompt (the dialogue before the last answer) + the two final answers, as train-reward reads it.
+    hh = load_preferences(template_path("demo/hh-harmless-200.jsonl"), fmt="hh").pairs[: sizes.hh_pairs]
+    for pair in hh:
+        chosen, rejected = pair.chosen.strip(), pair.rejected.strip()
+        if pair.rejected_prompt is None and chosen and rejected and chosen != rejected:
+            rows.append({"prompt": pair.prompt, "chosen": chosen, "rejected": rejected, "source": "hh"})
     path = run / "data" / "reward-pairs.jsonl"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
