@@ -22,12 +22,21 @@ def test_demo_fast_end_to_end_then_resumes(tmp_path):
         assert (run / "stages" / f"{stage}.json").is_file(), stage
     assert (run / "ppo" / "policy" / "model.safetensors").is_file()
     assert (run / "reward" / "calibration.json").is_file()
-    assert (run / "data" / "preferences.jsonl").stat().st_size > 0
+    from toolkit.io import read_existing
+
+    pairs = read_existing(run / "data" / "preferences.jsonl")
+    assert pairs
+    for pair in pairs:  # scored by the teacher as judge (through its logprobs) and by the rules
+        for candidate in pair["meta"]["candidates"]:
+            assert 0 <= candidate["judge"]["rating"] <= 5 and candidate["judge"]["rating_mass"] > 0
+            assert 0 <= candidate["rules_score"] <= 1
     html = (run / "report.html").read_text()
     for heading in ("Stages", "Data", "Reward model", "PPO", "Before and after", "Settings"):
         assert f"<h2>{heading}" in html, heading
     assert html.count("data:image/png;base64,") >= 4  # self-contained: the plots are inside
     assert (run / "report.md").read_text().startswith("# llamakit run report")
+    both_rank = [p for p in pairs if p["meta"]["chosen"]["rules_score"] != p["meta"]["rejected"]["rules_score"]]
+    assert ("judge agrees with rules" in html) == bool(both_rank)
 
     again = run_cli("demo", "--fast", "--out", run, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]

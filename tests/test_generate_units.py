@@ -104,6 +104,29 @@ def test_binarize_min_margin_and_ties():
     assert preferences.binarize([0.7]) is None
 
 
+def test_expected_rating_from_first_token_logprobs():
+    import math
+
+    alternatives = [(" 4", math.log(0.3)), ("4", math.log(0.1)), ("2", math.log(0.2)), ("The", math.log(0.3)),
+                    ("7", math.log(0.05)), ("42", math.log(0.05))]
+    rating, mass = preferences.expected_rating(alternatives, max_score=5)
+    # "7" is out of range, "42" is not one digit, "The" is no rating: (4 * 0.4 + 2 * 0.2) / 0.6
+    assert rating == pytest.approx(2.0 / 0.6) and mass == pytest.approx(0.6)
+    with pytest.raises(Unparsable, match="no rating 0..5"):
+        preferences.expected_rating([("The", -0.1), ("I", -2.0)], max_score=5)
+
+
+def test_logprob_judge_needs_logprobs_and_a_one_digit_scale():
+    from toolkit.teachers import Reply
+
+    with pytest.raises(UserError, match="returned no logprobs"):
+        preferences.read_logprob_rating(Reply(text="4", finish_reason="stop"), 5)
+    for judging in (preferences.Judging(judge="hf:x", logprobs=True, pairwise=True),
+                    preferences.Judging(judge="hf:x", logprobs=True, max_score=10)):
+        with pytest.raises(UserError, match="--judge-logprobs"):
+            preferences.run("unused.jsonl", "out.jsonl", teachers=["hf:x"], judging=judging)
+
+
 def test_combine_judge_and_rules():
     assert preferences.combine(0.8, None, 1.0) == 0.8
     assert preferences.combine(None, 0.4, 1.0) == 0.4

@@ -88,6 +88,42 @@ def test_streaming_with_n_choices(client):
     assert [texts[0], texts[1]] == [c.message.content for c in plain.choices]
 
 
+def test_logprobs_are_the_models_own_distribution(client, tiny_llama):
+    import torch
+
+    from toolkit.chat_format import encode_chat
+
+    reply = ask(client, max_tokens=3, temperature=0, logprobs=True, top_logprobs=5)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    first = content[0]
+    assert len(first.top_logprobs) == 5
+    assert first.token == first.top_logprobs[0].token  # greedy picks the likeliest token
+    assert [t.logprob for t in first.top_logprobs] == sorted((t.logprob for t in first.top_logprobs), reverse=True)
+    model, tokenizer = tiny_llama
+    ids = encode_chat(tokenizer, [{"role": "user", "content": "Hello there"}])
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), -1)
+    top = torch.topk(expected, 5)
+    assert [t.token for t in first.top_logprobs] == [tokenizer.decode([i]) for i in top.indices.tolist()]
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    # Sampling at a temperature does not change the reported distribution.
+    hot = ask(client, max_tokens=1, temperature=1.5, seed=4, logprobs=True, top_logprobs=5).choices[0].logprobs
+    assert [t.logprob for t in hot.content[0].top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert ask(client, max_tokens=2).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("extra, param", [({"top_logprobs": 3}, "top_logprobs"),
+                                          ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                                          ({"logprobs": "yes"}, "logprobs"),
+                                          ({"logprobs": True, "stream": True}, "logprobs")])
+def test_bad_logprobs_requests_are_400(tiny_server, extra, param):
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, **extra}
+    response = httpx.post(f"{base(tiny_server)}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
 def test_models_and_health(client, tiny_server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = httpx.get(f"{base(tiny_server)}/health").json()  # no key needed
@@ -166,6 +202,8 @@ def test_langchain_chat_openai(tiny_server):
     assert streamed == message.content
     batch = asyncio.run(llm.abatch(["a", "b", "c"], config={"max_concurrency": 3}))
     assert len(batch) == 3
+    scored = llm.bind(logprobs=True, top_logprobs=3).invoke("Hello")
+    assert len(scored.response_metadata["logprobs"]["content"][0]["top_logprobs"]) == 3
 
 
 @pytest.mark.slow

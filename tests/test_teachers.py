@@ -69,6 +69,28 @@ def test_hf_teacher_batches_concurrent_chats(tiny_llama_dir):
     assert teacher.engine.stats.batches < 6
 
 
+def test_every_teacher_reports_the_same_logprobs(tiny_server, tiny_llama_dir, monkeypatch):
+    """openai:, langchain: (through llamakit serve) and hf: (in process) read the same tiny model: asked for
+    the first token's 5 likeliest alternatives, all three give the same tokens and log-probs."""
+    monkeypatch.setenv("MY_KEY", API_KEY)
+    params = {"max_tokens": 2, "temperature": 0, "logprobs": True, "top_logprobs": 5}
+    teachers = [make_teacher("openai:tiny", base_url=tiny_server.url, api_key_env="MY_KEY", max_retries=0),
+                make_teacher("langchain:langchain_openai:ChatOpenAI",
+                             kwargs={"base_url": tiny_server.url, "api_key": API_KEY, "model": "tiny",
+                                     "max_retries": 0, "timeout": 63}),
+                HFTeacher(str(tiny_llama_dir))]
+    firsts = []
+    for teacher in teachers:
+        reply = chat(teacher, **params)
+        assert reply.logprobs is not None and len(reply.logprobs) == reply.completion_tokens
+        firsts.append(reply.logprobs[0])
+        assert len(reply.logprobs[0]) == 5
+    for other in firsts[1:]:
+        assert [t for t, _ in other] == [t for t, _ in firsts[0]]
+        assert [lp for _, lp in other] == pytest.approx([lp for _, lp in firsts[0]], abs=1e-4)
+    assert chat(HFTeacher(str(tiny_llama_dir)), max_tokens=2).logprobs is None  # only when asked
+
+
 def test_rules_teacher_scores_but_cannot_write():
     teacher = make_teacher("rules:refusal,truncation")
     assert teacher.score("q", "I'm sorry, I cannot help.", "stop") == pytest.approx(0.5)

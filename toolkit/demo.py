@@ -70,9 +70,10 @@ def _stage_commands(run: Path, sizes: Sizes, teacher_url: str | None, model: str
                         "--out", str(data / "preferences.jsonl"), "--limit", str(sizes.preference_prompts),
                         "--num-candidates", str(sizes.candidates), "--temperatures", "0.7,1.2",
                         "--max-tokens", str(sizes.answer_tokens),
-                        # Rules, not the 135M teacher as judge: it does not follow the "Rating: [[N]]" format
-                        # (0 of 4 rows parsable after 6 tries each); a capable teacher takes --judge.
-                        "--scorer", "rules:length,refusal,repetition,truncation,format",
+                        # The teacher judges too, by the logprobs of its first token (the 135M model cannot
+                        # follow a "Rating: [[N]]" format); the rules weigh 3x, as so small a judge is weak.
+                        "--judge", f"openai:{model}", "--judge-logprobs",
+                        "--scorer", "rules:length,refusal,repetition,truncation,format", "--scorer-weight", "3",
                         *teacher],
         "sft": ["sft", "--data", str(data / "conversations.jsonl"), "--model", model, "--out", str(run / "sft"),
                 "--lora", "--max-steps", str(sizes.sft_steps), "--batch-size", "4", "--max-length", "256",

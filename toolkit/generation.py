@@ -22,6 +22,7 @@ class SamplingParams:
     top_k: int = 0  # 0 means no top-k
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_logprobs: int = -1  # -1: none; k >= 0: each token's own log-prob and the k likeliest (OpenAI `logprobs`)
 
 
 @dataclass
@@ -31,6 +32,9 @@ class Completion:
     finish_reason: str  # "stop" (EOS or stop string) or "length"
     prompt_tokens: int
     logprobs: list[float] = field(default_factory=list)
+    # With top_logprobs >= 0: per token, (token id, log-prob) of the sampled token and then the k likeliest,
+    # from the model's own distribution (before temperature / top-p), as OpenAI and vLLM report them.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def completion_tokens(self) -> int:
@@ -135,6 +139,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
     watch = [bool(p.stop) or on_text is not None for p in params]
     tokens: list[list[int]] = [[] for _ in params]
     logprobs: list[list[float]] = [[] for _ in params]
+    alternatives: list[list[list[tuple[int, float]]]] = [[] for _ in params]
     finish = ["length"] * len(params)
 
     rows = [i for i, p in enumerate(params) if p.max_new_tokens > 0]  # original index of each batch row
@@ -169,11 +174,20 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
                 next_ids[b] = _sample(probs[b:b + 1], generators[i])[0]
         chosen_logp = logp.gather(-1, next_ids[:, None])[:, 0].tolist()
         hit_eos = torch.isin(next_ids, eos).tolist()
+        k = max(params[i].top_logprobs for i in rows)
+        if k >= 0:
+            model_logp = torch.log_softmax(logits, dim=-1)
+            own = model_logp.gather(-1, next_ids[:, None])[:, 0].tolist()
+            top = torch.topk(model_logp, k, dim=-1) if k else None
 
         keep = []
         for b, i in enumerate(rows):
             tokens[i].append(int(next_ids[b]))
             logprobs[i].append(chosen_logp[b])
+            if params[i].top_logprobs >= 0:
+                n = params[i].top_logprobs
+                alternatives[i].append([(int(next_ids[b]), own[b])] + (list(zip(
+                    top.indices[b, :n].tolist(), top.values[b, :n].tolist(), strict=True)) if n else []))
             stopped = hit_eos[b]
             out_of_budget = len(tokens[i]) >= params[i].max_new_tokens
             if watch[i]:
@@ -203,5 +217,5 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
     completions = []
     for i in range(len(params)):
         text = watchers[i].text if watch[i] else tokenizer.decode(tokens[i], skip_special_tokens=True)
-        completions.append(Completion(tokens[i], text, finish[i], len(prompts[i]), logprobs[i]))
+        completions.append(Completion(tokens[i], text, finish[i], len(prompts[i]), logprobs[i], alternatives[i]))
     return completions

@@ -29,6 +29,7 @@ class ServeLimits:
     max_n: int = 8
     max_body_bytes: int = 1_000_000
     max_stop: int = 4
+    max_top_logprobs: int = 20  # OpenAI's limit
 
 
 class APIError(Exception):
@@ -51,6 +52,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     max_tokens_given: bool
+    logprobs: bool = False
 
 
 def _number(body: dict, key: str, kind: type, default, low=None, high=None):
@@ -88,6 +90,14 @@ def parse_chat_request(body: Any, limits: ServeLimits) -> ChatRequest:
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
     options = body.get("stream_options") or {}
+    logprobs = body.get("logprobs") or False
+    if not isinstance(logprobs, bool):
+        raise APIError(400, "'logprobs' must be a boolean", param="logprobs")
+    top_logprobs = _number(body, "top_logprobs", int, 0, 0, limits.max_top_logprobs)
+    if body.get("top_logprobs") is not None and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    if logprobs and stream:
+        raise APIError(400, "'logprobs' is not supported with 'stream': true on this server", param="logprobs")
     params = SamplingParams(
         max_new_tokens=max_tokens,
         temperature=_number(body, "temperature", float, 1.0, 0, 2),
@@ -95,9 +105,10 @@ def parse_chat_request(body: Any, limits: ServeLimits) -> ChatRequest:
         top_k=_number(body, "top_k", int, 0, 0, None),
         seed=seed,
         stop=tuple(stop),
+        top_logprobs=top_logprobs if logprobs else -1,
     )
     return ChatRequest(messages, params, _number(body, "n", int, 1, 1, limits.max_n), stream,
-                       bool(isinstance(options, dict) and options.get("include_usage")), max_tokens_given)
+                       bool(isinstance(options, dict) and options.get("include_usage")), max_tokens_given, logprobs)
 
 
 def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = None,
@@ -181,12 +192,24 @@ def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = No
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
             "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                         "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(results)],
+                         "finish_reason": c.finish_reason,
+                         "logprobs": _logprobs(engine.tokenizer, c) if chat.logprobs else None}
+                        for i, c in enumerate(results)],
             "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": completion_tokens,
                       "total_tokens": len(prompt_ids) + completion_tokens},
         }
 
     return app
+
+
+def _logprobs(tokenizer, completion) -> dict:
+    """OpenAI's choice.logprobs: {"content": [{token, logprob, bytes, top_logprobs: [...]}]} per token."""
+    def entry(token_id: int, logprob: float) -> dict:
+        token = tokenizer.decode([token_id])
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(*steps[0]), "top_logprobs": [entry(*alt) for alt in steps[1:]]}
+                        for steps in completion.top_logprobs], "refusal": None}
 
 
 async def _unless_disconnected(request: Request, work):

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from toolkit.errors import UserError
 
-OPENAI_PARAMS = ("temperature", "top_p", "max_tokens", "seed", "stop")
+OPENAI_PARAMS = ("temperature", "top_p", "max_tokens", "seed", "stop", "logprobs", "top_logprobs")
 
 
 @dataclass
@@ -29,6 +29,9 @@ class Reply:
     model: str = ""
     latency_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Asked for with logprobs=True, top_logprobs=k: per generated token, the k likeliest (token, log-prob)
+    # (or the sampled token alone when k = 0); None when the teacher gave none.
+    logprobs: list[list[tuple[str, float]]] | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -74,10 +77,12 @@ class OpenAITeacher:
             raise ValueError("the server answered with no choices")
         choice = response.choices[0]
         usage = response.usage
+        content = choice.logprobs.content if choice.logprobs is not None else None
         return Reply(text=choice.message.content or "", finish_reason=choice.finish_reason,
                      prompt_tokens=usage.prompt_tokens if usage else 0,
                      completion_tokens=usage.completion_tokens if usage else 0,
-                     model=response.model or self.model, latency_s=time.perf_counter() - start)
+                     model=response.model or self.model, latency_s=time.perf_counter() - start,
+                     logprobs=token_alternatives([t.model_dump() for t in content]) if content else None)
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -96,6 +101,12 @@ def _http_client(timeout: float):
         except ImportError:
             pass
     return None
+
+
+def token_alternatives(content: list[dict[str, Any]]) -> list[list[tuple[str, float]]]:
+    """OpenAI's `choices[0].logprobs.content` (as dicts) -> per token, its top (token, log-prob) list, or the
+    sampled token alone when no alternatives were asked for."""
+    return [[(alt["token"], float(alt["logprob"])) for alt in (t.get("top_logprobs") or [t])] for t in content]
 
 
 class LangChainTeacher:
@@ -132,10 +143,11 @@ class LangChainTeacher:
             content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
         usage = getattr(message, "usage_metadata", None) or {}
         meta = getattr(message, "response_metadata", None) or {}
+        tokens = (meta.get("logprobs") or {}).get("content") if isinstance(meta.get("logprobs"), dict) else None
         return Reply(text=content, finish_reason=meta.get("finish_reason"),
                      prompt_tokens=usage.get("input_tokens", 0), completion_tokens=usage.get("output_tokens", 0),
                      model=meta.get("model_name") or meta.get("model") or self.name,
-                     latency_s=time.perf_counter() - start)
+                     latency_s=time.perf_counter() - start, logprobs=token_alternatives(tokens) if tokens else None)
 
 
 class HFTeacher:
@@ -162,12 +174,15 @@ class HFTeacher:
             max_new_tokens=min(int(params.get("max_tokens") or 256), room),
             temperature=float(params["temperature"]) if params.get("temperature") is not None else 1.0,
             top_p=float(params.get("top_p") or 1.0), seed=params.get("seed"),
-            stop=(stop,) if isinstance(stop, str) else tuple(stop))
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            top_logprobs=int(params.get("top_logprobs") or 0) if params.get("logprobs") else -1)
         start = time.perf_counter()
         completion = await self.engine.complete(prompt_ids, sampling)
+        decode = self.engine.tokenizer.decode
+        logprobs = [[(decode([i]), lp) for i, lp in (steps[1:] or steps[:1])] for steps in completion.top_logprobs]
         return Reply(text=completion.text, finish_reason=completion.finish_reason,
                      prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-                     model=self.name, latency_s=time.perf_counter() - start)
+                     model=self.name, latency_s=time.perf_counter() - start, logprobs=logprobs or None)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.engine.close)

@@ -184,10 +184,13 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Comma-separated temperatures the candidates cycle over (default: --temperature).")
 @click.option("--judge", default=None, help=f"Judge LLM: {TEACHER_HELP} (or rules:... as a scorer).")
 @click.option("--pairwise", is_flag=True, help="Judge pairs, each asked twice with positions swapped.")
+@click.option("--judge-logprobs", is_flag=True,
+              help="Read the judge's rating as the expected digit under its first-token logprobs (one token "
+                   "per answer; works with small judges). Needs a judge that reports logprobs.")
 @click.option("--scorer", default=None, help="Rule scorers, e.g. rules:length,refusal=2,repetition,truncation.")
 @click.option("--scorer-weight", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Weight of the rules against the judge when both are given.")
-@click.option("--max-score", type=click.IntRange(1), default=10, show_default=True,
+@click.option("--max-score", type=click.IntRange(1), default=None, show_default="10, or 5 with --judge-logprobs",
               help="Pointwise judge rating scale 0..N.")
 @click.option("--min-margin", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Keep a pair only when best - worst >= this (scores are in [0, 1]); ties are always dropped.")
@@ -196,15 +199,17 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--export", "exports", multiple=True, type=click.Choice(["trl-conversational", "trl-standard", "hh"]),
               help="Also write the pairs in this format beside OUT (repeatable).")
 @common_options()
-def preferences_cmd(prompts, teachers, num_candidates, temperatures, judge, pairwise, scorer, scorer_weight,
-                    max_score, min_margin, judge_temperature, judge_max_tokens, exports, as_json, **kw):
+def preferences_cmd(prompts, teachers, num_candidates, temperatures, judge, pairwise, judge_logprobs, scorer,
+                    scorer_weight, max_score, min_margin, judge_temperature, judge_max_tokens, exports, as_json, **kw):
     """K candidates per prompt, scored by a judge and/or rules, binarized into chosen / rejected."""
     from toolkit.generate import preferences
 
     options, sampling, teacher_options, out = engine(kw)
+    if max_score is None:
+        max_score = 5 if judge_logprobs else 10
     judging = preferences.Judging(judge=judge, pairwise=pairwise, scorer=scorer, scorer_weight=scorer_weight,
                                   max_score=max_score, min_margin=min_margin, judge_temperature=judge_temperature,
-                                  judge_max_tokens=judge_max_tokens)
+                                  judge_max_tokens=judge_max_tokens, logprobs=judge_logprobs)
     summary = preferences.run(prompts, out["out"], teachers=teachers, judging=judging, num_candidates=num_candidates,
                               temperatures=_floats(temperatures) if temperatures else (sampling.temperature,),
                               sampling=sampling, options=options, teacher_options=teacher_options,

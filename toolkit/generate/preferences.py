@@ -3,6 +3,9 @@
 Candidates come from one or several teachers and temperatures (or from the row's own `responses`).
 Scores, each in [0, 1]:
   - pointwise judge (prompts/judge_pointwise.txt): rating / max_score;
+  - logprob judge (prompts/judge_logprobs.txt, --judge-logprobs): the expected rating under the judge's
+    distribution over the digits 0..max_score as its first token (G-Eval), / max_score; one token per
+    answer, and it works with small teachers that cannot follow the "Rating: [[N]]" format;
   - pairwise judge (prompts/judge_pairwise.txt): every pair asked twice with the positions swapped;
     a pair's winner must win both times, a disagreement is a tie; score = (wins + ties / 2) / (K - 1);
   - rules (toolkit/scorers.py): weighted mean of the rules, each rule's part kept in the row.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -59,8 +63,10 @@ class Judging:
     min_margin: float = 0.0
     judge_temperature: float = 0.0
     judge_max_tokens: int = 256
+    logprobs: bool = False  # read the rating from the first token's log-probs (max_score <= 9)
 
 
+TOP_LOGPROBS = 20  # OpenAI's maximum
 # ------------------------------------------------------------------------------------- pure logic
 
 
@@ -73,6 +79,29 @@ def parse_rating(text: str, max_score: int) -> float:
     if not 0 <= value <= max_score:
         raise Unparsable(f"rating {value:g} is outside 0..{max_score}")
     return value
+
+
+def expected_rating(alternatives: list[tuple[str, float]] | None, max_score: int) -> tuple[float, float]:
+    """(E[rating], P(any rating)) from the judge's first-token alternatives [(token, log-prob)], counting
+    the tokens that are one digit 0..max_score (with or without spaces around); Unparsable if none is."""
+    mass = [0.0] * (max_score + 1)
+    for token, logprob in alternatives or []:
+        digit = token.strip()
+        if len(digit) == 1 and digit.isdigit() and int(digit) <= max_score:
+            mass[int(digit)] += math.exp(logprob)
+    total = sum(mass)
+    if total <= 0:
+        seen = [t for t, _ in (alternatives or [])][:8]
+        raise Unparsable(f"no rating 0..{max_score} among the judge's likeliest first tokens {seen}")
+    return sum(k * m for k, m in enumerate(mass)) / total, total
+
+
+def read_logprob_rating(reply: Any, max_score: int) -> tuple[float, float]:
+    if not reply.logprobs:
+        raise UserError(f"the judge {reply.model or ''} returned no logprobs: --judge-logprobs needs a server "
+                        "that reports them (OpenAI, vLLM, llamakit serve, hf:); drop the flag to read "
+                        "'Rating: [[N]]' from the text")
+    return expected_rating(reply.logprobs[0], max_score)
 
 
 def parse_verdict(text: str) -> str:
@@ -166,9 +195,23 @@ async def judge_pointwise(caller: Caller, setup: Setup, question: str, answers: 
                                  lambda text: parse_rating(text, j.max_score),
                                  **setup.sampling.params(temperature=j.judge_temperature, max_tokens=j.judge_max_tokens))
 
-    results = await asyncio.gather(*(one(a) for a in answers))
+    async def one_by_logprobs(answer: str):
+        prompt = render_prompt("judge_logprobs", prompt=question, response=answer, max_score=j.max_score)
+        return await caller.chat(setup.judge, [{"role": "user", "content": prompt}],
+                                 read=lambda reply: read_logprob_rating(reply, j.max_score),
+                                 **setup.sampling.params(temperature=0.0, max_tokens=1, logprobs=True,
+                                                         top_logprobs=TOP_LOGPROBS))
+
+    if j.logprobs:
+        results = await asyncio.gather(*(one_by_logprobs(a) for a in answers))
+        details = [{"rating": round(v, 4), "rating_mass": round(m, 4)} for _, (v, m) in results]
+        ratings = [v for _, (v, _) in results]
+    else:
+        results = await asyncio.gather(*(one(a) for a in answers))
+        details = [{"rating": v} for _, v in results]
+        ratings = [v for _, v in results]
     metas = [reply_meta(r, setup.hashes["judge"]) for r, _ in results]
-    return [v / j.max_score for _, v in results], [{"rating": v} for _, v in results], metas
+    return [v / j.max_score for v in ratings], details, metas
 
 
 async def judge_pairwise(caller: Caller, setup: Setup, question: str, answers: list[str]):
@@ -235,6 +278,8 @@ async def make_pair(caller: Caller, setup: Setup, p: Prompt) -> dict[str, Any] |
             parts = setup.scorer.explain(question, c["text"], c.get("finish_reason"))
             c["rules"] = {k: round(v, 4) for k, v in parts.items()}
             rule_scores.append(setup.scorer.score_one(question, c["text"], c.get("finish_reason")))
+            if judge_scores is not None:
+                c["rules_score"] = round(rule_scores[-1], 4)  # beside the judge's, to see if they agree
     scores = [combine(judge_scores[i] if judge_scores else None, rule_scores[i] if rule_scores else None,
                       setup.judging.scorer_weight) for i in range(len(candidates))]
     for c, s in zip(candidates, scores, strict=True):
@@ -259,7 +304,9 @@ async def make_pair(caller: Caller, setup: Setup, p: Prompt) -> dict[str, Any] |
 
 
 def make_jobs(prompts: list[Prompt], setup: Setup) -> list[Job]:
-    judging = {**asdict(setup.judging), "judge": setup.judge.name if setup.judge is not None else None,
+    # `logprobs` joins the id only when on, so rows made before the flag existed keep their ids.
+    settings = {k: v for k, v in asdict(setup.judging).items() if k != "logprobs" or v}
+    judging = {**settings, "judge": setup.judge.name if setup.judge is not None else None,
                "scorer": setup.scorer.name if setup.scorer is not None else None}
     jobs: dict[str, Job] = {}
     for p in prompts:
@@ -297,12 +344,16 @@ async def generate(prompts_path: str | os.PathLike, out: str | os.PathLike, *, t
         raise UserError("--num-candidates must be at least 2 to make a pair")
     if judging.max_score < 1:
         raise UserError("--max-score must be at least 1")
+    if judging.logprobs and (judging.pairwise or judging.max_score > 9):
+        raise UserError("--judge-logprobs reads one digit from a pointwise judge: use it without --pairwise "
+                        "and with --max-score 9 or less")
     scorer = parse_rules(scorer_spec) if scorer_spec else None
     prompts = read_prompts(prompts_path, limit)
     files = output_files(out, fmt)
     hashes = {"assistant": template_hash("assistant_system")}
     if judge_spec:
-        hashes["judge"] = template_hash("judge_pairwise" if judging.pairwise else "judge_pointwise")
+        hashes["judge"] = template_hash("judge_pairwise" if judging.pairwise else
+                                        "judge_logprobs" if judging.logprobs else "judge_pointwise")
     needs_teachers = any(len(p.responses) < 2 for p in prompts)
     if needs_teachers and not teachers:
         raise UserError("give --teacher SPEC to write the candidates (or rows with 'responses')")

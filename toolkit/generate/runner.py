@@ -257,12 +257,13 @@ class Caller:
         self.rng = random.Random(seed)
 
     async def chat(self, teacher: Any, messages: list[dict[str, str]],
-                   parse: Callable[[str], Any] | None = None, **params: Any) -> tuple[Any, Any]:
+                   parse: Callable[[str], Any] | None = None, *, read: Callable[[Any], Any] | None = None,
+                   **params: Any) -> tuple[Any, Any]:
         """(reply, parse(reply.text)) after retries; raises RequestFailed or FatalError.
 
         `parse` turns the reply text into what the caller needs and raises Unparsable when it cannot;
         such replies are retried like failed calls (with the seed moved on, so a sampling teacher
-        answers differently)."""
+        answers differently). `read` does the same with the whole Reply (e.g. its logprobs)."""
         opts = self.options
         estimate = sum(len(m.get("content", "")) for m in messages) / 4 + (params.get("max_tokens") or 256)
         attempt = 0
@@ -277,7 +278,7 @@ class Caller:
                 self.usage.completion_tokens += reply.completion_tokens or 0
                 if used:
                     self.limiter.refund(estimate - used)
-                value = parse(reply.text) if parse is not None else reply.text
+                value = read(reply) if read is not None else parse(reply.text) if parse is not None else reply.text
                 return reply, value
             except Exception as err:  # noqa: BLE001 - every failure is classified below
                 verdict, hint = classify(err)

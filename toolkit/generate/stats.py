@@ -27,12 +27,26 @@ def _describe(values: list[float]) -> dict[str, float]:
             "min": round(ordered[0], 2), "max": round(ordered[-1], 2)}
 
 
+def _judge_and_rules(meta: Any) -> tuple[bool, bool] | None:
+    """(judge prefers chosen, rules prefer chosen) for a pair scored by both, None if either one tied."""
+    if not isinstance(meta, dict):
+        return None
+    chosen, rejected = meta.get("chosen") or {}, meta.get("rejected") or {}
+    try:
+        judge = chosen["judge"]["rating"] - rejected["judge"]["rating"]
+        rules = chosen["rules_score"] - rejected["rules_score"]
+    except (KeyError, TypeError):
+        return None
+    return (judge > 0, rules > 0) if judge and rules else None
+
+
 def compute(path: str | os.PathLike) -> dict[str, Any]:
     """Numbers about a data file of any supported format; series kept under '_series' for the plot."""
     rows = read_llamakit(path)
     kinds = Counter(kind(r) for r in rows)
     turns, prompt_words, answer_words, scores, margins = [], [], [], [], []
     chosen_longer = 0
+    agree = judged = 0  # rows whose judge and rules both ranked chosen vs rejected (ties left out)
     for r in rows:
         what = kind(r)
         if what == "conversation":
@@ -43,6 +57,10 @@ def compute(path: str | os.PathLike) -> dict[str, Any]:
             prompt_words.append(_words(prompt_text(r["prompt"])))
             answer_words += [_words(r["chosen"]), _words(r["rejected"])]
             chosen_longer += _words(r["chosen"]) > _words(r["rejected"])
+            verdicts = _judge_and_rules(r.get("meta"))
+            if verdicts is not None:
+                judged += 1
+                agree += verdicts[0] == verdicts[1]
             for key in ("score_chosen", "score_rejected"):
                 if isinstance(r.get(key), (int, float)):
                     scores.append(float(r[key]))
@@ -65,6 +83,8 @@ def compute(path: str | os.PathLike) -> dict[str, Any]:
             stats[f"{name} {stat}"] = value
     if kinds.get("preference"):
         stats["chosen longer than rejected"] = f"{chosen_longer / kinds['preference']:.1%}"
+    if judged:
+        stats["judge agrees with rules"] = f"{agree / judged:.1%} of {judged} pairs"
     if scores and all(float(s).is_integer() for s in scores):
         stats["score counts"] = ", ".join(f"{int(k)}: {v}" for k, v in sorted(Counter(scores).items()))
     files = output_files(path) if str(path).endswith(".jsonl") else None
