@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from toolkit.errors import EXIT_ROWS_FAILED  # noqa: E402
 from toolkit.server_process import running_server  # noqa: E402
 from toolkit.testing.fault_server import FaultServer, running_fault_server  # noqa: E402
 
@@ -195,7 +196,7 @@ def teacher_faults(suite: Suite, server: FaultServer) -> Callable[[Path], dict]:
         started = time.perf_counter()
         proc = cli(*conversations(prompts, out, server.url, *flags), timeout=180)
         seconds = time.perf_counter() - started
-        expect(proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-300:]}")
+        expect(proc.returncode == EXIT_ROWS_FAILED, f"exit {proc.returncode} (rows failed: want 3): {proc.stderr[-300:]}")
         summary = json.loads(proc.stdout)
         done = {r["messages"][0]["content"] for r in jsonl(out)[0]}
         failed = {r["inputs"]["prompt"]: r["error"] for r in jsonl(where / "answers.failed.jsonl")[0]}
@@ -207,7 +208,7 @@ def teacher_faults(suite: Suite, server: FaultServer) -> Callable[[Path], dict]:
         # the same command again asks for nothing: answered rows are done, failed rows wait for --retry-failed
         before = stats["total"]
         again = cli(*conversations(prompts, out, server.url, *flags), timeout=120)
-        expect(again.returncode == 0, "rerun failed")
+        expect(again.returncode == EXIT_ROWS_FAILED, f"rerun: exit {again.returncode}, want 3")
         repeated += server.stats()["total"] - before
         suite.requests_repeated += repeated
         kinds = {k: {"recovered": recovering[k] in done, "failed_with_error": bool(failed.get(failing[k]))}

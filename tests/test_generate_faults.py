@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import LLAMAKIT, ROOT, run_cli
 
+from toolkit.errors import EXIT_ROWS_FAILED
 from toolkit.testing.fault_server import running_fault_server
 
 RETRY_AFTER = 0.6
@@ -60,7 +61,7 @@ def test_faults_end_as_rows_or_failed_rows_then_retry_failed_completes(tmp_path,
     flags = ("--concurrency", "6", "--max-retries", "2", "--timeout", "1.5", "--backoff-base", "0.05",
              "--backoff-max", "0.2")
     first = run_cli(*answers_cmd(prompts, out, fault_server, *flags), timeout=120)
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == EXIT_ROWS_FAILED, first.stderr  # finished, but not whole
     summary = json.loads(first.stdout)
     assert summary["rows_done"] == 15 and summary["rows_failed"] == 2, summary
 
@@ -81,6 +82,7 @@ def test_faults_end_as_rows_or_failed_rows_then_retry_failed_completes(tmp_path,
     # the same command again: nothing is requested; the failed rows are skipped, not lost
     before = stats["total"]
     again = run_cli(*answers_cmd(prompts, out, fault_server, *flags), timeout=60)
+    assert again.returncode == EXIT_ROWS_FAILED  # still not whole until the failed rows are retried
     assert json.loads(again.stdout)["rows_skipped_done_before"] == 15
     assert json.loads(again.stdout)["rows_failed"] == 2
     assert fault_server.stats()["total"] == before
@@ -173,7 +175,7 @@ def test_unparsable_scores_are_retried_then_kept_as_failed_rows(tmp_path, fault_
     proc = run_cli("generate-data", "scores", "--prompts", src, "--out", out, "--judge", "openai:fault",
                    "--base-url", fault_server.url, "--max-retries", "2", "--backoff-base", "0.01", "--json",
                    timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == EXIT_ROWS_FAILED, proc.stderr
     assert json.loads(proc.stdout)["rows_failed"] == 1
     scored = rows_of(out)
     assert len(scored) == 1 and scored[0]["score"] == 5 and scored[0]["response"] == rows[0]["response"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.console import console
-from toolkit.errors import UserError
+from toolkit.errors import EXIT_ROWS_FAILED, UserError
 from toolkit.io import read_existing, write_json
 from toolkit.resources import template_path
 
@@ -150,7 +150,9 @@ def _run_stage(name: str, args: list[str], run: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", "toolkit", *args, "--json"], stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - start
     log.write_text(proc.stdout)
-    if proc.returncode != 0:
+    if proc.returncode == EXIT_ROWS_FAILED:  # a data stage with a few failed rows: the rest is usable
+        console.print(f"[yellow]{name}: some rows failed (see {log}); the demo goes on with the rows that are done[/]")
+    elif proc.returncode != 0:
         raise UserError(f"stage '{name}' failed (exit {proc.returncode}); command: llamakit {' '.join(args)}")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# A run that finished but left rows in OUT.failed.jsonl (teacher down, rate limits, unparsable replies):
+# everything else is on disk and `--retry-failed` completes it, yet a script must not take the output as whole.
+EXIT_ROWS_FAILED = 3
+
 
 class UserError(Exception):
     """An error shown as one line (no traceback unless --debug), naming file, row and field when known."""

@@ -79,8 +79,10 @@ def engine(kw: dict):
     return options, sampling, teacher_options, {"out": kw.pop("out"), "fmt": kw.pop("fmt"), "limit": kw.pop("limit")}
 
 
-def report(summary, as_json: bool, exports: tuple[str, ...] = ()) -> None:
+def report(summary, as_json: bool, exports: tuple[str, ...] = ()) -> int:
+    """Print the summary and write the exports; the exit code: EXIT_ROWS_FAILED when rows failed, else 0."""
     from toolkit.console import console
+    from toolkit.errors import EXIT_ROWS_FAILED
     from toolkit.generate.formats import export_path, write_rows
     from toolkit.generate.runner import finish
     from toolkit.io import read_existing
@@ -92,6 +94,7 @@ def report(summary, as_json: bool, exports: tuple[str, ...] = ()) -> None:
             path = export_path(summary.files.parquet or summary.files.rows, fmt)
             count = write_rows(rows, path, fmt)
             console.print(f"exported {count} rows as {fmt}: {path}")
+    return EXIT_ROWS_FAILED if summary.failed else 0
 
 
 @click.group("generate-data")
@@ -99,7 +102,11 @@ def generate_data() -> None:
     """Make instructions, conversations, preference pairs and scored answers with teacher LLMs.
 
     Runs are concurrent, rate limited and resumable: run the same command again after a crash and
-    only unfinished rows are requested."""
+    only unfinished rows are requested.
+
+    Exit code: 0 when every row is done (or dropped on purpose), 3 when some rows failed after their
+    retries (errors in OUT.failed.jsonl; the same command with --retry-failed runs them again), 2 on bad
+    input or flags."""
 
 
 @generate_data.command("instructions")
@@ -129,7 +136,7 @@ def instructions_cmd(seeds, teacher, num_instructions, num_examples, max_rouge, 
         plan=instructions.Plan(num_instructions=num_instructions, num_examples=num_examples,
                                max_requests=max_requests),
         filters=instructions.Filters(max_rouge=max_rouge, min_words=min_words, max_words=max_words))
-    report(summary, as_json)
+    return report(summary, as_json)
 
 
 @generate_data.command("conversations")
@@ -162,7 +169,7 @@ def conversations_cmd(prompts, teacher, user_teacher, turns, window, user_temper
     summary = conversations.run(prompts, out["out"], teacher=teacher, user_teacher=user_teacher, dialogue=dialogue,
                                 sampling=sampling, options=options, teacher_options=teacher_options,
                                 limit=out["limit"], fmt=out["fmt"])
-    report(summary, as_json, exports)
+    return report(summary, as_json, exports)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -214,7 +221,7 @@ def preferences_cmd(prompts, teachers, num_candidates, temperatures, judge, pair
                               temperatures=_floats(temperatures) if temperatures else (sampling.temperature,),
                               sampling=sampling, options=options, teacher_options=teacher_options,
                               limit=out["limit"], fmt=out["fmt"])
-    report(summary, as_json, exports)
+    return report(summary, as_json, exports)
 
 
 @generate_data.command("scores")
@@ -236,7 +243,7 @@ def scores_cmd(prompts, judge, teacher, judge_max_tokens, judge_temperature, as_
     summary = scores.run(prompts, out["out"], judge=judge, teacher=teacher, sampling=sampling,
                          judge_sampling=judge_sampling, options=options, teacher_options=teacher_options,
                          limit=out["limit"], fmt=out["fmt"])
-    report(summary, as_json)
+    return report(summary, as_json)
 
 
 @click.group("data")
