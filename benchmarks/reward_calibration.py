@@ -8,7 +8,8 @@ that never saw it, and the pooled ECE is measured on all of them (1155 pairs for
 
 Prints ONE JSON line: pooled raw and calibrated accuracy / ECE / Brier / NLL, `ece_noise` of the pooled
 calibrated predictions, per-fold temperatures (fitted on the fold's held-out pairs vs. the temperature
-its test pairs would have wanted), and the length-rule accuracy. --out keeps every fold's reward
+its test pairs would have wanted; `temperatures` is the default MAP fit, `temperatures_ml` plain maximum
+likelihood on the same held-out pairs), and the length-rule accuracy. --out keeps every fold's reward
 differences (held-out and test) for further analysis.
 
     .venv/bin/python benchmarks/reward_calibration.py              # 5 folds, ~25 min on 2 idle cores
@@ -99,6 +100,7 @@ def main() -> None:
             p_cal[test_ids] = calibration.probabilities(diffs)
             fold = {"fold": k, "train_pairs": result.metrics["train"]["pairs"], "calibration_pairs":
                     calibration.n_pairs, "temperature": round(calibration.temperature, 3),
+                    "temperature_ml": round(calibration.temperature_ml or calibration.temperature, 3),
                     "test_temperature": round(fit_temperature(diffs), 3),
                     "test_accuracy": round(pair_metrics(p_raw[test_ids])["accuracy"], 4)}
             per_fold.append(fold)
@@ -119,6 +121,7 @@ def main() -> None:
         "raw": rounded(pair_metrics(p_raw)), "calibrated": rounded(pair_metrics(p_cal)),
         "ece_noise_median": round(noise["median"], 4), "ece_noise_p90": round(noise["p90"], 4),
         "temperatures": [f["temperature"] for f in per_fold],
+        "temperatures_ml": [f["temperature_ml"] for f in per_fold],
         "test_temperatures": [f["test_temperature"] for f in per_fold],
         "shorter_wins": round(shorter_wins(pairs), 4), "seconds": round(time.perf_counter() - started, 1)}))
 

@@ -52,6 +52,9 @@ def _threads(threads: int | None) -> None:
               help="Causal backbones (LLaMA): run a pair's shared dialogue once and both answers on its cache.")
 @click.option("--calibration", default="temperature", show_default=True,
               type=click.Choice(["temperature", "isotonic"]))
+@click.option("--temperature-prior-sd", type=float, default=0.2, show_default=True,
+              help="Spread of the prior on log T: T moves away from 1 only as far as the held-out pairs show "
+                   "(a few hundred pairs pin T down loosely); inf for plain maximum likelihood.")
 @click.option("--max-steps", default=None, type=int, help="Stop after this many optimizer steps.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=None, type=int, help="torch CPU threads (default: torch's choice).")
@@ -60,8 +63,8 @@ def _threads(threads: int | None) -> None:
 @config_option
 def train_reward_cmd(data, out, model, eval_data, eval_split, fmt, objective, max_length, batch_size, grad_accum,
                      epochs, learning_rate, weight_decay, warmup_ratio, max_grad_norm, center_rewards, use_margin,
-                     lora, lora_r, bf16, gradient_checkpointing, group_by_length, shared_prefix, calibration, max_steps, seed,
-                     threads, as_json):
+                     lora, lora_r, bf16, gradient_checkpointing, group_by_length, shared_prefix, calibration, temperature_prior_sd,
+                     max_steps, seed, threads, as_json):
     """Train a Bradley–Terry reward model and calibrate it on held-out pairs."""
     from toolkit.console import console, emit_json, summary_table
     from toolkit.reward.train import TrainConfig, train_reward
@@ -74,7 +77,7 @@ def train_reward_cmd(data, out, model, eval_data, eval_split, fmt, objective, ma
                       use_margin=use_margin, lora=lora, lora_r=lora_r, bf16=bf16,
                       gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length,
                       shared_prefix=shared_prefix,
-                      calibration=calibration, max_steps=max_steps, seed=seed, show_progress=not as_json)
+                      calibration=calibration, temperature_prior_sd=temperature_prior_sd, max_steps=max_steps, seed=seed, show_progress=not as_json)
     result = train_reward(cfg)
     if not result.metrics:  # a non-main rank under accelerate launch
         return
@@ -87,7 +90,8 @@ def train_reward_cmd(data, out, model, eval_data, eval_split, fmt, objective, ma
     raw, calibrated = heldout.get("raw", {}), heldout.get("calibrated", {})
     rows = [("output", str(result.out)), ("training pairs", result.metrics["train"]["pairs"]),
             ("pairs / s", result.metrics["train"]["pairs_per_s"]), ("held-out pairs", raw.get("n", 0)),
-            ("temperature T", result.calibration.temperature)]
+            ("temperature T", result.calibration.temperature),
+            ("T by plain max. likelihood", result.calibration.temperature_ml)]
     for key in ("accuracy", "ece", "brier", "nll", "auc"):
         rows.append((f"{key} raw → {result.calibration.method}", f"{_f(raw.get(key))} → {_f(calibrated.get(key))}"))
     summary_table("train-reward", rows)
@@ -137,12 +141,15 @@ def eval_reward_cmd(model_dir, data, fmt, batch_size, plot, threads, as_json):
 @click.option("--data", required=True, type=click.Path(), help="Held-out pairs the model never trained on.")
 @click.option("--method", "--calibration", "method", default="temperature", show_default=True,
               type=click.Choice(["temperature", "isotonic"]), help="Same choices as train-reward --calibration.")
+@click.option("--temperature-prior-sd", type=float, default=0.2, show_default=True,
+              help="Spread of the prior on log T: T moves away from 1 only as far as the held-out pairs show "
+                   "(a few hundred pairs pin T down loosely); inf for plain maximum likelihood.")
 @click.option("--format", "fmt", default="auto", show_default=True, type=FORMAT_CHOICE)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--threads", default=None, type=int, help="torch CPU threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new calibration as one JSON object.")
 @config_option
-def calibrate_cmd(model_dir, data, method, fmt, batch_size, threads, as_json):
+def calibrate_cmd(model_dir, data, method, temperature_prior_sd, fmt, batch_size, threads, as_json):
     """Refit the calibration of a reward model on held-out pairs; rewrites calibration.json."""
     from dataclasses import asdict
 
@@ -150,14 +157,16 @@ def calibrate_cmd(model_dir, data, method, fmt, batch_size, threads, as_json):
     from toolkit.reward.evaluate import recalibrate
 
     _threads(threads)
-    calibration, kept_stats = recalibrate(model_dir, data, method=method, fmt=fmt, batch_size=batch_size)
+    calibration, kept_stats = recalibrate(model_dir, data, method=method, fmt=fmt, batch_size=batch_size,
+                                          prior_sd=temperature_prior_sd)
     if as_json:
         from toolkit.reward.calibrate import json_safe
 
         emit_json(json_safe(asdict(calibration)))
         return
     raw, new = calibration.metrics["raw"], calibration.metrics["calibrated"]
-    rows = [("pairs", calibration.n_pairs), ("method", calibration.method), ("temperature T", calibration.temperature)]
+    rows = [("pairs", calibration.n_pairs), ("method", calibration.method), ("temperature T", calibration.temperature),
+            ("T by plain max. likelihood", calibration.temperature_ml)]
     for key in ("accuracy", "ece", "brier", "nll", "auc"):
         rows.append((f"{key} raw → calibrated", f"{_f(raw[key])} → {_f(new[key])}"))
     summary_table(f"calibrate {model_dir}", rows)

@@ -1,6 +1,7 @@
 """Calibration: make P(chosen ≻ rejected) mean what it says, on pairs the model never trained on.
 
-    temperature   p = σ((r_c − r_r) / T),  T = argmin_T  mean −log σ(d_i / T)        (one 1-D convex fit)
+    temperature   p = σ((r_c − r_r) / T),  T = argmin_T  mean −log σ(d_i / T) + (log T)² / (2 s² n)
+                  (a MAP fit: log T ~ N(0, s²) a priori, s = --temperature-prior-sd; inf gives plain ML)
     isotonic      p = a monotone step function of d, fitted symmetrically so that p(−d) = 1 − p(d)
 
 calibration.json beside the weights also keeps the mean and std of raw rewards on training data, so the
@@ -26,6 +27,13 @@ CALIBRATION_FILE = "calibration.json"
 METHODS = ("temperature", "isotonic")
 # Isotonic steps reach 0 and 1 on small held-out sets; a bounded p keeps NLL finite.
 ISOTONIC_CLIP = 1e-3
+# A Bradley–Terry model is trained on the very likelihood σ(r_c − r_r), so T = 1 is where the fit starts, and a
+# held-out split of a few hundred pairs pins T down only loosely: in 5-fold cross-validation on HH dev, T fitted
+# by plain maximum likelihood on each fold's 92 held-out pairs ranged 0.43–3.9 while the test folds wanted
+# 0.85–1.56, and applying it made the test Brier and NLL worse (benchmarks/reward_calibration.py). With the
+# prior log T ~ N(0, 0.2²) T leaves 1 only as far as the held-out evidence outweighs it; on thousands of pairs
+# the data decide.
+TEMPERATURE_PRIOR_SD = 0.2
 
 
 def nll_at_temperature(diffs: np.ndarray, temperature: float) -> float:
@@ -33,26 +41,34 @@ def nll_at_temperature(diffs: np.ndarray, temperature: float) -> float:
     return float(np.mean(np.logaddexp(0.0, -np.asarray(diffs, dtype=np.float64) / temperature)))
 
 
-def fit_temperature(diffs: list[float] | np.ndarray) -> float:
-    """T minimizing the NLL of σ(d / T). The NLL is convex in β = 1/T, so a golden-section search over
-    log β ∈ [−9, 9] finds it (plain numpy: importing scipy.optimize would cost more than the fit)."""
+def temperature_objective(diffs: np.ndarray, log_t: float, prior_sd: float = math.inf) -> float:
+    """Mean NLL of σ(d / T) plus the prior's share per pair, −log N(log T; 0, s²) / n (constants dropped)."""
+    return nll_at_temperature(diffs, math.exp(log_t)) + log_t * log_t / (2 * prior_sd * prior_sd * len(diffs))
+
+
+def fit_temperature(diffs: list[float] | np.ndarray, prior_sd: float = math.inf) -> float:
+    """T minimizing temperature_objective over log T ∈ [−9, 9] (prior_sd = inf: plain maximum likelihood).
+    A grid in steps of 0.05 brackets the minimum (the prior can make the objective bend twice), then a
+    golden-section search refines it (plain numpy: importing scipy.optimize would cost more than the fit)."""
     d = np.asarray(diffs, dtype=np.float64)
     if len(d) == 0 or not np.any(d):
         return 1.0
-    lo, hi = -9.0, 9.0
+    grid = np.linspace(-9.0, 9.0, 361)
+    best = grid[int(np.argmin([temperature_objective(d, g, prior_sd) for g in grid]))]
+    lo, hi = best - 0.05, best + 0.05
     ratio = (math.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll_at_temperature(d, math.exp(-a)), nll_at_temperature(d, math.exp(-b))
+    fa, fb = temperature_objective(d, a, prior_sd), temperature_objective(d, b, prior_sd)
     while hi - lo > 1e-10:
         if fa <= fb:
             hi, b, fb = b, a, fa
             a = hi - ratio * (hi - lo)
-            fa = nll_at_temperature(d, math.exp(-a))
+            fa = temperature_objective(d, a, prior_sd)
         else:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
-            fb = nll_at_temperature(d, math.exp(-b))
-    return float(math.exp(-(lo + hi) / 2))
+            fb = temperature_objective(d, b, prior_sd)
+    return float(math.exp((lo + hi) / 2))
 
 
 def fit_isotonic(diffs: list[float] | np.ndarray) -> tuple[list[float], list[float]]:
@@ -78,6 +94,8 @@ class Calibration:
     fingerprint: str
     metrics: dict[str, Any] = field(default_factory=dict)
     isotonic: dict[str, list[float]] | None = None
+    prior_sd: float | None = None  # of log T; None in files written before the prior existed (plain ML)
+    temperature_ml: float | None = None  # the plain maximum-likelihood T on the same pairs, to compare
 
     def probabilities(self, diffs: list[float] | np.ndarray) -> np.ndarray:
         """Calibrated P(chosen ≻ rejected) for reward differences r_c − r_r."""
@@ -91,13 +109,16 @@ class Calibration:
 
 
 def fit(diffs: list[float], method: str, *, reward_mean: float, reward_std: float, data: str,
-        fingerprint: str) -> Calibration:
+        fingerprint: str, prior_sd: float = TEMPERATURE_PRIOR_SD) -> Calibration:
     """Fit a calibration on held-out reward differences and measure before/after on the same pairs."""
     if method not in METHODS:
         raise UserError(f"unknown calibration method '{method}' (one of {', '.join(METHODS)})")
+    if not prior_sd > 0:
+        raise UserError("--temperature-prior-sd must be > 0 (inf: no prior, plain maximum likelihood)")
     d = np.asarray(diffs, dtype=np.float64)
-    calibration = Calibration(method=method, temperature=fit_temperature(d), reward_mean=reward_mean,
-                              reward_std=reward_std, n_pairs=len(d), data=data, fingerprint=fingerprint)
+    calibration = Calibration(method=method, temperature=fit_temperature(d, prior_sd), reward_mean=reward_mean,
+                              reward_std=reward_std, n_pairs=len(d), data=data, fingerprint=fingerprint,
+                              prior_sd=prior_sd, temperature_ml=fit_temperature(d))
     if method == "isotonic":
         x, y = fit_isotonic(d)
         calibration.isotonic = {"x": x, "y": y}
@@ -156,4 +177,9 @@ def read(directory: str | os.PathLike, expected_fingerprint: str | None = None) 
                        reward_mean=float(raw["reward_mean"]), reward_std=float(raw["reward_std"]),
                        n_pairs=int(raw.get("n_pairs") or 0), data=str(raw.get("data") or ""),
                        fingerprint=raw["fingerprint"], metrics=raw.get("metrics") or {},
-                       isotonic=raw.get("isotonic"))
+                       isotonic=raw.get("isotonic"), prior_sd=_number_or_none(raw.get("prior_sd")),
+                       temperature_ml=_number_or_none(raw.get("temperature_ml")))
+
+
+def _number_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

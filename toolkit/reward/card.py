@@ -31,5 +31,6 @@ def render(cfg, metrics: dict[str, Any], calibration) -> str:
         warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, center_rewards=cfg.center_rewards,
         steps=train["optimizer_steps"], seconds=train["seconds"], pairs_per_s=train["pairs_per_s"],
         metric_rows=rows, method=calibration.method, temperature=_num(calibration.temperature),
+        temperature_ml=_num(calibration.temperature_ml), prior_sd=_num(calibration.prior_sd),
         reward_mean=_num(calibration.reward_mean), reward_std=_num(calibration.reward_std),
         has_reliability=calibration.n_pairs > 0, warnings=metrics.get("warnings") or [])

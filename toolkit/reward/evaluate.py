@@ -71,7 +71,8 @@ def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batc
 
 
 def recalibrate(directory: str | os.PathLike, data: str, *, method: str = "temperature", fmt: str = "auto",
-                batch_size: int = 32, device: str = "cpu", plot: str | None = None):
+                batch_size: int = 32, device: str = "cpu", plot: str | None = None,
+                prior_sd: float | None = None):
     """Refit the calibration on the user's held-out pairs and rewrite calibration.json (and reliability.png)."""
     import statistics
 
@@ -88,7 +89,8 @@ def recalibrate(directory: str | os.PathLike, data: str, *, method: str = "tempe
         mean, std = statistics.fmean(rewards), (statistics.stdev(rewards) if len(rewards) > 1 else 1.0) or 1.0
     diffs = [c - r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)]
     calibration = cal.fit(diffs, method, reward_mean=mean, reward_std=std, data=data,
-                          fingerprint=fingerprint(directory))
+                          fingerprint=fingerprint(directory),
+                          prior_sd=cal.TEMPERATURE_PRIOR_SD if prior_sd is None else prior_sd)
     cal.write(calibration, directory)
     from toolkit.reward.plots import reliability_diagram
 

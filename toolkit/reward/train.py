@@ -56,6 +56,7 @@ class TrainConfig:
     group_by_length: bool = True
     shared_prefix: bool = True  # causal backbones: the shared dialogue goes through the model once per pair
     calibration: str = "temperature"
+    temperature_prior_sd: float = 0.2  # of log T (toolkit.reward.calibrate.TEMPERATURE_PRIOR_SD); inf: plain ML
     max_steps: int | None = None
     seed: int = 0
     eval_batch_size: int = 32
@@ -162,6 +163,8 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
         raise UserError(f"unknown --objective '{cfg.objective}' (one of {', '.join(OBJECTIVES)})")
     if cfg.calibration not in ("temperature", "isotonic"):
         raise UserError(f"unknown --calibration '{cfg.calibration}' (temperature or isotonic)")
+    if not cfg.temperature_prior_sd > 0:
+        raise UserError("--temperature-prior-sd must be > 0 (inf: no prior, plain maximum likelihood)")
     for name in ("batch_size", "grad_accum", "epochs", "max_length"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1")
@@ -337,7 +340,7 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     with atomic_dir(cfg.out) as tmp:
         save_reward_model(unwrapped, tokenizer, settings, tmp)
         calibration = cal.fit(diffs, cfg.calibration, reward_mean=mean, reward_std=std, data=heldout_from,
-                              fingerprint=fingerprint(tmp))
+                              fingerprint=fingerprint(tmp), prior_sd=cfg.temperature_prior_sd)
         cal.write(calibration, tmp)
         metrics = {
             "heldout": calibration.metrics,
@@ -349,6 +352,7 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
                       "final_loss": history[-1][1] if history else None,
                       "loss_history": [round(v, 5) for _, v in history]},
             "calibration": {"method": calibration.method, "temperature": calibration.temperature,
+                            "temperature_ml": calibration.temperature_ml, "prior_sd": cfg.temperature_prior_sd,
                             "reward_mean": mean, "reward_std": std},
             "settings": {k: v for k, v in asdict(cfg).items() if k != "show_progress"},
             "backbone_path": str(backbone_path),
