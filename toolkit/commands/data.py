@@ -193,7 +193,7 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--pairwise", is_flag=True, help="Judge pairs, each asked twice with positions swapped.")
 @click.option("--judge-logprobs", is_flag=True,
               help="Read the judge's rating as the expected digit under its first-token logprobs (one token "
-                   "per answer; works with small judges). Needs a judge that reports logprobs.")
+                   "per answer; no output format to follow). Needs a judge that reports logprobs.")
 @click.option("--scorer", default=None, help="Rule scorers, e.g. rules:length,refusal=2,repetition,truncation.")
 @click.option("--scorer-weight", type=click.FloatRange(0), default=1.0, show_default=True,
               help="Weight of the rules against the judge when both are given.")

@@ -5,7 +5,8 @@ Scores, each in [0, 1]:
   - pointwise judge (prompts/judge_pointwise.txt): rating / max_score;
   - logprob judge (prompts/judge_logprobs.txt, --judge-logprobs): the expected rating under the judge's
     distribution over the digits 0..max_score as its first token (G-Eval), / max_score; one token per
-    answer, and it works with small teachers that cannot follow the "Rating: [[N]]" format;
+    answer and no format to follow, so a judge that cannot write "Rating: [[N]]" still gives a score
+    (as good as the judge: the embedded 135M model's is close to chance);
   - pairwise judge (prompts/judge_pairwise.txt): every pair asked twice with the positions swapped;
     a pair's winner must win both times, a disagreement is a tie; score = (wins + ties / 2) / (K - 1);
   - rules (toolkit/scorers.py): weighted mean of the rules, each rule's part kept in the row.
