@@ -10,9 +10,11 @@ Prints ONE JSON line: pooled raw and calibrated accuracy / ECE / Brier / NLL, `e
 calibrated predictions, per-fold temperatures (fitted on the fold's held-out pairs vs. the temperature
 its test pairs would have wanted; `temperatures` is the default MAP fit, `temperatures_ml` plain maximum
 likelihood on the same held-out pairs), and the length-rule accuracy. --out keeps every fold's reward
-differences (held-out and test) for further analysis.
+differences (held-out and test); --from recomputes everything from them without training (another
+calibration setting, a plot).
 
-    .venv/bin/python benchmarks/reward_calibration.py              # 5 folds, ~25 min on 2 idle cores
+    .venv/bin/python benchmarks/reward_calibration.py --out runs/cal   # 5 folds, ~30 min on 2 idle cores
+    .venv/bin/python benchmarks/reward_calibration.py --from runs/cal --plot pooled.png --set temperature_prior_sd=inf
     .venv/bin/python benchmarks/reward_calibration.py --folds 2 --max-pairs 200   # a quick look
 """
 
@@ -54,6 +56,32 @@ def shorter_wins(pairs) -> float:
                for p in pairs) / len(pairs)
 
 
+def train_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
+    """Train one default reward model per fold; per fold, the reward differences of its test pairs and of
+    the held-out pairs its calibration was fitted on (also written to WHERE/fold-K.json)."""
+    from toolkit.reward.calibrate import read
+    from toolkit.reward.data import split
+    from toolkit.reward.train import TrainConfig, train_reward
+
+    lines = Path(args.data).read_text(encoding="utf-8").splitlines()  # train files keep the rows as they are
+    saved = []
+    for k, test_ids in enumerate(folds(len(pairs), args.folds, args.seed)):
+        held_out = set(test_ids)
+        train_file = where / f"train-{k}.jsonl"
+        train_pairs = [p for i, p in enumerate(pairs) if i not in held_out]
+        train_file.write_text("".join(lines[p.line - 1] + "\n" for p in train_pairs), encoding="utf-8")
+        out = where / f"rm-{k}"
+        cfg = TrainConfig(data=str(train_file), out=str(out), seed=args.seed, show_progress=False, **overrides)
+        result = train_reward(cfg)
+        _, calibration_pairs = split(train_pairs, read(out).n_pairs / len(train_pairs), cfg.seed)
+        fold = {"fold": k, "train_pairs": result.metrics["train"]["pairs"], "test_ids": test_ids,
+                "test_diffs": reward_diffs(out, [pairs[i] for i in test_ids]),
+                "heldout_diffs": reward_diffs(out, calibration_pairs)}
+        (where / f"fold-{k}.json").write_text(json.dumps(fold))
+        saved.append(fold)
+    return saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -61,68 +89,71 @@ def main() -> None:
     parser.add_argument("--max-pairs", type=int, default=None, help="use only the first N pairs (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None, help="directory for per-fold reward differences (JSON)")
+    parser.add_argument("--out", default=None, help="keep the per-fold reward differences here (fold-K.json)")
+    parser.add_argument("--from", dest="from_dir", default=None,
+                        help="no training: recompute from the fold-K.json files of an earlier --out run")
+    parser.add_argument("--plot", default=None, help="pooled reliability diagram (raw and calibrated) to this PNG")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a train-reward setting other than its default, e.g. --set epochs=2 (repeatable)")
+                        help="a train-reward setting other than its default, e.g. --set epochs=2 (repeatable); "
+                             "calibration and temperature_prior_sd also apply with --from")
     args = parser.parse_args()
 
     import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
-    from toolkit.reward.calibrate import fit_temperature, read
-    from toolkit.reward.data import load_preferences, split
+    from toolkit.reward import calibrate as cal
+    from toolkit.reward.data import load_preferences
     from toolkit.reward.metrics import ece_noise, pair_metrics, raw_probabilities
-    from toolkit.reward.train import TrainConfig, train_reward
+    from toolkit.reward.train import TrainConfig
 
     defaults = TrainConfig(data="", out="")
     overrides = {}
     for item in args.overrides:
         key, _, value = item.partition("=")
         overrides[key] = type(getattr(defaults, key))(value)  # AttributeError names a setting that is not one
-    pairs = load_preferences(args.data).pairs[:args.max_pairs]
-    lines = Path(args.data).read_text(encoding="utf-8").splitlines()  # train files keep the rows as they are
+    settings = TrainConfig(data="", out="", **overrides)
     started = time.perf_counter()
-    p_raw, p_cal, per_fold = np.zeros(len(pairs)), np.zeros(len(pairs)), []
-    with tempfile.TemporaryDirectory() as tmp:
-        for k, test_ids in enumerate(folds(len(pairs), args.folds, args.seed)):
-            held_out = set(test_ids)
-            train_file = Path(tmp) / f"train-{k}.jsonl"
-            train_pairs = [p for i, p in enumerate(pairs) if i not in held_out]
-            train_file.write_text("".join(lines[p.line - 1] + "\n" for p in train_pairs), encoding="utf-8")
-            out = Path(tmp) / f"rm-{k}"
-            cfg = TrainConfig(data=str(train_file), out=str(out), seed=args.seed, show_progress=False, **overrides)
-            result = train_reward(cfg)
-            calibration = read(out)
-            test = [pairs[i] for i in test_ids]
-            diffs = reward_diffs(out, test)
-            p_raw[test_ids] = raw_probabilities(diffs)
-            p_cal[test_ids] = calibration.probabilities(diffs)
-            fold = {"fold": k, "train_pairs": result.metrics["train"]["pairs"], "calibration_pairs":
-                    calibration.n_pairs, "temperature": round(calibration.temperature, 3),
-                    "temperature_ml": round(calibration.temperature_ml or calibration.temperature, 3),
-                    "test_temperature": round(fit_temperature(diffs), 3),
-                    "test_accuracy": round(pair_metrics(p_raw[test_ids])["accuracy"], 4)}
-            per_fold.append(fold)
-            print(json.dumps(fold), file=sys.stderr, flush=True)
-            if args.out:
-                Path(args.out).mkdir(parents=True, exist_ok=True)
-                _, calibration_pairs = split(train_pairs, calibration.n_pairs / len(train_pairs), cfg.seed)
-                Path(args.out, f"fold-{k}.json").write_text(json.dumps({
-                    "test_ids": test_ids, "test_diffs": diffs, "temperature": calibration.temperature,
-                    "heldout_diffs": reward_diffs(out, calibration_pairs)}))
+    pairs = load_preferences(args.data).pairs[:args.max_pairs]
+    if args.from_dir:
+        saved = [json.loads(p.read_text()) for p in sorted(Path(args.from_dir).glob("fold-*.json"))]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            where = Path(args.out) if args.out else Path(tmp)
+            where.mkdir(parents=True, exist_ok=True)
+            saved = train_folds(args, pairs, overrides, where)
+    n = sum(len(f["test_ids"]) for f in saved)
+    p_raw, p_cal, per_fold = np.zeros(n), np.zeros(n), []
+    for k, f in enumerate(saved):
+        # The same fit train-reward makes at the end of training, on the same held-out differences.
+        calibration = cal.fit(f["heldout_diffs"], settings.calibration, reward_mean=0.0, reward_std=1.0, data="",
+                              fingerprint="", prior_sd=settings.temperature_prior_sd)
+        p_raw[f["test_ids"]] = raw_probabilities(f["test_diffs"])
+        p_cal[f["test_ids"]] = calibration.probabilities(f["test_diffs"])
+        per_fold.append({"fold": k, "calibration_pairs": len(f["heldout_diffs"]),
+                         "temperature": round(calibration.temperature, 3),
+                         "temperature_ml": round(calibration.temperature_ml, 3),
+                         "test_temperature": round(cal.fit_temperature(f["test_diffs"]), 3),
+                         "test_accuracy": round(pair_metrics(p_raw[f["test_ids"]])["accuracy"], 4)})
+        print(json.dumps(per_fold[-1]), file=sys.stderr, flush=True)
+    if args.plot:
+        from toolkit.reward.plots import reliability_diagram
+
+        reliability_diagram({"raw": p_raw, settings.calibration: p_cal}, args.plot,
+                            title=f"{len(saved)}-fold out-of-fold pairs (n={n})")
 
     def rounded(metrics: dict) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
     noise = ece_noise(p_cal)
     print(json.dumps({
-        "pairs": len(pairs), "folds": args.folds, "settings": overrides or "defaults",
+        "pairs": n, "folds": len(saved), "settings": overrides or "defaults",
         "raw": rounded(pair_metrics(p_raw)), "calibrated": rounded(pair_metrics(p_cal)),
         "ece_noise_median": round(noise["median"], 4), "ece_noise_p90": round(noise["p90"], 4),
         "temperatures": [f["temperature"] for f in per_fold],
         "temperatures_ml": [f["temperature_ml"] for f in per_fold],
         "test_temperatures": [f["test_temperature"] for f in per_fold],
+        "test_accuracies": [f["test_accuracy"] for f in per_fold],
         "shorter_wins": round(shorter_wins(pairs), 4), "seconds": round(time.perf_counter() - started, 1)}))
 
 
