@@ -45,8 +45,11 @@ class Sizes:
     ppo_new_tokens: int
 
 
-FULL = Sizes(instructions=40, conversations=24, turns=2, candidates=3, preference_prompts=32, answer_tokens=96,
-             sft_steps=20, reward_steps=0, reward_max_length=256, hh_pairs=200, ppo_steps=8, ppo_batch=8,
+# FULL is sized for 15 minutes on a slow day of a 2-core CPU: at 40 instructions, 24 conversations, 3 candidates
+# for 32 prompts, 20 SFT and 8 PPO steps one uninterrupted run took 1300 s on 2026-12-02, when the machine served
+# tokens at 0.6x the speed it had the day before (benchmarks/serve_throughput.py: 53 vs 87 tokens/s).
+FULL = Sizes(instructions=24, conversations=16, turns=2, candidates=2, preference_prompts=24, answer_tokens=96,
+             sft_steps=10, reward_steps=0, reward_max_length=256, hh_pairs=200, ppo_steps=5, ppo_batch=8,
              ppo_new_tokens=48)
 FAST = Sizes(instructions=4, conversations=3, turns=2, candidates=2, preference_prompts=4, answer_tokens=40,
              sft_steps=3, reward_steps=8, reward_max_length=128, hh_pairs=48, ppo_steps=2, ppo_batch=4,
