@@ -48,3 +48,67 @@ def wait_until_ready(process: subprocess.Popen, ready: Path, *, name: str, timeo
             if time.monotonic() > deadline or process.poll() is not None:
                 raise UserError(f"{name} is not answering on /health") from None
             time.sleep(0.05)
+
+
+# ---- who may talk to a local server -------------------------------------------------------------------
+# A web page the user visits can send requests to 127.0.0.1 (cross-site request forgery), and a page on a
+# domain whose DNS answer flips to 127.0.0.1 can read the answers (DNS rebinding). The checks below close
+# both: the Host header must name this server, and a browser's state-changing request must come from the
+# server's own origin and carry a media type that a plain HTML form or `no-cors` fetch cannot send.
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(header: str | None) -> str:
+    """The name in a Host header (or an Origin's netloc) without port, brackets or trailing dot, lower case."""
+    value = (header or "").strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        return value[1:value.find("]")] if "]" in value else ""
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def allowed_hosts(bind_host: str, extra: tuple[str, ...] | list[str] = ()) -> frozenset[str]:
+    """Names a Host header may carry: loopback names, the bound interface (unless a wildcard) and `extra`
+    (`*` admits every name)."""
+    names = set(LOOPBACK_NAMES) | {host_name(h) for h in extra if h.strip()}
+    if bind_host not in ("0.0.0.0", "::", ""):
+        names.add(host_name(bind_host if ":" not in bind_host else f"[{bind_host}]"))
+    return frozenset(names)
+
+
+def host_allowed(header: str | None, allowed: frozenset[str]) -> bool:
+    """True when the Host header names this server. IP literals always pass: DNS rebinding needs a domain
+    name, and a server bound to 0.0.0.0 is reached by its addresses."""
+    import ipaddress
+
+    name = host_name(header)
+    if not name:
+        return False
+    if "*" in allowed or name in allowed or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """Exactly application/json (parameters such as charset allowed): `text/plain; charset=application/json`
+    is not JSON, and a browser sends it cross-site without asking first."""
+    return (content_type or "").split(";", 1)[0].strip().lower() == "application/json"
+
+
+def same_origin(origin: str | None, host_header: str | None) -> bool:
+    """True when an Origin (or Referer) URL points at the host:port the request was sent to."""
+    from urllib.parse import urlsplit
+
+    if not origin or not host_header:
+        return False
+    try:
+        netloc = urlsplit(origin.strip()).netloc.lower()
+    except ValueError:
+        return False
+    return bool(netloc) and netloc == host_header.strip().lower()
