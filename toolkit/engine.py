@@ -2,7 +2,10 @@
 
 A single worker thread owns the model. Callers (the HTTP server, the in-process `hf:` teacher) submit
 token ids and sampling settings and read events from an asyncio queue: text deltas as they are
-produced, then the finished Completion (or the error that stopped the batch).
+produced, then the finished Completion (or the error that stopped that request).
+
+One request never fails another: a row's settings are checked before it joins a batch, and when a batch
+still fails, its rows are run again one by one so that only the row that fails alone gets the error.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from toolkit.generation import Completion, SamplingParams, generate
+from toolkit.generation import Completion, SamplingParams, check_params, generate
 
 
 class QueueFull(Exception):
@@ -26,8 +29,10 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    wants_text: bool = True  # False: only the Completion is read; no text is pushed, so a retry is invisible
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    streamed: bool = False  # some text already went to the caller: a retry cannot take it back
 
     def push(self, kind: str, value: object) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -59,11 +64,13 @@ class BatchingEngine:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[tuple[str, object]]:
-        """Yield ("text", str) events, then one ("done", Completion); raises what generation raised."""
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, *,
+                     text: bool = True) -> AsyncIterator[tuple[str, object]]:
+        """Yield ("text", str) events (none when `text` is False), then one ("done", Completion); raises
+        what generation raised for this request (ValueError for settings that cannot be sampled)."""
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"{self._queue.qsize()} requests are already waiting")
-        request = _Request(list(prompt_ids), params, asyncio.get_running_loop())
+        request = _Request(list(prompt_ids), params, asyncio.get_running_loop(), wants_text=text)
         self._queue.put(request)
         finished = False
         try:
@@ -81,7 +88,7 @@ class BatchingEngine:
             request.cancelled = not finished
 
     async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        async for kind, value in self.stream(prompt_ids, params):
+        async for kind, value in self.stream(prompt_ids, params, text=False):
             if kind == "done":
                 return value  # type: ignore[return-value]
         raise RuntimeError("generation ended without a result")
@@ -103,24 +110,46 @@ class BatchingEngine:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            batch = [r for r in self._next_batch() if not r.cancelled]
-            if not batch:
-                continue
-            start = time.perf_counter()
-            def on_text(row: int, text: str, batch: list[_Request] = batch) -> None:
+            batch = [r for r in self._next_batch() if not r.cancelled and _admit(r)]
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[_Request]) -> None:
+        """Generate for `batch`; if the batch fails, retry its rows one by one so only the culprit fails."""
+        start = time.perf_counter()
+
+        def on_text(row: int, text: str) -> None:
+            if batch[row].wants_text:
+                batch[row].streamed = True
                 batch[row].push("text", text)
 
-            try:
-                completions = generate(self.model, self.tokenizer, [r.prompt_ids for r in batch],
-                                       [r.params for r in batch], on_text=on_text,
-                                       is_cancelled=lambda row, batch=batch: batch[row].cancelled)
-            except Exception as err:  # noqa: BLE001 - handed to every waiting caller
-                for r in batch:
+        try:
+            completions = generate(self.model, self.tokenizer, [r.prompt_ids for r in batch],
+                                   [r.params for r in batch], on_text=on_text,
+                                   is_cancelled=lambda row: batch[row].cancelled)
+        except Exception as err:  # noqa: BLE001 - handed to the caller(s), the worker stays up
+            if len(batch) == 1:
+                batch[0].push("error", err)
+                return
+            for r in batch:
+                if r.streamed:  # its text is already on the wire; a rerun would send it twice
                     r.push("error", err)
-                continue
-            self.stats.batches += 1
-            self.stats.sequences += len(batch)
-            self.stats.tokens += sum(c.completion_tokens for c in completions)
-            self.stats.busy_s += time.perf_counter() - start
-            for r, c in zip(batch, completions, strict=True):
-                r.push("done", c)
+                elif not r.cancelled:
+                    self._run([r])
+            return
+        self.stats.batches += 1
+        self.stats.sequences += len(batch)
+        self.stats.tokens += sum(c.completion_tokens for c in completions)
+        self.stats.busy_s += time.perf_counter() - start
+        for r, c in zip(batch, completions, strict=True):
+            r.push("done", c)
+
+
+def _admit(request: _Request) -> bool:
+    """Check a request's settings before it joins a batch; a bad one gets its error alone."""
+    try:
+        check_params(request.params)
+    except ValueError as err:
+        request.push("error", err)
+        return False
+    return True

@@ -8,6 +8,8 @@ token is taken from the same temperature-scaled distribution it was drawn from.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +25,31 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int = -1  # -1: none; k >= 0: each token's own log-prob and the k likeliest (OpenAI `logprobs`)
+
+
+# torch.Generator.manual_seed takes any integer in [-2**63, 2**64) (a negative seed s means s + 2**64) and
+# raises OverflowError/ValueError outside it; checked per row so one bad seed cannot fail a whole batch.
+SEED_RANGE = (-2**63, 2**64)
+
+
+def check_params(params: SamplingParams) -> None:
+    """Raise ValueError naming the field when `params` cannot be sampled with (non-finite or out of range)."""
+    def number(name: str, value, low: float, high: float, kind: type = numbers.Real) -> None:
+        if isinstance(value, bool) or not isinstance(value, kind):  # numbers.*: numpy scalars pass too
+            raise ValueError(f"{name} must be {'an integer' if kind is numbers.Integral else 'a number'}, "
+                             f"got {value!r}")
+        if not (low <= value <= high):  # False for NaN too
+            raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+    number("max_new_tokens", params.max_new_tokens, 0, 2**31 - 1, numbers.Integral)
+    number("temperature", params.temperature, 0, math.inf)
+    if math.isinf(params.temperature):
+        raise ValueError("temperature must be finite")
+    number("top_p", params.top_p, 0, 1)
+    number("top_k", params.top_k, 0, 2**63 - 1, numbers.Integral)
+    number("top_logprobs", params.top_logprobs, -1, 2**31 - 1, numbers.Integral)
+    if params.seed is not None:
+        number("seed", params.seed, SEED_RANGE[0], SEED_RANGE[1] - 1, numbers.Integral)
 
 
 @dataclass
@@ -132,6 +159,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
 
     if len(prompts) != len(params):
         raise ValueError("one SamplingParams per prompt")
+    for p in params:
+        check_params(p)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = torch.tensor(sorted(eos_token_ids(model, tokenizer)) or [pad_id], device=device)

@@ -2,6 +2,17 @@
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions (plain and server-sent-event streaming).
 Concurrent requests are batched by the engine; every bad request gets a 4xx with an OpenAI-style body.
+
+What is defended, on every route (/health included):
+- DNS rebinding: the Host header must name this server (loopback names, IP literals, --host,
+  --allowed-hosts; `*` admits any), else 421.
+- Cross-site requests from a web page: a request carrying an Origin other than this server's own gets 403,
+  and a POST body must be `application/json` exactly (415 otherwise: `text/plain`, which a page may send
+  without asking first, is refused even with `charset=application/json` appended).
+- The key (when set) is a bearer token, scheme case-insensitive (RFC 7235), compared in constant time.
+- One request never fails another: every sampling field is checked (finite numbers, ranges, a seed that
+  fits int64) before the request joins a batch, and the engine isolates a row that still fails; that
+  request alone gets a 500 (or an error event in its stream).
 """
 
 from __future__ import annotations
@@ -9,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,6 +33,7 @@ from toolkit.chat_format import context_length, encode_chat, validate_messages
 from toolkit.engine import BatchingEngine, QueueFull
 from toolkit.errors import UserError
 from toolkit.generation import SamplingParams
+from toolkit.netutil import allowed_hosts, host_allowed, is_json_media_type, listen_socket, same_origin
 
 
 @dataclass
@@ -55,20 +68,46 @@ class ChatRequest:
     logprobs: bool = False
 
 
+# OpenAI documents `seed` as an int64; torch's generator takes it (choice i uses seed + i, wrapped mod 2**64).
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+
+
 def _number(body: dict, key: str, kind: type, default, low=None, high=None):
     value = body.get(key, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise APIError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}", param=key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise APIError(400, f"'{key}' must be a finite number, got {value}", param=key)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise APIError(400, f"'{key}' must be between {low} and {high}, got {value}", param=key)
+        bounds = (f"must be between {low} and {high}" if low is not None and high is not None
+                  else f"must be >= {low}" if low is not None else f"must be <= {high}")
+        raise APIError(400, f"'{key}' {bounds}, got {value}", param=key)
     return kind(value)
+
+
+def _non_finite(body: Any) -> str | None:
+    """Path of the first NaN or ±Infinity in a parsed JSON body (Python's json accepts the `NaN` and
+    `Infinity` literals and turns 1e999 into inf), or None. Iterative: bodies may nest deeply."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return path or "body"
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
+    return None
 
 
 def parse_chat_request(body: Any, limits: ServeLimits) -> ChatRequest:
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
+    bad = _non_finite(body)
+    if bad is not None:
+        raise APIError(400, f"'{bad}' must be a finite number (NaN and Infinity are not allowed)", param=bad)
     try:
         messages = validate_messages(body.get("messages"))
     except UserError as err:
@@ -83,9 +122,7 @@ def parse_chat_request(body: Any, limits: ServeLimits) -> ChatRequest:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > limits.max_stop:
         raise APIError(400, f"'stop' must be a string or a list of at most {limits.max_stop} strings", param="stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, "'seed' must be an integer", param="seed")
+    seed = _number(body, "seed", int, None, SEED_MIN, SEED_MAX)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be a boolean", param="stream")
@@ -102,7 +139,7 @@ def parse_chat_request(body: Any, limits: ServeLimits) -> ChatRequest:
         max_new_tokens=max_tokens,
         temperature=_number(body, "temperature", float, 1.0, 0, 2),
         top_p=_number(body, "top_p", float, 1.0, 0, 1) or 1.0,
-        top_k=_number(body, "top_k", int, 0, 0, None),
+        top_k=min(_number(body, "top_k", int, 0, 0, None), 2**31 - 1),  # beyond the vocabulary k keeps all
         seed=seed,
         stop=tuple(stop),
         top_logprobs=top_logprobs if logprobs else -1,
@@ -112,8 +149,10 @@ def parse_chat_request(body: Any, limits: ServeLimits) -> ChatRequest:
 
 
 def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = None,
-               limits: ServeLimits | None = None):
+               limits: ServeLimits | None = None, hosts: frozenset[str] | None = None):
+    """The FastAPI app; `hosts` are the names a Host header may carry (default: loopback names only)."""
     limits = limits or ServeLimits()
+    hosts = hosts if hosts is not None else allowed_hosts("127.0.0.1")
     app = FastAPI(title="llamakit", docs_url=None, redoc_url=None, openapi_url=None)
     context = context_length(engine.model)
     started = int(time.time())
@@ -123,14 +162,9 @@ def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = No
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return error_response(APIError(401, "missing or incorrect API key", code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return error_response(APIError(413, f"request body over {limits.max_body_bytes} bytes"))
+        refused = _refusal(request, hosts, api_key, limits)
+        if refused is not None:
+            return error_response(refused)
         return await call_next(request)
 
     @app.exception_handler(APIError)
@@ -163,7 +197,7 @@ def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = No
             raise APIError(413, f"request body over {limits.max_body_bytes} bytes")
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise APIError(400, "request body is not valid JSON") from None
         chat = parse_chat_request(body, limits)
         prompt_ids = encode_chat(engine.tokenizer, chat.messages)
@@ -188,6 +222,10 @@ def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = No
         except QueueFull as err:
             raise APIError(503, f"server is busy: {err}", type_="server_overloaded",
                            headers={"Retry-After": "1"}) from None
+        except APIError:
+            raise
+        except Exception as err:  # noqa: BLE001 - this request's own failure; the others went on
+            raise APIError(500, f"generation failed: {err}", type_="server_error") from None
         completion_tokens = sum(c.completion_tokens for c in results)
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
@@ -200,6 +238,36 @@ def create_app(engine: BatchingEngine, model_name: str, api_key: str | None = No
         }
 
     return app
+
+
+def _refusal(request: Request, hosts: frozenset[str], api_key: str | None,
+             limits: ServeLimits) -> APIError | None:
+    """Why `request` must not reach a route, or None. Host first: a DNS-rebinding page learns nothing else."""
+    host = request.headers.get("host")
+    if not host_allowed(host, hosts):
+        return APIError(421, f"this server does not answer to Host {(host or '')[:100]!r}; start it with "
+                             "--allowed-hosts NAME to allow a name", code="host_not_allowed")
+    origin = request.headers.get("origin")
+    if origin is not None and not same_origin(origin, host):
+        return APIError(403, f"requests from origin {origin[:100]!r} are refused (cross-site)",
+                        code="origin_not_allowed")
+    if api_key is not None and request.url.path != "/health" and not _bearer_matches(
+            request.headers.get("authorization", ""), api_key):
+        return APIError(401, "missing or incorrect API key", code="invalid_api_key")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+        return APIError(413, f"request body over {limits.max_body_bytes} bytes")
+    has_body = request.method in ("POST", "PUT", "PATCH")
+    if has_body and not is_json_media_type(request.headers.get("content-type")):
+        return APIError(415, "the request body must be sent as Content-Type: application/json",
+                        code="unsupported_media_type")
+    return None
+
+
+def _bearer_matches(header: str, api_key: str) -> bool:
+    """`Authorization: Bearer KEY`, the scheme in any case (RFC 7235); the key compared in constant time."""
+    scheme, _, token = header.strip().partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
 def _logprobs(tokenizer, completion) -> dict:
@@ -228,7 +296,9 @@ async def _unless_disconnected(request: Request, work):
 def _choice_params(params: SamplingParams, index: int, room: int) -> SamplingParams:
     from dataclasses import replace
 
-    seed = None if params.seed is None else params.seed + index  # n choices differ but stay reproducible
+    # n choices differ but stay reproducible; mod 2**64 keeps seed + index in torch's range, and torch
+    # already reads a negative seed s as s + 2**64, so every in-range seed gives the same text as before.
+    seed = None if params.seed is None else (params.seed + index) % 2**64
     return replace(params, seed=seed, max_new_tokens=min(params.max_new_tokens, room))
 
 
@@ -278,20 +348,21 @@ async def _sse(engine: BatchingEngine, prompt_ids: list[int], params: list[Sampl
 
 def serve(model: str = "smollm2-135m", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           served_name: str | None = None, max_batch: int = 32, batch_wait_ms: float = 20,
-          max_queue: int = 512, limits: ServeLimits | None = None, ready_file: str | None = None) -> None:
-    """Load `model` and serve it until interrupted."""
+          max_queue: int = 512, limits: ServeLimits | None = None, ready_file: str | None = None,
+          extra_hosts: tuple[str, ...] = ()) -> None:
+    """Load `model` and serve it until interrupted; Host headers other than loopback names, IP literals,
+    `host` and `extra_hosts` (`*`: any) are refused."""
     from pathlib import Path
 
     import uvicorn
 
     from toolkit.console import console
     from toolkit.models import load_causal_lm
-    from toolkit.netutil import listen_socket
 
     causal_lm, tokenizer = load_causal_lm(model)
     engine = BatchingEngine(causal_lm, tokenizer, max_batch=max_batch, wait_ms=batch_wait_ms, max_queue=max_queue)
     name = served_name or (model if not Path(model).is_dir() else Path(model).resolve().name)
-    app = create_app(engine, name, api_key=api_key, limits=limits)
+    app = create_app(engine, name, api_key=api_key, limits=limits, hosts=allowed_hosts(host, extra_hosts))
     sock = listen_socket(host, port)
     port = sock.getsockname()[1]
     url = f"http://{host}:{port}/v1"
