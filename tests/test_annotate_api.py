@@ -43,11 +43,11 @@ def test_wrong_or_missing_token_is_refused(app):
     r = httpx.get(f"{base}/", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and "Wrong token" in r.text
     assert httpx.get(f"{base}/").status_code == 303  # no token at all: the login page
-    r = httpx.post(f"{base}/login", data={"token": "guess"})
+    r = httpx.post(f"{base}/login", data={"token": "guess"}, headers={"Origin": base})  # the login page's form
     assert r.status_code == 401 and "Wrong token" in r.text
     assert "Max-Age=0" in r.headers.get("set-cookie", "Max-Age=0")  # no session for a wrong token
     # a good token: the form sets an HttpOnly, SameSite cookie that then works on its own
-    r = httpx.post(f"{base}/login", data={"token": tokens["alice"]})
+    r = httpx.post(f"{base}/login", data={"token": tokens["alice"]}, headers={"Origin": base})
     assert r.status_code == 303 and r.headers["location"] == "/"
     cookie = r.headers["set-cookie"]
     assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
@@ -55,8 +55,9 @@ def test_wrong_or_missing_token_is_refused(app):
         assert client.get("/api/me").json()["name"] == "alice"
         page = client.get("/")
         assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
-        # a JSON API: a cross-site form post (no JSON content type) is refused
-        assert client.post("/api/rank", data={"item_id": "capital"}).status_code == 415
+        # a JSON API: a cross-site form post (no JSON content type, no Origin of this app) is refused
+        assert client.post("/api/rank", data={"item_id": "capital"}).status_code in (403, 415)
+        assert client.post("/api/rank", data={"item_id": "capital"}, headers={"Origin": base}).status_code == 415
     assert httpx.get(f"{base}/health").json()["items"] == 6
 
 

@@ -3,6 +3,11 @@
 Auth: every page and API call needs an annotator's token, sent as `Authorization: Bearer TOKEN` or as the
 HttpOnly cookie the login form sets. A wrong token is a 401. The pages render all prompt, answer and chat
 text with textContent (never as HTML), and a strict Content-Security-Policy forbids inline scripts.
+
+Cross-site requests: every request's Host must be on the allow-list (421 otherwise: DNS rebinding), and every
+state-changing request that does not carry `Authorization: Bearer` (the cookie is sent by the browser on its
+own) must come from the app's own origin (Origin, else Referer; 403 otherwise: CSRF). JSON bodies need exactly
+`Content-Type: application/json`, which a cross-site form or `no-cors` fetch cannot send (415 otherwise).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
-from toolkit.annotate.db import AnnotationDB, Annotator, Item, display_order
+from toolkit.annotate.db import MAX_ROW_ID, AnnotationDB, Annotator, Item, ItemFull, display_order
+from toolkit.console import redact
+from toolkit.netutil import allowed_hosts, host_allowed, is_json_media_type, same_origin
 
 COOKIE = "llamakit_annotate"
 MAX_BODY = 1_000_000
@@ -29,7 +36,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # not no-referrer: under it a browser sends `Origin: null` even on the page's own POSTs, and the
+    # same-origin check below would refuse them; same-origin still gives other sites nothing
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
 }
 
@@ -39,6 +48,9 @@ class ChatSettings:
     max_tokens: int = 256
     temperature: float = 0.7
     timeout_s: float = 120.0
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class HTTPError(Exception):
@@ -61,10 +73,43 @@ def item_view(item: Item, annotator_id: int) -> dict[str, Any]:
             "candidates": [{"index": i, "text": item.candidates[i]} for i in order]}
 
 
+def bearer_request(request: Request) -> bool:
+    """The request carries `Authorization: Bearer ...`: a script's, since a browser never adds that header to a
+    cross-site request (it would need a CORS preflight this app never grants)."""
+    scheme, _, _ = request.headers.get("authorization", "").strip().partition(" ")
+    return scheme.lower() == "bearer"
+
+
+def refusal(request: Request, hosts: frozenset[str]) -> tuple[int, str] | None:
+    """(status, message) when the request must not reach the routes: a foreign Host, or a cookie-authenticated
+    state-changing request from another origin. None when it may go on."""
+    host = request.headers.get("host")
+    if not host_allowed(host, hosts):
+        return 421, (f"this app does not answer to Host {host!r}; start it with --allowed-hosts NAME to allow "
+                     "a name")
+    if request.method in SAFE_METHODS or bearer_request(request):
+        return None
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if not same_origin(origin, host):
+        return 403, ("cross-origin request refused: send it from this app's own page (Origin or Referer must be "
+                     "this server), or authenticate with Authorization: Bearer TOKEN")
+    return None
+
+
+def turn_position(text: str) -> int:
+    """A turn number from the URL; HTTPError 404 for anything SQLite cannot hold (it would overflow)."""
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_ROW_ID:
+        raise HTTPError(404, "no such chat or turn")
+    return int(text)
+
+
 def create_app(db: AnnotationDB, *, per_item: int = 1, guidelines_markdown: str = "",
                teacher_factory: Callable[[], Any] | None = None, teacher_name: str | None = None,
-               chat: ChatSettings | None = None) -> FastAPI:
+               chat: ChatSettings | None = None, hosts: frozenset[str] | None = None) -> FastAPI:
+    """The app; `hosts` is the Host allow-list (default: loopback names only, see netutil.allowed_hosts)."""
     from toolkit.resources import template_path
+
+    hosts = allowed_hosts("127.0.0.1") if hosts is None else hosts
 
     chat = chat or ChatSettings()
     page = template_path("annotate/index.html").read_text(encoding="utf-8")
@@ -112,7 +157,7 @@ def create_app(db: AnnotationDB, *, per_item: int = 1, guidelines_markdown: str 
         return annotator
 
     async def body(request: Request) -> dict[str, Any]:
-        if "application/json" not in request.headers.get("content-type", ""):
+        if not is_json_media_type(request.headers.get("content-type")):
             raise HTTPError(415, "send JSON (Content-Type: application/json)")
         raw = await request.body()
         if len(raw) > MAX_BODY:
@@ -123,11 +168,19 @@ def create_app(db: AnnotationDB, *, per_item: int = 1, guidelines_markdown: str 
             raise HTTPError(400, "request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "request body must be a JSON object")
+        try:  # JSON may spell lone surrogates (\ud800), which SQLite cannot store as UTF-8: a 500 later
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise HTTPError(400, "request body holds text that is not valid Unicode (a lone surrogate)") from None
         return data
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
-        response = await call_next(request)
+        refused = refusal(request, hosts)
+        if refused is not None:
+            response = JSONResponse({"error": refused[1]}, status_code=refused[0])
+        else:
+            response = await call_next(request)
         for key, value in SECURITY_HEADERS.items():
             response.headers.setdefault(key, value)
         if request.url.path.startswith("/api/"):
@@ -224,9 +277,11 @@ def create_app(db: AnnotationDB, *, per_item: int = 1, guidelines_markdown: str 
         def save():
             try:
                 saved = db.save_ranking(annotator.id, item_id, data.get("tiers"), data.get("unordered"),
-                                        data.get("flags"), data.get("better"))
+                                        data.get("flags"), data.get("better"), per_item=per_item)
             except KeyError:
                 raise HTTPError(404, "no such item") from None
+            except ItemFull as err:
+                raise HTTPError(409, str(err), next_view(annotator)) from None
             except ValueError as err:
                 raise HTTPError(400, str(err)) from None
             return {"saved": saved, **next_view(annotator)}
@@ -297,7 +352,7 @@ def create_app(db: AnnotationDB, *, per_item: int = 1, guidelines_markdown: str 
                 teacher.chat(messages, max_tokens=chat.max_tokens, temperature=chat.temperature),
                 timeout=chat.timeout_s)
         except Exception as err:  # noqa: BLE001 - the annotator sees the error and can retry
-            raise HTTPError(502, f"the model did not answer: {type(err).__name__}: {err}"[:500],
+            raise HTTPError(502, redact(f"the model did not answer: {type(err).__name__}: {err}")[:500],
                             {"chat": found}) from None
         text = reply.text if reply.text.strip() else "(the model returned an empty answer)"
 
@@ -345,13 +400,14 @@ def create_app(db: AnnotationDB, *, per_item: int = 1, guidelines_markdown: str 
         return await model_turn(chat_id, annotator)
 
     @app.put("/api/chats/{chat_id}/messages/{position}")
-    async def edit_message(chat_id: str, position: int, request: Request):
+    async def edit_message(chat_id: str, position: str, request: Request):
         annotator = await run_in_threadpool(need, request)
         data = await body(request)
+        turn = turn_position(position)
 
         def edit():
             try:
-                db.edit_message(chat_id, annotator.id, position, data.get("content"))
+                db.edit_message(chat_id, annotator.id, turn, data.get("content"))
             except KeyError:
                 raise HTTPError(404, "no such chat or turn") from None
             except ValueError as err:
@@ -383,8 +439,10 @@ def create_app(db: AnnotationDB, *, per_item: int = 1, guidelines_markdown: str 
 
 def run(db_path: str, *, host: str = "127.0.0.1", port: int = 8080, per_item: int = 1,
         guidelines_markdown: str = "", teacher_factory: Callable[[], Any] | None = None,
-        teacher_name: str | None = None, chat: ChatSettings | None = None, ready_file: str | None = None) -> None:
-    """Serve the annotation app until interrupted (binds loopback unless told otherwise)."""
+        teacher_name: str | None = None, chat: ChatSettings | None = None, ready_file: str | None = None,
+        extra_hosts: tuple[str, ...] | list[str] = ()) -> None:
+    """Serve the annotation app until interrupted (binds loopback unless told otherwise). Host headers other
+    than loopback names, `host` and `extra_hosts` ("*": any) are refused."""
     import uvicorn
 
     from toolkit.console import console
@@ -393,7 +451,8 @@ def run(db_path: str, *, host: str = "127.0.0.1", port: int = 8080, per_item: in
 
     db = AnnotationDB(db_path)
     app = create_app(db, per_item=per_item, guidelines_markdown=guidelines_markdown,
-                     teacher_factory=teacher_factory, teacher_name=teacher_name, chat=chat)
+                     teacher_factory=teacher_factory, teacher_name=teacher_name, chat=chat,
+                     hosts=allowed_hosts(host, extra_hosts))
     sock = listen_socket(host, port)
     port = sock.getsockname()[1]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
@@ -406,6 +465,9 @@ def run(db_path: str, *, host: str = "127.0.0.1", port: int = 8080, per_item: in
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print("[yellow]listening beyond this machine over plain HTTP:[/] tokens and answers travel "
                       "unencrypted; put the app behind an HTTPS reverse proxy on networks you do not trust")
+        if not extra_hosts:
+            console.print("[yellow]only IP addresses, loopback names and --host reach it:[/] pass --allowed-hosts "
+                          "NAME for a machine or proxy name (other Host headers get 421)")
     if ready_file:
         write_json(ready_file, {"url": url, "port": port, "started": time.time()})  # atomic: never half-read
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)

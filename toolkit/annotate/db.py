@@ -27,6 +27,7 @@ from toolkit.errors import UserError
 SCHEMA_VERSION = 1
 LEASE_S = 30 * 60  # an item left open this long goes back to the pool for other annotators
 MAX_TEXT = 50_000  # characters in one message or rewrite
+MAX_ROW_ID = 2**63 - 1  # SQLite INTEGER is 64-bit signed; a bigger Python int raises OverflowError when bound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,6 +59,10 @@ CREATE TABLE IF NOT EXISTS messages (
 """
 
 FLAG_KINDS = ("harmful", "unusable")
+
+
+class ItemFull(Exception):
+    """The item already has its `per_item` rankings (or the rest of them are leased to others)."""
 
 
 @dataclass
@@ -289,9 +294,12 @@ class AnnotationDB:
             return _item(row)
 
     def save_ranking(self, annotator_id: int, item_id: str, tiers: Any, unordered: Any = None, flags: Any = None,
-                     better: Any = None, *, now: float | None = None) -> dict[str, Any]:
-        """Validate and store (or revise) one annotator's ranking of an item; committed on return."""
-        now = time.time() if now is None else now
+                     better: Any = None, *, per_item: int | None = None, now: float | None = None) -> dict[str, Any]:
+        """Validate and store (or revise) one annotator's ranking of an item; committed on return.
+
+        With `per_item`, a new ranking of an item that already has its rankings raises ItemFull: the count and
+        the insert share one BEGIN IMMEDIATE transaction, so two annotators (or processes) cannot both take the
+        last slot. Revising one's own ranking is always allowed."""
         item = self.item(item_id)
         if item is None:
             raise KeyError(item_id)
@@ -305,9 +313,14 @@ class AnnotationDB:
             if better is not None and len(better) > MAX_TEXT:
                 raise ValueError(f"'better' is over {MAX_TEXT} characters")
         with self.transaction() as conn:
+            # read the clock inside the transaction: a lease written by a request that held the lock while
+            # this one waited is newer than a clock read before, and the pace would come out negative
+            now = time.time() if now is None else now
+            if per_item is not None:
+                _check_room(conn, item_id, annotator_id, per_item, now)
             lease = conn.execute("SELECT leased_at FROM leases WHERE item_id = ? AND annotator_id = ?",
                                  (item_id, annotator_id)).fetchone()
-            seconds = round(now - lease[0], 3) if lease is not None else None
+            seconds = _non_negative(round(now - lease[0], 3)) if lease is not None else None
             conn.execute(
                 "INSERT INTO rankings(item_id, annotator_id, status, tiers, unordered, flags, better, shown_order, "
                 "seconds, created_at, updated_at) VALUES (?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -375,7 +388,7 @@ class AnnotationDB:
             seconds = sorted(r[0] for r in self.query(
                 "SELECT r.seconds FROM rankings r JOIN annotators a ON a.id = r.annotator_id "
                 "WHERE a.name = ? AND r.status = 'done' AND r.seconds IS NOT NULL", (row["name"],)))
-            median = seconds[len(seconds) // 2] if seconds else None
+            median = _non_negative(seconds[len(seconds) // 2]) if seconds else None
             out.append({"annotator": row["name"], "ranked": row["ranked"], "skipped": row["skipped"],
                         "chats": row["chats"], "median_seconds": median,
                         "last_active": row["last_active"] or None})
@@ -456,6 +469,8 @@ class AnnotationDB:
 
     def edit_message(self, chat_id: str, annotator_id: int, position: int, content: str) -> None:
         """The annotator corrects a turn (a model's answer becomes author 'model+human')."""
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= MAX_ROW_ID:
+            raise KeyError(f"{chat_id}:{position}")
         _check_message(content)
         now = time.time()
         with self.transaction() as conn:
@@ -491,6 +506,36 @@ class AnnotationDB:
             conn.execute("UPDATE chats SET status = ?, updated_at = ? WHERE id = ?", (status, time.time(), chat_id))
 
 
+@contextmanager
+def open_for_load(path: str | os.PathLike) -> Iterator[AnnotationDB]:
+    """Open the database to load tasks into; when this call created the file and the block fails before an item
+    or annotator is stored, the file is removed again, so a failed first load leaves no empty database behind.
+    A database that existed before is never removed."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        with AnnotationDB(path) as db:
+            yield db
+    except BaseException:
+        if not existed:
+            _remove_if_unused(path)
+        raise
+
+
+def _remove_if_unused(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        used = conn.execute("SELECT (SELECT COUNT(*) FROM items) + (SELECT COUNT(*) FROM annotators)").fetchone()[0]
+    except sqlite3.DatabaseError:
+        return  # not readable as ours: leave it for the user to look at
+    finally:
+        conn.close()
+    if used:
+        return
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def _item(row: sqlite3.Row) -> Item:
     return Item(row["id"], row["position"], row["prompt"], json.loads(row["candidates"]), json.loads(row["meta"]))
 
@@ -501,6 +546,33 @@ def _ranking(row: sqlite3.Row) -> dict[str, Any]:
         out[key] = json.loads(out[key]) if out.get(key) else None
     out["flags"] = json.loads(out.get("flags") or "{}")
     return out
+
+
+def _non_negative(seconds: float) -> float:
+    """Clamp a duration at 0 (rows written before the clock fix may hold -0.0004), never -0.0."""
+    return seconds if seconds > 0 else 0.0
+
+
+def _check_room(conn, item_id: str, annotator_id: int, per_item: int, now: float) -> None:
+    """ItemFull unless this annotator may add a ranking of the item: they ranked it before (a revision), or the
+    done rankings of others leave a slot. Without a live lease of their own, others' live leases hold slots too
+    (the rule next_item hands items out by), so a direct POST cannot take a slot someone is working on."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM rankings WHERE item_id = :item AND annotator_id = :me AND status = 'done') "
+        "  AS mine, "
+        "(SELECT COUNT(*) FROM rankings WHERE item_id = :item AND annotator_id != :me AND status = 'done') AS done, "
+        "EXISTS (SELECT 1 FROM leases WHERE item_id = :item AND annotator_id = :me AND leased_at > :since) "
+        "  AS leased, "
+        "(SELECT COUNT(*) FROM leases l WHERE l.item_id = :item AND l.annotator_id != :me AND l.leased_at > :since "
+        "  AND NOT EXISTS (SELECT 1 FROM rankings r WHERE r.item_id = l.item_id "
+        "  AND r.annotator_id = l.annotator_id)) AS held",
+        {"item": item_id, "me": annotator_id, "since": now - LEASE_S}).fetchone()
+    if row["mine"]:
+        return
+    taken = row["done"] + (0 if row["leased"] else row["held"])
+    if taken >= per_item:
+        raise ItemFull(f"this item already has its {per_item} ranking(s)"
+                       + ("" if row["done"] >= per_item else " or is being ranked by others"))
 
 
 def _check_message(content: object) -> None:

@@ -127,13 +127,32 @@ class GenerationSettings:
     concurrency: int = 8
 
 
-def load_tasks(db, path: str | os.PathLike, teacher_factory=None, settings: GenerationSettings | None = None,
-               progress=None) -> dict[str, int]:
-    """Put the task file's items into the database; prompt-only rows get candidates from the teacher.
-
-    Items already in the database are skipped (a re-run resumes candidate generation where it stopped)."""
+def check_tasks(path: str | os.PathLike, has_teacher: bool,
+                settings: GenerationSettings | None = None) -> list[TaskRow]:
+    """Read and validate a task file without touching any database: every row parses, and prompt-only rows
+    have a teacher to write their candidates. The command runs this before it creates the database file."""
     tasks = read_tasks(path)
     settings = settings or GenerationSettings()
+    prompt_only = next((t for t in tasks if t.candidates is None), None)
+    if prompt_only is not None:
+        if not has_teacher:
+            raise UserError(f"row {prompt_only.line} has a prompt but no candidates; pass --teacher SPEC "
+                            "(and --num-candidates K) to have a model write them", file=str(path),
+                            line=prompt_only.line)
+        if settings.num_candidates < 2:
+            raise UserError("--num-candidates must be at least 2")
+    return tasks
+
+
+def load_tasks(db, path: str | os.PathLike, teacher_factory=None, settings: GenerationSettings | None = None,
+               progress=None, tasks: list[TaskRow] | None = None) -> dict[str, int]:
+    """Put the task file's items into the database; prompt-only rows get candidates from the teacher.
+
+    Items already in the database are skipped (a re-run resumes candidate generation where it stopped).
+    `tasks`: the file's rows as check_tasks returned them (read here when None)."""
+    settings = settings or GenerationSettings()
+    if tasks is None:
+        tasks = check_tasks(path, teacher_factory is not None, settings)
     base = db.next_position()  # items keep the file's order, even when candidates arrive out of order
     ready: list[tuple] = []
     to_write: list[TaskRow] = []
@@ -147,12 +166,8 @@ def load_tasks(db, path: str | os.PathLike, teacher_factory=None, settings: Gene
     added = db.add_items(ready) if ready else 0
     generated = 0
     if to_write:
-        if teacher_factory is None:
-            raise UserError(f"row {to_write[0].line} has a prompt but no candidates; pass --teacher SPEC "
-                            "(and --num-candidates K) to have a model write them", file=str(path),
-                            line=to_write[0].line)
-        if settings.num_candidates < 2:
-            raise UserError("--num-candidates must be at least 2")
+        if teacher_factory is None:  # check_tasks refused this already when it read the rows
+            raise UserError("prompt-only rows need --teacher SPEC", file=str(path), line=to_write[0].line)
         known = db.item_ids()
         pending = [t for t in to_write if _generated_id(t, settings) not in known]
         if pending:

@@ -6,22 +6,27 @@ import json
 
 import click
 
+from toolkit.commands.params import PORT, SEED, FiniteFloat, NonEmptyPath
 from toolkit.config import config_option
 from toolkit.models import allow_pickle_option
 
 
 @click.group("annotate", invoke_without_command=True)
-@click.option("--tasks", type=click.Path(dir_okay=False), default=None,
+@click.option("--tasks", type=NonEmptyPath(dir_okay=False), default=None,
               help="JSONL/JSON items to rank: prompt + candidates/responses, prompt/chosen/rejected, or prompts "
                    "only (with --teacher). Loaded into --db; may be left out once loaded.")
-@click.option("--db", "db_path", default="annotations.sqlite", show_default=True, type=click.Path(dir_okay=False),
+@click.option("--db", "db_path", default="annotations.sqlite", show_default=True, type=NonEmptyPath(dir_okay=False),
               help="SQLite file holding items, annotators and every answer (created if missing).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Interface to bind; anything but loopback must be asked for explicitly.")
-@click.option("--port", default=8080, show_default=True, help="Port (0 picks a free one).")
+@click.option("--port", default=8080, show_default=True, type=PORT, help="Port (0 picks a free one).")
+@click.option("--allowed-hosts", multiple=True, metavar="NAMES",
+              help="More names the Host header may carry (repeatable or comma-separated; `*` = any), e.g. the "
+                   "name of a reverse proxy. Loopback names, IP addresses and --host are always allowed; any "
+                   "other Host gets 421, which stops DNS-rebinding pages.")
 @click.option("--per-item", default=1, show_default=True, type=click.IntRange(1, 100),
               help="How many annotators see each item.")
-@click.option("--guidelines", type=click.Path(dir_okay=False), default=None,
+@click.option("--guidelines", type=NonEmptyPath(dir_okay=False), default=None,
               help="Markdown shown beside the task (default: templates/annotate/guidelines.md).")
 @click.option("--teacher", default=None,
               help="Model for Chat mode and for writing candidates of prompt-only tasks: openai:MODEL | "
@@ -32,20 +37,25 @@ from toolkit.models import allow_pickle_option
 @click.option("--teacher-kwargs", default="{}", show_default=True, help="JSON kwargs for a langchain: teacher.")
 @click.option("--num-candidates", default=4, show_default=True, type=click.IntRange(2, 9),
               help="Answers the teacher writes per prompt-only task.")
-@click.option("--max-tokens", default=256, show_default=True, help="Longest answer the teacher writes.")
-@click.option("--temperature", default=1.0, show_default=True, help="Sampling temperature for candidates.")
-@click.option("--chat-temperature", default=0.7, show_default=True, help="Sampling temperature in Chat mode.")
-@click.option("--seed", default=0, show_default=True, help="Candidate j of a prompt is sampled with seed+j.")
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds per teacher request.")
-@click.option("--ready-file", default=None, type=click.Path(dir_okay=False),
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1),
+              help="Longest answer the teacher writes.")
+@click.option("--temperature", default=1.0, show_default=True, type=FiniteFloat(0),
+              help="Sampling temperature for candidates.")
+@click.option("--chat-temperature", default=0.7, show_default=True, type=FiniteFloat(0),
+              help="Sampling temperature in Chat mode.")
+@click.option("--seed", default=0, show_default=True, type=SEED,
+              help="Candidate j of a prompt is sampled with seed+j.")
+@click.option("--timeout", default=120.0, show_default=True, type=FiniteFloat(0, min_open=True),
+              help="Seconds per teacher request.")
+@click.option("--ready-file", default=None, type=NonEmptyPath(dir_okay=False),
               help="Write {url, port} here once listening (for scripts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the load summary as JSON (then serve).")
 @allow_pickle_option
 @config_option
 @click.pass_context
-def annotate_cmd(ctx, tasks, db_path, host, port, per_item, guidelines, teacher, base_url, api_key_env,
-                 teacher_kwargs, num_candidates, max_tokens, temperature, chat_temperature, seed, timeout,
-                 ready_file, as_json):
+def annotate_cmd(ctx, tasks, db_path, host, port, allowed_hosts, per_item, guidelines, teacher, base_url,
+                 api_key_env, teacher_kwargs, num_candidates, max_tokens, temperature, chat_temperature, seed,
+                 timeout, ready_file, as_json):
     """Start the annotation web app: people rank answers and play user and assistant.
 
     \b
@@ -59,8 +69,8 @@ def annotate_cmd(ctx, tasks, db_path, host, port, per_item, guidelines, teacher,
     from pathlib import Path
 
     from toolkit.annotate.app import ChatSettings, run
-    from toolkit.annotate.db import AnnotationDB
-    from toolkit.annotate.tasks import GenerationSettings, load_tasks
+    from toolkit.annotate.db import open_for_load
+    from toolkit.annotate.tasks import GenerationSettings, check_tasks, load_tasks
     from toolkit.console import emit_json, progress, summary_table
     from toolkit.errors import UserError
     from toolkit.resources import template_path
@@ -87,9 +97,15 @@ def annotate_cmd(ctx, tasks, db_path, host, port, per_item, guidelines, teacher,
         def factory():
             return make_teacher(teacher, base_url=base_url, api_key_env=api_key_env, kwargs=kwargs, timeout=timeout)
 
-    with AnnotationDB(db_path) as db:
+    # the task file is read and checked before the database file is created: a bad file leaves no empty DB
+    settings = GenerationSettings(num_candidates=num_candidates, max_tokens=max_tokens, temperature=temperature,
+                                  seed=seed)
+    rows = check_tasks(tasks, factory is not None, settings) if tasks else None
+    if rows is None and not Path(db_path).exists():
+        raise UserError("the database holds no items yet: pass --tasks FILE", file=db_path)
+    with open_for_load(db_path) as db:
         summary = {"items": db.count_items()}
-        if tasks:
+        if rows is not None:
             with progress() as bar:
                 bars: list = []
 
@@ -98,9 +114,7 @@ def annotate_cmd(ctx, tasks, db_path, host, port, per_item, guidelines, teacher,
                         bars.append(bar.add_task("writing candidates", total=total, status=teacher))
                     bar.update(bars[0], completed=done)
 
-                summary = load_tasks(db, tasks, factory, GenerationSettings(
-                    num_candidates=num_candidates, max_tokens=max_tokens, temperature=temperature, seed=seed),
-                    progress=step)
+                summary = load_tasks(db, tasks, factory, settings, progress=step, tasks=rows)
         if summary["items"] == 0:
             raise UserError("the database holds no items yet: pass --tasks FILE", file=db_path)
         annotators = len(db.annotators())
@@ -112,12 +126,13 @@ def annotate_cmd(ctx, tasks, db_path, host, port, per_item, guidelines, teacher,
     run(db_path, host=host, port=port, per_item=per_item, guidelines_markdown=guidelines_text,
         teacher_factory=factory, teacher_name=teacher,
         chat=ChatSettings(max_tokens=max_tokens, temperature=chat_temperature, timeout_s=timeout),
-        ready_file=ready_file)
+        ready_file=ready_file,
+        extra_hosts=tuple(h.strip() for value in allowed_hosts for h in value.split(",") if h.strip()))
 
 
 @annotate_cmd.command("add-user")
 @click.argument("name")
-@click.option("--db", "db_path", default="annotations.sqlite", show_default=True, type=click.Path(dir_okay=False),
+@click.option("--db", "db_path", default="annotations.sqlite", show_default=True, type=NonEmptyPath(dir_okay=False),
               help="The annotation database (created if missing).")
 @click.option("--rotate", is_flag=True, help="Give an existing annotator a new token (the old one stops working).")
 @click.option("--json", "as_json", is_flag=True, help="Print {name, token} as JSON.")
@@ -138,7 +153,7 @@ def add_user_cmd(name, db_path, rotate, as_json):
 
 
 @annotate_cmd.command("progress")
-@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The annotation database.")
+@click.option("--db", "db_path", required=True, type=NonEmptyPath(dir_okay=False), help="The annotation database.")
 @click.option("--per-item", default=1, show_default=True, type=click.IntRange(1, 100),
               help="Rankings each item needs (as given to the app) to count as complete.")
 @click.option("--json", "as_json", is_flag=True, help="Print {items, complete, per_item, annotators} as JSON.")
@@ -170,10 +185,10 @@ def progress_cmd(db_path, per_item, as_json):
 
 
 @annotate_cmd.command("export")
-@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The annotation database.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
+@click.option("--db", "db_path", required=True, type=NonEmptyPath(dir_okay=False), help="The annotation database.")
+@click.option("--out", required=True, type=NonEmptyPath(dir_okay=False),
               help="Preference pairs (prompt/chosen/rejected JSONL) for train-reward.")
-@click.option("--conversations", "conversations_out", default=None, type=click.Path(dir_okay=False),
+@click.option("--conversations", "conversations_out", default=None, type=NonEmptyPath(dir_okay=False),
               help="Conversation rows (messages JSONL) for sft [default: OUT with .conversations before the "
                    "suffix].")
 @click.option("--pairs", type=click.Choice(["all", "best-worst"]), default="all", show_default=True,
@@ -199,12 +214,12 @@ def export_cmd(db_path, out, conversations_out, pairs, keep_flagged, no_rewrites
 
 
 @annotate_cmd.command("agreement")
-@click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The annotation database.")
-@click.option("--judge-file", default=None, type=click.Path(dir_okay=False),
+@click.option("--db", "db_path", required=True, type=NonEmptyPath(dir_okay=False), help="The annotation database.")
+@click.option("--judge-file", default=None, type=NonEmptyPath(dir_okay=False),
               help="An LLM judge's labels on the same items: preference rows (prompt/chosen/rejected) or rows "
                    "with candidates and scores [default: the labels the task file carried, if any].")
 @click.option("--no-task-labels", is_flag=True, help="Do not use the task file's own labels as the judge.")
-@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+@click.option("--plot", "plot_path", default=None, type=NonEmptyPath(dir_okay=False),
               help="PNG heatmap of the kappas [default: DB name + -agreement.png].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @config_option

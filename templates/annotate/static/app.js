@@ -284,6 +284,13 @@ async function submit() {
     setStatus($("status"), `saved ✓ (${data.progress.done} done)`, "ok");
   } catch (err) {
     S.busy = false;
+    if (err.status === 409 && err.data && err.data.progress) {
+      // others filled this item while it sat here (the lease ran out): retrying cannot work, go on
+      showProgress(err.data.progress);
+      showItem(err.data.item);
+      setStatus($("status"), "not saved: " + err.message, "warn");
+      return;
+    }
     setStatus($("status"), "not saved: " + err.message + " — press Enter to try again", "error");
     renderRanking();
   }
