@@ -127,8 +127,8 @@ def test_every_command_help_shows_its_defaults(path):
 def test_ask_help_shows_concrete_defaults():
     result = CliRunner().invoke(cli, ["ask", "--help"], terminal_width=200)
     assert "[default: hf:smollm2-135m]" in result.output
-    assert "[default: 128]" in result.output
-    assert "[default: 0.7]" in result.output
+    assert "[default: 128; x>=1]" in result.output  # the range follows the default
+    assert "[default: 0.7; x>=0]" in result.output
 
 
 def test_unknown_command_and_missing_argument(capsys):

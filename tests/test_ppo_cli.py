@@ -97,6 +97,7 @@ def test_presets_parse_with_the_config_loader_and_document_memory_and_launch():
             values = load_config(str(preset), command, click.Context(command))
             config = cls(**values)
             if isinstance(config, PPOConfig):
+                config.prompts = config.prompts or "prompts.jsonl"  # a preset leaves --prompts to the command
                 config.validate()  # batch / minibatch / accumulation sizes fit together
     for preset in sorted((ROOT / "templates").glob("rlhf-llama-*.yaml")):
         comments = "\n".join(line for line in preset.read_text().splitlines() if line.startswith("#"))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.config import SEED_MAX, check_ranges
 from toolkit.errors import UserError
 
 IGNORE = -100
@@ -197,46 +198,48 @@ def collate(batch: list[Example], pad_id: int, packed: bool) -> dict[str, Any]:
 
 # ---- training ------------------------------------------------------------------------------------------------
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002
-    return field(default=default, metadata={"help": help})
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002
+    # kw: the range the CLI checks at parse time and validate() for Python callers (see rlhf/config.py)
+    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class SFTConfig:
-    data: str = _f("", "Conversations: llamakit JSONL, ShareGPT, Alpaca JSON or ChatLLaMA actor JSON.")
-    model: str = _f("smollm2-135m", "Model to fine-tune: an embedded alias or a Hugging Face directory.")
-    out: str = _f("runs/sft", "Output directory (model/, metrics.jsonl, curves.png, checkpoints/).")
-    epochs: float = _f(1.0, "Passes over the data (fractions allowed).")
-    max_steps: int = _f(0, "Stop after this many optimizer steps (0 = use --epochs).")
-    batch_size: int = _f(8, "Sequences per micro-batch, per process.")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
-    learning_rate: float = _f(2e-5, "Peak AdamW learning rate (LoRA usually wants ~2e-4).")
-    warmup_ratio: float = _f(0.03, "Linear warm-up over this share of steps, then linear decay to 0.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    max_length: int = _f(1024, "Tokens per sequence; longer conversations are cut (and counted).")
+    data: str = _f("", "Conversations: llamakit JSONL, ShareGPT, Alpaca JSON or ChatLLaMA actor JSON.",
+                   nonempty=True)
+    model: str = _f("smollm2-135m", "Model to fine-tune: an embedded alias or a Hugging Face directory.",
+                    nonempty=True)
+    out: str = _f("runs/sft", "Output directory (model/, metrics.jsonl, curves.png, checkpoints/).",
+                  nonempty=True)
+    epochs: float = _f(1.0, "Passes over the data (fractions allowed).", min=0, min_open=True)
+    max_steps: int = _f(0, "Stop after this many optimizer steps (0 = use --epochs).", min=0)
+    batch_size: int = _f(8, "Sequences per micro-batch, per process.", min=1)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", min=1)
+    learning_rate: float = _f(2e-5, "Peak AdamW learning rate (LoRA usually wants ~2e-4).",
+                              min=0, min_open=True)
+    warmup_ratio: float = _f(0.03, "Linear warm-up over this share of steps, then linear decay to 0.",
+                             min=0, max=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", min=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", min=0)
+    max_length: int = _f(1024, "Tokens per sequence; longer conversations are cut (and counted).", min=1)
     packing: bool = _f(False, "Pack several conversations into each sequence (block-diagonal attention).")
     system_prompt: str = _f("", "System message put before every conversation that has none.")
-    limit: int = _f(0, "Use only the first N rows (0 = all).")
+    limit: int = _f(0, "Use only the first N rows (0 = all).", min=0)
     lora: bool = _f(False, "Train a LoRA adapter (merged into the saved model at the end).")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA α.")
-    lora_target: str = _f("all-linear", "LoRA target modules: all-linear or a comma list.")
+    lora_r: int = _f(16, "LoRA rank.", min=1)
+    lora_alpha: int = _f(32, "LoRA α.", min=1)
+    lora_target: str = _f("all-linear", "LoRA target modules: all-linear or a comma list.", nonempty=True)
     bf16: bool = _f(False, "bfloat16 autocast.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory).")
-    seed: int = _f(0, "Seed for shuffling and initialisation.")
-    save_every: int = _f(0, "Checkpoint every N optimizer steps (0 = only at the end).")
-    keep_checkpoints: int = _f(2, "Checkpoints kept on disk.")
+    seed: int = _f(0, "Seed for shuffling and initialisation.", min=0, max=SEED_MAX)
+    save_every: int = _f(0, "Checkpoint every N optimizer steps (0 = only at the end).", min=0)
+    keep_checkpoints: int = _f(2, "Checkpoints kept on disk (0 = all).", min=0)
     resume: bool = _f(False, "Continue from the last checkpoint in --out.")
+    overwrite: bool = _f(False, "Replace an earlier sft run in --out (never a directory llamakit did not write).")
 
     def validate(self) -> None:
-        for name in ("batch_size", "gradient_accumulation_steps", "max_length"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')}: must be at least 1")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            raise UserError("--epochs or --max-steps must be > 0")
-        if not self.data:
-            raise UserError("--data is required")
+        """Raise UserError naming the flag of a field outside its range (the CLI checks at parse time)."""
+        check_ranges(self)
 
 
 @dataclass
@@ -267,15 +270,14 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     from rlhf.policy import add_lora, disable_dropout
     from rlhf.trainer import make_accelerator
     from toolkit.console import console, progress, summary_table
-    from toolkit.io import RowWriter, read_existing, write_json
+    from toolkit.io import RowWriter, claim_run_dir, read_existing, start_run_dir, write_json
     from toolkit.models import load_causal_lm, load_tokenizer
 
     cfg.validate()
     accelerator = make_accelerator(cfg.bf16)
     is_main, device = accelerator.is_main_process, accelerator.device
     out = Path(cfg.out)
-    if not cfg.resume and ((out / "metrics.jsonl").is_file() or (out / "checkpoints").is_dir()):
-        raise UserError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+    claim_run_dir(out, "sft-run", resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)  # data errors surface before the model loads
@@ -315,6 +317,8 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
             from rlhf.logs import drop_rows_after
 
             drop_rows_after(out / "metrics.jsonl", start)
+    if is_main:
+        start_run_dir(out, "sft-run", overwrite=cfg.overwrite)
     accelerator.wait_for_everyone()
     writer = RowWriter(out / "metrics.jsonl") if is_main else None
     history: list[dict[str, Any]] = []
@@ -404,7 +408,7 @@ def _save_sft_checkpoint(accelerator, out: Path, step: int, model, optimizer, sc
     from toolkit.io import atomic_dir, write_json
 
     if accelerator.is_main_process:
-        with atomic_dir(checkpoint_dir(out, step)) as tmp:
+        with atomic_dir(checkpoint_dir(out, step), "checkpoint", overwrite=True) as tmp:
             model.save_pretrained(tmp / "model", safe_serialization=True)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save([rng_state()], tmp / "rng.pt")
@@ -449,7 +453,7 @@ def _save_model(model, tokenizer, target: Path, cfg: SFTConfig, step: int) -> Pa
 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "sft-model", overwrite=True) as tmp:  # inside this run's own --out
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "llamakit-manifest.json", {"kind": "sft-model", "base": cfg.model, "data": cfg.data,

@@ -4,31 +4,35 @@ from __future__ import annotations
 
 import click
 
+from toolkit.commands.params import NON_EMPTY, FiniteFloat, NonEmptyPath
 from toolkit.config import config_option
 from toolkit.models import allow_pickle_option
 
 
 @click.command("demo")
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="runs/demo", show_default=True, type=NonEmptyPath(file_okay=False),
               help="Run directory; a second run resumes after the last finished stage.")
 @click.option("--fast", is_flag=True, help="Tiny sizes (for tests): a few rows and steps per stage.")
-@click.option("--model", default="smollm2-135m", show_default=True,
+@click.option("--model", default="smollm2-135m", show_default=True, type=NON_EMPTY,
               help="Actor and teacher: an embedded alias or a local Hugging Face directory.")
 @config_option
 def demo_cmd(out, fast, model):
     """The whole RLHF pipeline offline on a CPU: serve a teacher, generate data, SFT, reward model, PPO, report."""
+    from toolkit.console import note_output
     from toolkit.demo import run_demo
 
+    note_output(f"finished stages are kept in {out}", "run the same command again to go on after the last one")
     run_demo(out, fast=fast, model=model)
 
 
 @click.command("report")
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--screenshot", "png", default=None, type=click.Path(dir_okay=False),
+@click.argument("run_dir", metavar="PATH", type=NonEmptyPath())
+@click.option("--screenshot", "png", default=None, type=NonEmptyPath(dir_okay=False),
               help="Also render report.html with headless Chromium to this PNG.")
 @config_option
 def report_cmd(run_dir, png):
-    """Write report.md and a self-contained report.html for a run directory."""
+    """Write report.md and a self-contained report.html for PATH: a pipeline run (demo, init), the output of
+    one stage (rlhf, sft, train-reward), or a data file (then NAME.report.html beside it)."""
     from toolkit.console import console
     from toolkit.report import screenshot, write_report
 
@@ -39,7 +43,7 @@ def report_cmd(run_dir, png):
 
 
 @click.command("init")
-@click.argument("directory", default="pipeline", type=click.Path(file_okay=False))
+@click.argument("directory", default="pipeline", type=NonEmptyPath(file_okay=False))
 @click.option("--force", is_flag=True, help="Overwrite files that exist already.")
 @config_option
 def init_cmd(directory, force):
@@ -65,10 +69,10 @@ def init_cmd(directory, force):
 
 
 @click.command("chat")
-@click.argument("model_dir")
+@click.argument("model_dir", type=NON_EMPTY)
 @click.option("--system", default=None, help="System message.")
-@click.option("--max-tokens", default=256, show_default=True)
-@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.7, show_default=True, type=FiniteFloat(0))
 @allow_pickle_option
 @config_option
 def chat_cmd(model_dir, system, max_tokens, temperature):

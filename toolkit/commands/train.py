@@ -8,13 +8,28 @@ from collections.abc import Callable
 import click
 
 from rlhf.config import PPOConfig
+from toolkit.commands.params import NON_EMPTY, FiniteFloat
 from toolkit.config import config_option
 from toolkit.models import allow_pickle_option
 from toolkit.sft import SFTConfig
 
 
+def field_type(f: dataclasses.Field) -> click.ParamType | type:
+    """The click type of a dataclass field: numbers carry the range of its metadata (min, max, min_open,
+    max_open, inf), so a value outside it stops at parse time; `nonempty` text refuses ""."""
+    meta, kind = f.metadata, type(f.default)
+    bounds = {"min": meta.get("min"), "max": meta.get("max"), "min_open": meta.get("min_open", False),
+              "max_open": meta.get("max_open", False)}
+    if kind is int:
+        return click.IntRange(**bounds)
+    if kind is float:
+        return FiniteFloat(**bounds, allow_inf=meta.get("inf", False))
+    return NON_EMPTY if meta.get("nonempty") else kind
+
+
 def dataclass_options(cls: type) -> Callable:
-    """Add `--field-name` for every field of `cls` (booleans get `--x/--no-x`), defaults and help from it."""
+    """Add `--field-name` for every field of `cls` (booleans get `--x/--no-x`), defaults, help and ranges
+    from it. A `nonempty` field whose default is "" is required."""
 
     def decorate(func: Callable) -> Callable:
         for f in reversed(dataclasses.fields(cls)):
@@ -23,8 +38,10 @@ def dataclass_options(cls: type) -> Callable:
             if isinstance(f.default, bool):
                 option = click.option(f"--{name}/--no-{name}", f.name, default=f.default, show_default=True,
                                       help=help_text)
+            elif f.metadata.get("nonempty") and f.default == "":
+                option = click.option(f"--{name}", f.name, type=field_type(f), required=True, help=help_text)
             else:
-                option = click.option(f"--{name}", f.name, type=type(f.default), default=f.default,
+                option = click.option(f"--{name}", f.name, type=field_type(f), default=f.default,
                                       show_default=True, help=help_text)
             func = option(func)
         return func
@@ -42,6 +59,7 @@ def sft_cmd(as_json: bool, **settings) -> None:
     from toolkit.console import emit_json
     from toolkit.sft import train_sft
 
+    note_checkpoints_kept(settings["out"])
     result = train_sft(SFTConfig(**settings))
     if as_json:
         final = result.history[-1] if result.history else {}
@@ -63,10 +81,28 @@ def rlhf_cmd(as_json: bool, **settings) -> None:
     from rlhf.trainer import train
     from toolkit.console import emit_json
 
+    note_checkpoints_kept(settings["out"])
     result = train(PPOConfig(**settings))
     if as_json and result.policy_dir is not None:
         emit_json({"out": str(result.out), "policy": str(result.policy_dir), "steps": result.step,
                    "final": result.history[-1] if result.history else {}})
+
+
+def note_checkpoints_kept(out: str) -> None:
+    """What SIGINT/SIGTERM leaves of a training run: its checkpoints, which --resume continues from."""
+    from toolkit.console import note_output
+
+    def kept() -> str:
+        from pathlib import Path
+
+        from rlhf.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(Path(out))
+        if last is None:
+            return f"no checkpoint was written to {out} yet (--save-every N writes one every N steps)"
+        return f"the last checkpoint is kept: {last}"
+
+    note_output(kept, "run the same command with --resume to continue from the last checkpoint")
 
 
 COMMANDS = [sft_cmd, rlhf_cmd]
