@@ -400,6 +400,47 @@ def bad_input(where: Path) -> dict:
     return {"cases": cases, "pytest": proc.stdout.strip().splitlines()[-1]}
 
 
+# ---- outputs the user already had ------------------------------------------------------------------------
+
+def outputs_kept(tiny: Path) -> Callable[[Path], dict]:
+    """Every directory-writing command onto a folder holding the user's notes, with and without --overwrite;
+    then generate-data onto its own output with other settings. Nothing the user had may change."""
+    def scenario(where: Path) -> dict:
+        precious = where / "precious"
+        precious.mkdir()
+        (precious / "notes.txt").write_text("notes\n")
+        pairs = FIXTURES / "hh-harmless-6.jsonl"
+        commands = {
+            "train-reward": ["train-reward", "--data", pairs, "--model", tiny, "--max-steps", "1",
+                             "--max-length", "32", "--eval-split", "0.5", "--out", precious],
+            "sft": ["sft", "--data", FIXTURES / "alpaca-24.json", "--model", tiny, "--max-steps", "1",
+                    "--out", precious],
+            "rlhf": ["rlhf", "--policy", tiny, "--prompts", FIXTURES / "prompts-alpaca-32.jsonl", "--steps", "1",
+                     "--out", precious],
+            "data convert --to hf": ["data", "convert", pairs, precious, "--to", "hf"],
+        }
+        seen = {}
+        for name, argv in commands.items():
+            for extra in ((), ("--overwrite",)):
+                proc = cli(*argv, *extra, timeout=180)
+                expect(proc.returncode == 2, f"{name} {extra}: exit {proc.returncode}: {proc.stderr[-300:]}")
+                seen[f"{name} {' '.join(extra)}".strip()] = error_line(proc, str(precious))[:160]
+        expect(sorted(p.name for p in precious.iterdir()) == ["notes.txt"], "the user's folder changed")
+        prompts = where / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": f"q{i}", "responses": ["a b c", "a"]}) + "\n"
+                                   for i in range(2)))
+        out = where / "prefs.jsonl"
+        first = cli("generate-data", "preferences", "--prompts", prompts, "--out", out, "--scorer", "rules:length")
+        expect(first.returncode == 0, first.stderr[-300:])
+        before = out.read_bytes()
+        other = cli("generate-data", "preferences", "--prompts", prompts, "--out", out, "--scorer",
+                    "rules:length,repetition")
+        expect(other.returncode == 2 and out.read_bytes() == before, f"other settings: exit {other.returncode}")
+        seen["generate-data other settings"] = error_line(other, "other settings")[:160]
+        return seen
+    return scenario
+
+
 # ---- serve ---------------------------------------------------------------------------------------------
 
 def burst(url: str, n: int, key: str, max_tokens: int, limit: float = 180) -> tuple[list, float]:
@@ -513,6 +554,73 @@ def serve_scenarios(suite: Suite, tiny: Path) -> None:
 
     suite.run("serve full queue 503", full_queue)
 
+    def poisoned_batch(_where: Path) -> dict:
+        """Good requests batched with requests whose seed overflows torch's generator or whose temperature is
+        NaN (both used to fail the whole batch with 500): only the bad ones get an error."""
+        async def go(url: str, stream: bool) -> list[int]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def one(extra: str) -> int:
+                    flag = "true" if stream else "false"
+                    body = f'{{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 6, "stream": {flag}{extra}}}'
+                    r = await client.post(f"{url}/chat/completions", content=body,
+                                          headers={"Content-Type": "application/json"})
+                    # a 200 stream that carries an error event counts as failed (599)
+                    return 599 if r.status_code == 200 and '"error"' in r.text else r.status_code
+                bad = [', "seed": 123456789012345678901234567890', ', "seed": 18446744073709551615',
+                       ', "temperature": NaN']
+                return await asyncio.gather(*[one(f', "seed": {i}') for i in range(6)], *map(one, bad))
+
+        with running_server(str(tiny), args=("--max-batch", "16", "--batch-wait-ms", "200"),
+                            startup_timeout=180) as server:
+            seen = {}
+            for stream in (False, True):
+                codes = asyncio.run(go(server.url, stream))
+                expect(codes[:6] == [200] * 6 and codes[6:] == [400] * 3, f"stream={stream}: {codes}")
+                seen["stream" if stream else "plain"] = codes
+            return seen
+
+    def cross_site(_where: Path) -> dict:
+        """What a web page (or a DNS-rebinding page) can send to a key-less serve, and annotate's CSRF."""
+        from toolkit.annotate.db import AnnotationDB
+        from toolkit.annotate.process import running_app
+
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        seen = {}
+        with running_server(str(tiny), startup_timeout=180) as server:
+            attacks = {"Host: attacker.example": {"Host": "attacker.example", "Content-Type": "application/json"},
+                       "text/plain body": {"Content-Type": "text/plain"},
+                       "text/plain; charset=application/json": {"Content-Type": "text/plain; charset=application/json"},
+                       "foreign Origin": {"Content-Type": "application/json", "Origin": "http://evil.example"}}
+            for name, headers in attacks.items():
+                seen[f"serve {name}"] = httpx.post(f"{server.url}/chat/completions", content=body, headers=headers,
+                                                   timeout=60).status_code
+            expect(seen["serve Host: attacker.example"] == 421, str(seen))
+            expect(all(code in (403, 415, 421) for code in seen.values()), str(seen))
+            ok = httpx.post(f"{server.url}/chat/completions", content=body,
+                            headers={"Content-Type": "application/json"}, timeout=60).status_code
+            expect(ok == 200, f"a good request got {ok}")
+        db = _where / "ann.sqlite"
+        with AnnotationDB(db) as store:
+            token = store.add_annotator("alice")
+        with running_app(["--tasks", str(FIXTURES / "annotate-tasks.jsonl"), "--db", str(db), "--port", "0"],
+                         log_file=_where / "app.log") as app:
+            base = f"http://127.0.0.1:{app.port}"
+            login = httpx.post(f"{base}/login", data={"token": token}, headers={"Origin": base}, timeout=30)
+            evil = {"Content-Type": "text/plain; charset=application/json", "Origin": "http://127.0.0.1:1"}
+            chat = httpx.post(f"{base}/api/chats", content=json.dumps({"mode": "self"}), headers=evil,
+                              cookies=login.cookies, timeout=30)
+            rebinding = httpx.get(f"{base}/api/me", headers={"Host": "attacker.example"}, cookies=login.cookies,
+                                  timeout=30)
+            seen["annotate CSRF text/plain from another port"] = chat.status_code
+            seen["annotate Host: attacker.example"] = rebinding.status_code
+            expect(chat.status_code in (403, 415) and rebinding.status_code == 421, str(seen))
+        with AnnotationDB(db) as store:
+            expect(store.conn.execute("SELECT COUNT(*) FROM chats").fetchone()[0] == 0, "a forged chat was saved")
+        return seen
+
+    suite.run("serve poisoned request in a batch", poisoned_batch)
+    suite.run("serve and annotate cross-site requests", cross_site)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -539,6 +647,7 @@ def main() -> None:
             for seed in range(max(1, args.seeds - 1)):
                 suite.run(f"{command} kill -9 seed {seed}", training_kill(suite, tiny, command, seed))
         suite.run("bad-input sweep", bad_input)
+        suite.run("outputs the user had are kept", outputs_kept(tiny))
         serve_scenarios(suite, tiny)
     finally:
         if not args.keep:

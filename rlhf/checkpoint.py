@@ -51,7 +51,7 @@ def save_checkpoint(out: Path, step: int, actor, optimizer, kl_ctl, config: dict
     from toolkit.io import atomic_dir, write_json
 
     target = checkpoint_dir(out, step)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "checkpoint", overwrite=True) as tmp:
         actor.lm.save_pretrained(tmp / "policy", safe_serialization=True)
         save_value_state(tmp / "value.safetensors", actor)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -46,6 +46,7 @@ from rlhf.policy import (
 from rlhf.rewards import RewardFn, make_reward_fn, per_token_rewards, score_rollout
 from rlhf.rollout import batch_indices, load_prompts, sample
 from toolkit.errors import UserError
+from toolkit.io import claim_run_dir, start_run_dir
 
 STAT_NAMES = ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio", "ratio_dev")
 
@@ -123,8 +124,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     out = Path(cfg.out)
-    if not cfg.resume and ((out / "metrics.jsonl").is_file() or (out / "checkpoints").is_dir()):
-        raise UserError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+    claim_run_dir(out, "rlhf-run", resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -135,7 +135,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     if n_truncated and is_main:
         console.print(f"[yellow]warning:[/] {n_truncated} prompt(s) longer than --max-prompt-tokens "
                       f"{cfg.max_prompt_tokens} were cut from the left")
-    reward_fn = reward_fn or make_reward_fn(cfg.reward)
+    reward_fn = reward_fn or make_reward_fn(cfg.reward, prompts, cfg.prompts)
 
     # ---- actor, reference, critic ---------------------------------------------------------------------
     lm, tokenizer = load_causal_lm(cfg.policy)
@@ -176,6 +176,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
         if is_main:
             drop_rows_after(out / "metrics.jsonl", start)
             drop_rows_after(out / "samples.jsonl", start)
+    if is_main:
+        start_run_dir(out, "rlhf-run", overwrite=cfg.overwrite)
     accelerator.wait_for_everyone()
     log = RunLog(out, is_main, cfg.report_to)
 
@@ -205,7 +207,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     ref_logprobs = reference.logprobs(rollout.query_responses, rollout.attention_mask, ctx,
                                                       cfg.temperature, responses)
                 raw_scores = score_rollout(reward_fn, [p.text for p in batch], rollout.responses_text,
-                                           rollout.finish_reasons, device)
+                                           rollout.finish_reasons, device, [p.context for p in batch])
 
                 # ---- 2. rewards: KL penalty on every token, score (minus the no-EOS penalty) on the last
                 maskf = mask.float()
@@ -366,7 +368,7 @@ def _save_policy(actor: ActorCritic, tokenizer, target: Path, cfg: PPOConfig, st
     lm = actor.lm
     if hasattr(lm, "merge_and_unload"):
         lm = lm.merge_and_unload()  # the adapter folded into the weights: a plain model for `serve`
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "rlhf-policy", overwrite=True) as tmp:  # inside this run's own --out
         lm.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "llamakit-manifest.json", {"kind": "rlhf-policy", "base": cfg.policy,

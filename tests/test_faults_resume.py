@@ -105,7 +105,7 @@ def test_atomic_dir_keeps_a_live_writers_temp_dir(tmp_path):
 
         live = tmp_path / f".out.tmp-{_HOST}-{other.pid}-0000abcd"
         live.mkdir()
-        with atomic_dir(tmp_path / "out") as tmp:
+        with atomic_dir(tmp_path / "out", "model") as tmp:
             (tmp / "done").write_text("1")
         assert live.is_dir() and (tmp_path / "out" / "done").is_file()
     finally:

@@ -13,7 +13,19 @@ import pytest
 from conftest import ROOT
 
 from toolkit.errors import UserError
-from toolkit.io import RowWriter, atomic_dir, read_existing, read_rows, require_str, write_json
+from toolkit.io import (
+    RowWriter,
+    atomic_dir,
+    claim_output_dir,
+    claim_run_dir,
+    output_kind,
+    read_existing,
+    read_rows,
+    require_new_file,
+    require_str,
+    start_run_dir,
+    write_json,
+)
 
 ROWS = [{"prompt": "hi", "n": 1}, {"prompt": "café ☕", "n": 2}]
 
@@ -288,7 +300,7 @@ def _entries(parent: Path) -> list[str]:
 
 def test_atomic_dir_success(tmp_path):
     target = tmp_path / "model"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "model") as tmp:
         assert tmp.is_dir() and tmp != target
         assert not target.exists()  # invisible until complete
         (tmp / "weights.bin").write_bytes(b"w")
@@ -297,11 +309,12 @@ def test_atomic_dir_success(tmp_path):
     assert (target / "weights.bin").read_bytes() == b"w"
     assert (target / "sub" / "config.json").is_file()
     assert _entries(tmp_path) == ["model"]  # no temp dir left behind
+    assert output_kind(target) == "model"  # marked as llamakit's own
 
 
 def test_atomic_dir_failure_leaves_nothing(tmp_path):
     target = tmp_path / "model"
-    with pytest.raises(RuntimeError, match="boom"), atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(target, "model") as tmp:
         (tmp / "half.bin").write_bytes(b"half")
         raise RuntimeError("boom")
     assert not target.exists()
@@ -312,28 +325,89 @@ def test_atomic_dir_failure_keeps_the_old_target(tmp_path):
     target = tmp_path / "model"
     target.mkdir()
     (target / "old.txt").write_text("old", encoding="utf-8")
-    with pytest.raises(KeyboardInterrupt), atomic_dir(target) as tmp:
+    with pytest.raises(KeyboardInterrupt), atomic_dir(target, "model") as tmp:
         (tmp / "new.txt").write_text("new", encoding="utf-8")
         raise KeyboardInterrupt
     assert _entries(target) == ["old.txt"]
     assert _entries(tmp_path) == ["model"]
 
 
-def test_atomic_dir_replaces_an_existing_target(tmp_path):
-    target = tmp_path / "model"
+def test_atomic_dir_refuses_a_directory_it_did_not_write(tmp_path):
+    """Issue 14 defect 1: `train-reward --out precious` deleted precious/notes.txt."""
+    target = tmp_path / "precious"
     target.mkdir()
-    (target / "old.txt").write_text("old", encoding="utf-8")
-    with atomic_dir(target) as tmp:
+    (target / "notes.txt").write_text("notes", encoding="utf-8")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not written by llamakit"):
+            claim_output_dir(target, "model", overwrite=overwrite)
+        with pytest.raises(UserError, match="written beside it"), atomic_dir(target, "model", overwrite=overwrite) as tmp:
+            (tmp / "new.txt").write_text("new", encoding="utf-8")
+    assert (target / "notes.txt").read_text(encoding="utf-8") == "notes"
+    assert _entries(tmp_path) == ["precious", "precious-2", "precious-3"]  # the finished work is kept beside
+    assert (tmp_path / "precious-2" / "new.txt").is_file()
+
+
+def test_atomic_dir_replaces_its_own_output_only_with_overwrite(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target, "model") as tmp:
+        (tmp / "old.txt").write_text("old", encoding="utf-8")
+    with pytest.raises(UserError, match="--overwrite"):
+        claim_output_dir(target, "model")
+    with pytest.raises(UserError, match="holds a model, not a dataset"):
+        claim_output_dir(target, "dataset", overwrite=True)
+    with atomic_dir(target, "model", overwrite=True) as tmp:
         (tmp / "new.txt").write_text("new", encoding="utf-8")
-    assert _entries(target) == ["new.txt"]
+    assert _entries(target) == ["llamakit-manifest.json", "new.txt"]
     assert _entries(tmp_path) == ["model"]  # neither temp nor backup left
+
+
+def test_empty_or_missing_directories_are_free(tmp_path):
+    claim_output_dir(tmp_path / "missing", "model")
+    (tmp_path / "empty").mkdir()
+    claim_output_dir(tmp_path / "empty", "model")
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    with pytest.raises(UserError, match="not a directory"):
+        claim_output_dir(tmp_path / "file", "model")
+
+
+def test_run_dirs_resume_or_overwrite_their_own_kind_only(tmp_path):
+    out = tmp_path / "run"
+    claim_run_dir(out, "sft-run", resume=False, overwrite=False)
+    start_run_dir(out, "sft-run", overwrite=False)
+    (out / "metrics.jsonl").write_text("{}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        claim_run_dir(out, "sft-run", resume=False, overwrite=False)
+    claim_run_dir(out, "sft-run", resume=True, overwrite=False)
+    with pytest.raises(UserError, match="not a rlhf-run"):
+        claim_run_dir(out, "rlhf-run", resume=True, overwrite=False)
+    with pytest.raises(UserError, match="choose one"):
+        claim_run_dir(out, "sft-run", resume=True, overwrite=True)
+    claim_run_dir(out, "sft-run", resume=False, overwrite=True)
+    start_run_dir(out, "sft-run", overwrite=True)
+    assert _entries(out) == ["llamakit-manifest.json"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x", encoding="utf-8")
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(UserError):
+            claim_run_dir(mine, "sft-run", resume=resume, overwrite=overwrite)
+    assert _entries(mine) == ["notes.txt"]
+
+
+def test_require_new_file(tmp_path):
+    path = tmp_path / "a.jsonl"
+    require_new_file(path)
+    path.write_text("x", encoding="utf-8")
+    with pytest.raises(UserError, match="--overwrite"):
+        require_new_file(path)
+    require_new_file(path, overwrite=True)
 
 
 def test_atomic_dir_has_normal_permissions(tmp_path):
     """The renamed directory is as readable as one made with mkdir (not mkdtemp's private 0700)."""
     reference = tmp_path / "reference"
     reference.mkdir()
-    with atomic_dir(tmp_path / "model") as tmp:
+    with atomic_dir(tmp_path / "model", "model") as tmp:
         (tmp / "f").write_text("x", encoding="utf-8")
     assert (tmp_path / "model").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
 
@@ -341,7 +415,7 @@ def test_atomic_dir_has_normal_permissions(tmp_path):
 def test_atomic_dir_unwritable_parent(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x", encoding="utf-8")
-    with pytest.raises(UserError, match="cannot write output"), atomic_dir(blocker / "model"):
+    with pytest.raises(UserError, match="cannot write output"), atomic_dir(blocker / "model", "model"):
         pass
 
 

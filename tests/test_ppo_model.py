@@ -178,8 +178,12 @@ def test_output_dir_of_another_run_is_not_overwritten(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "samples.jsonl").write_text("")
     with pytest.raises(UserError, match="already holds a run"):
         train(tiny_cfg(tiny_llama_dir, out))
+    (out / "samples.jsonl").unlink()  # an sft run's files: not this command's own, not even with --overwrite
+    with pytest.raises(UserError, match="holds a sft-run, not a rlhf-run"):
+        train(tiny_cfg(tiny_llama_dir, out, overwrite=True))
 
 
 def test_prompt_files(tiny_llama, tmp_path):

@@ -56,6 +56,16 @@ def trained(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
+def test_a_second_train_reward_onto_the_same_out_refuses_without_overwrite(trained):
+    """Issue 14: a second run onto runs/rm replaced the first model without a word."""
+    out, _ = trained
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    data = hh_slice(out.parent / "hh-20.jsonl", 60, 80)
+    rc, _, err = cli("train-reward", "--data", data, "--out", out, "--max-steps", "1")
+    assert rc == 2 and "pass --overwrite to replace it" in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
 def test_train_reward_writes_a_complete_directory(trained):
     out, metrics = trained
     for name in ("config.json", "model.safetensors", "reward_head.safetensors", "reward_config.json",

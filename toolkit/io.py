@@ -111,30 +111,75 @@ def require_str(row: dict, key: str, path: str | os.PathLike, line: int, *, allo
 class RowWriter:
     """Append-only JSONL output: every row is flushed and fsync'd, so a kill -9 loses at most the row
     being written; a torn last line left by such a kill is cut off when the file is reopened.
-    An exclusive lock keeps a second process from interleaving rows into the same file."""
+    An exclusive lock (flock on OUT.lock, deleted again on close) keeps a second process from interleaving
+    rows into the same file."""
 
     def __init__(self, path: str | os.PathLike):
-        from filelock import FileLock, Timeout
-
         self.path = Path(path)
         parent = self.path.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create output directory: {why(err)}", file=str(parent)) from None
-        self._lock = FileLock(str(self.path) + ".lock")
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            raise UserError("another llamakit process is writing this file", file=str(self.path)) from None
-        except OSError as err:
-            raise UserError(f"cannot write here: {err.strerror}", file=str(parent)) from None
+        self._lock_path = Path(str(self.path) + ".lock")
+        self._lock_fd = self._lock()
         try:
             drop_torn_tail(self.path)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         except OSError as err:
-            self._lock.release()
+            self._unlock()
             raise UserError(f"cannot write: {err.strerror}", file=str(self.path)) from None
+
+    def _lock(self) -> int:
+        """Take OUT.lock at once or fail: "another llamakit process is writing this file" only when one is;
+        a place where no file can be made (/proc, a read-only mount) is "cannot write here".
+
+        close() deletes OUT.lock while still holding it, so a writer that opened the file just before may
+        then lock a file no longer at that path while a third process locks a new one: both would write.
+        Hence a lock counts only while the path still names the file locked; otherwise try again."""
+        import errno
+        import fcntl
+
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        for _ in range(100):
+            try:
+                fd = os.open(self._lock_path, flags, 0o644)
+            except OSError as err:
+                reason = (f"cannot create files in '{self.path.parent}'" if isinstance(err, FileNotFoundError)
+                          and self.path.parent.is_dir() else why(err))
+                raise UserError(f"cannot write here: {reason}", file=str(self.path)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    raise UserError("another llamakit process is writing this file", file=str(self.path)) from None
+                raise UserError(f"cannot lock files here: {why(err)}", file=str(self.path)) from None
+            if self._names(fd):
+                return fd
+            os.close(fd)  # its holder deleted it after we opened it: lock what the path names now
+        raise UserError("another llamakit process is writing this file", file=str(self.path))
+
+    def _names(self, fd: int) -> bool:
+        """Whether OUT.lock is (still) the file open as `fd`."""
+        try:
+            here, there = os.fstat(fd), os.stat(self._lock_path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+    def _unlock(self) -> None:
+        """Delete OUT.lock, then let go of it: no lock file is left beside a finished output. Idempotent."""
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd < 0:
+            return
+        try:
+            if self._names(fd):
+                os.unlink(self._lock_path)
+        except OSError:
+            pass  # a lock file left behind is harmless: the next writer locks it again
+        finally:
+            os.close(fd)  # closing the descriptor drops the flock
 
     def write(self, row: dict) -> None:
         self._append(json.dumps(row, ensure_ascii=False) + "\n")
@@ -159,7 +204,7 @@ class RowWriter:
         except OSError:
             pass  # the write that failed already raised; closing must still release the lock
         finally:
-            self._lock.release()
+            self._unlock()
 
     def __enter__(self) -> RowWriter:
         return self
@@ -204,9 +249,62 @@ def read_existing(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
+MANIFEST = "llamakit-manifest.json"  # {"kind": ...} at the top of every directory llamakit writes
+
+
+def output_kind(directory: str | os.PathLike) -> str | None:
+    """What llamakit output `directory` holds ("reward-model", "sft-run" ...), or None when it is not one.
+    Directories written before the manifest existed are recognised by their files."""
+    directory = Path(directory)
+    try:
+        kind = json.loads((directory / MANIFEST).read_text(encoding="utf-8")).get("kind")
+        if isinstance(kind, str):
+            return kind
+    except (OSError, ValueError, AttributeError):
+        pass
+    if (directory / "reward_config.json").is_file():
+        return "reward-model"
+    if (directory / "dataset_info.json").is_file() and (directory / "state.json").is_file():
+        return "hf-dataset"
+    if (directory / "manifest.json").is_file() and (directory / "state.json").is_file():
+        return "checkpoint"
+    if (directory / "metrics.jsonl").is_file() or (directory / "checkpoints").is_dir():
+        return "rlhf-run" if (directory / "samples.jsonl").is_file() else "sft-run"
+    return None
+
+
+def claim_output_dir(target: str | os.PathLike, kind: str, *, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output directory whose contents would be lost: a directory that is not
+    empty may only be replaced when it is this command's own earlier output and `overwrite` says so."""
+    target = Path(target)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise UserError("exists and is not a directory; choose another --out", file=str(target))
+    try:
+        empty = all(entry.name == MANIFEST for entry in target.iterdir())  # a run that wrote nothing yet
+    except OSError as err:
+        raise UserError(f"cannot read: {why(err)}", file=str(target)) from None
+    if empty:
+        return
+    found = output_kind(target)
+    if found is None:
+        raise UserError("directory is not empty and was not written by llamakit; nothing was changed: "
+                        "choose another --out", file=str(target))
+    if found != kind:
+        raise UserError(f"holds a {found}, not a {kind}; nothing was changed: choose another --out",
+                        file=str(target))
+    if not overwrite:
+        raise UserError(f"holds a {kind} from an earlier run; pass --overwrite to replace it or choose another "
+                        "--out", file=str(target))
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it into place only when complete."""
+def atomic_dir(target: str | os.PathLike, kind: str, *, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place only when complete.
+
+    An existing `target` is replaced only as `claim_output_dir` allows; when it was taken by something
+    else while the work ran, the finished output is kept beside it and the error names where."""
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +316,14 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         raise UserError(f"cannot write output: {why(err)}", file=str(target)) from None
     try:
         yield tmp
+        if not (tmp / MANIFEST).is_file():
+            write_json(tmp / MANIFEST, {"kind": kind})
+        try:
+            claim_output_dir(target, kind, overwrite=overwrite)
+        except UserError as err:
+            beside = _free_name(target)
+            os.replace(tmp, beside)
+            raise UserError(f"{err}; the new output was written beside it: {beside}") from None
         if target.exists():
             backup = target.with_name(f".{target.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -228,6 +334,57 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _free_name(target: Path) -> Path:
+    n = 2
+    while target.with_name(f"{target.name}-{n}").exists():
+        n += 1
+    return target.with_name(f"{target.name}-{n}")
+
+
+def claim_run_dir(out: str | os.PathLike, kind: str, *, resume: bool, overwrite: bool) -> None:
+    """A training run's --out (metrics, checkpoints, model): new, empty, or this kind's own earlier run
+    (continued with `resume`, replaced with `overwrite`). Checks only; every process may call it."""
+    out = Path(out)
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    if resume:
+        found = output_kind(out) if out.is_dir() and any(out.iterdir()) else kind
+        if found != kind:
+            raise UserError(f"--resume: holds {'a ' + found if found else 'files llamakit did not write'}, "
+                            f"not a {kind}; nothing was changed", file=str(out))
+        return
+    try:
+        claim_output_dir(out, kind, overwrite=overwrite)
+    except UserError as err:
+        if output_kind(out) == kind and not overwrite:
+            raise UserError(f"'{out}' already holds a run; pass --resume to continue it, --overwrite to replace "
+                            "it, or choose another --out") from None
+        raise err from None
+
+
+def start_run_dir(out: str | os.PathLike, kind: str, *, overwrite: bool) -> None:
+    """After `claim_run_dir`, on the main process: empty an earlier run being replaced, mark the directory."""
+    out = Path(out)
+    if overwrite and out.is_dir() and output_kind(out) == kind:
+        for entry in out.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MANIFEST).is_file():
+        write_json(out / MANIFEST, {"kind": kind})
+
+
+def require_new_file(path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Refuse to replace a file the user already has, unless `overwrite` says so."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError("is a directory; give a file name", file=str(path))
+    if path.exists() and not overwrite:
+        raise UserError("exists already; pass --overwrite to replace it or choose another name", file=str(path))
 
 
 _HOST = socket.gethostname().replace("/", "_")

@@ -150,7 +150,8 @@ def _write_tokenizer(tokenizer_model: Path, out: Path) -> None:
 
 
 def convert_meta_llama(input_dir: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
-                       dtype: str = "auto", context_length: int = 0, max_shard_gb: float = 5.0) -> ConvertResult:
+                       dtype: str = "auto", context_length: int = 0, max_shard_gb: float = 5.0,
+                       overwrite: bool = False) -> ConvertResult:
     """Convert Meta's checkpoint directory `input_dir` to a Hugging Face directory `out`.
 
     `tokenizer`: tokenizer.model (default: looked up in `input_dir`, then its parent, Meta's layout).
@@ -159,9 +160,10 @@ def convert_meta_llama(input_dir: str | Path, out: str | Path, *, tokenizer: str
     """
     from transformers import GenerationConfig, LlamaConfig
 
-    from toolkit.io import atomic_dir, write_json
+    from toolkit.io import atomic_dir, claim_output_dir, write_json
 
     src = Path(input_dir).expanduser()
+    claim_output_dir(Path(out).expanduser(), "meta-llama-conversion", overwrite=overwrite)
     params_file = src / "params.json"
     if not params_file.is_file():
         raise UserError("no params.json: expected Meta's layout (params.json, consolidated.00.pth ...)",
@@ -201,7 +203,7 @@ def convert_meta_llama(input_dir: str | Path, out: str | Path, *, tokenizer: str
                          max_position_embeddings=context, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     config.dtype = out_dtype
     target = Path(out).expanduser()
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "meta-llama-conversion", overwrite=overwrite) as tmp:
         shards_out = _write_weights(shards, plan, tmp, out_dtype, n_heads, n_kv_heads,
                                     int(max_shard_gb * 2**30))
         config.save_pretrained(tmp)

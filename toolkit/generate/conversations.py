@@ -110,6 +110,8 @@ def make_jobs(prompts: list[Prompt], agents: Agents, dialogue: Dialogue, samplin
         settings.update(user_temperature=None, user_max_tokens=None, window=None)
     user_name = agents.user_sim.name if dialogue.turns > 1 else None
     sampling_key = asdict(sampling)
+    run = {"kind": "conversation", "teacher": agents.assistant.name, "user_teacher": user_name,
+           "templates": agents.hashes, "sampling": sampling_key, "dialogue": settings}
     jobs: dict[str, Job] = {}
     for p in prompts:
         rid = row_id(kind="conversation", teacher=agents.assistant.name, user_teacher=user_name,
@@ -118,7 +120,7 @@ def make_jobs(prompts: list[Prompt], agents: Agents, dialogue: Dialogue, samplin
         async def work(caller: Caller, prompt: str | Messages = p.prompt) -> dict[str, Any]:
             return await converse(caller, agents, prompt, dialogue, sampling)
 
-        jobs.setdefault(rid, Job(rid, {"prompt": p.prompt, "line": p.line}, work))
+        jobs.setdefault(rid, Job(rid, {"prompt": p.prompt, "line": p.line}, work, run))
     return list(jobs.values())
 
 

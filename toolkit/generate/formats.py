@@ -207,21 +207,26 @@ def _arrow_safe(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
              for k, v in row.items()} for row in rows]
 
 
-def write_rows(rows: Iterable[dict[str, Any]], path: str | os.PathLike, fmt: str) -> int:
-    """Write llamakit rows as `fmt` (JSONL, or a JSON array when the name ends in .json)."""
-    from toolkit.io import ensure_writable_dir, why
+def write_rows(rows: Iterable[dict[str, Any]], path: str | os.PathLike, fmt: str, *, overwrite: bool = False) -> int:
+    """Write llamakit rows as `fmt` (JSONL, or a JSON array when the name ends in .json). An existing `path`
+    is replaced only with `overwrite` (an `hf` directory only when it is a dataset llamakit wrote)."""
+    from toolkit.io import claim_output_dir, ensure_writable_dir, require_new_file, why
 
     path = Path(path)
+    if fmt == "hf":
+        claim_output_dir(path, "hf-dataset", overwrite=overwrite)
+    else:
+        require_new_file(path, overwrite=overwrite)
     out = [convert_row(r, fmt) for r in rows]
     ensure_writable_dir(path.parent)
     try:
-        _write(out, path, fmt)
+        _write(out, path, fmt, overwrite)
     except OSError as err:  # disk full, quota: the target is untouched (each format writes a temp, then renames)
         raise UserError(f"cannot write: {why(err)}", file=str(path)) from None
     return len(out)
 
 
-def _write(out: list[dict[str, Any]], path: Path, fmt: str) -> None:
+def _write(out: list[dict[str, Any]], path: Path, fmt: str, overwrite: bool) -> None:
     from toolkit.io import atomic_dir
 
     if fmt == "parquet":
@@ -234,7 +239,7 @@ def _write(out: list[dict[str, Any]], path: Path, fmt: str) -> None:
         import datasets
 
         datasets.disable_progress_bars()
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, "hf-dataset", overwrite=overwrite) as tmp:
             datasets.Dataset.from_list(_arrow_safe(out)).save_to_disk(str(tmp))
     else:
         tmp = path.with_name(f".{path.name}.tmp")
@@ -247,12 +252,12 @@ def _write(out: list[dict[str, Any]], path: Path, fmt: str) -> None:
         os.replace(tmp, path)
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str) -> int:
+def convert(src: str | os.PathLike, dst: str | os.PathLike, fmt: str, *, overwrite: bool = False) -> int:
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}' (one of: {', '.join(FORMATS)})")
     if Path(src).resolve() == Path(dst).resolve():
         raise UserError("IN and OUT are the same file", file=str(dst))
-    return write_rows(read_llamakit(src), dst, fmt)
+    return write_rows(read_llamakit(src), dst, fmt, overwrite=overwrite)
 
 
 def export_path(out: str | os.PathLike, fmt: str) -> Path:

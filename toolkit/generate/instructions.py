@@ -136,6 +136,8 @@ async def generate(seeds_path: str | os.PathLike, out: str | os.PathLike, *, tea
     total = plan.max_requests or 4 * plan.num_instructions
     model = build_teacher(teacher, teacher_options)
     settings = {**asdict(plan), **asdict(filters), "num_instructions": None, "max_requests": None}
+    run = {"kind": "instruction", "teacher": model.name, "template": t_hash, "seeds": seeds_hash,
+           "sampling": asdict(sampling), "settings": settings}
 
     def job(k: int) -> Job:
         seed = None if sampling.seed is None else sampling.seed + k
@@ -155,7 +157,7 @@ async def generate(seeds_path: str | os.PathLike, out: str | os.PathLike, *, tea
                 return Drop(reason, {"instruction": instruction, "raw": text, "meta": meta})
             return {"instruction": instruction, "input": "", "meta": meta}
 
-        return Job(rid, {"request": k}, work)
+        return Job(rid, {"request": k}, work, run)
 
     try:
         summary = await run_jobs([job(k) for k in range(total)], files, options, "self-instruct",

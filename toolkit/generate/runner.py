@@ -51,6 +51,7 @@ class RunOptions:
     backoff_base: float = 1.0  # first back-off in seconds, doubled per retry, with jitter
     backoff_max: float = 60.0
     retry_failed: bool = False  # run again the rows recorded as failed
+    append: bool = False  # add rows to an output made with other generation settings
     price_in: float = 0.0  # USD per million prompt tokens
     price_out: float = 0.0  # USD per million completion tokens
     show_progress: bool = True
@@ -74,6 +75,7 @@ class OutputFiles:
     failed: Path  # rows that failed after all retries, with their error
     dropped: Path  # rows finished but filtered out (ties, below the margin, too similar ...)
     parquet: Path | None = None  # final Parquet file written from `rows` at the end
+    settings: Path | None = None  # the generation settings every run onto this output used
 
 
 def output_files(out: str | os.PathLike, fmt: str = "jsonl") -> OutputFiles:
@@ -84,7 +86,8 @@ def output_files(out: str | os.PathLike, fmt: str = "jsonl") -> OutputFiles:
     journal = out.with_name(out.name + ".jsonl") if fmt == "parquet" else out
     stem = journal.name[: -len(".jsonl")] if journal.name.endswith(".jsonl") else journal.name
     return OutputFiles(journal, journal.with_name(f"{stem}.failed.jsonl"),
-                       journal.with_name(f"{stem}.dropped.jsonl"), out if fmt == "parquet" else None)
+                       journal.with_name(f"{stem}.dropped.jsonl"), out if fmt == "parquet" else None,
+                       journal.with_name(f"{stem}.settings.json"))
 
 
 # --------------------------------------------------------------------------------------------- jobs
@@ -103,6 +106,9 @@ class Job:
     id: str
     inputs: dict[str, Any]  # kept in the failed record, so the user sees what failed
     work: Callable[[Caller], Awaitable[dict[str, Any] | Drop]]
+    # The run's generation settings: the parts of the id that are not the row's input (teacher, templates,
+    # sampling, judging ...). An output made with other settings is not extended without --append.
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class Unparsable(ValueError):
@@ -230,7 +236,9 @@ def backoff_delay(attempt: int, base: float, cap: float, hint: float | None, rng
 def describe(err: BaseException) -> str:
     if isinstance(err, (asyncio.TimeoutError, TimeoutError)) and not str(err):
         return "TimeoutError: no answer within the timeout"
-    text = " ".join(str(err).split())
+    from toolkit.console import redact
+
+    text = redact(" ".join(str(err).split()))  # stored in OUT.failed.jsonl: never a URL's credentials
     return f"{type(err).__name__}: {text[:300]}" if text else type(err).__name__
 
 
@@ -402,6 +410,42 @@ class _Journal:
             raise self._error
 
 
+def check_settings(files: OutputFiles, settings: dict[str, Any], *, append: bool) -> None:
+    """Refuse to extend an output made with other generation settings (the same prompts would get a second
+    set of rows, which training then counts twice), unless `append`; record the settings of this run."""
+    from toolkit.io import write_json
+
+    settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    path = files.settings
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))["runs"] if path.is_file() else []
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError("unreadable settings record; delete it only if OUT holds rows of one run",
+                        file=str(path)) from None
+    if settings in known:
+        return
+    if known and not append and files.rows.is_file() and files.rows.stat().st_size:
+        changes = _differences(known[-1], settings)
+        raise UserError(f"holds rows made with other settings ({changes}); pass --append to add rows made "
+                        "with these settings to the same file, or choose another --out", file=str(files.rows))
+    write_json(path, {"runs": [*known, settings]})
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> str:
+    """`judging.scorer: 'rules:length' -> 'rules:length,repetition'`, the first three differences."""
+    found: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+        elif a != b:
+            found.append(f"{key or 'settings'}: {a!r} -> {b!r}")
+
+    walk(old, new, prefix)
+    return "; ".join(found[:3]) + (f"; {len(found) - 3} more" if len(found) > 3 else "")
+
+
 def _ids(path: Path) -> set[str]:
     return {r["id"] for r in read_existing(path) if isinstance(r.get("id"), str)}
 
@@ -451,6 +495,8 @@ async def run_jobs(jobs: list[Job], files: OutputFiles, options: RunOptions, tit
     summary = Summary(title, requested=len(jobs), files=files)
     journal = _Journal(files)  # lock first, then read what an earlier run left
     try:
+        if jobs and files.settings is not None:
+            check_settings(files, jobs[0].settings, append=options.append)
         done = _ids(files.rows) | _ids(files.dropped)
         failed_before = _ids(files.failed) - done
         todo: deque[Job] = deque()
@@ -516,7 +562,7 @@ def finish(summary: Summary, *, as_json: bool = False) -> None:
     if files is not None and files.parquet is not None:
         from toolkit.generate.formats import write_rows
 
-        write_rows(read_existing(files.rows), files.parquet, "parquet")
+        write_rows(read_existing(files.rows), files.parquet, "parquet", overwrite=True)  # made from the journal
     if as_json:
         emit_json(summary.as_json())
     else:

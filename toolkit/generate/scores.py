@@ -111,6 +111,8 @@ async def generate(prompts_path: str | os.PathLike, out: str | os.PathLike, *, j
         teacher_t = build_teacher(teacher, teacher_options) if missing else None
         built.append(teacher_t)
         system = render_prompt("assistant_system")
+        run = {"kind": "score", "judge": judge_t.name, "teacher": teacher_t.name if teacher_t else None,
+               "templates": hashes, "sampling": asdict(sampling), "judge_sampling": asdict(judge_sampling)}
         jobs: dict[str, Job] = {}
         for p in prompts:
             rid = row_id(kind="score", judge=judge_t.name, teacher=teacher_t.name if p.response is None else None,
@@ -121,7 +123,8 @@ async def generate(prompts_path: str | os.PathLike, out: str | os.PathLike, *, j
             async def work(caller: Caller, p: Prompt = p) -> dict[str, Any]:
                 return await score_row(caller, p, judge_t, teacher_t, sampling, judge_sampling, hashes, system)
 
-            jobs.setdefault(rid, Job(rid, {"prompt": p.prompt, "response": p.response, "line": p.line}, work))
+            jobs.setdefault(rid, Job(rid, {"prompt": p.prompt, "response": p.response, "line": p.line}, work,
+                                     run))
         summary = await run_jobs(list(jobs.values()), files, options, "scores (0-5 rubric)")
     finally:
         await close_all(built)

@@ -60,6 +60,7 @@ class TrainConfig:
     max_steps: int | None = None
     seed: int = 0
     eval_batch_size: int = 32
+    overwrite: bool = False  # replace an earlier reward model in --out (never anything else)
     show_progress: bool = True
 
 
@@ -171,9 +172,11 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     warnings: list[str] = []
     # Data first: a bad file fails in a second, before torch and the backbone are loaded.
     train_pairs, train_scored, heldout, fmt, heldout_from = _load(cfg, warnings)
-    from toolkit.io import ensure_writable_dir
+    from toolkit.io import claim_output_dir, ensure_writable_dir
 
-    ensure_writable_dir(Path(cfg.out).parent)  # an unwritable --out fails now, not after training
+    # An unwritable --out, or one holding something this run would replace, fails now, not after training.
+    claim_output_dir(cfg.out, "reward-model", overwrite=cfg.overwrite)
+    ensure_writable_dir(Path(cfg.out).parent)
     regression = cfg.objective == "regression"
 
     import torch
@@ -337,7 +340,7 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     settings = RewardSettings(backbone=str(cfg.model), max_length=cfg.max_length, append_eos=encoder.append_eos,
                               objective=cfg.objective, lora=cfg.lora, read_at=unwrapped.read_at)
     pairs_per_s = pairs_seen / train_seconds if train_seconds else 0.0
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, "reward-model", overwrite=cfg.overwrite) as tmp:
         save_reward_model(unwrapped, tokenizer, settings, tmp)
         calibration = cal.fit(diffs, cfg.calibration, reward_mean=mean, reward_std=std, data=heldout_from,
                               fingerprint=fingerprint(tmp), prior_sd=cfg.temperature_prior_sd)
