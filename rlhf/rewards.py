@@ -6,23 +6,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from rlhf.rollout import Prompt
 from toolkit.errors import UserError
 
-# (prompts, responses, finish_reasons) -> one float per response, higher is better.
-RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], Sequence[float]]
+# (prompts, responses, finish_reasons) -> one float per response, higher is better. A function that also
+# declares a `contexts` parameter gets each prompt's row too (rules:constraints reads its constraints).
+RewardFn = Callable[..., Sequence[float]]
 
 
-def make_reward_fn(spec: str) -> RewardFn:
-    """`rules:NAMES` -> rule scorers; a directory -> the reward model trained by `train-reward`."""
+def make_reward_fn(spec: str, prompts: Sequence[Prompt] = (), file: str | None = None) -> RewardFn:
+    """`rules:NAMES` -> rule scorers; a directory -> the reward model trained by `train-reward`.
+
+    Rules that read the prompt's row check every row of `prompts` now (read from `file`): a row they
+    cannot score stops the run before the model loads."""
     if spec.startswith("rules"):
         from toolkit.scorers import parse_rules
 
         scorer = parse_rules(spec)
+        for p in prompts:
+            scorer.check_context(p.context, file=file, line=p.row)
         return scorer.score
     if not Path(spec).expanduser().is_dir():
         raise UserError(f"--reward '{spec}' is neither rules:NAMES nor a reward-model directory")
@@ -38,9 +47,23 @@ def make_reward_fn(spec: str) -> RewardFn:
     return score
 
 
+def wants_contexts(reward_fn: RewardFn) -> bool:
+    """Does the function take the prompts' rows (a `contexts` parameter or **kwargs)?"""
+    try:
+        params = inspect.signature(reward_fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: plain three arguments
+        return False
+    return any(p.name == "contexts" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def score_rollout(reward_fn: RewardFn, prompts: Sequence[str], responses: Sequence[str],
-                  finish_reasons: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
-    scores = [float(s) for s in reward_fn(prompts, responses, finish_reasons)]
+                  finish_reasons: Sequence[str], device: torch.device | str = "cpu",
+                  contexts: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
+    if contexts is not None and wants_contexts(reward_fn):
+        raw = reward_fn(prompts, responses, finish_reasons, contexts=contexts)
+    else:  # reward functions written before contexts existed take three arguments
+        raw = reward_fn(prompts, responses, finish_reasons)
+    scores = [float(s) for s in raw]
     if len(scores) != len(responses):
         raise UserError(f"the reward returned {len(scores)} scores for {len(responses)} responses")
     scores_t = torch.tensor(scores, dtype=torch.float32, device=device)

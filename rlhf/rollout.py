@@ -6,8 +6,9 @@ starts at the same column `context_length` and the logits that predict it are on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,8 @@ class Prompt:
     text: str  # what the reward sees
     ids: list[int]  # what the policy sees (chat template applied)
     row: int  # 1-based row in the prompt file
+    context: dict[str, Any] = field(default_factory=dict)  # the row's fields, for rewards that read them
+    messages: list[dict[str, str]] = field(default_factory=list)  # the chat as sent (system prompt included)
 
 
 def load_prompts(path: str, tokenizer, *, chat_template: bool = True, system_prompt: str = "",
@@ -27,6 +30,8 @@ def load_prompts(path: str, tokenizer, *, chat_template: bool = True, system_pro
 
     Rows: `prompt` (text) | `messages` / `conversations` (the turns before the last assistant turn) |
     Alpaca `instruction` + `input` | ChatLLaMA `user_input`. A .txt file holds one prompt per line.
+    `tokenizer` None reads the prompts without tokenizing them (`ids` stay empty): for a server, which
+    applies its own chat template to `messages`.
     """
     from toolkit.chat_format import encode_chat
     from toolkit.io import read_rows
@@ -49,7 +54,9 @@ def load_prompts(path: str, tokenizer, *, chat_template: bool = True, system_pro
         messages = row_to_messages(row, path, n, for_prompt=True)
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
-        if chat_template:
+        if tokenizer is None:
+            ids = []
+        elif chat_template:
             ids = encode_chat(tokenizer, messages, add_generation_prompt=True)
         else:
             ids = tokenizer("\n\n".join(m["content"] for m in messages)).input_ids
@@ -58,7 +65,7 @@ def load_prompts(path: str, tokenizer, *, chat_template: bool = True, system_pro
                 raise UserError(f"prompt is {len(ids)} tokens, longer than --max-prompt-tokens {max_prompt_tokens} "
                                 "(raise it, or pass --truncate-prompts to keep the last tokens)", file=path, line=n)
             ids, truncated = ids[-max_prompt_tokens:], truncated + 1
-        prompts.append(Prompt(prompt_text(messages), ids, n))
+        prompts.append(Prompt(prompt_text(messages), ids, n, row, messages))
     return prompts, truncated
 
 

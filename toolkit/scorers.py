@@ -2,15 +2,23 @@
 
 Every rule maps (prompt, response, finish_reason) to a score in [0, 1], higher is better; a spec's
 score is the weighted mean, and `explain` shows each rule's part so a row can say why it won.
+
+A context rule also reads the prompt's row (its structured fields, the `context`): `constraints` scores
+the share of the row's verifiable constraints (toolkit/constraints.py) the answer satisfies, and explains
+it per family as `constraints/<kind>`. Callers pass each prompt's row as `context=` / `contexts=`, and call
+`check_context` on every row before any generation, so a row the rule cannot score stops the run at once.
+A bare `rules` means every context-free rule (the context rules need rows made for them).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from toolkit import constraints as verifiable
 from toolkit.errors import UserError
 
 REFUSAL_PHRASES = (
@@ -72,6 +80,38 @@ RULES: dict[str, Callable[[str, str, str | None], float]] = {
 }
 
 
+def constraints(prompt: str, response: str, finish_reason: str | None,
+                context: Mapping[str, Any]) -> tuple[float, dict[str, float]]:
+    """Share of the row's `constraints` the answer satisfies, and the share per constraint kind."""
+    rules = context["constraints"]
+    return verifiable.fraction(response, rules), verifiable.per_kind(response, rules)
+
+
+def _constraints_problem(context: Mapping[str, Any]) -> tuple[str, str] | None:
+    if "constraints" not in context:
+        return "constraints", ("missing: rules:constraints scores answers against each row's constraints "
+                               "(make such rows with `llamakit generate-data constraints`)")
+    try:
+        verifiable.validate(context["constraints"])
+    except ValueError as err:
+        return "constraints", str(err)
+    return None
+
+
+@dataclass(frozen=True)
+class ContextRule:
+    """A rule that reads the prompt's row: (prompt, response, finish_reason, row) -> (score, {part: score})."""
+
+    score: Callable[[str, str, str | None, Mapping[str, Any]], tuple[float, dict[str, float]]]
+    problem: Callable[[Mapping[str, Any]], tuple[str, str] | None]  # (field, why) when a row cannot be scored
+    fields: tuple[str, ...]  # the row fields it reads
+
+
+CONTEXT_RULES: dict[str, ContextRule] = {"constraints": ContextRule(constraints, _constraints_problem,
+                                                                    ("constraints",))}
+KNOWN = (*RULES, *CONTEXT_RULES)
+
+
 @dataclass
 class RuleScorer:
     weights: dict[str, float]
@@ -80,21 +120,56 @@ class RuleScorer:
     def name(self) -> str:
         return "rules:" + ",".join(f"{k}={v:g}" for k, v in self.weights.items())
 
-    def explain(self, prompt: str, response: str, finish_reason: str | None = None) -> dict[str, float]:
-        return {rule: RULES[rule](prompt, response, finish_reason) for rule in self.weights}
+    @property
+    def needs_context(self) -> bool:
+        """True when a rule reads the prompt's row (rules:constraints): pass `context` / `contexts`."""
+        return any(rule in CONTEXT_RULES for rule in self.weights)
 
-    def score_one(self, prompt: str, response: str, finish_reason: str | None = None) -> float:
-        parts = self.explain(prompt, response, finish_reason)
-        return sum(self.weights[r] * v for r, v in parts.items()) / sum(self.weights.values())
+    def context_of(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields of `row` the rules read ({} for context-free rules): what a cached score depends on."""
+        return {f: row.get(f) for rule in self.weights if rule in CONTEXT_RULES for f in CONTEXT_RULES[rule].fields}
+
+    def check_context(self, context: Mapping[str, Any] | None, **where: Any) -> None:
+        """Raise a one-line UserError (at `where`: file, line) when a rule cannot score this row."""
+        for rule in self.weights:
+            if rule not in CONTEXT_RULES:
+                continue
+            if context is None:
+                raise UserError(f"rules:{rule} needs each prompt's row, and this caller gives none", **where)
+            problem = CONTEXT_RULES[rule].problem(context)
+            if problem is not None:
+                raise UserError(problem[1], field=problem[0], **where)
+
+    def explain(self, prompt: str, response: str, finish_reason: str | None = None,
+                context: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Each rule's score; a context rule adds its parts as `rule/part` (e.g. constraints/no_commas)."""
+        parts: dict[str, float] = {}
+        for rule in self.weights:
+            if rule in RULES:
+                parts[rule] = RULES[rule](prompt, response, finish_reason)
+                continue
+            self.check_context(context)
+            parts[rule], details = CONTEXT_RULES[rule].score(prompt, response, finish_reason, context)
+            parts.update({f"{rule}/{key}": value for key, value in details.items()})
+        return parts
+
+    def score_one(self, prompt: str, response: str, finish_reason: str | None = None,
+                  context: Mapping[str, Any] | None = None) -> float:
+        parts = self.explain(prompt, response, finish_reason, context)
+        return sum(w * parts[rule] for rule, w in self.weights.items()) / sum(self.weights.values())
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],
-              finish_reasons: Sequence[str | None] | None = None) -> list[float]:
+              finish_reasons: Sequence[str | None] | None = None,
+              contexts: Sequence[Mapping[str, Any] | None] | None = None) -> list[float]:
+        """One score per response; `contexts`: each prompt's row, for the context rules."""
         reasons = finish_reasons or [None] * len(responses)
-        return [self.score_one(p, r, f) for p, r, f in zip(prompts, responses, reasons, strict=True)]
+        rows = contexts if contexts is not None else [None] * len(responses)
+        return [self.score_one(p, r, f, c) for p, r, f, c in zip(prompts, responses, reasons, rows, strict=True)]
 
 
 def parse_rules(spec: str) -> RuleScorer:
-    """`rules:length,refusal=2` -> RuleScorer({'length': 1, 'refusal': 2}); bare `rules` means all."""
+    """`rules:length,refusal=2` -> RuleScorer({'length': 1, 'refusal': 2}); bare `rules` means all the
+    context-free rules (`rules:constraints` must be asked for by name: it needs rows with constraints)."""
     kind, _, body = spec.partition(":")
     if kind.strip() != "rules":
         raise UserError(f"rule scorers are written rules or rules:NAME[=WEIGHT],..., got '{spec}'")
@@ -103,8 +178,8 @@ def parse_rules(spec: str) -> RuleScorer:
     weights: dict[str, float] = {}
     for item in body.split(","):
         name, _, weight = item.strip().partition("=")
-        if name not in RULES:
-            raise UserError(f"unknown rule '{name}' in '{spec}' (known: {', '.join(RULES)})")
+        if name not in KNOWN:
+            raise UserError(f"unknown rule '{name}' in '{spec}' (known: {', '.join(KNOWN)})")
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from toolkit.commands.params import SEED, FiniteFloat, FloatList, NonEmptyPath
 from toolkit.config import config_option
 from toolkit.models import allow_pickle_option
 
@@ -16,40 +17,44 @@ TEACHER_HELP = "openai:MODEL | langchain:module:Class | hf:ALIAS_OR_PATH"
 def common_options(temperature: float = 0.7, max_tokens: int = 256):
     """Flags every generate-data sub-command shares (engine, sampling, teacher connection, output)."""
     options = [
-        click.option("--out", required=True, type=click.Path(dir_okay=False),
+        click.option("--out", required=True, type=NonEmptyPath(dir_okay=False),
                      help="Output file (JSONL rows; resumed when it exists). Failed rows go to OUT.failed.jsonl."),
         click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
                      help="Output format; parquet is written at the end from a JSONL journal OUT.jsonl."),
-        click.option("--limit", type=int, default=None, help="Use only the first N input rows."),
+        click.option("--limit", type=click.IntRange(0), default=0, show_default=True,
+                     help="Use only the first N input rows (0 = all)."),
         click.option("--concurrency", type=click.IntRange(1), default=16, show_default=True,
                      help="Requests in flight at most."),
-        click.option("--rpm", type=click.FloatRange(0), default=0.0, show_default=True,
+        click.option("--rpm", type=FiniteFloat(0), default=0.0, show_default=True,
                      help="Requests per minute at most (0: no limit)."),
-        click.option("--tpm", type=click.FloatRange(0), default=0.0, show_default=True,
+        click.option("--tpm", type=FiniteFloat(0), default=0.0, show_default=True,
                      help="Tokens per minute at most, prompt + max_tokens estimated (0: no limit)."),
         click.option("--max-retries", type=click.IntRange(0), default=5, show_default=True,
                      help="Retries per request (429, 5xx, timeouts, resets, malformed or unparsable replies)."),
-        click.option("--timeout", type=click.FloatRange(0.001), default=60.0, show_default=True,
+        click.option("--timeout", type=FiniteFloat(0.001), default=60.0, show_default=True,
                      help="Seconds per request."),
-        click.option("--backoff-base", type=click.FloatRange(0), default=1.0, show_default=True,
+        click.option("--backoff-base", type=FiniteFloat(0), default=1.0, show_default=True,
                      help="First back-off in seconds (doubled per retry, with jitter; Retry-After wins)."),
-        click.option("--backoff-max", type=click.FloatRange(0), default=60.0, show_default=True,
+        click.option("--backoff-max", type=FiniteFloat(0), default=60.0, show_default=True,
                      help="Longest back-off in seconds."),
         click.option("--retry-failed", is_flag=True, help="Run again the rows recorded in OUT.failed.jsonl."),
+        click.option("--append", is_flag=True,
+                     help="Add rows to an OUT made with other settings (teacher, sampling, scorer ...); without it "
+                          "such a run is refused (OUT.settings.json records each run's settings)."),
         click.option("--max-tokens", type=click.IntRange(1), default=max_tokens, show_default=True,
                      help="Tokens per answer at most."),
-        click.option("--temperature", type=click.FloatRange(0), default=temperature, show_default=True),
-        click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True,
+        click.option("--temperature", type=FiniteFloat(0), default=temperature, show_default=True),
+        click.option("--top-p", type=FiniteFloat(0, 1), default=1.0, show_default=True),
+        click.option("--seed", type=SEED, default=0, show_default=True,
                      help="Base seed sent with requests (part of every row id)."),
         click.option("--base-url", default=None, help="OpenAI-compatible server for openai: teachers."),
         click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
                      help="Environment variable holding the API key (never printed or stored)."),
         click.option("--teacher-kwargs", default="{}", show_default=True,
                      help="JSON kwargs for langchain: teachers, e.g. '{\"model\": \"gpt-4o-mini\"}'."),
-        click.option("--price-in", type=click.FloatRange(0), default=0.0, show_default=True,
+        click.option("--price-in", type=FiniteFloat(0), default=0.0, show_default=True,
                      help="USD per million prompt tokens, for the cost line."),
-        click.option("--price-out", type=click.FloatRange(0), default=0.0, show_default=True,
+        click.option("--price-out", type=FiniteFloat(0), default=0.0, show_default=True,
                      help="USD per million completion tokens."),
         click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout."),
     ]
@@ -70,13 +75,28 @@ def engine(kw: dict):
     options = RunOptions(concurrency=kw.pop("concurrency"), rpm=kw.pop("rpm"), tpm=kw.pop("tpm"),
                          max_retries=kw.pop("max_retries"), timeout=kw.pop("timeout"),
                          backoff_base=kw.pop("backoff_base"), backoff_max=kw.pop("backoff_max"),
-                         retry_failed=kw.pop("retry_failed"), price_in=kw.pop("price_in"),
+                         retry_failed=kw.pop("retry_failed"), append=kw.pop("append"), price_in=kw.pop("price_in"),
                          price_out=kw.pop("price_out"))
     sampling = Sampling(max_tokens=kw.pop("max_tokens"), temperature=kw.pop("temperature"), top_p=kw.pop("top_p"),
                         seed=kw.pop("seed"))
     teacher_options = TeacherOptions(base_url=kw.pop("base_url"), api_key_env=kw.pop("api_key_env"),
                                      kwargs_json=kw.pop("teacher_kwargs"), timeout=options.timeout)
+    _note_rows_kept(kw["out"], kw["fmt"])
     return options, sampling, teacher_options, {"out": kw.pop("out"), "fmt": kw.pop("fmt"), "limit": kw.pop("limit")}
+
+
+def _note_rows_kept(out: str, fmt: str) -> None:
+    """What SIGINT/SIGTERM leaves: every finished row is on disk (fsync'd) and a re-run skips it."""
+    from toolkit.console import note_output
+    from toolkit.generate.runner import output_files
+
+    def kept() -> str:
+        rows = output_files(out, fmt).rows
+        with open(rows, "rb") as f:
+            count = sum(1 for line in f if line.endswith(b"\n"))
+        return f"the {count} rows finished so far are kept in {rows}"
+
+    note_output(kept, "run the same command again to resume (finished rows are skipped)")
 
 
 def report(summary, as_json: bool, exports: tuple[str, ...] = ()) -> int:
@@ -92,7 +112,7 @@ def report(summary, as_json: bool, exports: tuple[str, ...] = ()) -> int:
         rows = read_existing(summary.files.rows)
         for fmt in exports:
             path = export_path(summary.files.parquet or summary.files.rows, fmt)
-            count = write_rows(rows, path, fmt)
+            count = write_rows(rows, path, fmt, overwrite=True)  # derived from OUT, remade each run
             console.print(f"exported {count} rows as {fmt}: {path}")
     return EXIT_ROWS_FAILED if summary.failed else 0
 
@@ -110,14 +130,14 @@ def generate_data() -> None:
 
 
 @generate_data.command("instructions")
-@click.option("--seeds", required=True, type=click.Path(dir_okay=False),
+@click.option("--seeds", required=True, type=NonEmptyPath(dir_okay=False),
               help="Seed tasks: self-instruct seed_tasks.jsonl, Alpaca rows or prompt rows.")
 @click.option("--teacher", default="hf:smollm2-135m", show_default=True, help=TEACHER_HELP)
 @click.option("--num-instructions", type=click.IntRange(1), default=100, show_default=True,
               help="New instructions wanted in OUT.")
 @click.option("--num-examples", type=click.IntRange(1), default=8, show_default=True,
               help="Instructions shown to the teacher per request.")
-@click.option("--max-rouge", type=click.FloatRange(0, 1), default=0.7, show_default=True,
+@click.option("--max-rouge", type=FiniteFloat(0, 1), default=0.7, show_default=True,
               help="Keep an instruction only when its ROUGE-L against every pool entry is below this.")
 @click.option("--min-words", type=click.IntRange(1), default=3, show_default=True)
 @click.option("--max-words", type=click.IntRange(1), default=150, show_default=True)
@@ -140,7 +160,7 @@ def instructions_cmd(seeds, teacher, num_instructions, num_examples, max_rouge, 
 
 
 @generate_data.command("conversations")
-@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+@click.option("--prompts", required=True, type=NonEmptyPath(dir_okay=False),
               help="Seed prompts: llamakit, Alpaca, self-instruct, HH text or ShareGPT rows (JSONL/JSON).")
 @click.option("--teacher", default="hf:smollm2-135m", show_default=True, help=f"The assistant agent: {TEACHER_HELP}")
 @click.option("--user-teacher", default=None, help="The user-simulator agent (default: the --teacher).")
@@ -148,7 +168,7 @@ def instructions_cmd(seeds, teacher, num_instructions, num_examples, max_rouge, 
               help="Assistant answers per conversation (1: single-turn answers).")
 @click.option("--window", type=click.IntRange(0), default=4, show_default=True,
               help="Each agent sees the last k turns (0: all).")
-@click.option("--user-temperature", type=click.FloatRange(0), default=0.9, show_default=True)
+@click.option("--user-temperature", type=FiniteFloat(0), default=0.9, show_default=True)
 @click.option("--user-max-tokens", type=click.IntRange(1), default=96, show_default=True)
 @click.option("--assistant-system", default="assistant_system", show_default=True,
               help="System prompt of the assistant: a name under prompts/ or a .txt file.")
@@ -172,22 +192,13 @@ def conversations_cmd(prompts, teacher, user_teacher, turns, window, user_temper
     return report(summary, as_json, exports)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    from toolkit.errors import UserError
-
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise UserError(f"--temperatures takes numbers separated by commas, got '{text}'") from None
-
-
 @generate_data.command("preferences")
-@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+@click.option("--prompts", required=True, type=NonEmptyPath(dir_okay=False),
               help="Prompts (any input format); rows with 'responses' (2+) are judged as they are.")
 @click.option("--teacher", "teachers", multiple=True, default=("hf:smollm2-135m",), show_default=True,
               help=f"Writes candidates (repeatable: candidates cycle over teachers). {TEACHER_HELP}")
 @click.option("--num-candidates", type=click.IntRange(2), default=4, show_default=True, help="K answers per prompt.")
-@click.option("--temperatures", default=None,
+@click.option("--temperatures", default=None, type=FloatList(FiniteFloat(0)),
               help="Comma-separated temperatures the candidates cycle over (default: --temperature).")
 @click.option("--judge", default=None, help=f"Judge LLM: {TEACHER_HELP} (or rules:... as a scorer).")
 @click.option("--pairwise", is_flag=True, help="Judge pairs, each asked twice with positions swapped.")
@@ -195,13 +206,13 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Read the judge's rating as the expected digit under its first-token logprobs (one token "
                    "per answer; no output format to follow). Needs a judge that reports logprobs.")
 @click.option("--scorer", default=None, help="Rule scorers, e.g. rules:length,refusal=2,repetition,truncation.")
-@click.option("--scorer-weight", type=click.FloatRange(0), default=1.0, show_default=True,
+@click.option("--scorer-weight", type=FiniteFloat(0), default=1.0, show_default=True,
               help="Weight of the rules against the judge when both are given.")
 @click.option("--max-score", type=click.IntRange(1), default=None, show_default="10, or 5 with --judge-logprobs",
               help="Pointwise judge rating scale 0..N.")
-@click.option("--min-margin", type=click.FloatRange(0), default=0.0, show_default=True,
+@click.option("--min-margin", type=FiniteFloat(0, 1), default=0.0, show_default=True,
               help="Keep a pair only when best - worst >= this (scores are in [0, 1]); ties are always dropped.")
-@click.option("--judge-temperature", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--judge-temperature", type=FiniteFloat(0), default=0.0, show_default=True)
 @click.option("--judge-max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--export", "exports", multiple=True, type=click.Choice(["trl-conversational", "trl-standard", "hh"]),
               help="Also write the pairs in this format beside OUT (repeatable).")
@@ -218,19 +229,19 @@ def preferences_cmd(prompts, teachers, num_candidates, temperatures, judge, pair
                                   max_score=max_score, min_margin=min_margin, judge_temperature=judge_temperature,
                                   judge_max_tokens=judge_max_tokens, logprobs=judge_logprobs)
     summary = preferences.run(prompts, out["out"], teachers=teachers, judging=judging, num_candidates=num_candidates,
-                              temperatures=_floats(temperatures) if temperatures else (sampling.temperature,),
+                              temperatures=temperatures or (sampling.temperature,),
                               sampling=sampling, options=options, teacher_options=teacher_options,
                               limit=out["limit"], fmt=out["fmt"])
     return report(summary, as_json, exports)
 
 
 @generate_data.command("scores")
-@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+@click.option("--prompts", required=True, type=NonEmptyPath(dir_okay=False),
               help="Rows with a prompt and an answer (response, completion, output, last assistant turn).")
 @click.option("--judge", required=True, help=f"Fills prompts/score_rubric.txt with a 0-5 score. {TEACHER_HELP}")
 @click.option("--teacher", default=None, help="Writes the answer for rows that have none.")
 @click.option("--judge-max-tokens", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--judge-temperature", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--judge-temperature", type=FiniteFloat(0), default=0.0, show_default=True)
 @common_options()
 def scores_cmd(prompts, judge, teacher, judge_max_tokens, judge_temperature, as_json, **kw):
     """ChatLLaMA-style reward data: one answer and a 0-5 rubric score per row; unparsable scores are retried."""
@@ -252,8 +263,8 @@ def data_group() -> None:
 
 
 @data_group.command("stats")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--png", default=None, type=click.Path(dir_okay=False),
+@click.argument("file", type=NonEmptyPath(dir_okay=False))
+@click.option("--png", default=None, type=NonEmptyPath(dir_okay=False),
               help="Histogram PNG (default: FILE's name with .stats.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object on stdout.")
 @config_option
@@ -276,20 +287,68 @@ def stats_cmd(file, png, as_json):
 
 
 @data_group.command("convert")
-@click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
-@click.argument("dst", metavar="OUT", type=click.Path())
+@click.argument("src", metavar="IN", type=NonEmptyPath(dir_okay=False))
+@click.argument("dst", metavar="OUT", type=NonEmptyPath())
 @click.option("--to", "fmt", required=True,
               type=click.Choice(["llamakit", "parquet", "hf", "sharegpt", "chatllama", "trl-conversational",
                                  "trl-standard", "hh"]),
               help="Output format (hf: a datasets directory; .json OUT: a JSON array, else JSONL).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace OUT if it exists (an hf directory only when llamakit wrote it).")
 @config_option
-def convert_cmd(src, dst, fmt):
+def convert_cmd(src, dst, fmt, overwrite):
     """Convert IN (llamakit, TRL, HH, ShareGPT, ChatLLaMA, Alpaca; JSONL/JSON/Parquet) to OUT."""
     from toolkit.console import console
     from toolkit.generate.formats import convert
 
-    count = convert(src, dst, fmt)
+    count = convert(src, dst, fmt, overwrite=overwrite)
     console.print(f"wrote {count} rows as {fmt}: {dst}")
+
+
+def _constraint_kinds(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    from toolkit.generate.constraints import parse_kinds
+
+    try:
+        return parse_kinds(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
+
+
+@generate_data.command("constraints")
+@click.option("--prompts", required=True, type=NonEmptyPath(dir_okay=False),
+              help="Instructions: llamakit, Alpaca, self-instruct, HH text or ShareGPT rows (JSONL/JSON/Parquet).")
+@click.option("--out", required=True, type=NonEmptyPath(dir_okay=False),
+              help="Prompt rows with their constraints (JSONL; a JSON array when the name ends in .json).")
+@click.option("--per-prompt", default="1..3", show_default=True,
+              help="Constraints per prompt: N, or LOW..HIGH drawn uniformly per prompt.")
+@click.option("--kinds", default=None, callback=_constraint_kinds,
+              help="Comma-separated constraint kinds to draw from, e.g. word_limit,keywords,no_commas,json "
+                   "(default: all twelve; a wrong name lists them).")
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Draws the kinds, arguments and phrasings (with each instruction's text).")
+@click.option("--limit", type=click.IntRange(0), default=0, show_default=True,
+              help="Use only the first N input rows (0 = all).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+@config_option
+def constraints_cmd(prompts, out, per_prompt, kinds, seed, limit, overwrite, as_json):
+    """Verifiable instruction-following prompts: IFEval-style constraints (word limits, keywords, JSON,
+    bullets, P.S. ...) written into each prompt and kept as data for `--scorer rules:constraints`."""
+    from toolkit.console import console, emit_json, summary_table
+    from toolkit.errors import UserError
+    from toolkit.generate import constraints
+
+    try:
+        count = constraints.parse_per_prompt(per_prompt, kinds)
+    except ValueError as err:
+        raise UserError(f"--per-prompt: {err}") from None
+    summary = constraints.run(prompts, out, seed=seed, per_prompt=count, kinds=kinds, limit=limit,
+                              overwrite=overwrite)
+    if as_json:
+        emit_json(summary)
+    else:
+        summary_table(f"constraints: {out}", {k: v for k, v in summary.items() if k != "per_kind"})
+        console.print("per kind: " + ", ".join(f"{k} {n}" for k, n in summary["per_kind"].items()))
 
 
 COMMANDS = [generate_data, data_group]

@@ -35,7 +35,7 @@ from toolkit.generate.common import (
     reply_meta,
     sum_meta,
 )
-from toolkit.generate.inputs import Messages, Prompt, prompt_text, read_prompts
+from toolkit.generate.inputs import Messages, Prompt, prompt_text, read_prompts, where
 from toolkit.generate.runner import (
     Caller,
     Drop,
@@ -276,9 +276,9 @@ async def make_pair(caller: Caller, setup: Setup, p: Prompt) -> dict[str, Any] |
     if setup.scorer is not None:
         rule_scores = []
         for c in candidates:
-            parts = setup.scorer.explain(question, c["text"], c.get("finish_reason"))
+            parts = setup.scorer.explain(question, c["text"], c.get("finish_reason"), p.row)
             c["rules"] = {k: round(v, 4) for k, v in parts.items()}
-            rule_scores.append(setup.scorer.score_one(question, c["text"], c.get("finish_reason")))
+            rule_scores.append(setup.scorer.score_one(question, c["text"], c.get("finish_reason"), p.row))
             if judge_scores is not None:
                 c["rules_score"] = round(rule_scores[-1], 4)  # beside the judge's, to see if they agree
     scores = [combine(judge_scores[i] if judge_scores else None, rule_scores[i] if rule_scores else None,
@@ -309,18 +309,22 @@ def make_jobs(prompts: list[Prompt], setup: Setup) -> list[Job]:
     settings = {k: v for k, v in asdict(setup.judging).items() if k != "logprobs" or v}
     judging = {**settings, "judge": setup.judge.name if setup.judge is not None else None,
                "scorer": setup.scorer.name if setup.scorer is not None else None}
+    run = {"kind": "preference", "teachers": [t.name for t in setup.teachers],
+           "temperatures": list(setup.temperatures), "num_candidates": setup.num_candidates,
+           "templates": setup.hashes, "sampling": asdict(setup.sampling), "judging": judging}
     jobs: dict[str, Job] = {}
     for p in prompts:
         given = p.responses if len(p.responses) >= 2 else None
         rid = row_id(kind="preference", teachers=None if given else [t.name for t in setup.teachers],
                      temperatures=None if given else list(setup.temperatures),
                      num_candidates=None if given else setup.num_candidates, templates=setup.hashes,
-                     inputs=p.prompt, responses=given, sampling=asdict(setup.sampling), judging=judging)
+                     inputs=p.prompt, responses=given, sampling=asdict(setup.sampling), judging=judging,
+                     **(setup.scorer.context_of(p.row) if setup.scorer is not None else {}))  # rules:constraints
 
         async def work(caller: Caller, p: Prompt = p) -> dict[str, Any] | Drop:
             return await make_pair(caller, setup, p)
 
-        jobs.setdefault(rid, Job(rid, {"prompt": p.prompt, "line": p.line}, work))
+        jobs.setdefault(rid, Job(rid, {"prompt": p.prompt, "line": p.line}, work, run))
     return list(jobs.values())
 
 
@@ -350,6 +354,9 @@ async def generate(prompts_path: str | os.PathLike, out: str | os.PathLike, *, t
                         "and with --max-score 9 or less")
     scorer = parse_rules(scorer_spec) if scorer_spec else None
     prompts = read_prompts(prompts_path, limit)
+    if scorer is not None:  # a row the rules cannot score (no constraints) stops the run before any call
+        for p in prompts:
+            scorer.check_context(p.row, **where(prompts_path, p.index, p.line))
     files = output_files(out, fmt)
     hashes = {"assistant": template_hash("assistant_system")}
     if judge_spec:
