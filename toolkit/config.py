@@ -1,12 +1,21 @@
-"""`--config file.yaml` for every command: keys are the command's flag names, flags on the command line win."""
+"""`--config file.yaml` for every command: keys are the command's flag names, flags on the command line win.
+
+Relative paths in a config file are read from the file's directory, so `llamakit sft --config pipe/sft.yaml`
+works from anywhere: the values of path options (click.Path, and the file/output options sft and rlhf declare
+as text) always; the values of options that take a path *or* a name (`--model smollm2-135m`, `--reward
+rules:length`, `--critic value-head`) only when that path exists there. Flags typed on the command line stay
+relative to the working directory, as the shell completed them.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import click
 
+from toolkit.commands.params import NonEmptyPath
 from toolkit.errors import UserError
 
 
@@ -42,12 +51,34 @@ def load_config(path: str, command: click.Command, ctx: click.Context) -> dict[s
             raise UserError(f"unknown key for `{command.name}` (known: {known})", file=path, field=str(key))
         if options[name].multiple and not isinstance(value, list):
             value = [value]  # `teacher: x` for a repeatable flag means one value
+        value = from_config_dir(options[name], value, file.parent)
         try:
             options[name].type_cast_value(ctx, value)
         except click.BadParameter as err:
             raise UserError(f"wrong type: {err.message}", file=path, field=str(key)) from None
         defaults[options[name].name] = value
     return defaults
+
+
+# Options that always hold a path, also where declared as plain text (sft and rlhf flags come from dataclasses).
+PATH_OPTIONS = frozenset({"data", "eval_data", "prompts", "seeds", "out"})
+# Options that hold a path or a name (an alias, a rules: spec, a prompt under prompts/): a path when it exists.
+PATH_OR_NAME_OPTIONS = frozenset({"model", "policy", "reward", "critic", "assistant_system", "user_system"})
+
+
+def from_config_dir(option: click.Option, value: Any, base: Path) -> Any:
+    """`value` of `option` read from a config file in `base`, with a relative path made relative to `base`."""
+    if isinstance(value, list):
+        return [from_config_dir(option, v, base) for v in value]
+    if (not isinstance(value, str) or not value.strip() or value == "-" or os.path.isabs(value)
+            or value.startswith("~") or base == Path(".")):
+        return value
+    moved = str(base / value)
+    if isinstance(option.type, click.Path) or option.name in PATH_OPTIONS:
+        return moved
+    if option.name in PATH_OR_NAME_OPTIONS and os.path.exists(moved):
+        return moved
+    return value
 
 
 def config_option(func):
@@ -57,6 +88,8 @@ def config_option(func):
         if value:
             ctx.default_map = {**(ctx.default_map or {}), **load_config(value, ctx.command, ctx)}
 
-    return click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+    return click.option("--config", type=NonEmptyPath(dir_okay=False), is_eager=True, expose_value=False,
                         callback=callback,
-                        help="YAML file whose keys are this command's flag names; flags given here win.")(func)
+                        help="YAML file whose keys are this command's flag names; flags given here win. Relative "
+                             "paths in it are taken from the file's directory (for --model, --policy, --reward: "
+                             "when that path exists there).")(func)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
@@ -46,3 +47,76 @@ def _fmt(value: Any) -> str:
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
+
+
+# ------------------------------------------------------------------ what a run leaves on disk, if stopped
+
+_OUTPUTS: list[tuple[str | Callable[[], str], str]] = []
+
+
+def note_output(kept: str | Callable[[], str], resume: str) -> None:
+    """Record what this run writes, for the one line printed when SIGINT/SIGTERM stops it.
+
+    `kept` says what stays on disk ("rows finished so far are kept in out.jsonl"; a callable is asked
+    only then, e.g. to count the rows), `resume` how to go on ("run the same command again to resume"; "" when
+    `kept` says it)."""
+    _OUTPUTS.append((kept, resume))
+
+
+def forget_outputs() -> None:
+    _OUTPUTS.clear()
+
+
+def interrupted_line(signal_name: str) -> str:
+    """`interrupted by SIGTERM: <what is kept>; <how to resume>` from what the command noted."""
+    kept, resumes = [], []
+    for what, resume in _OUTPUTS:
+        try:
+            kept.append(what() if callable(what) else what)
+        except Exception:  # noqa: BLE001 - the line must be printed even when counting fails
+            continue
+        if resume and resume not in resumes:
+            resumes.append(resume)
+    parts = [*kept, *resumes]
+    return f"interrupted by {signal_name}" + (": " + "; ".join(parts) if parts else "")
+
+
+# ------------------------------------------------------------------ secrets never printed or stored
+
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>`]+")
+# api_key, key, token, access_token, x-api-key, client_secret, password, sig ... (whole names, any case)
+_SECRET_KEYS = re.compile(r"(?i)^(?:.*[_-])?(?:api[_-]?key|key|token|secret|password|passwd|pwd|sig|signature|auth|"
+                          r"credentials?)$")
+
+
+def redact_url(url: str) -> str:
+    """`url` without credentials: user:password@ becomes ***@, and the values of query keys such as
+    api_key=, key=, token= become ***. Anything that is not a URL comes back as it was."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(_redact_pair(pair) for pair in parts.query.split("&")) if parts.query else parts.query
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # nothing secret: exactly as given
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _redact_pair(pair: str) -> str:
+    name, eq, _value = pair.partition("=")
+    return f"{name}=***" if eq and _SECRET_KEYS.match(name) else pair
+
+
+def redact(text: str) -> str:
+    """Every URL inside `text` through redact_url (error messages quote URLs from many libraries)."""
+    def one(match: re.Match) -> str:
+        url = match.group(0)
+        body = url.rstrip(".,;:)]}")  # the sentence's punctuation, not the URL's
+        return redact_url(body) + url[len(body):]
+
+    return _URL.sub(one, text)

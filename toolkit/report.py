@@ -1,8 +1,11 @@
-"""`llamakit report RUN_DIR`: report.md and a self-contained report.html (PNGs embedded) for a pipeline run.
+"""`llamakit report PATH`: report.md and a self-contained report.html (PNGs embedded).
 
-Reads what the stages left in the run directory: data/*.jsonl, reward/ (metrics.json, reliability.png,
-loss.png), ppo/ (metrics.jsonl, curves.png), compare.json (base vs policy answers) and stages/*.json
-(command, seconds, result of every stage). Missing parts are skipped, so any partial run reports too.
+PATH is a pipeline run (what `demo` and `init` lay out): data/*.jsonl, sft/ (metrics.jsonl, curves.png),
+reward/ (metrics.json, reliability.png, loss.png), ppo/ (metrics.jsonl, curves.png, samples.jsonl),
+compare.json (base vs policy answers) and stages/*.json (command, seconds, result of every stage); or the
+output directory of one stage (rlhf, sft, train-reward), read the same way; or one data file (any format
+`data stats` reads), reported beside it as NAME.report.html. Missing parts are skipped, so any partial or
+interrupted run reports too.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolkit.console import redact
 from toolkit.errors import UserError
 from toolkit.io import read_existing
 
@@ -21,6 +25,8 @@ STAGE_ORDER = ("instructions", "conversations", "preferences", "sft", "train-rew
 PPO_KEYS = (("objective/scores", "reward model score"), ("objective/rlhf_reward", "reward − KL penalty"),
             ("objective/kl", "KL to reference"), ("objective/entropy", "entropy"),
             ("policy/clipfrac_avg", "clip fraction"), ("val/num_eos_tokens", "responses with EOS"))
+SFT_KEYS = ("loss", "grad_norm", "lr", "epoch", "tokens")
+SAMPLES_SHOWN = 4
 
 
 @dataclass
@@ -58,26 +64,29 @@ def _stages(run: Path) -> list[dict]:
     return [found[s] for s in STAGE_ORDER if s in found] + [v for k, v in found.items() if k not in STAGE_ORDER]
 
 
-def _data_section(run: Path) -> Section | None:
+def _data_blocks(path: Path, png: Path, label: str) -> list[Block]:
     from toolkit.generate import stats
 
+    numbers = stats.compute(path)
+    shown = [(k, v) for k, v in numbers.items() if not k.startswith("_") and k != "file"
+             and not k.endswith(("min", "max", "p90"))]
+    return [Block("text", label),
+            Block("table", header=["statistic", "value"], rows=[[k, _fmt(v)] for k, v in shown]),
+            Block("image", path=stats.plot(numbers, png))]
+
+
+def _data_section(run: Path) -> Section | None:
     blocks = []
     for name in ("instructions", "conversations", "preferences", "reward-pairs"):
         path = run / "data" / f"{name}.jsonl"
-        if not path.is_file() or not read_existing(path):
-            continue
-        numbers = stats.compute(path)
-        png = stats.plot(numbers, run / "report-files" / f"{name}.png")
-        shown = [(k, v) for k, v in numbers.items() if not k.startswith("_") and k != "file"
-                 and not k.endswith(("min", "max", "p90"))]
-        blocks += [Block("text", f"{name}.jsonl"),
-                   Block("table", header=["statistic", "value"], rows=[[k, _fmt(v)] for k, v in shown]),
-                   Block("image", path=png)]
+        if path.is_file() and read_existing(path):
+            blocks += _data_blocks(path, run / "report-files" / f"{name}.png", f"{name}.jsonl")
     return Section("Data", blocks) if blocks else None
 
 
-def _reward_section(run: Path) -> Section | None:
-    metrics_file = run / "reward" / "metrics.json"
+def _reward_section(stage: Path) -> Section | None:
+    """A train-reward output directory: backbone, held-out metrics raw and calibrated, plots."""
+    metrics_file = stage / "metrics.json"
     if not metrics_file.is_file():
         return None
     metrics = json.loads(metrics_file.read_text())
@@ -93,22 +102,52 @@ def _reward_section(run: Path) -> Section | None:
         blocks.append(Block("table", header=["held-out metric", "raw", "calibrated"],
                             rows=[[k, _fmt(raw.get(k)), _fmt(calibrated.get(k))] for k in keys]))
     for png in ("reliability.png", "loss.png"):
-        if (run / "reward" / png).is_file():
-            blocks.append(Block("image", path=run / "reward" / png))
+        if (stage / png).is_file():
+            blocks.append(Block("image", path=stage / png))
     return Section("Reward model", blocks)
 
 
-def _ppo_section(run: Path) -> Section | None:
-    rows = read_existing(run / "ppo" / "metrics.jsonl")
+def _metric_rows(stage: Path) -> list[dict]:
+    return [r for r in read_existing(stage / "metrics.jsonl") if isinstance(r.get("step"), int)]
+
+
+def _ppo_section(stage: Path) -> Section | None:
+    """An rlhf output directory: TRL's metrics at the first and last step, curves, the last samples."""
+    rows = [r for r in _metric_rows(stage) if "objective/kl" in r]
     if not rows:
         return None
     first, last = rows[0], rows[-1]
     table = [[label, _fmt(first.get(key)), _fmt(last.get(key))] for key, label in PPO_KEYS if key in last]
     blocks = [Block("text", f"{len(rows)} PPO steps."),
               Block("table", header=["metric", "first step", "last step"], rows=table)]
-    if (run / "ppo" / "curves.png").is_file():
-        blocks.append(Block("image", path=run / "ppo" / "curves.png"))
+    if (stage / "curves.png").is_file():
+        blocks.append(Block("image", path=stage / "curves.png"))
+    samples = [s for s in read_existing(stage / "samples.jsonl") if s.get("step") == last["step"]]
+    if samples:
+        blocks += [Block("text", f"Answers sampled at step {last['step']}:"),
+                   Block("table", header=["prompt", "response", "score"], wrap=True,
+                         rows=[[str(s.get("prompt", "")), str(s.get("response", "")), _fmt(s.get("score"))]
+                               for s in samples[:SAMPLES_SHOWN]])]
     return Section("PPO", blocks)
+
+
+def _sft_section(stage: Path) -> Section | None:
+    """An sft output directory: loss at the first and last step, the loss curve, the data it read."""
+    rows = [r for r in _metric_rows(stage) if "loss" in r and "objective/kl" not in r]
+    if not rows:
+        return None
+    first, last = rows[0], rows[-1]
+    table = [[key, _fmt(first.get(key)), _fmt(last.get(key))] for key in SFT_KEYS if key in last]
+    blocks = [Block("text", f"{len(rows)} SFT steps."),
+              Block("table", header=["metric", "first step", "last step"], rows=table)]
+    run_file = stage / "run.json"
+    data = json.loads(run_file.read_text()).get("data") if run_file.is_file() else None
+    if isinstance(data, dict) and data:
+        blocks.append(Block("table", header=["training data", "value"],
+                            rows=[[k, _fmt(v)] for k, v in data.items() if not isinstance(v, (dict, list))]))
+    if (stage / "curves.png").is_file():
+        blocks.append(Block("image", path=stage / "curves.png"))
+    return Section("SFT", blocks)
 
 
 def _compare_section(run: Path) -> Section | None:
@@ -122,20 +161,32 @@ def _compare_section(run: Path) -> Section | None:
 
 
 def build_sections(run: Path) -> list[Section]:
+    """Sections for a pipeline run (stages/, data/, sft/, reward/, ppo/ as `demo` and `init` lay them out)
+    or for the output of one stage (an rlhf, sft or train-reward directory)."""
     stages = _stages(run)
     sections = []
     if stages:
         sections.append(Section("Stages", [Block("table", header=["stage", "seconds", "result"], rows=[
             [s["stage"], _fmt(s["seconds"]), ", ".join(f"{k} {_fmt(v)}" for k, v in list(s["result"].items())[:6]
                                                    if not isinstance(v, (dict, list)))] for s in stages])]))
-    for make in (_data_section, _reward_section, _ppo_section, _compare_section):
-        section = make(run)
-        if section:
-            sections.append(section)
+    pipeline = [_data_section(run), _sft_section(run / "sft"), _reward_section(run / "reward"),
+                _ppo_section(run / "ppo"), _compare_section(run)]
+    one_stage = [_sft_section(run), _reward_section(run), _ppo_section(run)]
+    sections += [s for s in pipeline + one_stage if s]
     if stages:
         sections.append(Section("Settings: the command of every stage",
-                                [Block("code", " ".join(s["command"])) for s in stages]))
+                                [Block("code", redact(" ".join(s["command"]))) for s in stages]))
     return sections
+
+
+def _data_file_sections(path: Path) -> list[Section]:
+    """A data file of any supported format (a generate-data output, a conversion)."""
+    return [Section("Data", _data_blocks(path, _beside(path, ".report.png"), path.name))]
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    """prefs.jsonl -> prefs.report.html beside it (not report.html: a pipeline run's own report may be there)."""
+    return path.with_name(path.stem + suffix)
 
 
 def _markdown(title: str, subtitle: str, sections: list[Section], run: Path) -> str:
@@ -158,28 +209,37 @@ def _markdown(title: str, subtitle: str, sections: list[Section], run: Path) -> 
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write report.md and report.html into the run directory; return the HTML path."""
+def write_report(target: str | Path) -> Path:
+    """Write the report as Markdown and self-contained HTML; return the HTML path. `target` is a pipeline
+    run directory, one stage's output directory (rlhf, sft, train-reward): report.md and report.html in it;
+    or a data file: NAME.report.md and NAME.report.html beside it."""
     import jinja2
 
     from toolkit.resources import template_path
 
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise UserError("no such run directory", file=str(run))
-    sections = build_sections(run)
-    if not sections:
-        raise UserError("nothing to report: no stages/, data/, reward/ or ppo/ outputs here", file=str(run))
-    total = sum(s["seconds"] for s in _stages(run))
-    title = f"llamakit run report: {run.resolve().name}"
-    subtitle = f"{run.resolve()} · written {time.strftime('%Y-%m-%d %H:%M')} · stages took {total:.0f} s in all"
+    target = Path(target)
+    if target.is_file():
+        sections, base = _data_file_sections(target), target.parent
+        md, html_path, kind = _beside(target, ".report.md"), _beside(target, ".report.html"), "data"
+    elif target.is_dir():
+        sections, base = build_sections(target), target
+        md, html_path, kind = target / "report.md", target / "report.html", "run"
+        if not sections:
+            raise UserError("nothing to report: not a pipeline run (stages/, data/, reward/, ppo/), nor an rlhf, "
+                            "sft or train-reward output, nor a data file", file=str(target))
+    else:
+        raise UserError("no such run directory or data file", file=str(target))
+    total = sum(s["seconds"] for s in _stages(base)) if kind == "run" else 0
+    title = f"llamakit {kind} report: {target.resolve().name}"
+    subtitle = f"{target.resolve()} · written {time.strftime('%Y-%m-%d %H:%M')}"
+    if total:
+        subtitle += f" · stages took {total:.0f} s in all"
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     html = env.from_string(template_path("report.html").read_text(encoding="utf-8")).render(
         title=title, subtitle=subtitle, sections=sections)
-    (run / "report.md").write_text(_markdown(title, subtitle, sections, run), encoding="utf-8")
-    out = run / "report.html"
-    out.write_text(html, encoding="utf-8")
-    return out
+    md.write_text(_markdown(title, subtitle, sections, base), encoding="utf-8")
+    html_path.write_text(html, encoding="utf-8")
+    return html_path
 
 
 def screenshot(html: str | Path, png: str | Path, width: int = 1200, height: int = 3000) -> Path:

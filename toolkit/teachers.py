@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from toolkit.console import redact_url
 from toolkit.errors import UserError
 
 OPENAI_PARAMS = ("temperature", "top_p", "max_tokens", "seed", "stop", "logprobs", "top_logprobs")
@@ -63,6 +65,7 @@ class OpenAITeacher:
         self.model = model
         self.client = AsyncOpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=max_retries,
                                   http_client=_http_client(timeout))
+        self.url = redact_url(str(self.client.base_url).rstrip("/"))  # for messages: never its credentials
 
     async def chat(self, messages: list[dict[str, str]], **params: Any) -> Reply:
         from openai.types.chat import ChatCompletion
@@ -71,8 +74,14 @@ class OpenAITeacher:
         start = time.perf_counter()
         # `post` is the client's documented door for raw bodies: same auth, timeouts and typed errors, without
         # re-validating our plain dict params (a third of the client's CPU per request).
-        response = await self.client.post("/chat/completions", cast_to=ChatCompletion,
-                                          body={"model": self.model, "messages": messages, **request})
+        try:
+            response = await self.client.post("/chat/completions", cast_to=ChatCompletion,
+                                              body={"model": self.model, "messages": messages, **request})
+        except Exception as err:
+            cause = unreachable(err, self.url)
+            if cause is None:
+                raise
+            raise cause from err
         if not response.choices:
             raise ValueError("the server answered with no choices")
         choice = response.choices[0]
@@ -100,6 +109,28 @@ def _http_client(timeout: float):
             return DefaultAioHttpClient(timeout=timeout)
         except ImportError:
             pass
+    return None
+
+
+class Unreachable(ConnectionError):
+    """A teacher's server that cannot be reached, and why in words: connection refused, unknown host.
+    A ConnectionError, so generate-data retries it like any transport error."""
+
+
+def unreachable(err: BaseException, url: str) -> Unreachable | None:
+    """The real cause under a client's transport error, or None when there is none to tell.
+
+    Client stacks rename causes on the way up (openai's aiohttp transport reports a refused connection as
+    APITimeoutError after no time at all); the OSError at the bottom of the chain says what happened."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return Unreachable(f"connection refused by {url}: nothing listens there (is the server running?)")
+        if isinstance(cause, socket.gaierror):
+            return Unreachable(f"cannot resolve the host of {url} ({cause.strerror or cause})")
+        cause = cause.__cause__ or cause.__context__
     return None
 
 
@@ -137,7 +168,14 @@ class LangChainTeacher:
         stop = bound.pop("stop", None)
         runnable = self.model.bind(**bound) if bound else self.model
         start = time.perf_counter()
-        message = await runnable.ainvoke(lc_messages, stop=stop)
+        try:
+            message = await runnable.ainvoke(lc_messages, stop=stop)
+        except Exception as err:
+            url = getattr(self.model, "openai_api_base", None) or getattr(self.model, "base_url", None)
+            cause = unreachable(err, redact_url(str(url)) if url else "the teacher's server")
+            if cause is None:
+                raise
+            raise cause from err
         content = message.content
         if isinstance(content, list):
             content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
@@ -197,8 +235,10 @@ class RulesTeacher:
         self.scorer = parse_rules(spec)
         self.name = self.scorer.name
 
-    def score(self, prompt: str, response: str, finish_reason: str | None = None) -> float:
-        return self.scorer.score_one(prompt, response, finish_reason)
+    def score(self, prompt: str, response: str, finish_reason: str | None = None,
+              context: dict[str, Any] | None = None) -> float:
+        """`context`: the prompt's row, for rules that read it (rules:constraints)."""
+        return self.scorer.score_one(prompt, response, finish_reason, context)
 
     async def chat(self, messages: list[dict[str, str]], **params: Any) -> Reply:
         raise UserError(f"{self.name} scores answers; it cannot write them — use an openai:, langchain: or "

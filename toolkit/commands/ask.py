@@ -6,6 +6,7 @@ import json
 
 import click
 
+from toolkit.commands.params import SEED, FiniteFloat
 from toolkit.config import config_option
 from toolkit.models import allow_pickle_option
 
@@ -19,10 +20,11 @@ from toolkit.models import allow_pickle_option
               help="Environment variable holding the API key.")
 @click.option("--teacher-kwargs", default="{}", show_default=True, help="JSON kwargs for a langchain: teacher.")
 @click.option("--system", default=None, help="Optional system message.")
-@click.option("--max-tokens", default=128, show_default=True)
-@click.option("--temperature", default=0.7, show_default=True)
-@click.option("--seed", default=None, type=int)
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds per request.")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.7, show_default=True, type=FiniteFloat(0))
+@click.option("--seed", default=None, type=SEED, help="Sampling seed [default: the teacher's own randomness].")
+@click.option("--timeout", default=60.0, show_default=True, type=FiniteFloat(0, min_open=True),
+              help="Seconds per request.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as one JSON object.")
 @allow_pickle_option
 @config_option
@@ -31,9 +33,9 @@ def ask_cmd(question, teacher, base_url, api_key_env, teacher_kwargs, system, ma
     """Ask QUESTION to a teacher and print its answer with usage and latency."""
     import asyncio
 
-    from toolkit.console import console, emit_json, summary_table
+    from toolkit.console import console, emit_json, redact, redact_url, summary_table
     from toolkit.errors import UserError
-    from toolkit.teachers import close_teacher, make_teacher
+    from toolkit.teachers import Unreachable, close_teacher, make_teacher
 
     try:
         kwargs = json.loads(teacher_kwargs)
@@ -52,9 +54,11 @@ def ask_cmd(question, teacher, base_url, api_key_env, teacher_kwargs, system, ma
         reply = asyncio.run(run())
     except UserError:
         raise
+    except Unreachable as err:  # names the (redacted) URL and the cause already
+        raise UserError(f"{teacher} failed: {err}") from err
     except Exception as err:  # noqa: BLE001 - `ask` checks a teacher spec: how the call failed is the answer
-        where = f" at {base_url}" if base_url else ""
-        raise UserError(f"{teacher}{where} failed: {type(err).__name__}: {err}") from err
+        where = f" at {redact_url(base_url)}" if base_url else ""  # never the URL's user:password or key=
+        raise UserError(redact(f"{teacher}{where} failed: {type(err).__name__}: {err}")) from err
     if as_json:
         emit_json({"text": reply.text, **reply.meta})
         return
