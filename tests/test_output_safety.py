@@ -95,3 +95,16 @@ def test_generate_data_refuses_other_settings_on_the_same_output_unless_append(t
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2 * len(rows)
     assert run("rules:length,repetition")[0] == 0  # both settings are now known to this output
     assert len(json.loads((tmp_path / "prefs.settings.json").read_text(encoding="utf-8"))["runs"]) == 2
+
+
+def test_an_output_that_cannot_keep_rows_fails_before_any_request(tmp_path):
+    """`generate-data --out` onto /dev/full sent its requests first and failed at the first write."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Name a fruit."}) + "\n", encoding="utf-8")
+    full = tmp_path / "out.jsonl"
+    full.symlink_to("/dev/full")
+    # a teacher nobody listens on: a request would end as a failed row (exit 3), not as exit 2
+    rc, _, err = cli("generate-data", "conversations", "--prompts", prompts, "--out", full, "--teacher", "openai:x",
+                     "--base-url", "http://127.0.0.1:9/v1", "--max-retries", "0", "--turns", "1")
+    assert rc == 2 and "not a regular file" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.failed.jsonl").exists()

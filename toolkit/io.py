@@ -108,6 +108,23 @@ def require_str(row: dict, key: str, path: str | os.PathLike, line: int, *, allo
     return value
 
 
+MIN_FREE_BYTES = 1 << 20
+
+
+def require_room(path: Path) -> None:
+    """Fail before any work when rows could not be kept: the output is a device or directory (/dev/full, /dev/null)
+    rather than a regular file, or the disk holding it is full."""
+    if path.exists() and not path.is_file():
+        raise UserError("not a regular file (a device or a directory): rows cannot be kept there", file=str(path))
+    try:
+        stats = os.statvfs(path.parent)
+    except OSError:
+        return  # the lock or the open that follows names the real problem
+    if stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES:
+        raise UserError(f"no space left on the device ({stats.f_bavail * stats.f_frsize // 1024} kB free)",
+                        file=str(path))
+
+
 class RowWriter:
     """Append-only JSONL output: every row is flushed and fsync'd, so a kill -9 loses at most the row
     being written; a torn last line left by such a kill is cut off when the file is reopened.
@@ -121,6 +138,7 @@ class RowWriter:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create output directory: {why(err)}", file=str(parent)) from None
+        require_room(self.path)
         self._lock_path = Path(str(self.path) + ".lock")
         self._lock_fd = self._lock()
         try:
