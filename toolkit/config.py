@@ -63,7 +63,7 @@ def load_config(path: str, command: click.Command, ctx: click.Context) -> dict[s
 # Options that always hold a path, also where declared as plain text (sft and rlhf flags come from dataclasses).
 PATH_OPTIONS = frozenset({"data", "eval_data", "prompts", "seeds", "out"})
 # Options that hold a path or a name (an alias, a rules: spec, a prompt under prompts/): a path when it exists.
-PATH_OR_NAME_OPTIONS = frozenset({"model", "policy", "reward", "critic", "assistant_system", "user_system"})
+PATH_OR_NAME_OPTIONS = frozenset({"model", "policy", "baseline", "reward", "critic", "assistant_system", "user_system"})
 
 
 def from_config_dir(option: click.Option, value: Any, base: Path) -> Any:

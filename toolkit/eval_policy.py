@@ -1,0 +1,694 @@
+"""`llamakit eval-policy`: is this policy better than that one, by how much, and at what KL cost?
+
+Each held-out prompt is answered `samples` times by POLICY and, with a baseline, by BASE, with the same
+seed per (prompt, sample) on both sides, so a model compared with itself gives the same answers. Then:
+
+    per side      mean scorer value (and per constraint family with rules:constraints), mean reward-model
+                  score, mean answer length (tokens, words), EOS rate (finish_reason "stop")
+    KL            mean over POLICY's answers of  Σ_t log π_policy(a_t) − log π_base(a_t),  both taken
+                  teacher-forced from the temperature-scaled logits that sampling used (rlhf's functions;
+                  T = 1 for greedy decoding): needs both models local and one tokenizer
+    win rate      per (prompt, sample) pair, POLICY against BASE by scorer, reward model or pairwise judge
+                  (ties count ½), with a 95% Wilson score interval on the paired outcomes
+
+A side is an embedded alias, a Hugging Face directory, an sft / rlhf run directory (its model/ or policy/),
+or a server through a teacher spec (`openai:MODEL` with `base_url`): served answers have no log-probs
+here, so the KL is reported as unavailable. Only one local model is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import SEED_MAX
+from rlhf.rollout import Prompt, load_prompts
+from toolkit.errors import UserError
+
+KIND = "eval-policy"  # the manifest kind of OUT
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+INTERVAL = "95% Wilson score interval on the paired outcomes (ties count as half a win)"
+TIE_TOLERANCE = 1e-9  # two scores this close are a tie (float noise, not a preference)
+KL_BATCH = 8  # rows per teacher-forced forward: the [rows, tokens, vocabulary] logits are the big tensor
+TEACHER_KINDS = ("openai", "langchain")  # sides answered by a server, not a local model
+
+
+@dataclass
+class EvalConfig:
+    policy: str
+    prompts: str
+    baseline: str | None = None
+    scorer: str | None = None  # rules:NAMES
+    reward: str | None = None  # a train-reward directory
+    judge: str | None = None  # a teacher spec comparing POLICY's and BASE's answers pairwise
+    samples: int = 1
+    temperature: float = 1.0  # rlhf's default: the KL is then the one PPO controlled
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    seed: int = 0
+    limit: int = 0  # 0 = every prompt
+    system_prompt: str = ""
+    chat_template: bool = True
+    bf16: bool = False
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 60.0
+    concurrency: int = 8
+    judge_temperature: float = 0.0
+    judge_max_tokens: int = 256
+    out: str | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Source:
+    """One side of the comparison: a local Hugging Face directory, or a teacher spec for a server."""
+
+    spec: str  # as the user wrote it
+    path: Path | None = None  # local model directory
+    teacher: str | None = None  # openai:MODEL / langchain:...
+    context: int = 0  # the local model's context in tokens
+
+    @property
+    def local(self) -> bool:
+        return self.path is not None
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str | None
+    tokens: int
+    token_ids: list[int] = field(default_factory=list)  # local models only
+    sampler_logprobs: list[float] = field(default_factory=list)  # local models only
+
+
+@dataclass
+class Side:
+    """Everything measured on one side's answers (rows in prompt-major order: prompt i, sample j)."""
+
+    name: str  # "policy" | "baseline"
+    source: Source
+    answers: list[Answer]
+    seconds: float
+    scores: list[float] | None = None
+    parts: list[dict[str, float]] | None = None
+    rewards: list[float] | None = None
+    logprobs: list[list[float]] | None = None  # teacher-forced, on POLICY's answers
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, Any]  # what --json prints
+    rows: list[dict[str, Any]]  # OUT/answers.jsonl
+    out: Path | None
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion successes / n (successes may hold halves for ties)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_outcomes(policy: Sequence[float], baseline: Sequence[float]) -> list[float]:
+    """1 where POLICY scored higher, 0 where lower, ½ for a tie; one per (prompt, sample) pair."""
+    return [0.5 if abs(p - b) <= TIE_TOLERANCE else float(p > b) for p, b in zip(policy, baseline, strict=True)]
+
+
+def win_rate(outcomes: Sequence[float]) -> dict[str, Any]:
+    n = len(outcomes)
+    wins, ties = sum(o == 1.0 for o in outcomes), sum(o == 0.5 for o in outcomes)
+    low, high = wilson_interval(wins + ties / 2, n)
+    return {"rate": (wins + ties / 2) / n if n else None, "low": low, "high": high, "wins": wins, "ties": ties,
+            "losses": n - wins - ties, "n": n}
+
+
+def mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def family_means(parts: Sequence[Mapping[str, float]]) -> tuple[dict[str, float], dict[str, int]]:
+    """Per constraint kind: the mean of `constraints/<kind>` over the answers whose prompt asks for it
+    (each answer's share of its prompt's constraints of that kind), and how many answers that is."""
+    values: dict[str, list[float]] = {}
+    for row in parts:
+        for key, value in row.items():
+            if key.startswith("constraints/"):
+                values.setdefault(key.split("/", 1)[1], []).append(value)
+    return ({kind: sum(v) / len(v) for kind, v in sorted(values.items())},
+            {kind: len(v) for kind, v in sorted(values.items())})
+
+
+# ------------------------------------------------------------------------------------------ sides
+
+
+def resolve_source(spec: str, flag: str) -> Source:
+    """POLICY / BASE as given -> a Source; a spec that names no model is a one-line UserError."""
+    kind, _, rest = spec.partition(":")
+    if kind in TEACHER_KINDS:
+        if not rest.strip():
+            raise UserError(f"{flag} '{spec}' needs a model name, e.g. openai:MODEL (with --base-url for a server)")
+        return Source(spec, teacher=spec)
+    if kind == "rules":
+        raise UserError(f"{flag} '{spec}': rule scorers score answers, they cannot write them; give a model "
+                        "and pass the rules as --scorer")
+    path = model_dir(rest if kind == "hf" and rest else spec, flag)
+    return Source(spec, path=path, context=causal_lm_context(path, flag))
+
+
+def model_dir(name: str, flag: str) -> Path:
+    """An alias, a model directory, or an sft / rlhf run directory (its model/ or policy/) -> the model dir."""
+    from toolkit.models import EMBEDDED, resolve
+
+    if name in EMBEDDED:
+        return resolve(name)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{flag} '{name}' is neither an embedded alias ({', '.join(EMBEDDED)}), a model or run "
+                        "directory, nor a server (openai:MODEL with --base-url)")
+    for candidate in (path, path / "policy", path / "model"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"{flag} '{name}' is not a model: no config.json in it, nor in its policy/ (an rlhf run) or "
+                    "model/ (an sft run)")
+
+
+def causal_lm_context(path: Path, flag: str) -> int:
+    """The model's context in tokens, after checking (config only, no weights) that it is a causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from toolkit.models import load_errors, one_line
+
+    if (path / "reward_head.safetensors").is_file():
+        raise UserError(f"{flag} '{path}' is a reward model (train-reward), not a policy: pass it as --reward")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except load_errors() as err:
+        raise UserError(f"{flag} '{path}': cannot read config.json: {one_line(err)}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(f"{flag} '{path}' is not a causal language model (model_type '{config.model_type}')")
+    return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+
+def check_teacher(spec: str, cfg: EvalConfig, flag: str) -> None:
+    """What building the teacher would refuse, said now rather than after the other side's generation."""
+    kind, _, rest = spec.partition(":")
+    if kind not in (*TEACHER_KINDS, "hf"):
+        raise UserError(f"{flag} '{spec}' must be a teacher spec: openai:MODEL, langchain:module:Class or hf:MODEL")
+    if kind == "openai" and not cfg.base_url and not os.environ.get(cfg.api_key_env):
+        raise UserError(f"{flag} {spec} needs an API key in ${cfg.api_key_env} (or --base-url for a local server)")
+    if kind == "hf":
+        model_dir(rest, flag)
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The sampling seed of answer row `index`, the same for POLICY and BASE."""
+    return (seed * 1_000_003 + index) % SEED_MAX
+
+
+def read_prompts(cfg: EvalConfig, tokenizer: Any = None) -> list[Prompt]:
+    """The prompt rows, read as `rlhf` reads them (chat template, system prompt), first --limit kept."""
+    prompts, _ = load_prompts(cfg.prompts, tokenizer, chat_template=cfg.chat_template,
+                              system_prompt=cfg.system_prompt, max_prompt_tokens=sys.maxsize)
+    return prompts[:cfg.limit] if cfg.limit else prompts
+
+
+def check_fit(prompts: Sequence[Prompt], source: Source, cfg: EvalConfig, flag: str) -> None:
+    for p in prompts:
+        if len(p.ids) + cfg.max_new_tokens > source.context:
+            raise UserError(f"prompt is {len(p.ids)} tokens: with --max-new-tokens {cfg.max_new_tokens} it does "
+                            f"not fit the context of {flag} ({source.context} tokens); shorten it or lower "
+                            "--max-new-tokens", file=cfg.prompts, line=p.row)
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+
+def generate_local(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], seeds: Sequence[int],
+                   cfg: EvalConfig, advance: Callable[[int], None]) -> list[Answer]:
+    """Batched, seeded sampling with the KV cache (the loop `serve` and the PPO rollout use)."""
+    from toolkit.generation import SamplingParams, generate
+
+    params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=s) for s in seeds]
+    answers: list[Answer] = []
+    for start in range(0, len(params), cfg.batch_size):
+        stop = start + cfg.batch_size
+        for c in generate(model, tokenizer, prompt_ids[start:stop], params[start:stop]):
+            answers.append(Answer(c.text, c.finish_reason, c.completion_tokens, c.token_ids, c.logprobs))
+        advance(len(params[start:stop]))
+    return answers
+
+
+async def _ask_all(teacher: Any, chats: Sequence[list[dict[str, str]]], seeds: Sequence[int], cfg: EvalConfig,
+                   advance: Callable[[int], None]) -> list[Any]:
+    limit = asyncio.Semaphore(cfg.concurrency)
+
+    async def one(messages: list[dict[str, str]], seed: int) -> Any:
+        async with limit:
+            reply = await teacher.chat(messages, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens,
+                                       seed=seed)
+        advance(1)
+        return reply
+
+    return await asyncio.gather(*(one(m, s) for m, s in zip(chats, seeds, strict=True)))
+
+
+async def _with_teacher(spec: str, cfg: EvalConfig, work: Callable[[Any], Any]) -> Any:
+    """Run `work(teacher)`; a failing server becomes one line naming the spec."""
+    from toolkit.models import one_line
+    from toolkit.teachers import close_teacher, make_teacher
+
+    teacher = make_teacher(spec, base_url=cfg.base_url, api_key_env=cfg.api_key_env, timeout=cfg.timeout)
+    try:
+        return await work(teacher)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - openai / httpx / LangChain errors: one line, not a traceback
+        raise UserError(f"{spec}: {type(err).__name__}: {one_line(err)}") from None
+    finally:
+        await close_teacher(teacher)
+
+
+def generate_served(spec: str, chats: Sequence[list[dict[str, str]]], seeds: Sequence[int], cfg: EvalConfig,
+                    advance: Callable[[int], None]) -> list[Answer]:
+    replies = asyncio.run(_with_teacher(spec, cfg, lambda t: _ask_all(t, chats, seeds, cfg, advance)))
+    return [Answer(r.text, r.finish_reason, r.completion_tokens) for r in replies]
+
+
+def answer_logprobs(model: Any, pad_id: int, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]],
+                    temperature: float, advance: Callable[[int], None]) -> list[list[float]]:
+    """log π(a_t) of each answer token, teacher-forced, from the temperature-scaled logits that sampling used
+    (rlhf's response_hidden / response_logits / logprobs_of; greedy decoding samples from T = 1)."""
+    import torch
+
+    from rlhf.policy import logprobs_of, response_hidden, response_logits
+    from toolkit.generation import left_pad
+
+    scale = temperature if temperature > 0 else 1.0
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    with torch.no_grad():
+        for start in range(0, len(answer_ids), KL_BATCH):
+            prompts, answers = prompt_ids[start:start + KL_BATCH], answer_ids[start:start + KL_BATCH]
+            queries, query_mask = left_pad(prompts, pad_id)
+            width = max(1, max(len(a) for a in answers))
+            responses = torch.full((len(answers), width), pad_id, dtype=torch.long)
+            response_mask = torch.zeros((len(answers), width), dtype=torch.long)
+            for i, a in enumerate(answers):
+                responses[i, :len(a)] = torch.tensor(a, dtype=torch.long)
+                response_mask[i, :len(a)] = 1
+            sequences = torch.cat([queries, responses], 1).to(device)
+            mask = torch.cat([query_mask, response_mask], 1).to(device)
+            hidden = response_hidden(model, sequences, mask, queries.shape[1])
+            logprobs = logprobs_of(response_logits(model, hidden, scale), responses.to(device)).cpu()
+            out += [logprobs[i, :len(a)].tolist() for i, a in enumerate(answers)]
+            advance(len(answers))
+    return out
+
+
+def same_vocabulary(a: Any, b: Any) -> bool:
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def encode_prompts(source: Source, cfg: EvalConfig, flag: str) -> tuple[Any, list[list[int]]]:
+    """A local side's tokenizer, and the token ids of each answer row's prompt (prompt-major, `samples` rows
+    per prompt) in that side's chat template, each checked to leave room for --max-new-tokens."""
+    from toolkit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(source.path)
+    prompts = read_prompts(cfg, tokenizer)
+    check_fit(prompts, source, cfg, flag)
+    return tokenizer, [p.ids for p in prompts for _ in range(cfg.samples)]
+
+
+def kl_unavailable(policy: Source, baseline: Source | None, tokenizers: Mapping[str, Any]) -> str | None:
+    """Why KL(POLICY ‖ BASE) cannot be estimated here, or None when it can (asked before any generation)."""
+    if baseline is None:
+        return "no --baseline to compare with"
+    for source, flag in ((policy, "POLICY"), (baseline, "--baseline")):
+        if not source.local:
+            return f"{flag} {source.spec} is a server: its log-probs of POLICY's answers are not available"
+    if not same_vocabulary(tokenizers["policy"], tokenizers["baseline"]):
+        return "POLICY and BASE have different tokenizers"
+    return None
+
+
+def run_side(name: str, source: Source, ids: Sequence[list[int]] | None, cfg: EvalConfig,
+             prompts: Sequence[Prompt], bar: Any, logprobs_of: Sequence[Answer] | None = None,
+             own_logprobs: bool = False) -> Side:
+    """Answer every (prompt, sample) row with one side (`ids`: a local side's encoded prompts per row). A local
+    side also takes the teacher-forced log-probs of `logprobs_of` (POLICY's answers, for the KL; its own
+    answers with `own_logprobs`), each under this side's own encoding of its prompt."""
+    seeds = [row_seed(cfg.seed, k) for k in range(len(prompts) * cfg.samples)]
+    advance = _task(bar, f"{name} answers", len(seeds))
+    start = time.perf_counter()
+    if not source.local:
+        chats = [p.messages for p in prompts for _ in range(cfg.samples)]
+        answers = generate_served(source.teacher, chats, seeds, cfg, advance)
+        return Side(name, source, answers, time.perf_counter() - start)
+    import torch
+
+    from toolkit.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(source.path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+    try:
+        start = time.perf_counter()  # generation only, as tokens_per_s reports it
+        side = Side(name, source, generate_local(model, tokenizer, ids, seeds, cfg, advance),
+                    time.perf_counter() - start)
+        if own_logprobs:
+            logprobs_of = side.answers
+        if logprobs_of is not None:
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            side.logprobs = answer_logprobs(model, pad_id, ids, [a.token_ids for a in logprobs_of], cfg.temperature,
+                                            _task(bar, f"log-probs ({name})", len(logprobs_of)))
+        return side
+    finally:
+        del model
+        gc.collect()
+
+
+def _task(bar: Any, description: str, total: int) -> Callable[[int], None]:
+    task = bar.add_task(description, total=total, status="")
+    return lambda n: bar.advance(task, n)
+
+
+# ------------------------------------------------------------------------------------------ scores
+
+
+def score_side(side: Side, rows: Sequence[tuple[Prompt, int]], scorer: Any, rm: Any) -> None:
+    texts = [a.text for a in side.answers]
+    if scorer is not None:
+        side.parts = [scorer.explain(p.text, a.text, a.finish_reason, p.context)
+                      for (p, _), a in zip(rows, side.answers, strict=True)]
+        side.scores = [scorer.score_one(p.text, a.text, a.finish_reason, p.context)
+                       for (p, _), a in zip(rows, side.answers, strict=True)]
+    if rm is not None:
+        side.rewards = rm.score([p.text for p, _ in rows], texts)
+
+
+async def _judge_pairs(teacher: Any, questions: Sequence[str], policy: Sequence[str], baseline: Sequence[str],
+                       cfg: EvalConfig, advance: Callable[[int], None]) -> list[dict[str, str]]:
+    """Each pair asked twice with the positions swapped (prompts/judge_pairwise.txt); POLICY wins only when
+    both verdicts name it; a disagreement, [[C]] or a reply with no verdict is a tie."""
+    from toolkit.generate.preferences import parse_verdict, swap_verdict
+    from toolkit.generate.runner import Unparsable
+    from toolkit.resources import render_prompt
+
+    limit = asyncio.Semaphore(cfg.concurrency)
+
+    async def verdict(question: str, a: str, b: str) -> str:
+        prompt = render_prompt("judge_pairwise", prompt=question, response_a=a, response_b=b)
+        async with limit:
+            reply = await teacher.chat([{"role": "user", "content": prompt}], temperature=cfg.judge_temperature,
+                                       max_tokens=cfg.judge_max_tokens, seed=cfg.seed)
+        advance(1)
+        try:
+            return parse_verdict(reply.text)
+        except Unparsable:
+            return "none"
+
+    async def one(question: str, p: str, b: str) -> dict[str, str]:
+        first, swapped = await asyncio.gather(verdict(question, p, b), verdict(question, b, p))
+        outcome = {"x": "policy", "y": "baseline"}.get(swap_verdict(first, swapped), "tie")
+        return {"first": first, "swapped": swapped, "outcome": outcome}
+
+    return list(await asyncio.gather(*(one(q, p, b) for q, p, b in zip(questions, policy, baseline, strict=True))))
+
+
+def judge_answers(cfg: EvalConfig, questions: Sequence[str], policy: Side, baseline: Side, bar: Any) -> list[dict[str, str]]:
+    advance = _task(bar, "judge", 2 * len(questions))
+    pairs = [a.text for a in policy.answers], [a.text for a in baseline.answers]
+    return asyncio.run(_with_teacher(cfg.judge, cfg, lambda t: _judge_pairs(t, questions, *pairs, cfg, advance)))
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def check(cfg: EvalConfig) -> tuple[Any, list[Prompt]]:
+    """What can be refused before anything loads: flags together, OUT, the prompt file and its rows, the
+    scorer, the server and judge specs. Returns (scorer, prompts)."""
+    from toolkit.io import claim_output_dir
+    from toolkit.scorers import parse_rules
+
+    if cfg.judge and not cfg.baseline:
+        raise UserError("--judge compares POLICY's answers with BASE's: give --baseline too")
+    if cfg.scorer and not cfg.scorer.startswith("rules"):
+        raise UserError(f"--scorer takes rules:NAMES, got '{cfg.scorer}' (an LLM goes to --judge, a reward "
+                        "model to --reward)")
+    if cfg.judge and cfg.judge.startswith("rules"):
+        raise UserError(f"--judge takes an LLM (openai:, langchain:, hf:), got '{cfg.judge}': rules go to --scorer")
+    if cfg.out:
+        claim_output_dir(cfg.out, KIND, overwrite=cfg.overwrite)
+    scorer = parse_rules(cfg.scorer) if cfg.scorer else None
+    prompts = read_prompts(cfg)
+    if scorer is not None:  # a row the rules cannot score stops the run before anything is generated
+        for p in prompts:
+            scorer.check_context(p.context, file=cfg.prompts, line=p.row)
+    for spec, flag in ((cfg.policy, "POLICY"), (cfg.baseline, "--baseline")):
+        if spec and spec.partition(":")[0] in TEACHER_KINDS:
+            check_teacher(spec, cfg, flag)
+    if cfg.judge:
+        check_teacher(cfg.judge, cfg, "--judge")
+    if cfg.reward and cfg.reward.startswith("rules"):
+        raise UserError(f"--reward takes a reward-model directory, got '{cfg.reward}': rules go to --scorer")
+    return scorer, prompts
+
+
+def load_reward(cfg: EvalConfig) -> Any:
+    """The reward model of --reward (refused when not calibrated), or None."""
+    if not cfg.reward:
+        return None
+    from toolkit.reward import load_reward_model
+
+    return load_reward_model(cfg.reward)
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Answer, score and compare; write OUT (when given) only once everything is done."""
+    from toolkit.console import progress
+
+    started = time.perf_counter()
+    scorer, prompts = check(cfg)
+    sources = {"policy": resolve_source(cfg.policy, "POLICY")}
+    if cfg.baseline:
+        sources["baseline"] = resolve_source(cfg.baseline, "--baseline")
+    tokenizers, ids = {}, {}
+    for name, source in sources.items():  # every prompt checked against every local context before any work
+        if source.local:
+            tokenizers[name], ids[name] = encode_prompts(source, cfg, "POLICY" if name == "policy" else "--baseline")
+    why_no_kl = kl_unavailable(sources["policy"], sources.get("baseline"), tokenizers)
+    rm = load_reward(cfg)
+    rows = [(p, j) for p in prompts for j in range(cfg.samples)]
+    # transient: a failure half-way is one line on the terminal, not bars and a line
+    with progress(transient=True) as bar:
+        # POLICY's log-probs of its own answers are taken teacher-forced, exactly as BASE's of the same answers
+        policy = run_side("policy", sources["policy"], ids.get("policy"), cfg, prompts, bar,
+                          own_logprobs=why_no_kl is None)
+        baseline = None
+        if cfg.baseline:
+            baseline = run_side("baseline", sources["baseline"], ids.get("baseline"), cfg, prompts, bar,
+                                logprobs_of=policy.answers if why_no_kl is None else None)
+        for side in (policy, baseline):
+            if side is not None:
+                score_side(side, rows, scorer, rm)
+        verdicts = judge_answers(cfg, [p.text for p, _ in rows], policy, baseline, bar) if cfg.judge else None
+    kls = None
+    if why_no_kl is None:
+        kls = [sum(lp) - sum(lb) for lp, lb in zip(policy.logprobs, baseline.logprobs, strict=True)]
+    summary = summarize(cfg, policy, baseline, kls, why_no_kl, verdicts, len(prompts))
+    answer_rows = output_rows(rows, policy, baseline, kls, verdicts)
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    out = write_output(cfg, summary, answer_rows) if cfg.out else None
+    return EvalResult(summary, answer_rows, out)
+
+
+def side_summary(side: Side) -> dict[str, Any]:
+    n = len(side.answers)
+    per_family, counts = family_means(side.parts or [])
+    tokens = sum(a.tokens for a in side.answers)
+    gap = None
+    if side.logprobs is not None and side.name == "policy":
+        # the sampler's log-probs (KV cache, batched) against the teacher-forced ones used for the KL
+        diffs = [abs(s - t) for a, lps in zip(side.answers, side.logprobs, strict=True)
+                 for s, t in zip(a.sampler_logprobs, lps, strict=True)]
+        gap = mean(diffs)
+    return {"model": side.source.spec, "path": str(side.source.path) if side.source.local else None,
+            "served": not side.source.local, "answers": n, "scorer": mean(side.scores or []),
+            "per_family": per_family, "family_answers": counts, "reward": mean(side.rewards or []),
+            "tokens": tokens / n if n else None, "words": mean([_words(a.text) for a in side.answers]),
+            "eos_rate": mean([float(a.finish_reason == "stop") for a in side.answers]),
+            "sampler_logprob_gap": gap, "seconds": round(side.seconds, 3),
+            "tokens_per_s": round(tokens / side.seconds, 1) if side.seconds > 0 else None}
+
+
+def _words(text: str) -> int:
+    from toolkit.constraints import count_words
+
+    return count_words(text)
+
+
+def summarize(cfg: EvalConfig, policy: Side, baseline: Side | None, kls: list[float] | None,
+              why_no_kl: str | None, verdicts: list[dict[str, str]] | None, n_prompts: int) -> dict[str, Any]:
+    wins: dict[str, Any] = {}
+    if baseline is not None:
+        if policy.scores is not None:
+            wins["scorer"] = win_rate(paired_outcomes(policy.scores, baseline.scores))
+        if policy.rewards is not None:
+            wins["reward"] = win_rate(paired_outcomes(policy.rewards, baseline.rewards))
+        if verdicts is not None:
+            wins["judge"] = win_rate([{"policy": 1.0, "baseline": 0.0}.get(v["outcome"], 0.5) for v in verdicts])
+            wins["judge"]["no_verdict"] = sum("none" in (v["first"], v["swapped"]) for v in verdicts)
+    kl_sem = None
+    if kls is not None and len(kls) > 1:
+        m = sum(kls) / len(kls)
+        kl_sem = math.sqrt(sum((k - m) ** 2 for k in kls) / (len(kls) - 1) / len(kls))
+    return {"policy": side_summary(policy), "baseline": side_summary(baseline) if baseline is not None else None,
+            "kl": mean(kls) if kls is not None else None, "kl_sem": kl_sem, "kl_unavailable": why_no_kl,
+            "win_rate": wins, "interval": INTERVAL if wins else None,
+            "prompts": n_prompts, "samples": cfg.samples, "prompts_file": cfg.prompts, "scorer": cfg.scorer,
+            "reward_model": cfg.reward, "judge": cfg.judge, "temperature": cfg.temperature,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "bf16": cfg.bf16, "out": cfg.out}
+
+
+def prompt_id(p: Prompt) -> str:
+    """The row's own `id` (generate-data writes one), else a hash of the prompt text."""
+    given = p.context.get("id")
+    if isinstance(given, (str, int)) and not isinstance(given, bool):
+        return str(given)
+    return hashlib.sha256(p.text.encode("utf-8")).hexdigest()[:16]
+
+
+def output_rows(rows: Sequence[tuple[Prompt, int]], policy: Side, baseline: Side | None,
+                kls: list[float] | None, verdicts: list[dict[str, str]] | None) -> list[dict[str, Any]]:
+    """One row per prompt x sample x side, prompt-major (a pair's two rows are neighbours)."""
+    out = []
+    for k, (p, j) in enumerate(rows):
+        for side in (policy, baseline):
+            if side is None:
+                continue
+            a = side.answers[k]
+            row: dict[str, Any] = {"prompt_id": prompt_id(p), "row": p.row, "sample": j, "policy": side.name,
+                                   "model": side.source.spec, "prompt": p.text, "answer": a.text,
+                                   "finish_reason": a.finish_reason, "tokens": a.tokens, "words": _words(a.text)}
+            scores = {}
+            if side.scores is not None:
+                scores["scorer"] = side.scores[k]
+            if side.rewards is not None:
+                scores["reward"] = side.rewards[k]
+            row["scores"] = scores
+            if side.parts is not None:
+                row["rules"] = side.parts[k]
+            if side is policy and kls is not None:
+                row["kl"] = kls[k]
+            if side is policy and verdicts is not None:
+                row["judge"] = verdicts[k]
+            out.append(row)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ OUT
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _win_text(w: Mapping[str, Any]) -> str:
+    return (f"{_num(w['rate'])} [{_num(w['low'])}, {_num(w['high'])}] "
+            f"({w['wins']} wins, {w['ties']} ties, {w['losses']} losses)")
+
+
+def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, POLICY, BASE) as text: the table of the terminal summary and of the reports."""
+    policy, base = summary["policy"], summary["baseline"] or {}
+    rows = [("model", policy["model"], base.get("model", "—")), ("answers", _num(policy["answers"]),
+                                                                   _num(base.get("answers")))]
+    if summary["scorer"]:
+        rows.append((f"scorer ({summary['scorer']})", _num(policy["scorer"]), _num(base.get("scorer"))))
+    for kind in policy["per_family"]:
+        rows.append((f"constraints/{kind} (n={policy['family_answers'][kind]})", _num(policy["per_family"][kind]),
+                     _num(base.get("per_family", {}).get(kind))))
+    if summary["reward_model"]:
+        rows.append(("reward model", _num(policy["reward"]), _num(base.get("reward"))))
+    rows += [("tokens", _num(policy["tokens"], 1), _num(base.get("tokens"), 1)),
+             ("words", _num(policy["words"], 1), _num(base.get("words"), 1)),
+             ("EOS rate", _num(policy["eos_rate"]), _num(base.get("eos_rate")))]
+    return rows
+
+
+def kl_text(summary: Mapping[str, Any]) -> str:
+    if summary["kl"] is None:
+        return f"unavailable ({summary['kl_unavailable']})"
+    return f"{summary['kl']:.4f} ± {_num(summary['kl_sem'], 4)} nats per answer"
+
+
+def win_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(f"win rate by {by}", _win_text(w)) for by, w in summary["win_rate"].items()]
+
+
+def terminal_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Key/value rows for toolkit.console.summary_table: 'POLICY | BASE' per metric."""
+    two = summary["baseline"] is not None
+    rows = [(m, f"{p} | {b}" if two else p) for m, p, b in metric_rows(summary)]
+    rows += [("KL(POLICY ‖ BASE)", kl_text(summary)), *win_rows(summary)]
+    if summary["out"]:
+        rows.append(("out", summary["out"]))
+    return rows
+
+
+def render_reports(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], examples: int = 4) -> tuple[str, str]:
+    """(report.md, report.html) from templates/eval_policy/."""
+    import jinja2
+
+    from toolkit.resources import template_path
+
+    pairs: list[dict[str, str]] = []
+    for row in rows:
+        if row["policy"] == "policy" and row["sample"] == 0 and len(pairs) < examples:
+            pairs.append({"prompt": row["prompt"], "policy": row["answer"], "baseline": ""})
+        elif row["policy"] == "baseline" and row["sample"] == 0 and pairs and not pairs[-1]["baseline"]:
+            pairs[-1]["baseline"] = row["answer"]
+    context = {"s": summary, "metrics": metric_rows(summary), "kl": kl_text(summary), "wins": win_rows(summary),
+               "examples": pairs, "interval": INTERVAL, "temperature": _num(summary["temperature"], 2)}
+    texts = []
+    for name, escape in (("report.md", False), ("report.html", True)):
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=escape, keep_trailing_newline=True)
+        texts.append(env.from_string(template_path(f"eval_policy/{name}").read_text(encoding="utf-8")).render(**context))
+    return texts[0], texts[1]
+
+
+def write_output(cfg: EvalConfig, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Path:
+    """OUT/answers.jsonl, summary.json, report.md, report.html, built aside and renamed into place."""
+    from toolkit.io import atomic_dir, write_json
+
+    markdown, html = render_reports(summary, rows)
+    with atomic_dir(cfg.out, KIND, overwrite=cfg.overwrite) as tmp:
+        with open(tmp / "answers.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_json(tmp / "summary.json", summary)
+        (tmp / "report.md").write_text(markdown, encoding="utf-8")
+        (tmp / "report.html").write_text(html, encoding="utf-8")
+    return Path(cfg.out)
