@@ -14,9 +14,10 @@ import sys
 import click
 import pytest
 from conftest import FIXTURES, ROOT
+from test_cli_config import call
 
 from rlhf.config import PPOConfig
-from toolkit.cli import cli, main
+from toolkit.cli import cli
 from toolkit.commands.params import FiniteFloat, FloatList, NonEmptyPath, NonEmptyString
 from toolkit.errors import UserError
 from toolkit.sft import SFTConfig
@@ -68,15 +69,6 @@ def _bad_values(param_type: click.ParamType) -> list[str]:
     if is_float:
         bad += ["nan"] + ([] if param_type.allow_inf else ["inf"])
     return [str(v) for v in bad]
-
-
-def call(capsys, *args: str) -> tuple[int, str, str]:
-    """`llamakit ARGS` through the real entry point, in this process."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([*map(str, args)])
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else code), out, err
 
 
 def assert_one_line(code: int, err: str, start: str) -> str:

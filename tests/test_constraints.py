@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
 from pathlib import Path
 
 import pytest
+from test_reward_cli import cli
 
 from toolkit import constraints as C
 from toolkit.errors import UserError
@@ -17,22 +16,6 @@ from toolkit.scorers import RULES, parse_rules
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ALPACA = FIXTURES / "alpaca-24.json"
-
-
-def cli(*args) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `llamakit ARGS`, run in-process."""
-    import torch
-
-    from toolkit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as done:
-            main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
-    return int(done.value.code or 0), out.getvalue(), err.getvalue()
 
 
 def one_line_error(code: int, stderr: str) -> str:

@@ -120,7 +120,7 @@ def require_room(path: Path) -> None:
         stats = os.statvfs(path.parent)
     except OSError:
         return  # the lock or the open that follows names the real problem
-    if stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES:
+    if stats.f_blocks and stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES:  # /proc has no blocks at all
         raise UserError(f"no space left on the device ({stats.f_bavail * stats.f_frsize // 1024} kB free)",
                         file=str(path))
 
