@@ -1,0 +1,447 @@
+"""Does the pipeline make a model better? Verifiable instruction following, before and after RLHF.
+
+On Alpaca instructions split by instruction into train and held-out (held-out never reaches any training
+step), every stage runs through the real CLI (`python -m toolkit ...`), as a user would run it:
+
+  1. constraints   `generate-data constraints` on both splits (IFEval-style, checked by code: the gold)
+  2. preferences   `generate-data preferences` on train: K answers per prompt from the policy itself,
+                   labelled by `rules:constraints` (the checker labels pairs; nothing else sees it)
+  3. reward        `train-reward` on those pairs (the proxy RM sees pairs only, never the checker)
+  4. ppo_rm        `rlhf --lora` against the proxy RM;  ppo_rules: the same against `rules:constraints`
+  5. eval_*        `eval-policy` of each trained policy against the base on the held-out prompts
+
+Every PPO step logs all its rollouts (samples.jsonl), so the gold score of each step is computed here
+offline with the checker (toolkit.constraints) and drawn against the proxy RM score (the
+over-optimisation picture of Gao et al. 2022: the proxy keeps rising, does the gold?).
+
+Prints ONE JSON line: {"base_gold", "ppo_rm_gold", "ppo_rules_gold", "ppo_rm_kl", "ppo_rules_kl",
+"rm_heldout_accuracy", "seconds_per_stage", "per_family", ...}. Gold = mean share of a held-out prompt's
+constraints satisfied; kl = eval-policy's sampled KL(policy ‖ base) in nats per answer on held-out
+prompts; rm_heldout_accuracy = how often the proxy RM orders two held-out answers (base / ppo_rm /
+ppo_rules answers to one prompt) as the checker does, over pairs whose gold differs.
+Progress goes to stderr. `--out DIR` keeps the work; a stage whose output is complete is skipped, so a
+killed run continues where it stopped (the seconds of stages done earlier are kept in DIR/timings.json).
+
+    .venv/bin/python benchmarks/rlhf_effect.py --quick --parallel --out /tmp/rlhf-effect-quick   # smoke run
+    .venv/bin/python benchmarks/rlhf_effect.py --out /tmp/rlhf-effect --plot docs/rlhf-effect.png
+    .venv/bin/python benchmarks/rlhf_effect.py --tiny --out DIR        # tiny random LLaMA: tests only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHARED_ALPACA = ROOT.parent / "shared" / "data" / "alpaca-5000.json"
+FIXTURE_ALPACA = ROOT / "tests" / "fixtures" / "alpaca-24.json"
+
+# Sizes per mode. full: >= 400 held-out prompts, so that a 10-point change is well outside the noise
+# (a share's standard error is <= 0.5/sqrt(400) = 2.5 points). Generation is the main cost everywhere.
+MODES: dict[str, dict[str, Any]] = {
+    # tiny: a random model's 3-token answers are all lowercase about a third of the time, so K=4 of them
+    # disagree on `lowercase` for most prompts (longer answers, or other kinds, give all-tied candidates)
+    "tiny": {"train": 12, "heldout": 6, "candidates": 4, "pref_tokens": 3, "steps": 2, "batch_size": 4,
+             "new_tokens": 3, "eval_tokens": 3, "kinds": "lowercase", "per_prompt": "1"},
+    "quick": {"train": 32, "heldout": 32, "candidates": 4, "pref_tokens": 48, "steps": 6, "batch_size": 8,
+              "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
+    "full": {"train": 480, "heldout": 400, "candidates": 4, "pref_tokens": 64, "steps": 40, "batch_size": 8,
+             "new_tokens": 64, "eval_tokens": 64, "kinds": "", "per_prompt": "1..3"},
+}
+
+
+def log(message: str) -> None:
+    print(f"[rlhf-effect {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def instruction_key(text: str) -> str:
+    """Rows with the same instruction (case and spacing aside) land in the same split."""
+    return " ".join(text.lower().split())
+
+
+def split_rows(rows: list[dict[str, Any]], n_train: int, n_heldout: int, seed: int,
+               max_chars: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split Alpaca rows by instruction: a seeded draw of distinct instructions, held-out first.
+
+    Rows with an `input` are left out (shorter prompts, cheaper generation) and so are instructions over
+    `max_chars`; duplicates of an instruction are dropped, so no instruction is on both sides."""
+    seen: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = instruction_key(row.get("instruction", ""))
+        if key and not row.get("input") and len(key) <= max_chars and key not in seen:
+            seen[key] = {"instruction": row["instruction"].strip(), "input": "", "output": row.get("output", "")}
+    keys = sorted(seen)
+    random.Random(seed).shuffle(keys)
+    if len(keys) < n_train + n_heldout:
+        n_heldout = min(n_heldout, len(keys) // 3)
+        n_train = len(keys) - n_heldout
+        log(f"only {len(keys)} distinct instructions: {n_train} train, {n_heldout} held-out")
+    heldout = [seen[k] for k in keys[:n_heldout]]
+    train = [seen[k] for k in keys[n_heldout:n_heldout + n_train]]
+    return train, heldout
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def leaked(heldout_file: Path, train_file: Path, training_inputs: list[Path]) -> int:
+    """Training inputs that are not train-split prompts, or whose instruction is held out: must be 0.
+
+    Train prompt rows are checked by instruction; pairs and PPO rollouts by their prompt text, which must be
+    one of the train rows' prompts (exact match: a substring test would flag a short held-out instruction
+    that happens to sit inside a longer train one)."""
+    held = {instruction_key(r["base_prompt"]) for r in read_jsonl(heldout_file)}
+    train = {r["prompt"]: instruction_key(r["base_prompt"]) for r in read_jsonl(train_file)}
+    bad = sum(key in held for key in train.values())
+    for path in training_inputs:
+        bad += sum(train.get(row["prompt"], next(iter(held), "")) in held for row in read_jsonl(path))
+    return bad
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+class Stages:
+    """Runs CLI stages as subprocesses; a stage is done when its marker exists (then it is skipped)."""
+
+    def done(self, name: str) -> bool:
+        return (self.out / f".done-{name}").is_file()
+
+    def __init__(self, out: Path, threads: int):
+        self.out, self.threads = out, threads
+        self.timings_file = out / "timings.json"
+        self.seconds: dict[str, float] = (json.loads(self.timings_file.read_text())
+                                          if self.timings_file.is_file() else {})
+
+    def run(self, name: str, args: list[Any], stdout_json: Path | None = None) -> None:
+        self.run_together([(name, args, stdout_json)])
+
+    def run_together(self, jobs: list[tuple[str, list[Any], Path | None]]) -> None:
+        """Start the jobs not done yet at once (`self.threads` torch threads each; 0 = torch's default)."""
+        running = []
+        for name, args, stdout_json in jobs:
+            if self.done(name):
+                log(f"{name}: done before ({self.seconds.get(name, 0):.0f} s), skipped")
+                continue
+            command = [sys.executable, "-m", "toolkit", *map(str, args)]
+            log(f"{name}: {' '.join(command[1:])}")
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if self.threads:
+                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+            # stdout/stderr to files: a pipe nobody reads would block a chatty child
+            logs = self.out / "logs"
+            logs.mkdir(exist_ok=True)
+            stdout, stderr = (open(logs / f"{name}.{part}", "w", encoding="utf-8") for part in ("out", "err"))
+            proc = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, env=env)
+            running.append((name, command, stdout_json, proc, time.perf_counter(), stdout, stderr))
+        failed = []
+        for name, command, stdout_json, proc, start, stdout, stderr in running:
+            code = proc.wait()
+            seconds = time.perf_counter() - start
+            stdout.close()
+            stderr.close()
+            if code != 0:
+                sys.stderr.write((self.out / "logs" / f"{name}.err").read_text(encoding="utf-8")[-4000:])
+                failed.append(f"stage {name} failed (exit {code}): {' '.join(command[1:])}")
+                continue
+            if stdout_json is not None:
+                lines = (self.out / "logs" / f"{name}.out").read_text(encoding="utf-8").strip().splitlines()
+                stdout_json.write_text(lines[-1] + "\n", encoding="utf-8")
+            self.seconds[name] = round(seconds, 1)
+            self.timings_file.write_text(json.dumps(self.seconds, indent=1))
+            (self.out / f".done-{name}").touch()
+            log(f"{name}: {seconds:.0f} s")
+        if failed:
+            raise SystemExit("\n".join(failed))
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+
+def gold_by_step(samples: Path, constraints_by_prompt: dict[str, list[dict[str, Any]]]) -> dict[int, float]:
+    """Mean checker score of each PPO step's logged rollouts (matched to their constraints by prompt text)."""
+    from toolkit.constraints import fraction
+
+    per_step: dict[int, list[float]] = {}
+    for row in read_jsonl(samples):
+        rules = constraints_by_prompt.get(row["prompt"])
+        if rules is None:
+            raise SystemExit(f"{samples}: a sample's prompt is not in the train prompts: {row['prompt'][:80]!r}")
+        per_step.setdefault(int(row["step"]), []).append(fraction(row["response"], rules))
+    return {step: sum(v) / len(v) for step, v in sorted(per_step.items())}
+
+
+def curves(run: Path, constraints_by_prompt: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    metrics = read_jsonl(run / "metrics.jsonl")
+    gold = gold_by_step(run / "samples.jsonl", constraints_by_prompt)
+    return {"step": [int(m["step"]) for m in metrics],
+            "score": [round(m["objective/raw_scores"], 4) for m in metrics],
+            "kl": [round(m["objective/kl"], 4) for m in metrics],
+            "gold": [round(gold.get(int(m["step"]), float("nan")), 4) for m in metrics]}
+
+
+def rm_agreement(answer_files: list[Path]) -> tuple[float | None, int]:
+    """Share of held-out answer pairs (same prompt, different gold) that the proxy RM orders as the checker."""
+    by_prompt: dict[str, dict[str, tuple[float, float]]] = {}
+    for path in answer_files:
+        for row in read_jsonl(path):
+            name = row["model"] if row["policy"] == "policy" else "base"
+            key = f"{row['prompt_id']}/{row['sample']}"
+            by_prompt.setdefault(key, {})[name] = (row["scores"]["scorer"], row["scores"]["reward"])
+    agree = total = 0
+    for answers in by_prompt.values():
+        items = list(answers.values())
+        for i in range(len(items)):
+            for j in range(i + 1, len(items)):
+                (gold_a, rm_a), (gold_b, rm_b) = items[i], items[j]
+                if gold_a != gold_b:
+                    total += 1
+                    agree += (gold_a > gold_b) == (rm_a > rm_b)
+    return (round(agree / total, 4) if total else None), total
+
+
+def per_family(base: dict[str, Any], rm: dict[str, Any], rules: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    families = sorted(set(base["per_family"]) | set(rm["per_family"]) | set(rules["per_family"]))
+    return {f: {"n": base["family_answers"].get(f, 0), "base": _r(base["per_family"].get(f)),
+                "ppo_rm": _r(rm["per_family"].get(f)), "ppo_rules": _r(rules["per_family"].get(f))}
+            for f in families}
+
+
+def _r(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def plot(path: Path, rm_curve: dict[str, list[float]], rules_curve: dict[str, list[float]], base_gold: float,
+         title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    twin = axes[0].twinx()
+    twin.plot(rm_curve["step"], rm_curve["score"], marker="s", ms=3, color="tab:orange", label="proxy RM score")
+    twin.set_ylabel("proxy RM score (calibrated)")
+    for ax, curve, title_, label in ((axes[0], rm_curve, "PPO against the proxy RM", "gold (checker)"),
+                                     (axes[1], rules_curve, "PPO against the checker", "gold (= reward)")):
+        ax.plot(curve["step"], curve["gold"], marker="o", ms=3, color="tab:green", alpha=0.6, label=label)
+        if len(curve["step"]) >= 10:  # a step's gold is the mean of batch-size rollouts: noisy
+            ax.plot(curve["step"], moving_average(curve["gold"], 5), color="darkgreen", lw=2,
+                    label="gold, 5-step mean")
+        ax.axhline(base_gold, color="grey", ls=":", label="base, held-out gold")
+        ax.set_xlabel("PPO step")
+        ax.set_title(title_)
+    axes[0].set_ylabel("gold: share of constraints met")
+    lines = axes[0].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    axes[0].legend(lines, [h.get_label() for h in lines], fontsize=8, loc="best")
+    axes[1].legend(fontsize=8)
+    ax = axes[2]
+    ax.plot(rm_curve["step"], rm_curve["kl"], label="PPO on proxy RM")
+    ax.plot(rules_curve["step"], rules_curve["kl"], label="PPO on checker")
+    ax.set_xlabel("PPO step")
+    ax.set_title("KL(π‖π_ref) per response (rollouts)")
+    ax.legend(fontsize=8)
+    for a in axes:
+        a.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(w_pad=3)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a smoke run: 32 + 32 prompts, 6 PPO steps "
+                      "(34 min on the shared, busy 2-core box; the issue's goal is 10 min)")
+    mode.add_argument("--tiny", action="store_true", help="tiny random LLaMA and the test fixtures (tests)")
+    parser.add_argument("--out", default=None, help="keep the work here; rerun to continue (default: a temp dir)")
+    parser.add_argument("--data", default=None, help="Alpaca JSON (default ../shared/data/alpaca-5000.json)")
+    parser.add_argument("--policy", default="smollm2-135m", help="base policy (alias or HF dir)")
+    parser.add_argument("--reward-model", default="minilm-l6", help="backbone of the proxy RM")
+    parser.add_argument("--train", type=int, default=None, help="train prompts (mode's default)")
+    parser.add_argument("--heldout", type=int, default=None, help="held-out prompts (mode's default)")
+    parser.add_argument("--candidates", type=int, default=None, help="K answers per train prompt")
+    parser.add_argument("--steps", type=int, default=None, help="PPO steps per run")
+    parser.add_argument("--batch-size", type=int, default=None, help="PPO rollouts per step")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer budget (PPO and eval)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (all stages)")
+    parser.add_argument("--kl-coef", type=float, default=0.1, help="PPO β")
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="PPO learning rate (LoRA)")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--missing-eos-penalty", type=float, default=0.5)
+    parser.add_argument("--bf16", action="store_true", help="eval-policy generates in bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per stage (OMP_NUM_THREADS; 0 = "
+                        "torch's default). 1: on this shared 2-core box SmolLM2 sampled 28.6 tokens/s at batch 16 "
+                        "with 1 thread and 5.2 with 2 (OpenMP threads spinning against other processes)")
+    parser.add_argument("--parallel", action="store_true", help="run the two PPO runs (and the two evals) at "
+                        "once, one torch thread each (default with --tiny, where start-up dominates)")
+    parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/rlhf-effect.png)")
+    args = parser.parse_args()
+
+    args.parallel = args.parallel or args.tiny
+    if args.parallel and not args.threads:
+        args.threads = 1  # two stages at once on two cores: one thread each
+    name = "tiny" if args.tiny else "quick" if args.quick else "full"
+    size = dict(MODES[name])
+    for key, value in (("train", args.train), ("heldout", args.heldout), ("candidates", args.candidates),
+                       ("steps", args.steps), ("batch_size", args.batch_size)):
+        if value is not None:
+            size[key] = value
+    if args.max_new_tokens is not None:
+        size["pref_tokens"] = size["new_tokens"] = size["eval_tokens"] = args.max_new_tokens
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rlhf-effect-"))
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    policy, rm_backbone = args.policy, args.reward_model
+    data = Path(args.data) if args.data else (FIXTURE_ALPACA if args.tiny or not SHARED_ALPACA.is_file()
+                                              else SHARED_ALPACA)
+    if args.tiny:
+        from toolkit.models import save_tiny_llama
+
+        tiny = out / "tiny-llama"
+        if not (tiny / "config.json").is_file():
+            save_tiny_llama(tiny, seed=0)
+        policy = rm_backbone = str(tiny)
+
+    # ---- split by instruction (held-out first; never in any training input) --------------------------
+    train_src, held_src = out / "train-instructions.json", out / "heldout-instructions.json"
+    if not (train_src.is_file() and held_src.is_file()):
+        train, heldout = split_rows(json.loads(data.read_text(encoding="utf-8")), size["train"], size["heldout"],
+                                    args.seed, max_chars=200)
+        train_src.write_text(json.dumps(train, indent=1), encoding="utf-8")
+        held_src.write_text(json.dumps(heldout, indent=1), encoding="utf-8")
+    stages = Stages(out, args.threads)
+    train_prompts, held_prompts = out / "train-prompts.jsonl", out / "heldout-prompts.jsonl"
+    kinds = ["--per-prompt", size["per_prompt"], *(["--kinds", size["kinds"]] if size["kinds"] else [])]
+    stages.run("constraints_train", ["generate-data", "constraints", "--prompts", train_src, "--out", train_prompts,
+                                     "--seed", args.seed, "--overwrite", *kinds])
+    stages.run("constraints_heldout", ["generate-data", "constraints", "--prompts", held_src, "--out", held_prompts,
+                                       "--seed", args.seed + 1, "--overwrite", *kinds])
+
+    # ---- pairs from the policy's own answers, labelled by the checker ----------------------------------
+    pairs = out / "pairs.jsonl"
+    stages.run("preferences", ["generate-data", "preferences", "--prompts", train_prompts, "--out", pairs,
+                               "--teacher", f"hf:{policy}", "--num-candidates", size["candidates"],
+                               "--scorer", "rules:constraints", "--max-tokens", size["pref_tokens"],
+                               "--temperature", args.temperature, "--concurrency", 32, "--seed", args.seed,
+                               # a request waits for its turn in the batch: on 2 busy cores the default 60 s
+                               # timed out 157 of 285 requests of a quick run (each retried from scratch)
+                               "--timeout", 3600, "--json"], stdout_json=out / "preferences.json")
+    n_pairs = len(read_jsonl(pairs))
+    if n_pairs < 4:
+        raise SystemExit(f"only {n_pairs} pairs in {pairs}: too few for train-reward (more prompts or candidates)")
+
+    # ---- the proxy reward model: pairs only ------------------------------------------------------------
+    rm_dir = out / "rm"
+    stages.run("train_reward", ["train-reward", "--data", pairs, "--out", rm_dir, "--model", rm_backbone,
+                                "--eval-split", 0.2, "--seed", args.seed, "--overwrite", "--json"],
+               stdout_json=out / "train-reward.json")
+
+    # ---- PPO: against the proxy RM, and against the checker itself -------------------------------------
+    ppo = ["--policy", policy, "--prompts", train_prompts, "--steps", size["steps"], "--batch-size",
+           size["batch_size"], "--max-new-tokens", size["new_tokens"], "--temperature", args.temperature, "--lora",
+           "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r, "--learning-rate", args.learning_rate,
+           "--kl-coef", args.kl_coef, "--missing-eos-penalty", args.missing_eos_penalty, "--sample-every", 1,
+           "--samples-per-step", size["batch_size"], "--max-prompt-tokens", 384, "--seed", args.seed,
+           "--overwrite", "--json"]
+    ppo_runs = [("ppo_rm", ["rlhf", "--reward", rm_dir, "--out", out / "ppo-rm", *ppo], None),
+                ("ppo_rules", ["rlhf", "--reward", "rules:constraints", "--out", out / "ppo-rules", *ppo], None)]
+
+    # ---- held-out: each trained policy against the base ------------------------------------------------
+    evaluation = ["--prompts", held_prompts, "--baseline", policy, "--scorer", "rules:constraints", "--reward",
+                  rm_dir, "--temperature", args.temperature, "--max-new-tokens", size["eval_tokens"],
+                  "--seed", args.seed, "--overwrite", "--json", *(["--bf16"] if args.bf16 else [])]
+    evals = [(f"eval_{run}", ["eval-policy", out / f"ppo-{run}" / "policy", "--out", out / f"eval-{run}", *evaluation],
+              out / f"eval-{run}.json") for run in ("rm", "rules")]
+    for jobs in (ppo_runs, evals):
+        if args.parallel:
+            stages.run_together(jobs)
+        else:
+            for job in jobs:
+                stages.run(*job)
+
+    # ---- results ---------------------------------------------------------------------------------------
+    ev_rm = json.loads((out / "eval-rm.json").read_text())
+    ev_rules = json.loads((out / "eval-rules.json").read_text())
+    rm_metrics = json.loads((out / "train-reward.json").read_text())
+    constraints_by_prompt = {r["prompt"]: r["constraints"] for r in read_jsonl(train_prompts)}
+    rm_curve = curves(out / "ppo-rm", constraints_by_prompt)
+    rules_curve = curves(out / "ppo-rules", constraints_by_prompt)
+    accuracy, n_rm_pairs = rm_agreement([out / "eval-rm" / "answers.jsonl", out / "eval-rules" / "answers.jsonl"])
+    leaks = leaked(held_prompts, train_prompts, [pairs, out / "ppo-rm" / "samples.jsonl",
+                                                 out / "ppo-rules" / "samples.jsonl"])
+    if leaks:
+        raise SystemExit(f"{leaks} training inputs are held-out instructions or not from the train split")
+    base_gold = ev_rm["baseline"]["scorer"]
+    figure = out / "rlhf-effect.png"
+    plot(figure, rm_curve, rules_curve, base_gold,
+         f"llamakit rlhf-effect ({name}): {Path(policy).name}, {size['steps']} PPO steps x {size['batch_size']}, "
+         f"β {args.kl_coef}, lr {args.learning_rate}, LoRA r {args.lora_r}")
+    if args.plot:
+        Path(args.plot).write_bytes(figure.read_bytes())
+    result = {
+        "base_gold": _r(base_gold), "ppo_rm_gold": _r(ev_rm["policy"]["scorer"]),
+        "ppo_rules_gold": _r(ev_rules["policy"]["scorer"]),
+        "ppo_rm_kl": _r(ev_rm["kl"]), "ppo_rules_kl": _r(ev_rules["kl"]),
+        "rm_heldout_accuracy": accuracy, "rm_heldout_pairs": n_rm_pairs,
+        "rm_calibration_accuracy": _r(rm_metrics["heldout"]["calibrated"]["accuracy"]),
+        "rm_calibration_pairs": rm_metrics["heldout"]["calibrated"]["n"],
+        "seconds_per_stage": stages.seconds,
+        "per_family": per_family(ev_rm["baseline"], ev_rm["policy"], ev_rules["policy"]),
+        "base_gold_rules_eval": _r(ev_rules["baseline"]["scorer"]),
+        "win_rate_rm": _r(ev_rm["win_rate"].get("scorer", {}).get("rate")),
+        "win_rate_rules": _r(ev_rules["win_rate"].get("scorer", {}).get("rate")),
+        "proxy_rm_score": {"base": _r(ev_rm["baseline"]["reward"]), "ppo_rm": _r(ev_rm["policy"]["reward"]),
+                           "ppo_rules": _r(ev_rules["policy"]["reward"])},
+        "words": {"base": _r(ev_rm["baseline"]["words"], 1), "ppo_rm": _r(ev_rm["policy"]["words"], 1),
+                  "ppo_rules": _r(ev_rules["policy"]["words"], 1)},
+        "eos_rate": {"base": _r(ev_rm["baseline"]["eos_rate"]), "ppo_rm": _r(ev_rm["policy"]["eos_rate"]),
+                     "ppo_rules": _r(ev_rules["policy"]["eos_rate"])},
+        "curves": {"ppo_rm": rm_curve, "ppo_rules": rules_curve},
+        "pairs": n_pairs, "train_prompts": len(read_jsonl(train_prompts)),
+        "heldout_prompts": len(read_jsonl(held_prompts)), "heldout_in_training": leaks,
+        "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "steps": size["steps"],
+        "batch_size": size["batch_size"], "candidates": size["candidates"], "max_new_tokens": size["new_tokens"],
+        "temperature": args.temperature, "kl_coef": args.kl_coef, "learning_rate": args.learning_rate,
+        "lora_r": args.lora_r, "missing_eos_penalty": args.missing_eos_penalty,
+        "seconds": round(sum(stages.seconds.values()), 1),  # all stages, over resumed runs too
+        "seconds_this_run": round(time.perf_counter() - started, 1), "load_avg": _loadavg(), "figure": str(figure),
+        "out": str(out),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+if __name__ == "__main__":
+    main()
