@@ -20,8 +20,13 @@ from toolkit.errors import UserError
 SEED_MAX = 2**31 - 1
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best here
+def flag_field(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best here
+    """A config field that becomes one CLI flag: help text and range (min, max, min_open, inf, nonempty ...)
+    in its metadata, read by `dataclass_options` and `check_ranges`. SFTConfig uses it too."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = flag_field
 
 
 def describe_range(meta: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf.config import SEED_MAX, check_ranges
+from rlhf.config import flag_field as _f
 from toolkit.errors import UserError
 
 IGNORE = -100
@@ -197,11 +198,6 @@ def collate(batch: list[Example], pad_id: int, packed: bool) -> dict[str, Any]:
 
 
 # ---- training ------------------------------------------------------------------------------------------------
-
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002
-    # kw: the range the CLI checks at parse time and validate() for Python callers (see rlhf/config.py)
-    return field(default=default, metadata={"help": help, **kw})
-
 
 @dataclass
 class SFTConfig:
