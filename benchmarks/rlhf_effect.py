@@ -55,8 +55,10 @@ MODES: dict[str, dict[str, Any]] = {
              "new_tokens": 3, "eval_tokens": 3, "kinds": "lowercase", "per_prompt": "1"},
     "quick": {"train": 32, "heldout": 32, "candidates": 4, "pref_tokens": 48, "steps": 6, "batch_size": 8,
               "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
-    "full": {"train": 480, "heldout": 400, "candidates": 4, "pref_tokens": 64, "steps": 40, "batch_size": 8,
-             "new_tokens": 64, "eval_tokens": 64, "kinds": "", "per_prompt": "1..3"},
+    # full: sized to the hour on a 2-core CPU without AVX-512 (SmolLM2 samples ~25-60 tokens/s there, and a
+    # PPO step of 16 rollouts costs ~100 s): 16 steps x 16 rollouts, 2 PPO epochs, 48-token answers
+    "full": {"train": 160, "heldout": 400, "candidates": 4, "pref_tokens": 48, "steps": 16, "batch_size": 16,
+             "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
 }
 
 
@@ -133,8 +135,12 @@ class Stages:
         self.run_together([(name, args, stdout_json)])
 
     def run_together(self, jobs: list[tuple[str, list[Any], Path | None]]) -> None:
-        """Start the jobs not done yet at once (`self.threads` torch threads each; 0 = torch's default)."""
+        """Start the jobs not done yet at once (one torch thread each; a lone job gets `self.threads`,
+        0 = torch's default)."""
         running = []
+        pending = [job for job in jobs if not self.done(job[0])]
+        # two stages at once share the 2 cores: one torch thread each (OpenMP threads spin against each other)
+        threads = 1 if len(pending) > 1 else self.threads
         for name, args, stdout_json in jobs:
             if self.done(name):
                 log(f"{name}: done before ({self.seconds.get(name, 0):.0f} s), skipped")
@@ -142,8 +148,8 @@ class Stages:
             command = [sys.executable, "-m", "toolkit", *map(str, args)]
             log(f"{name}: {' '.join(command[1:])}")
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if self.threads:
-                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+            if threads:
+                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
             # stdout/stderr to files: a pipe nobody reads would block a chatty child
             logs = self.out / "logs"
             logs.mkdir(exist_ok=True)
@@ -293,20 +299,22 @@ def main() -> None:
     parser.add_argument("--kl-coef", type=float, default=0.1, help="PPO β")
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="PPO learning rate (LoRA)")
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--missing-eos-penalty", type=float, default=0.5)
+    parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO epochs per rollout batch")
+    parser.add_argument("--missing-eos-penalty", type=float, default=0.0, help="0: the checker already fails a "
+                        "cut answer where it matters (end phrase, P.S., JSON, quotes); a penalty taught the quick "
+                        "run's policies to stop early, which costs the at-least-N-words and bullet constraints")
     parser.add_argument("--bf16", action="store_true", help="eval-policy generates in bfloat16")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per stage (OMP_NUM_THREADS; 0 = "
-                        "torch's default). 1: on this shared 2-core box SmolLM2 sampled 28.6 tokens/s at batch 16 "
-                        "with 1 thread and 5.2 with 2 (OpenMP threads spinning against other processes)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of a stage that runs alone "
+                        "(OMP_NUM_THREADS; 0 = torch's default). On a busy shared 2-core box use 1: SmolLM2 sampled "
+                        "28.6 tokens/s at batch 16 with 1 thread and 5.2 with 2 (OpenMP threads spinning against "
+                        "other processes); stages run together (--parallel) always get 1 each")
     parser.add_argument("--parallel", action="store_true", help="run the two PPO runs (and the two evals) at "
                         "once, one torch thread each (default with --tiny, where start-up dominates)")
     parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/rlhf-effect.png)")
     args = parser.parse_args()
 
     args.parallel = args.parallel or args.tiny
-    if args.parallel and not args.threads:
-        args.threads = 1  # two stages at once on two cores: one thread each
     name = "tiny" if args.tiny else "quick" if args.quick else "full"
     size = dict(MODES[name])
     for key, value in (("train", args.train), ("heldout", args.heldout), ("candidates", args.candidates),
@@ -367,7 +375,7 @@ def main() -> None:
     # ---- PPO: against the proxy RM, and against the checker itself -------------------------------------
     ppo = ["--policy", policy, "--prompts", train_prompts, "--steps", size["steps"], "--batch-size",
            size["batch_size"], "--max-new-tokens", size["new_tokens"], "--temperature", args.temperature, "--lora",
-           "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r, "--learning-rate", args.learning_rate,
+           "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r, "--learning-rate", args.learning_rate, "--ppo-epochs", args.ppo_epochs,
            "--kl-coef", args.kl_coef, "--missing-eos-penalty", args.missing_eos_penalty, "--sample-every", 1,
            "--samples-per-step", size["batch_size"], "--max-prompt-tokens", 384, "--seed", args.seed,
            "--overwrite", "--json"]
@@ -377,7 +385,7 @@ def main() -> None:
     # ---- held-out: each trained policy against the base ------------------------------------------------
     evaluation = ["--prompts", held_prompts, "--baseline", policy, "--scorer", "rules:constraints", "--reward",
                   rm_dir, "--temperature", args.temperature, "--max-new-tokens", size["eval_tokens"],
-                  "--seed", args.seed, "--overwrite", "--json", *(["--bf16"] if args.bf16 else [])]
+                  "--batch-size", 32, "--seed", args.seed, "--overwrite", "--json", *(["--bf16"] if args.bf16 else [])]
     evals = [(f"eval_{run}", ["eval-policy", out / f"ppo-{run}" / "policy", "--out", out / f"eval-{run}", *evaluation],
               out / f"eval-{run}.json") for run in ("rm", "rules")]
     for jobs in (ppo_runs, evals):
@@ -430,7 +438,7 @@ def main() -> None:
         "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "steps": size["steps"],
         "batch_size": size["batch_size"], "candidates": size["candidates"], "max_new_tokens": size["new_tokens"],
         "temperature": args.temperature, "kl_coef": args.kl_coef, "learning_rate": args.learning_rate,
-        "lora_r": args.lora_r, "missing_eos_penalty": args.missing_eos_penalty,
+        "lora_r": args.lora_r, "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty,
         "seconds": round(sum(stages.seconds.values()), 1),  # all stages, over resumed runs too
         "seconds_this_run": round(time.perf_counter() - started, 1), "load_avg": _loadavg(), "figure": str(figure),
         "out": str(out),
