@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 import pytest
 from conftest import run_cli
@@ -9,7 +11,8 @@ from conftest import run_cli
 from toolkit.cli import cli
 from toolkit.config import load_config
 
-STAGES = ("instructions", "conversations", "preferences", "sft", "train-reward", "rlhf", "compare")
+STAGES = ("instructions", "conversations", "preferences", "sft", "train-reward", "rlhf", "compare", "constraints",
+          "rlhf-constraints", "eval-policy")
 
 
 @pytest.mark.slow
@@ -30,9 +33,23 @@ def test_demo_fast_end_to_end_then_resumes(tmp_path):
         for candidate in pair["meta"]["candidates"]:
             assert 0 <= candidate["judge"]["rating"] <= 5 and candidate["judge"]["rating_mass"] > 0
             assert 0 <= candidate["rules_score"] <= 1
+    # the constraints slice: held-out instructions reach no training stage
+    held = {r["base_prompt"] for r in read_existing(run / "data" / "constraint-heldout.jsonl")}
+    trained = {r["base_prompt"] for r in read_existing(run / "data" / "constraint-train.jsonl")}
+    assert held and trained and not held & trained
+    pool = {r["prompt"] for r in read_existing(run / "data" / "prompts.jsonl")}
+    assert not held & pool
+    rollouts = {r["prompt"] for r in read_existing(run / "ppo-constraints" / "samples.jsonl")}
+    assert rollouts and rollouts <= {r["prompt"] for r in read_existing(run / "data" / "constraint-train.jsonl")}
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert summary["prompts"] == len(held) and summary["kl"] is not None
+    assert 0 <= summary["baseline"]["scorer"] <= 1 and 0 <= summary["policy"]["scorer"] <= 1
+
     html = (run / "report.html").read_text()
-    for heading in ("Stages", "Data", "Reward model", "PPO", "Before and after", "Settings"):
+    for heading in ("Headline", "Stages", "Data", "Reward model", "PPO", "Before and after", "Settings"):
         assert f"<h2>{heading}" in html, heading
+    assert html.index("<h2>Headline") < html.index("<h2>Stages")  # the report opens with before → after
+    assert "constraints met" in html and "KL(after" in html
     assert html.count("data:image/png;base64,") >= 4  # self-contained: the plots are inside
     assert (run / "report.md").read_text().startswith("# llamakit run report")
     both_rank = [p for p in pairs if p["meta"]["chosen"]["rules_score"] != p["meta"]["rejected"]["rules_score"]]

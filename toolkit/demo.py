@@ -1,6 +1,9 @@
 """`llamakit demo`: the whole RLHF pipeline, offline, on a CPU, each stage the same CLI a user runs.
 
-serve (teacher) → instructions → conversations → preferences → sft → train-reward → rlhf → compare → report.
+serve (teacher) → instructions → conversations → preferences → sft → train-reward → rlhf → compare, then the
+constraints slice: constraints (verifiable instructions from seed tasks no other stage reads) → rlhf-constraints
+(PPO from the SFT model on the checker, `rules:constraints`) → eval-policy (before → after on held-out
+instructions, the report's headline) → report.
 Each stage is a `llamakit ...` subprocess; a finished stage leaves `stages/NAME.json` (its command,
 seconds and result), so running the demo again resumes after the last finished stage.
 """
@@ -43,17 +46,28 @@ class Sizes:
     ppo_steps: int
     ppo_batch: int
     ppo_new_tokens: int
+    constraint_train: int  # instructions PPO on the checker trains on
+    constraint_heldout: int  # instructions only eval-policy sees
+    constraint_steps: int
+    constraint_batch: int
+    constraint_tokens: int
 
 
 # FULL is sized for 15 minutes on a slow day of a 2-core CPU: at 40 instructions, 24 conversations, 3 candidates
 # for 32 prompts, 20 SFT and 8 PPO steps one uninterrupted run took 1300 s on 2026-12-02, when the machine served
 # tokens at 0.6x the speed it had the day before (benchmarks/serve_throughput.py: 53 vs 87 tokens/s).
+# The constraints slice took the PPO steps of the reward-model slice (5 -> 3) to stay in the 15 minutes.
 FULL = Sizes(instructions=24, conversations=16, turns=2, candidates=2, preference_prompts=24, answer_tokens=96,
-             sft_steps=10, reward_steps=0, reward_max_length=256, hh_pairs=200, ppo_steps=5, ppo_batch=8,
-             ppo_new_tokens=48)
+             sft_steps=10, reward_steps=0, reward_max_length=256, hh_pairs=200, ppo_steps=3, ppo_batch=8,
+             ppo_new_tokens=48, constraint_train=64, constraint_heldout=32, constraint_steps=4, constraint_batch=8,
+             constraint_tokens=40)
 FAST = Sizes(instructions=4, conversations=3, turns=2, candidates=2, preference_prompts=4, answer_tokens=40,
              sft_steps=3, reward_steps=8, reward_max_length=128, hh_pairs=48, ppo_steps=2, ppo_batch=4,
-             ppo_new_tokens=16)
+             ppo_new_tokens=16, constraint_train=8, constraint_heldout=4, constraint_steps=2, constraint_batch=4,
+             constraint_tokens=16)
+# Families a short CPU-sized answer can meet (bullets, JSON, a P.S., an end phrase or quotes need the room a
+# 40-token budget does not leave).
+CONSTRAINT_KINDS = "word_limit,keywords,forbidden_word,no_commas,start_word,title"
 
 
 def _stage_commands(run: Path, sizes: Sizes, teacher_url: str | None, model: str) -> dict[str, list[str]]:
@@ -80,16 +94,33 @@ def _stage_commands(run: Path, sizes: Sizes, teacher_url: str | None, model: str
                         *teacher],
         "sft": ["sft", "--data", str(data / "conversations.jsonl"), "--model", model, "--out", str(run / "sft"),
                 "--lora", "--max-steps", str(sizes.sft_steps), "--batch-size", "4", "--max-length", "256",
-                "--learning-rate", "2e-4", "--seed", "0"],
+                "--learning-rate", "2e-4", "--seed", "0",
+                "--overwrite"],  # a stage killed half-way starts again: only a finished stage is kept
         "train-reward": ["train-reward", "--data", str(data / "reward-pairs.jsonl"), "--model", "minilm-l6",
                          "--out", str(run / "reward"), "--eval-split", "0.2", "--epochs", "1", "--batch-size", "16",
-                         "--max-length", str(sizes.reward_max_length), "--seed", "0",
+                         "--max-length", str(sizes.reward_max_length), "--seed", "0", "--overwrite",
                          *(["--max-steps", str(sizes.reward_steps)] if sizes.reward_steps else [])],
         "rlhf": ["rlhf", "--policy", str(run / "sft" / "model"), "--reward", str(run / "reward"),
                  "--prompts", str(data / "prompts.jsonl"), "--out", str(run / "ppo"), "--lora",
                  "--steps", str(sizes.ppo_steps), "--batch-size", str(sizes.ppo_batch),
                  "--max-new-tokens", str(sizes.ppo_new_tokens), "--num-minibatches", "2", "--seed", "0",
-                 "--save-every", "0"],
+                 "--save-every", "0", "--overwrite"],
+        "constraints": ["generate-data", "constraints", "--prompts", str(data / "constraint-instructions.jsonl"),
+                        "--out", str(data / "constraint-prompts.jsonl"), "--per-prompt", "1..2",
+                        "--kinds", CONSTRAINT_KINDS, "--seed", "0", "--overwrite"],
+        # PPO on the checker itself, from the SFT model: the slice whose effect the report's headline measures.
+        "rlhf-constraints": ["rlhf", "--policy", str(run / "sft" / "model"), "--reward", "rules:constraints",
+                             "--prompts", str(data / "constraint-train.jsonl"), "--out", str(run / "ppo-constraints"),
+                             "--lora", "--steps", str(sizes.constraint_steps), "--batch-size",
+                             str(sizes.constraint_batch), "--max-new-tokens", str(sizes.constraint_tokens),
+                             "--temperature", "0.7", "--learning-rate", "2e-4", "--kl-coef", "0.1",
+                             "--missing-eos-penalty", "0", "--ppo-epochs", "2", "--num-minibatches", "2",
+                             "--seed", "0", "--save-every", "0", "--overwrite"],
+        "eval-policy": ["eval-policy", str(run / "ppo-constraints" / "policy"), "--baseline", str(run / "sft" / "model"),
+                        "--prompts", str(data / "constraint-heldout.jsonl"), "--scorer", "rules:constraints",
+                        "--reward", str(run / "reward"), "--temperature", "0.7", "--max-new-tokens",
+                        str(sizes.constraint_tokens), "--batch-size", "32", "--seed", "0", "--out", str(run / "eval"),
+                        "--overwrite"],
     }
 
 
@@ -104,10 +135,7 @@ def _prompt_pool(run: Path, sizes: Sizes) -> int:
             break
         first = (seed.get("instances") or [{}])[0].get("input", "")
         rows.append({"prompt": seed["instruction"] + (f"\n\n{first}" if first else "")})
-    path = run / "data" / "prompts.jsonl"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    _write_jsonl(run / "data" / "prompts.jsonl", rows)
     return len(rows)
 
 
@@ -125,11 +153,42 @@ def _reward_pairs(run: Path, sizes: Sizes) -> int:
         chosen, rejected = pair.chosen.strip(), pair.rejected.strip()
         if pair.rejected_prompt is None and chosen and rejected and chosen != rejected:
             rows.append({"prompt": pair.prompt, "chosen": chosen, "rejected": rejected, "source": "hh"})
-    path = run / "data" / "reward-pairs.jsonl"
+    _write_jsonl(run / "data" / "reward-pairs.jsonl", rows)
+    return len(rows)
+
+
+def _constraint_instructions(run: Path, sizes: Sizes) -> None:
+    """Instructions for the constraints slice: self-instruct seed tasks the rest of the demo does not ship
+    (templates/demo/constraint_tasks.jsonl), so no SFT, reward or PPO stage sees them. Held-out first."""
+    pool = {r["prompt"] for r in read_existing(run / "data" / "prompts.jsonl")}
+    rows, seen = [], set()
+    for task in read_existing(template_path("demo/constraint_tasks.jsonl")):
+        prompt = task["instruction"].strip() + (f"\n\n{task['input'].strip()}" if task.get("input") else "")
+        if prompt in pool or prompt.lower() in seen:
+            continue
+        seen.add(prompt.lower())
+        rows.append({"prompt": prompt, "split": "heldout" if len(rows) < sizes.constraint_heldout else "train"})
+        if len(rows) == sizes.constraint_heldout + sizes.constraint_train:
+            break
+    _write_jsonl(run / "data" / "constraint-instructions.jsonl", rows)
+
+
+def _split_constraint_prompts(run: Path) -> tuple[int, int]:
+    """constraint-prompts.jsonl -> constraint-train.jsonl and constraint-heldout.jsonl (by instruction)."""
+    data = run / "data"
+    heldout = {r["prompt"] for r in read_existing(data / "constraint-instructions.jsonl") if r["split"] == "heldout"}
+    rows = read_existing(data / "constraint-prompts.jsonl")
+    held = [r for r in rows if r["base_prompt"] in heldout]
+    train = [r for r in rows if r["base_prompt"] not in heldout]
+    _write_jsonl(data / "constraint-heldout.jsonl", held)
+    _write_jsonl(data / "constraint-train.jsonl", train)
+    return len(train), len(held)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)
-    return len(rows)
 
 
 def _cached(name: str, run: Path) -> dict | None:
@@ -173,6 +232,11 @@ HEADLINES = {  # stage -> (label, path into the stage's --json result)
     "train-reward": (("held-out accuracy", ("heldout", "calibrated", "accuracy")),
                      ("ECE", ("heldout", "calibrated", "ece"))),
     "rlhf": (("steps", ("steps",)), ("score", ("final", "objective/scores")), ("KL", ("final", "objective/kl"))),
+    "constraints": (("prompts", ("rows",)), ("constraints", ("constraints",))),
+    "rlhf-constraints": (("steps", ("steps",)), ("score", ("final", "objective/scores")),
+                         ("KL", ("final", "objective/kl"))),
+    "eval-policy": (("constraints met before", ("baseline", "scorer")), ("after", ("policy", "scorer")),
+                    ("KL", ("kl",))),
 }
 
 
@@ -248,6 +312,12 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "sm
     for name in ("sft", "train-reward", "rlhf"):
         _run_stage(name, commands[name], run)
     _generate_compare(run, sizes, model)
+    _constraint_instructions(run, sizes)
+    _run_stage("constraints", commands["constraints"], run)
+    n_train, n_heldout = _split_constraint_prompts(run)
+    console.print(f"[dim]constraints slice: {n_train} train and {n_heldout} held-out instructions[/]")
+    for name in ("rlhf-constraints", "eval-policy"):
+        _run_stage(name, commands[name], run)
     report = write_report(run)
     console.print(f"[bold green]demo finished[/] in {time.perf_counter() - total:.0f} s — report: {report}")
     return report

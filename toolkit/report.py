@@ -21,7 +21,8 @@ from toolkit.console import redact
 from toolkit.errors import UserError
 from toolkit.io import read_existing
 
-STAGE_ORDER = ("instructions", "conversations", "preferences", "sft", "train-reward", "rlhf", "compare")
+STAGE_ORDER = ("instructions", "conversations", "preferences", "sft", "train-reward", "rlhf", "compare",
+               "constraints", "rlhf-constraints", "eval-policy")
 PPO_KEYS = (("objective/scores", "reward model score"), ("objective/rlhf_reward", "reward − KL penalty"),
             ("objective/kl", "KL to reference"), ("objective/entropy", "entropy"),
             ("policy/clipfrac_avg", "clip fraction"), ("val/num_eos_tokens", "responses with EOS"))
@@ -160,11 +161,57 @@ def _compare_section(run: Path) -> Section | None:
               rows=[[r["prompt"], r.get("base", ""), r.get("policy", "")] for r in rows])])
 
 
+def _change(after: Any, before: Any, digits: int = 3) -> str:
+    if not isinstance(after, (int, float)) or not isinstance(before, (int, float)):
+        return ""
+    return f"{after - before:+.{digits}f}"
+
+
+def _headline_section(run: Path) -> Section | None:
+    """An eval-policy output (`eval/` in a pipeline run): before → after on held-out prompts, per constraint
+    family, and answers side by side. A demo report opens with it."""
+    from toolkit.eval_policy import kl_text, win_rows
+
+    summary_file = run / "eval" / "summary.json"
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    after, before = summary["policy"], summary.get("baseline") or {}
+    metrics = [(f"constraints met ({summary['scorer']}, the gold)", "scorer", 3), ("reward-model score", "reward", 3),
+               ("words", "words", 1), ("answers ending with EOS", "eos_rate", 3)]
+    rows = [[label, _fmt(before.get(key)), _fmt(after.get(key)), _change(after.get(key), before.get(key), digits)]
+            for label, key, digits in metrics if after.get(key) is not None]
+    rows.append(["KL(after ‖ before)", "0", kl_text(summary), ""])
+    rows += [[label, "", text, ""] for label, text in win_rows(summary)]
+    stage = _stages(run)
+    steps = next((s["result"].get("steps") for s in stage if s["stage"] == "rlhf-constraints"), "?")
+    blocks = [Block("text", f"{summary['prompts']} held-out instructions (no training stage saw them), one answer "
+                            f"each at temperature {summary['temperature']}, at most {summary['max_new_tokens']} "
+                            f"tokens. Before: {before.get('model', '?')}. After: {steps} PPO steps on the checker "
+                            f"(rules:constraints) from it. Win rate: 95% Wilson interval, ties count ½."),
+              Block("table", header=["held-out", "before", "after", "change"], rows=rows)]
+    families = after.get("per_family") or {}
+    if families:
+        blocks.append(Block("table", header=["constraint family", "n", "before", "after"], rows=[
+            [kind, _fmt(after["family_answers"][kind]), _fmt(before.get("per_family", {}).get(kind)),
+             _fmt(families[kind])] for kind in families]))
+    pairs: dict[str, dict[str, str]] = {}
+    for row in read_existing(run / "eval" / "answers.jsonl"):
+        if row.get("sample") == 0:
+            score = row.get("scores", {}).get("scorer")
+            pairs.setdefault(row["prompt"], {})[row["policy"]] = f"{row['answer']}\n\n[{_fmt(score)}]"
+    shown = [[prompt, p.get("baseline", ""), p.get("policy", "")] for prompt, p in pairs.items()][:SAMPLES_SHOWN]
+    if shown:
+        blocks.append(Block("table", header=["held-out prompt", "before", "after"], rows=shown, wrap=True))
+    return Section("Headline: before → after on held-out instructions", blocks)
+
+
 def build_sections(run: Path) -> list[Section]:
     """Sections for a pipeline run (stages/, data/, sft/, reward/, ppo/ as `demo` and `init` lay them out)
     or for the output of one stage (an rlhf, sft or train-reward directory)."""
     stages = _stages(run)
-    sections = []
+    headline = _headline_section(run)
+    sections = [headline] if headline else []
     if stages:
         sections.append(Section("Stages", [Block("table", header=["stage", "seconds", "result"], rows=[
             [s["stage"], _fmt(s["seconds"]), ", ".join(f"{k} {_fmt(v)}" for k, v in list(s["result"].items())[:6]
