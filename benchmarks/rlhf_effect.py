@@ -222,6 +222,21 @@ def rm_agreement(answer_files: list[Path]) -> tuple[float | None, int]:
     return (round(agree / total, 4) if total else None), total
 
 
+def gold_change(answers: Path) -> dict[str, Any]:
+    """POLICY − BASE gold on the same held-out prompts (same seed per prompt): the mean of the paired
+    differences and its normal 95% interval, in points (× 100)."""
+    sides: dict[str, dict[str, float]] = {}
+    for row in read_jsonl(answers):
+        sides.setdefault(f"{row['prompt_id']}/{row['sample']}", {})[row["policy"]] = row["scores"]["scorer"]
+    diffs = [100 * (s["policy"] - s["baseline"]) for s in sides.values() if len(s) == 2]
+    n = len(diffs)
+    if n < 2:
+        return {"points": None, "ci95": None, "n": n}
+    m = sum(diffs) / n
+    half = 1.96 * (sum((d - m) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
+    return {"points": round(m, 1), "ci95": [round(m - half, 1), round(m + half, 1)], "n": n}
+
+
 def per_family(base: dict[str, Any], rm: dict[str, Any], rules: dict[str, Any]) -> dict[str, dict[str, Any]]:
     families = sorted(set(base["per_family"]) | set(rm["per_family"]) | set(rules["per_family"]))
     return {f: {"n": base["family_answers"].get(f, 0), "base": _r(base["per_family"].get(f)),
@@ -418,6 +433,8 @@ def main() -> None:
         "base_gold": _r(base_gold), "ppo_rm_gold": _r(ev_rm["policy"]["scorer"]),
         "ppo_rules_gold": _r(ev_rules["policy"]["scorer"]),
         "ppo_rm_kl": _r(ev_rm["kl"]), "ppo_rules_kl": _r(ev_rules["kl"]),
+        "gold_change": {"ppo_rm": gold_change(out / "eval-rm" / "answers.jsonl"),
+                        "ppo_rules": gold_change(out / "eval-rules" / "answers.jsonl")},
         "rm_heldout_accuracy": accuracy, "rm_heldout_pairs": n_rm_pairs,
         "rm_calibration_accuracy": _r(rm_metrics["heldout"]["calibrated"]["accuracy"]),
         "rm_calibration_pairs": rm_metrics["heldout"]["calibrated"]["n"],

@@ -54,6 +54,8 @@ def test_json_line_keys_and_types(tiny_run):
         assert all(isinstance(row[k], float) for k in ("base", "ppo_rm", "ppo_rules"))
     assert result["heldout_in_training"] == 0
     assert result["pairs"] >= 4
+    for run in ("ppo_rm", "ppo_rules"):  # every held-out prompt paired with its base answer
+        assert result["gold_change"][run]["n"] == result["heldout_prompts"], run
 
 
 def test_gold_curve_per_ppo_step(tiny_run):
@@ -91,3 +93,20 @@ def test_rerun_skips_finished_stages(tiny_run):
     again = json.loads(proc.stdout)
     for key in ("base_gold", "ppo_rm_gold", "ppo_rules_gold", "ppo_rm_kl", "ppo_rules_kl", "seconds_per_stage"):
         assert again[key] == first[key], key
+
+
+def test_gold_change_pairs_policy_and_base_answers_of_the_same_prompt(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    from rlhf_effect import gold_change
+
+    answers = tmp_path / "answers.jsonl"
+    scores = [(1.0, 0.5), (0.5, 0.5), (1.0, 0.0), (0.0, 0.5)]  # (policy, base) per prompt
+    answers.write_text("".join(
+        json.dumps({"prompt_id": f"p{i}", "sample": 0, "policy": side, "scores": {"scorer": value}}) + "\n"
+        for i, pair in enumerate(scores) for side, value in zip(("policy", "baseline"), pair, strict=True)))
+    change = gold_change(answers)
+    diffs = [100 * (p - b) for p, b in scores]  # 50, 0, 100, -50: mean 25, sd 64.55
+    half = 1.96 * (sum((d - 25) ** 2 for d in diffs) / 3 / 4) ** 0.5
+    assert change["n"] == 4 and change["points"] == 25.0
+    assert change["ci95"] == [round(25 - half, 1), round(25 + half, 1)]
+    assert change["ci95"][0] < 0 < change["ci95"][1]  # 4 prompts: the interval spans zero
