@@ -10,6 +10,7 @@ from conftest import run_cli
 
 from toolkit.cli import cli
 from toolkit.config import load_config
+from toolkit.demo import CONSTRAINT_MAX_CHARS
 
 STAGES = ("instructions", "conversations", "preferences", "sft", "train-reward", "rlhf", "compare", "constraints",
           "rlhf-constraints", "eval-policy")
@@ -37,6 +38,7 @@ def test_demo_fast_end_to_end_then_resumes(tmp_path):
     held = {r["base_prompt"] for r in read_existing(run / "data" / "constraint-heldout.jsonl")}
     trained = {r["base_prompt"] for r in read_existing(run / "data" / "constraint-train.jsonl")}
     assert held and trained and not held & trained
+    assert max(len(p) for p in held | trained) <= CONSTRAINT_MAX_CHARS  # no page-long seed-task inputs
     pool = {r["prompt"] for r in read_existing(run / "data" / "prompts.jsonl")}
     assert not held & pool
     rollouts = {r["prompt"] for r in read_existing(run / "ppo-constraints" / "samples.jsonl")}

@@ -53,13 +53,13 @@ class Sizes:
     constraint_tokens: int
 
 
-# FULL is sized for 15 minutes on a slow day of a 2-core CPU: at 40 instructions, 24 conversations, 3 candidates
-# for 32 prompts, 20 SFT and 8 PPO steps one uninterrupted run took 1300 s on 2026-12-02, when the machine served
-# tokens at 0.6x the speed it had the day before (benchmarks/serve_throughput.py: 53 vs 87 tokens/s).
-# The constraints slice took the PPO steps of the reward-model slice (5 -> 3) to stay in the 15 minutes.
-FULL = Sizes(instructions=24, conversations=16, turns=2, candidates=2, preference_prompts=24, answer_tokens=96,
-             sft_steps=10, reward_steps=0, reward_max_length=256, hh_pairs=200, ppo_steps=3, ppo_batch=8,
-             ppo_new_tokens=48, constraint_train=64, constraint_heldout=32, constraint_steps=4, constraint_batch=8,
+# FULL is sized for 15 minutes of a 2-core CPU. With the constraints slice added, one run (2026-12-02) took
+# 1063 s: instructions 97, conversations 111, preferences 179 (24 prompts), sft 111, train-reward 73, rlhf 164
+# (3 steps), compare 37, rlhf-constraints 157 (4 steps), eval-policy 99 (32 held-out), the rest start-up; so
+# preference prompts 24 -> 16, conversations 16 -> 12, PPO steps 3 -> 2 and 4 -> 3, held-out 32 -> 24.
+FULL = Sizes(instructions=24, conversations=12, turns=2, candidates=2, preference_prompts=16, answer_tokens=96,
+             sft_steps=10, reward_steps=0, reward_max_length=256, hh_pairs=200, ppo_steps=2, ppo_batch=8,
+             ppo_new_tokens=48, constraint_train=64, constraint_heldout=24, constraint_steps=3, constraint_batch=8,
              constraint_tokens=40)
 FAST = Sizes(instructions=4, conversations=3, turns=2, candidates=2, preference_prompts=4, answer_tokens=40,
              sft_steps=3, reward_steps=8, reward_max_length=128, hh_pairs=48, ppo_steps=2, ppo_batch=4,
@@ -68,6 +68,7 @@ FAST = Sizes(instructions=4, conversations=3, turns=2, candidates=2, preference_
 # Families a short CPU-sized answer can meet (bullets, JSON, a P.S., an end phrase or quotes need the room a
 # 40-token budget does not leave).
 CONSTRAINT_KINDS = "word_limit,keywords,forbidden_word,no_commas,start_word,title"
+CONSTRAINT_MAX_CHARS = 300  # some seed tasks carry a page of input; PPO and eval-policy cost grows with the prompt
 
 
 def _stage_commands(run: Path, sizes: Sizes, teacher_url: str | None, model: str) -> dict[str, list[str]]:
@@ -164,7 +165,7 @@ def _constraint_instructions(run: Path, sizes: Sizes) -> None:
     rows, seen = [], set()
     for task in read_existing(template_path("demo/constraint_tasks.jsonl")):
         prompt = task["instruction"].strip() + (f"\n\n{task['input'].strip()}" if task.get("input") else "")
-        if prompt in pool or prompt.lower() in seen:
+        if len(prompt) > CONSTRAINT_MAX_CHARS or prompt in pool or prompt.lower() in seen:
             continue
         seen.add(prompt.lower())
         rows.append({"prompt": prompt, "split": "heldout" if len(rows) < sizes.constraint_heldout else "train"})
