@@ -55,8 +55,9 @@ MODES: dict[str, dict[str, Any]] = {
              "new_tokens": 3, "eval_tokens": 3, "kinds": "lowercase", "per_prompt": "1"},
     "quick": {"train": 32, "heldout": 32, "candidates": 4, "pref_tokens": 48, "steps": 6, "batch_size": 8,
               "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
-    # full: sized to the hour on a 2-core CPU without AVX-512 (SmolLM2 samples ~25-60 tokens/s there, and a
-    # PPO step of 16 rollouts costs ~100 s): 16 steps x 16 rollouts, 2 PPO epochs, 48-token answers
+    # full: sized for the hour on a 2-core CPU without AVX-512 (SmolLM2 samples ~25-60 tokens/s there, a PPO
+    # step of 16 rollouts costs ~116 s): 16 steps x 16 rollouts, 2 PPO epochs, 48-token answers. It took 85 min
+    # on 2026-12-02 (docs/rlhf-effect.md), and PPO moved the policy too little to show an effect.
     "full": {"train": 160, "heldout": 400, "candidates": 4, "pref_tokens": 48, "steps": 16, "batch_size": 16,
              "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
 }
