@@ -659,20 +659,27 @@ def terminal_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def answer_pairs(rows: Sequence[Mapping[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """The first `limit` prompts' first-sample answers side by side: prompt, policy, baseline (text) and
+    policy_score, baseline_score (the scorer's, when there is one)."""
+    pairs: list[dict[str, Any]] = []
+    for row in rows:
+        if row["policy"] == "policy" and row["sample"] == 0 and len(pairs) < limit:
+            pairs.append({"prompt": row["prompt"], "policy": row["answer"], "baseline": "",
+                          "policy_score": row["scores"].get("scorer"), "baseline_score": None})
+        elif row["policy"] == "baseline" and row["sample"] == 0 and pairs and not pairs[-1]["baseline"]:
+            pairs[-1].update(baseline=row["answer"], baseline_score=row["scores"].get("scorer"))
+    return pairs
+
+
 def render_reports(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], examples: int = 4) -> tuple[str, str]:
     """(report.md, report.html) from templates/eval_policy/."""
     import jinja2
 
     from toolkit.resources import template_path
 
-    pairs: list[dict[str, str]] = []
-    for row in rows:
-        if row["policy"] == "policy" and row["sample"] == 0 and len(pairs) < examples:
-            pairs.append({"prompt": row["prompt"], "policy": row["answer"], "baseline": ""})
-        elif row["policy"] == "baseline" and row["sample"] == 0 and pairs and not pairs[-1]["baseline"]:
-            pairs[-1]["baseline"] = row["answer"]
     context = {"s": summary, "metrics": metric_rows(summary), "kl": kl_text(summary), "wins": win_rows(summary),
-               "examples": pairs, "interval": INTERVAL, "temperature": _num(summary["temperature"], 2)}
+               "examples": answer_pairs(rows, examples), "interval": INTERVAL, "temperature": _num(summary["temperature"], 2)}
     texts = []
     for name, escape in (("report.md", False), ("report.html", True)):
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=escape, keep_trailing_newline=True)

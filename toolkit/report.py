@@ -167,10 +167,10 @@ def _change(after: Any, before: Any, digits: int = 3) -> str:
     return f"{after - before:+.{digits}f}"
 
 
-def _headline_section(run: Path) -> Section | None:
+def _headline_section(run: Path, stages: list[dict]) -> Section | None:
     """An eval-policy output (`eval/` in a pipeline run): before → after on held-out prompts, per constraint
     family, and answers side by side. A demo report opens with it."""
-    from toolkit.eval_policy import kl_text, win_rows
+    from toolkit.eval_policy import answer_pairs, kl_text, win_rows
 
     summary_file = run / "eval" / "summary.json"
     if not summary_file.is_file():
@@ -183,8 +183,7 @@ def _headline_section(run: Path) -> Section | None:
             for label, key, digits in metrics if after.get(key) is not None]
     rows.append(["KL(after ‖ before)", "0", kl_text(summary), ""])
     rows += [[label, "", text, ""] for label, text in win_rows(summary)]
-    stage = _stages(run)
-    steps = next((s["result"].get("steps") for s in stage if s["stage"] == "rlhf-constraints"), "?")
+    steps = next((s["result"].get("steps") for s in stages if s["stage"] == "rlhf-constraints"), "?")
     blocks = [Block("text", f"{summary['prompts']} held-out instructions (no training stage saw them), one answer "
                             f"each at temperature {summary['temperature']}, at most {summary['max_new_tokens']} "
                             f"tokens. Before: {before.get('model', '?')}. After: {steps} PPO steps on the checker "
@@ -195,12 +194,9 @@ def _headline_section(run: Path) -> Section | None:
         blocks.append(Block("table", header=["constraint family", "n", "before", "after"], rows=[
             [kind, _fmt(after["family_answers"][kind]), _fmt(before.get("per_family", {}).get(kind)),
              _fmt(families[kind])] for kind in families]))
-    pairs: dict[str, dict[str, str]] = {}
-    for row in read_existing(run / "eval" / "answers.jsonl"):
-        if row.get("sample") == 0:
-            score = row.get("scores", {}).get("scorer")
-            pairs.setdefault(row["prompt"], {})[row["policy"]] = f"{row['answer']}\n\n[{_fmt(score)}]"
-    shown = [[prompt, p.get("baseline", ""), p.get("policy", "")] for prompt, p in pairs.items()][:SAMPLES_SHOWN]
+    shown = [[p["prompt"], f"{p['baseline']}\n\n[{_fmt(p['baseline_score'])}]",
+              f"{p['policy']}\n\n[{_fmt(p['policy_score'])}]"]
+             for p in answer_pairs(read_existing(run / "eval" / "answers.jsonl"), SAMPLES_SHOWN)]
     if shown:
         blocks.append(Block("table", header=["held-out prompt", "before", "after"], rows=shown, wrap=True))
     return Section("Headline: before → after on held-out instructions", blocks)
@@ -210,7 +206,7 @@ def build_sections(run: Path) -> list[Section]:
     """Sections for a pipeline run (stages/, data/, sft/, reward/, ppo/ as `demo` and `init` lay them out)
     or for the output of one stage (an rlhf, sft or train-reward directory)."""
     stages = _stages(run)
-    headline = _headline_section(run)
+    headline = _headline_section(run, stages)
     sections = [headline] if headline else []
     if stages:
         sections.append(Section("Stages", [Block("table", header=["stage", "seconds", "result"], rows=[
