@@ -68,8 +68,9 @@ def annotate_cmd(ctx, tasks, db_path, host, port, allowed_hosts, per_item, guide
         return
     from pathlib import Path
 
-    from toolkit.annotate.app import ChatSettings, run
+    from toolkit.annotate.app import run
     from toolkit.annotate.db import open_for_load
+    from toolkit.annotate.deps import ChatSettings
     from toolkit.annotate.tasks import GenerationSettings, check_tasks, load_tasks
     from toolkit.console import emit_json, progress, summary_table
     from toolkit.errors import UserError
