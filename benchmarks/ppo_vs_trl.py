@@ -42,7 +42,8 @@ def build_models(work: Path) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaForSequenceClassification
 
-    from toolkit.models import load_tokenizer, save_tiny_llama, tiny_llama_config
+    from tests.support.tiny_models import save_tiny_llama, tiny_llama_config
+    from toolkit.models import load_tokenizer
 
     policy = save_tiny_llama(work / "policy", seed=0, hidden=128, layers=2)
     tokenizer = load_tokenizer(policy)

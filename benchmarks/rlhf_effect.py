@@ -347,7 +347,7 @@ def main() -> None:
     data = Path(args.data) if args.data else (FIXTURE_ALPACA if args.tiny or not SHARED_ALPACA.is_file()
                                               else SHARED_ALPACA)
     if args.tiny:
-        from toolkit.models import save_tiny_llama
+        from tests.support.tiny_models import save_tiny_llama
 
         tiny = out / "tiny-llama"
         if not (tiny / "config.json").is_file():

@@ -1,65 +1,20 @@
 """Every PPO hyper-parameter in one dataclass (CleanRL style). Defaults follow DESIGN.md ("PPO").
 
-This module imports nothing heavy: the CLI builds one `--flag` per field from it (help text in
-`metadata["help"]`, the allowed range in `min` / `max` / `min_open` / `max_open` / `inf`, non-empty text in
-`nonempty`), and a YAML preset's keys are the same flag names. `check_ranges` applies the same ranges to
-a config built in Python, so the dataclass is the one place a range is written.
+This module imports nothing heavy: the CLI builds one `--flag` per field from it (help text and range in
+each field's metadata, see toolkit/options.py), and a YAML preset's keys are the same flag names.
+`check_ranges` applies the same ranges to a config built in Python, so the dataclass is the one place a
+range is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from toolkit.errors import UserError
-
-# Seeds get offsets (seed + 7919 * rank, seed + j per candidate) and some libraries take only 32-bit seeds
-# (numpy's legacy seeding): 2^31 - 1 leaves room for the offsets in all of them.
-SEED_MAX = 2**31 - 1
-
-
-def flag_field(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - "help" reads best here
-    """A config field that becomes one CLI flag: help text and range (min, max, min_open, inf, nonempty ...)
-    in its metadata, read by `dataclass_options` and `check_ranges`. SFTConfig uses it too."""
-    return field(default=default, metadata={"help": help, **kw})
-
-
-_f = flag_field
-
-
-def describe_range(meta: dict[str, Any]) -> str:
-    """"≥ 1", "> 0", "in [0, 1]", "in (0, 1]" for a field's range metadata."""
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and hi is not None:
-        return f"in {'(' if meta.get('min_open') else '['}{lo}, {hi}{')' if meta.get('max_open') else ']'}"
-    if lo is not None:
-        return f"{'>' if meta.get('min_open') else '≥'} {lo}"
-    return f"{'<' if meta.get('max_open') else '≤'} {hi}"
-
-
-def range_error(value: Any, meta: dict[str, Any]) -> str | None:
-    """Why `value` is outside the range in `meta`, or None when it is inside (or has no range)."""
-    if meta.get("nonempty") and isinstance(value, str) and not value.strip():
-        return "must not be empty"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if math.isnan(value) or (math.isinf(value) and not meta.get("inf")):
-        return "must be a finite number"
-    lo, hi = meta.get("min"), meta.get("max")
-    below = lo is not None and (value < lo or (meta.get("min_open", False) and value == lo))
-    above = hi is not None and (value > hi or (meta.get("max_open", False) and value == hi))
-    return f"must be {describe_range(meta)}, got {value}" if below or above else None
-
-
-def check_ranges(config: Any) -> None:
-    """Raise UserError naming the flag of the first field outside its range (what the CLI checks at parse
-    time, for configs built in Python)."""
-    for f in dataclasses.fields(config):
-        why = range_error(getattr(config, f.name), f.metadata)
-        if why:
-            raise UserError(f"--{f.name.replace('_', '-')}: {why}")
+from toolkit.options import SEED_MAX, check_ranges
+from toolkit.options import flag_field as _f
 
 
 @dataclass
@@ -156,7 +111,3 @@ class PPOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def config_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(PPOConfig))

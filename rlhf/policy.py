@@ -16,25 +16,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from toolkit.errors import UserError
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere (PPO's ratio must compare the same function before and after)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    config = getattr(model, "config", None)
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if isinstance(getattr(config, name, None), float):
-            setattr(config, name, 0.0)
+from toolkit.training.model import disable_dropout
 
 
 def causal_lm(lm: nn.Module) -> nn.Module:
@@ -145,18 +132,6 @@ def frozen_copy(lm: nn.Module) -> nn.Module:
     return ref.eval()
 
 
-def add_lora(lm: nn.Module, r: int, alpha: int, target: str) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    targets: str | list[str] = "all-linear" if target == "all-linear" else [t.strip() for t in target.split(",")]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none",
-                        task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(lm, config)
-    except ValueError as err:
-        raise UserError(f"--lora-target {target}: {err}") from None
-
-
 def load_critic(spec: str, reward: str, policy_tokenizer) -> Critic:
     """A separate critic from the reward model's directory (`reward`) or any model directory."""
     from transformers import AutoModelForSequenceClassification
@@ -185,15 +160,3 @@ def load_critic(spec: str, reward: str, policy_tokenizer) -> Critic:
     critic = Critic(backbone, head)
     disable_dropout(critic)
     return critic.eval()
-
-
-def save_value_state(path: Path, actor: ActorCritic) -> None:
-    from safetensors.torch import save_file
-
-    save_file(actor.value_state_dict(), str(path))
-
-
-def load_value_state(path: Path, actor: ActorCritic) -> None:
-    from safetensors.torch import load_file
-
-    actor.load_value_state_dict(load_file(str(path)))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from rlhf.rollout import Prompt
+from rlhf.rollout import TokenizedPrompt
 from toolkit.errors import UserError
 
 # (prompts, responses, finish_reasons) -> one float per response, higher is better. A function that also
@@ -21,7 +21,7 @@ from toolkit.errors import UserError
 RewardFn = Callable[..., Sequence[float]]
 
 
-def make_reward_fn(spec: str, prompts: Sequence[Prompt] = (), file: str | None = None) -> RewardFn:
+def make_reward_fn(spec: str, prompts: Sequence[TokenizedPrompt] = (), file: str | None = None) -> RewardFn:
     """`rules:NAMES` -> rule scorers; a directory -> the reward model trained by `train-reward`.
 
     Rules that read the prompt's row check every row of `prompts` now (read from `file`): a row they

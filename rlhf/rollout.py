@@ -12,11 +12,16 @@ from typing import Any
 
 import torch
 
+from toolkit.chat_format import encode_chat
 from toolkit.errors import UserError
+from toolkit.io import read_rows
+from toolkit.rows import hh_prompt, row_to_messages
 
 
 @dataclass
-class Prompt:
+class TokenizedPrompt:
+    """One prompt of the prompt file, read (`toolkit.rows`) and tokenized for the policy."""
+
     text: str  # what the reward sees
     ids: list[int]  # what the policy sees (chat template applied)
     row: int  # 1-based row in the prompt file
@@ -25,7 +30,7 @@ class Prompt:
 
 
 def load_prompts(path: str, tokenizer, *, chat_template: bool = True, system_prompt: str = "",
-                 max_prompt_tokens: int = 256, truncate: bool = False) -> tuple[list[Prompt], int]:
+                 max_prompt_tokens: int = 256, truncate: bool = False) -> tuple[list[TokenizedPrompt], int]:
     """Read and tokenize a prompt file; return (prompts, number truncated).
 
     Rows: `prompt` (text) | `messages` / `conversations` (the turns before the last assistant turn) |
@@ -33,10 +38,6 @@ def load_prompts(path: str, tokenizer, *, chat_template: bool = True, system_pro
     `tokenizer` None reads the prompts without tokenizing them (`ids` stay empty): for a server, which
     applies its own chat template to `messages`.
     """
-    from toolkit.chat_format import encode_chat
-    from toolkit.io import read_rows
-    from toolkit.sft import row_to_messages
-
     if not path:
         raise UserError("--prompts is required (a JSONL/JSON file of prompts, or a .txt file, one per line)")
     file = Path(path)
@@ -65,17 +66,8 @@ def load_prompts(path: str, tokenizer, *, chat_template: bool = True, system_pro
                 raise UserError(f"prompt is {len(ids)} tokens, longer than --max-prompt-tokens {max_prompt_tokens} "
                                 "(raise it, or pass --truncate-prompts to keep the last tokens)", file=path, line=n)
             ids, truncated = ids[-max_prompt_tokens:], truncated + 1
-        prompts.append(Prompt(prompt_text(messages), ids, n, row, messages))
+        prompts.append(TokenizedPrompt(hh_prompt(messages), ids, n, row, messages))
     return prompts, truncated
-
-
-def prompt_text(messages: list[dict[str, str]]) -> str:
-    """The prompt as the reward model reads it: the user's text, or HH text for several turns."""
-    turns = [m for m in messages if m["role"] != "system"]
-    if len(turns) == 1:
-        return turns[0]["content"]
-    names = {"user": "Human", "assistant": "Assistant"}
-    return "".join(f"\n\n{names[m['role']]}: {m['content']}" for m in turns)
 
 
 def batch_indices(n_prompts: int, step: int, batch_size: int, rank: int, world_size: int,

@@ -28,27 +28,28 @@ from typing import Any
 import torch
 
 from rlhf.advantages import gae, masked_mean, masked_whiten
-from rlhf.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint
 from rlhf.config import PPOConfig
 from rlhf.kl import make_kl_controller
-from rlhf.logs import RunLog, drop_rows_after, plot_curves
-from rlhf.policy import (
-    ActorCritic,
-    Reference,
-    add_lora,
-    causal_lm,
-    disable_dropout,
-    entropy_of,
-    frozen_copy,
-    load_critic,
-    logprobs_of,
-)
+from rlhf.policy import ActorCritic, Reference, causal_lm, entropy_of, frozen_copy, load_critic, logprobs_of
 from rlhf.rewards import RewardFn, make_reward_fn, per_token_rewards, score_rollout
 from rlhf.rollout import batch_indices, load_prompts, sample
 from toolkit.errors import UserError
 from toolkit.io import claim_run_dir, start_run_dir
+from toolkit.training.accelerator import autocast, gradient_sync, make_accelerator
+from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from toolkit.training.model import add_lora, disable_dropout
+from toolkit.training.runlog import Curve, RunLog, drop_rows_after, plot_curves
 
 STAT_NAMES = ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio", "ratio_dev")
+CURVES = (
+    Curve("objective/scores", "reward (score)"),
+    Curve("objective/kl", "KL(π‖π_ref) per response"),
+    Curve("objective/entropy", "entropy per response"),
+    Curve("policy/clipfrac_avg", "clip fraction"),
+    Curve("response/length_avg", "response length (tokens)"),
+)
+# A PPO checkpoint: the LM (adapter or all weights) in policy/, the value head or critic in value.safetensors.
+POLICY_DIR, VALUE_FILE = "policy", "value"
 
 
 @dataclass
@@ -104,14 +105,6 @@ def _trim(rows: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch
     return slice(left, context_length + right), slice(0, right), context_length - left
 
 
-def make_accelerator(bf16: bool):
-    """Accelerate on whatever is there. Without a GPU it must be told `cpu=True`, or processes started by
-    torchrun each believe they are alone instead of forming gloo DDP ranks."""
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision="bf16" if bf16 else "no", cpu=not torch.cuda.is_available())
-
-
 def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Run PPO as `cfg` says; write everything under `cfg.out`. `reward_fn` overrides `cfg.reward`."""
@@ -142,7 +135,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     disable_dropout(lm)
     ref_lm = None if cfg.lora else frozen_copy(lm)  # with LoRA, π_ref = the adapter switched off
     if cfg.lora:
-        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target)
+        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target, task_type="CAUSAL_LM")
     if cfg.gradient_checkpointing:
         causal_lm(lm).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.train()  # checkpointing only acts in train mode; dropout is already off
@@ -168,7 +161,11 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     if cfg.resume:
         checkpoint = latest_checkpoint(out)
         if checkpoint is not None:
-            start = load_checkpoint(checkpoint, unwrapped, optimizer, kl_ctl, rank, world)
+            restored = load_checkpoint(checkpoint, unwrapped.lm, optimizer, weights=POLICY_DIR, rank=rank,
+                                       world_size=world, tensors=(VALUE_FILE,))
+            unwrapped.load_value_state_dict(restored.tensors[VALUE_FILE])
+            kl_ctl.load_state_dict(restored.state["kl_ctl"])
+            start = restored.step
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate  # flags given on resume win
         elif is_main:
@@ -179,7 +176,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     if is_main:
         start_run_dir(out, "rlhf-run", overwrite=cfg.overwrite)
     accelerator.wait_for_everyone()
-    log = RunLog(out, is_main, cfg.report_to)
+    log = RunLog(out, is_main, cfg.report_to, samples=True)
 
     B, E, M = cfg.batch_size, cfg.ppo_epochs, cfg.num_minibatches
     G = cfg.gradient_accumulation_steps
@@ -196,8 +193,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 # ---- 1. rollout ---------------------------------------------------------------------------
                 t0 = time.perf_counter()
                 batch = [prompts[i] for i in batch_indices(len(prompts), step, B, rank, world, cfg.seed)]
-                with torch.no_grad(), accelerator.autocast(), _gathered(accelerator, unwrapped.lm,
-                                                                        cfg.gather_for_generation):
+                with torch.no_grad(), autocast(accelerator, cfg.bf16), _gathered(accelerator, unwrapped.lm,
+                                                                               cfg.gather_for_generation):
                     rollout = sample(unwrapped.lm, tokenizer, [p.ids for p in batch], cfg.max_new_tokens,
                                      cfg.temperature, cfg.top_p, cfg.top_k)
                     responses, mask, ctx = rollout.responses, rollout.response_mask, rollout.context_length
@@ -234,8 +231,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                         for g in range(G):
                             rows = minibatch[g * micro_size:(g + 1) * micro_size].to(device)
                             cols, rcols, mctx = _trim(rows, rollout.attention_mask, mask, ctx)
-                            sync = contextlib.nullcontext() if g == G - 1 else accelerator.no_sync(actor)
-                            with sync, accelerator.autocast():
+                            with gradient_sync(accelerator, actor, g == G - 1), autocast(accelerator, cfg.bf16):
                                 new_logits, new_values = actor(rollout.query_responses[rows, cols],
                                                                rollout.attention_mask[rows, cols], mctx,
                                                                cfg.temperature)
@@ -304,7 +300,9 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     bar.update(task, completed=step, status=f"reward {row['objective/scores']:+.3f}  "
                                f"kl {row['objective/kl']:.3f}  len {row['response/length_avg']:.0f}")
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                    _checkpoint(accelerator, out, step, unwrapped, optimizer, kl_ctl, cfg)
+                    save_checkpoint(accelerator, out, step, unwrapped.lm, optimizer, weights=POLICY_DIR,
+                                    state={"kl_ctl": kl_ctl.state_dict(), "config": cfg.to_dict()},
+                                    tensors={VALUE_FILE: unwrapped.value_state_dict()}, keep=cfg.keep_checkpoints)
                     last_saved = step
     except torch.OutOfMemoryError:
         raise UserError("out of memory; lower --batch-size or raise --num-minibatches / "
@@ -321,7 +319,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
         from toolkit.io import read_existing, write_json
 
         history = read_existing(out / "metrics.jsonl")
-        plot_curves(history, out / "curves.png", title=f"llamakit rlhf · {cfg.policy} · {cfg.reward}")
+        plot_curves(history, out / "curves.png", CURVES, title=f"llamakit rlhf · {cfg.policy} · {cfg.reward}")
         final = history[-1] if history else {}
         write_json(out / "run.json", {"config": cfg.to_dict(), "steps_done": last_saved,
                                       "seconds": time.perf_counter() - t_run, "world_size": world,
@@ -351,15 +349,6 @@ def _nan_error(step: int, epoch: int, minibatch: int, out: Path) -> UserError:
     kept = f"the last good checkpoint is kept: {checkpoint}" if checkpoint else "no checkpoint was written yet"
     return UserError(f"loss became NaN at step {step} (PPO epoch {epoch + 1}, minibatch {minibatch + 1}); "
                      f"stopped without saving; {kept}. Lower --learning-rate (or raise --kl-coef) and --resume")
-
-
-def _checkpoint(accelerator, out: Path, step: int, actor: ActorCritic, optimizer, kl_ctl, cfg: PPOConfig) -> None:
-    from accelerate.utils import gather_object
-
-    states = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
-    if accelerator.is_main_process:
-        save_checkpoint(out, step, actor, optimizer, kl_ctl, cfg.to_dict(), states, cfg.keep_checkpoints)
-    accelerator.wait_for_everyone()
 
 
 def _save_policy(actor: ActorCritic, tokenizer, target: Path, cfg: PPOConfig, step: int) -> Path:

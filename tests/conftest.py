@@ -18,7 +18,7 @@ LLAMAKIT = [sys.executable, "-m", "toolkit"]
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A ~200k-parameter random LLaMA saved as a normal Hugging Face directory."""
-    from toolkit.models import save_tiny_llama
+    from support.tiny_models import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model", seed=0)
 

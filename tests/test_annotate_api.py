@@ -9,8 +9,7 @@ import threading
 import httpx
 import pytest
 from conftest import FIXTURES, free_port, run_cli
-
-from toolkit.annotate.process import running_app, start_app, stop_app
+from support.annotate_app import running_app, start_app, stop_app
 
 TASKS = FIXTURES / "annotate-tasks.jsonl"
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import API_KEY, FIXTURES, free_port, run_cli
-
-from toolkit.annotate.process import start_app, stop_app
+from support.annotate_app import start_app, stop_app
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -274,7 +273,7 @@ def test_a_session_in_the_browser(browser, tiny_server, tiny_llama_dir, tmp_path
     assert [c["meta"]["kind"] for c in convs] == ["chat", "chat"]
     assert [m["role"] for m in convs[0]["messages"]] == ["user", "assistant", "user", "assistant"]
     assert convs[1]["messages"][1]["content"] == "Put it in boiling water for 8 minutes, then in cold water."
-    from toolkit.sft import row_to_messages  # what `llamakit sft` reads the conversations with
+    from toolkit.rows import row_to_messages  # what `llamakit sft` reads the conversations with
 
     assert [row_to_messages(c, "conversations", i) for i, c in enumerate(convs, 1)] == [c["messages"] for c in convs]
 

@@ -14,9 +14,9 @@ import threading
 import httpx
 import pytest
 from conftest import FIXTURES, free_port, run_cli
+from support.annotate_app import running_app
 
 from toolkit.annotate.db import AnnotationDB, ItemFull
-from toolkit.annotate.process import running_app
 from toolkit.annotate.tasks import load_tasks
 
 TASKS = FIXTURES / "annotate-tasks.jsonl"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,8 +14,16 @@ import pytest
 from click.testing import CliRunner
 from conftest import ROOT, run_cli
 
+from rlhf.config import PPOConfig
 from toolkit.cli import cli, main
+from toolkit.commands.params import pop_config
 from toolkit.config import load_config
+from toolkit.generate.common import Sampling, TeacherOptions
+from toolkit.generate.runner import RunOptions
+from toolkit.options import flag_fields
+from toolkit.reward.calibrate import TEMPERATURE_PRIOR_SD
+from toolkit.reward.train import TrainConfig
+from toolkit.sft import SFTConfig
 
 COMMANDS = sorted(cli.commands)
 
@@ -198,6 +207,65 @@ def test_shipped_presets_are_valid_configs(preset):
     command = cli.commands[command_name]
     values = load_config(str(ROOT / "templates" / preset), command, click.Context(command))
     assert values
+
+
+# ---------------------------------------------------------------- flags built from config dataclasses
+
+
+CONFIG_COMMANDS = [(("sft",), (SFTConfig,)), (("rlhf",), (PPOConfig,)), (("train-reward",), (TrainConfig,)),
+                   (("generate-data", "conversations"), (RunOptions, Sampling, TeacherOptions))]
+
+
+@pytest.mark.parametrize("path, classes", CONFIG_COMMANDS, ids=[" ".join(path) for path, _ in CONFIG_COMMANDS])
+def test_flags_of_a_config_take_its_defaults(path, classes):
+    """One flag per flag field, named after it, with the dataclass default (written once, in the dataclass)."""
+    command = _lookup(path)
+    params, ctx = {p.name: p for p in command.params}, click.Context(command)
+    for cls in classes:
+        for f in flag_fields(cls):
+            param = params[f.name]
+            if param.required:
+                assert f.default in (dataclasses.MISSING, ""), f.name
+            else:
+                assert param.get_default(ctx) == f.default, f.name
+
+
+def test_shared_reward_flags_come_from_train_config():
+    """calibrate and eval-reward reuse train-reward's definitions: same default, choices and range."""
+    train = {p.name: p for p in cli.commands["train-reward"].params}
+    for name in ("calibrate", "eval-reward"):
+        params = {p.name: p for p in cli.commands[name].params}
+        assert params["format"].default == "auto" and params["format"].type.choices == train["format"].type.choices
+        assert params["batch_size"].default == TrainConfig.eval_batch_size
+    calibrate = {p.name: p for p in cli.commands["calibrate"].params}
+    assert calibrate["calibration"].opts == ["--method", "--calibration"]
+    assert calibrate["temperature_prior_sd"].default == train["temperature_prior_sd"].default == TEMPERATURE_PRIOR_SD
+
+
+def test_grad_accum_is_a_second_spelling(tmp_path):
+    """train-reward's `--gradient-accumulation-steps` (sft and rlhf name it so) still takes `--grad-accum`."""
+    command = cli.commands["train-reward"]
+    for flag in ("--gradient-accumulation-steps", "--grad-accum"):
+        ctx = command.make_context("train-reward", ["--data", "d.jsonl", "--out", "o", flag, "3"])
+        assert ctx.params["gradient_accumulation_steps"] == 3
+    for key in ("grad-accum", "gradient_accumulation_steps"):
+        config = write(tmp_path / "c.yaml", f"{key}: 2\n")
+        assert load_config(str(config), command, click.Context(command)) == {"gradient_accumulation_steps": 2}
+
+
+def test_pop_config_takes_the_flags_of_one_dataclass():
+    """generate-data's shared flags go back into RunOptions / Sampling / TeacherOptions; the rest stays."""
+    command = cli.commands["generate-data"].commands["instructions"]
+    ctx = command.make_context("instructions", ["--seeds", "s.jsonl", "--out", "o.jsonl", "--rpm", "30",
+                                                "--timeout", "5", "--teacher-kwargs", '{"a": 1}', "--retry-failed"])
+    values = dict(ctx.params)
+    options = pop_config(RunOptions, values)
+    assert options == RunOptions(rpm=30.0, timeout=5.0, retry_failed=True)
+    assert pop_config(Sampling, values) == Sampling(max_tokens=128, temperature=1.0)  # instructions' own defaults
+    assert pop_config(TeacherOptions, values, timeout=options.timeout) == TeacherOptions(kwargs_json='{"a": 1}',
+                                                                                         timeout=5.0)
+    assert set(values) == {"seeds", "teacher", "num_instructions", "num_examples", "max_rouge", "min_words",
+                           "max_words", "max_requests", "out", "fmt", "limit", "as_json"}
 
 
 # ---------------------------------------------------------------- --config: errors are one line

@@ -1,7 +1,7 @@
 """Issue 14, defects 8 (errors name the real cause), 9 (credentials never printed or stored), 11 (config paths
 relative to the config file, `report` on one stage's output) and 12 (SIGINT/SIGTERM: one line, what is kept,
 how to resume; no lock file left). The real CLI: `main` in this process, or a subprocess where a signal must
-reach a process of its own; a loopback API from toolkit/testing/fault_server.py; tiny random LLaMA runs."""
+reach a process of its own; a loopback API from tests/support/fault_server.py; tiny random LLaMA runs."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from pathlib import Path
 import click
 import pytest
 from conftest import FIXTURES, LLAMAKIT, ROOT, free_port
+from support.fault_server import running_fault_server
 
 from toolkit.cli import cli, main
 from toolkit.config import load_config
 from toolkit.console import redact, redact_url
 from toolkit.errors import EXIT_ROWS_FAILED, UserError
 from toolkit.io import RowWriter
-from toolkit.testing.fault_server import running_fault_server
 
 
 @pytest.fixture(scope="module")

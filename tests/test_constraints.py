@@ -178,10 +178,10 @@ def test_every_phrasing_renders_with_sampled_args(kind):
 
 
 def test_phrasings_ship_as_prompt_files():
-    from toolkit.resources import ROOT
+    from toolkit.resources import PROMPTS
 
     for kind in C.KINDS:
-        assert (ROOT / "prompts" / "constraints" / f"{kind}.txt").is_file()
+        assert (PROMPTS / "constraints" / f"{kind}.txt").is_file()
 
 
 def test_draw_is_seeded_compatible_and_covers_every_kind():

@@ -9,8 +9,9 @@ from conftest import FIXTURES, run_cli
 
 from toolkit.errors import UserError
 from toolkit.generate.formats import convert, read_llamakit, write_rows
-from toolkit.generate.inputs import parse_hh, read_prompts, to_hh
+from toolkit.generate.inputs import read_prompts
 from toolkit.generate.stats import compute, plot
+from toolkit.rows import parse_hh, to_hh
 
 
 def write_jsonl(path, rows):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli
+from support.fault_server import running_fault_server
 
 from toolkit.errors import EXIT_ROWS_FAILED, UserError
-from toolkit.testing.fault_server import running_fault_server
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from conftest import LLAMAKIT, ROOT, run_cli
+from support.fault_server import running_fault_server
 
 from toolkit.errors import EXIT_ROWS_FAILED
-from toolkit.testing.fault_server import running_fault_server
 
 RETRY_AFTER = 0.6
 
@@ -98,6 +99,51 @@ def test_faults_end_as_rows_or_failed_rows_then_retry_failed_completes(tmp_path,
     for row in rows:
         assert row["meta"]["model"] == "fault" and row["meta"]["finish_reason"] == "stop"
         assert row["meta"]["completion_tokens"] > 0 and "template" in row["meta"]
+
+
+FAULT_KINDS = ("429ra", "429", "500", "502", "503", "timeout", "reset", "malformed", "cut", "empty", "never")
+
+
+def test_every_fault_that_never_clears_ends_as_a_failed_row_and_is_not_asked_again(tmp_path, fault_server):
+    plain = [f"always-test plain question {i}" for i in range(3)]
+    failing = {kind: f"always-test keeps failing {kind} <<faults:always-{kind}>>" for kind in FAULT_KINDS}
+    prompts = write_prompts(tmp_path / "prompts.jsonl", plain + list(failing.values()))
+    out = tmp_path / "answers.jsonl"
+    flags = ("--concurrency", "8", "--max-retries", "1", "--timeout", "1.0", "--backoff-base", "0.05",
+             "--backoff-max", "0.2")
+    first = run_cli(*answers_cmd(prompts, out, fault_server, *flags), timeout=120)
+    assert first.returncode == EXIT_ROWS_FAILED, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["rows_done"] == len(plain) and summary["rows_failed"] == len(failing), summary
+    assert {r["messages"][0]["content"] for r in rows_of(out)} == set(plain)
+    errors = {f["inputs"]["prompt"]: f["error"] for f in rows_of(tmp_path / "answers.failed.jsonl")}
+    assert set(errors) == set(failing.values()) and all(errors.values()), errors
+    stats = fault_server.stats()
+    assert all(stats["ok"][prompt] == 1 for prompt in plain)  # answered once each
+
+    before = stats["total"]  # the same command again: answered rows are done, failed rows wait for --retry-failed
+    again = run_cli(*answers_cmd(prompts, out, fault_server, *flags), timeout=60)
+    assert again.returncode == EXIT_ROWS_FAILED, again.stderr
+    assert fault_server.stats()["total"] == before
+
+
+def test_a_server_that_never_answers_times_out_every_row_and_ask_says_so(tmp_path):
+    """A socket that accepts connections and never reads or answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        prompts = write_prompts(tmp_path / "prompts.jsonl", [f"silent {i}" for i in range(4)])
+        run = run_cli("generate-data", "conversations", "--prompts", prompts, "--out", tmp_path / "answers.jsonl",
+                      "--teacher", "openai:fault", "--base-url", url, "--turns", "1", "--timeout", "1",
+                      "--max-retries", "1", "--backoff-base", "0.05", timeout=90)
+        assert run.returncode == EXIT_ROWS_FAILED, run.stderr
+        failed = rows_of(tmp_path / "answers.failed.jsonl")
+        assert len(failed) == 4 and all("Timeout" in f["error"] for f in failed), failed
+        ask = run_cli("ask", "hello", "--teacher", "openai:x", "--base-url", url, "--timeout", "1", timeout=60)
+    assert ask.returncode != 0 and "Traceback" not in ask.stderr
+    last = ask.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and url in last and "Timeout" in last, ask.stderr
 
 
 def test_kill_9_then_same_command_finishes_without_asking_twice(tmp_path):

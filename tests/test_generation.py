@@ -26,9 +26,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def lively(tiny_llama):
+    from support.tiny_models import tiny_llama_config
     from transformers import LlamaForCausalLM
-
-    from toolkit.models import tiny_llama_config
 
     _, tokenizer = tiny_llama
     torch.manual_seed(1)

@@ -11,10 +11,11 @@ import textwrap
 import pytest
 import torch
 from conftest import ROOT
+from support.tiny_models import save_tiny_llama
 
 from toolkit import models
 from toolkit.errors import UserError
-from toolkit.models import load_causal_lm, load_tokenizer, resolve, save_tiny_llama
+from toolkit.models import load_causal_lm, load_tokenizer, resolve
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from rlhf.config import PPOConfig
-from rlhf.policy import ActorCritic, Reference, add_lora, frozen_copy, load_critic, logprobs_of
+from rlhf.policy import ActorCritic, Reference, frozen_copy, load_critic, logprobs_of
 from rlhf.rollout import batch_indices, load_prompts, sample
 from rlhf.trainer import train
 from toolkit.errors import UserError
 from toolkit.models import load_causal_lm
+from toolkit.training.model import add_lora
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROMPTS = FIXTURES / "prompts-alpaca-32.jsonl"
@@ -104,7 +105,7 @@ def test_reference_stays_fixed_while_the_policy_moves(tiny_llama_dir):
 def test_lora_reference_is_the_base_model_with_the_adapter_disabled(tiny_llama_dir):
     base, tok = load_causal_lm(tiny_llama_dir)
     lm, _ = load_causal_lm(tiny_llama_dir)
-    lm = add_lora(lm, r=4, alpha=8, target="all-linear")
+    lm = add_lora(lm, r=4, alpha=8, target="all-linear", task_type="CAUSAL_LM")
     actor = ActorCritic(lm)
     reference = Reference(actor, None)
     torch.manual_seed(0)

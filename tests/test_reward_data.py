@@ -9,7 +9,7 @@ import pytest
 from conftest import FIXTURES, run_cli
 
 from toolkit.errors import UserError
-from toolkit.reward.data import detect_format, join, load_preferences, pairs_from_scored
+from toolkit.reward.data import detect_format, load_preferences, pairs_from_scored
 
 HH = FIXTURES / "hh-harmless-200.jsonl"
 
@@ -86,14 +86,12 @@ def test_datasets_directory(tmp_path):
         load_preferences(tmp_path / "bad")
 
 
-def test_detection_and_join_rules():
+def test_detection_rules():
     assert detect_format({"prompt": "p", "chosen": "a", "rejected": "b"}) == "preference"
     assert detect_format({"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "z"}) == "hh"
     assert detect_format({"user_input": "p", "completion": "a", "score": 1}) == "chatllama"
     with pytest.raises(UserError, match="cannot tell the format"):
         detect_format({"text": "x"}, "f.jsonl", 1)
-    assert join("\n\nHuman: a\n\nAssistant: b\n\nHuman: c", "d") == "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d"
-    assert join("Human: a", "b") == "\n\nHuman: a\n\nAssistant: b"
 
 
 def test_json_array_errors_name_the_row(tmp_path):

@@ -10,7 +10,8 @@ import torch
 from conftest import run_cli
 
 from toolkit.errors import UserError
-from toolkit.sft import IGNORE, Example, collate, load_examples, pack, row_to_messages, tokenize_conversation
+from toolkit.rows import row_to_messages
+from toolkit.sft import IGNORE, Example, collate, load_examples, pack, tokenize_conversation
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CONVERSATION = [
@@ -149,16 +150,16 @@ def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tiny_llama_di
                              save_every=2, **kw)
 
     full = sft.train_sft(cfg(tmp_path / "full"))
-    save = sft._save_sft_checkpoint
+    save = sft._checkpoint
 
     def save_then_die(accelerator, out, step, *args):  # a kill right after the step-2 checkpoint
         save(accelerator, out, step, *args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sft, "_save_sft_checkpoint", save_then_die)
+    monkeypatch.setattr(sft, "_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         sft.train_sft(cfg(tmp_path / "cut"))
-    monkeypatch.setattr(sft, "_save_sft_checkpoint", save)
+    monkeypatch.setattr(sft, "_checkpoint", save)
     resumed = sft.train_sft(cfg(tmp_path / "cut", resume=True))
     assert [r["step"] for r in resumed.history] == [1, 2, 3, 4]
     # same weights, Adam moments, warm-up/decay position and batch order -> same next losses

@@ -10,38 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from toolkit.errors import UserError
-
-ROLES = ("system", "user", "assistant")
 _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def validate_messages(messages: object) -> list[dict[str, str]]:
-    """Check a list of {role, content} messages; raise UserError naming the bad item."""
-    if not isinstance(messages, list) or not messages:
-        raise UserError("'messages' must be a non-empty list", field="messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise UserError(f"messages[{i}] must be an object", field=f"messages[{i}]")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise UserError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}",
-                            field=f"messages[{i}].role")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content):
-                raise UserError(f"messages[{i}].content: only text parts are supported",
-                                field=f"messages[{i}].content")
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise UserError(f"messages[{i}].content must be a string", field=f"messages[{i}].content")
-        clean.append({"role": role, "content": content})
-    return clean
 
 
 def encode_chat(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import SEED_MAX
-from rlhf.rollout import Prompt, load_prompts
+from rlhf.rollout import TokenizedPrompt, load_prompts
 from toolkit.errors import UserError
+from toolkit.options import SEED_MAX
 
 KIND = "eval-policy"  # the manifest kind of OUT
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -225,14 +225,14 @@ def row_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % SEED_MAX
 
 
-def read_prompts(cfg: EvalConfig, tokenizer: Any = None) -> list[Prompt]:
+def read_prompts(cfg: EvalConfig, tokenizer: Any = None) -> list[TokenizedPrompt]:
     """The prompt rows, read as `rlhf` reads them (chat template, system prompt), first --limit kept."""
     prompts, _ = load_prompts(cfg.prompts, tokenizer, chat_template=cfg.chat_template,
                               system_prompt=cfg.system_prompt, max_prompt_tokens=sys.maxsize)
     return prompts[:cfg.limit] if cfg.limit else prompts
 
 
-def check_fit(prompts: Sequence[Prompt], source: Source, cfg: EvalConfig, flag: str) -> None:
+def check_fit(prompts: Sequence[TokenizedPrompt], source: Source, cfg: EvalConfig, flag: str) -> None:
     for p in prompts:
         if len(p.ids) + cfg.max_new_tokens > source.context:
             raise UserError(f"prompt is {len(p.ids)} tokens: with --max-new-tokens {cfg.max_new_tokens} it does "
@@ -353,7 +353,7 @@ def kl_unavailable(policy: Source, baseline: Source | None, tokenizers: Mapping[
 
 
 def run_side(name: str, source: Source, ids: Sequence[list[int]] | None, cfg: EvalConfig,
-             prompts: Sequence[Prompt], bar: Any, logprobs_of: Sequence[Answer] | None = None,
+             prompts: Sequence[TokenizedPrompt], bar: Any, logprobs_of: Sequence[Answer] | None = None,
              own_logprobs: bool = False) -> Side:
     """Answer every (prompt, sample) row with one side (`ids`: a local side's encoded prompts per row). A local
     side also takes the teacher-forced log-probs of `logprobs_of` (POLICY's answers, for the KL; its own
@@ -394,7 +394,7 @@ def _task(bar: Any, description: str, total: int) -> Callable[[int], None]:
 # ------------------------------------------------------------------------------------------ scores
 
 
-def score_side(side: Side, rows: Sequence[tuple[Prompt, int]], scorer: Any, rm: Any) -> None:
+def score_side(side: Side, rows: Sequence[tuple[TokenizedPrompt, int]], scorer: Any, rm: Any) -> None:
     texts = [a.text for a in side.answers]
     if scorer is not None:
         side.parts = [scorer.explain(p.text, a.text, a.finish_reason, p.context)
@@ -443,7 +443,7 @@ def judge_answers(cfg: EvalConfig, questions: Sequence[str], policy: Side, basel
 # ------------------------------------------------------------------------------------------ the run
 
 
-def check(cfg: EvalConfig) -> tuple[Any, list[Prompt]]:
+def check(cfg: EvalConfig) -> tuple[Any, list[TokenizedPrompt]]:
     """What can be refused before anything loads: flags together, OUT, the prompt file and its rows, the
     scorer, the server and judge specs. Returns (scorer, prompts)."""
     from toolkit.io import claim_output_dir
@@ -569,7 +569,7 @@ def summarize(cfg: EvalConfig, policy: Side, baseline: Side | None, kls: list[fl
             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "bf16": cfg.bf16, "out": cfg.out}
 
 
-def prompt_id(p: Prompt) -> str:
+def prompt_id(p: TokenizedPrompt) -> str:
     """The row's own `id` (generate-data writes one), else a hash of the prompt text."""
     given = p.context.get("id")
     if isinstance(given, (str, int)) and not isinstance(given, bool):
@@ -577,7 +577,7 @@ def prompt_id(p: Prompt) -> str:
     return hashlib.sha256(p.text.encode("utf-8")).hexdigest()[:16]
 
 
-def output_rows(rows: Sequence[tuple[Prompt, int]], policy: Side, baseline: Side | None,
+def output_rows(rows: Sequence[tuple[TokenizedPrompt, int]], policy: Side, baseline: Side | None,
                 kls: list[float] | None, verdicts: list[dict[str, str]] | None) -> list[dict[str, Any]]:
     """One row per prompt x sample x side, prompt-major (a pair's two rows are neighbours)."""
     out = []

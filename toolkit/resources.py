@@ -1,29 +1,40 @@
-"""Files shipped beside the code: prompts/ (text sent to teachers) and templates/ (config presets).
+"""Files shipped with the code: prompts/ (text sent to teachers) and templates/ (config presets); the one place
+that finds them.
 
-Both directories sit next to `toolkit/` in the source tree and in site-packages of an installed wheel.
+An installed wheel has them inside the package (toolkit/prompts, toolkit/templates: pyproject.toml maps the
+repo's folders there); a source checkout (an editable install, `python -m toolkit` from the repo root) reads the
+repo's top-level prompts/ and templates/.
 """
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from toolkit.errors import UserError
 
-ROOT = Path(__file__).resolve().parent.parent
+
+def _folder(name: str) -> Path:
+    packaged = Path(files("toolkit"), name)  # toolkit is a regular package, installed unzipped: a real path
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / name
+
+
+PROMPTS = _folder("prompts")
+TEMPLATES = _folder("templates")
 
 
 def prompt_path(name: str) -> Path:
-    path = ROOT / "prompts" / (name if name.endswith(".txt") else f"{name}.txt")
+    path = PROMPTS / (name if name.endswith(".txt") else f"{name}.txt")
     if not path.is_file():
-        available = ", ".join(sorted(p.stem for p in (ROOT / "prompts").glob("*.txt")))
+        available = ", ".join(sorted(p.stem for p in PROMPTS.glob("*.txt")))
         raise UserError(f"no prompt named '{name}' (available: {available})")
     return path
 
 
 def template_path(name: str) -> Path:
-    path = ROOT / "templates" / name
+    path = TEMPLATES / name
     if not path.exists():
-        raise UserError(f"no template named '{name}' under {ROOT / 'templates'}")
+        raise UserError(f"no template named '{name}' under {TEMPLATES}")
     return path
 
 

@@ -29,11 +29,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from toolkit.chat_format import context_length, encode_chat, validate_messages
+from toolkit.chat_format import context_length, encode_chat
 from toolkit.engine import BatchingEngine, QueueFull
 from toolkit.errors import UserError
 from toolkit.generation import SamplingParams
 from toolkit.netutil import allowed_hosts, host_allowed, is_json_media_type, listen_socket, same_origin
+from toolkit.rows import check_messages
 
 
 @dataclass
@@ -109,7 +110,7 @@ def parse_chat_request(body: Any, limits: ServeLimits) -> ChatRequest:
     if bad is not None:
         raise APIError(400, f"'{bad}' must be a finite number (NaN and Infinity are not allowed)", param=bad)
     try:
-        messages = validate_messages(body.get("messages"))
+        messages = check_messages(body.get("messages"))
     except UserError as err:
         raise APIError(400, str(err).removeprefix(f"field '{err.field}': "), param=err.field) from None
     max_tokens_given = body.get("max_completion_tokens", body.get("max_tokens")) is not None

@@ -9,8 +9,8 @@ labels. A plain torch loop under Accelerate (DDP / bf16 / gradient accumulation)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import random
 import time
@@ -18,76 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import SEED_MAX, check_ranges
-from rlhf.config import flag_field as _f
 from toolkit.errors import UserError
+from toolkit.options import SEED_MAX, check_ranges
+from toolkit.options import flag_field as _f
+from toolkit.rows import row_to_messages
 
 IGNORE = -100
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
-                  "system": "system"}
-
-
-# ---- formats ---------------------------------------------------------------------------------------------
-
-def row_to_messages(row: dict, path: str, line: int, for_prompt: bool = False) -> list[dict[str, str]]:
-    """One row of any supported format as chat messages. `for_prompt`: drop the trailing answer."""
-    from toolkit.chat_format import validate_messages
-    from toolkit.io import require_str
-
-    def err(message: str, field: str | None = None) -> UserError:
-        return UserError(message, file=str(path), line=line, field=field)
-
-    def answer(*keys: str) -> list[dict[str, str]]:
-        for key in keys:
-            if key in row:
-                return [{"role": "assistant", "content": require_str(row, key, path, line)}]
-        if for_prompt:
-            return []
-        raise err(f"missing the answer (one of: {', '.join(keys)})")
-
-    if "messages" in row:
-        try:
-            messages = validate_messages(row["messages"])
-        except UserError as e:
-            raise err(str(e)) from None
-    elif "conversations" in row:
-        turns = row["conversations"]
-        if not isinstance(turns, list) or not turns:
-            raise err("must be a non-empty list of {from, value}", "conversations")
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-                raise err("expected {from, value} with a string value", f"conversations[{i}]")
-            role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
-            if role is None:
-                raise err(f"unknown speaker {turn.get('from')!r} (known: {', '.join(SHAREGPT_ROLES)})",
-                          f"conversations[{i}].from")
-            messages.append({"role": role, "content": turn["value"]})
-    elif "instruction" in row:
-        instruction = require_str(row, "instruction", path, line)
-        extra = row.get("input") or ""
-        if not isinstance(extra, str):
-            raise err("expected a string", "input")
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        messages = [{"role": "user", "content": user}, *answer("output")]
-    elif "user_input" in row:
-        messages = [{"role": "user", "content": require_str(row, "user_input", path, line)},
-                    *answer("completion")]
-    elif "prompt" in row:
-        messages = [{"role": "user", "content": require_str(row, "prompt", path, line)},
-                    *answer("response", "completion", "chosen")]
-    else:
-        raise err("unknown row format: expected messages | conversations | instruction | user_input | prompt")
-
-    if for_prompt:
-        while messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        if not any(m["role"] == "user" for m in messages):
-            raise err("no user turn to use as a prompt")
-    elif not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise err("no assistant turn to learn from")
-    return messages
+MODEL_DIR = "model"  # a checkpoint's save_pretrained directory (the LoRA adapter or all weights)
 
 
 # ---- tokenization with the assistant-only mask ---------------------------------------------------------------
@@ -253,21 +190,18 @@ def _micro_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
 def train_sft(cfg: SFTConfig) -> SFTResult:
     """Fine-tune `cfg.model` on `cfg.data`; write model/, metrics.jsonl, curves.png under `cfg.out`."""
     import torch
 
-    from rlhf.policy import add_lora, disable_dropout
-    from rlhf.trainer import make_accelerator
     from toolkit.console import console, progress, summary_table
-    from toolkit.io import RowWriter, claim_run_dir, read_existing, start_run_dir, write_json
+    from toolkit.io import claim_run_dir, read_existing, start_run_dir, write_json
     from toolkit.models import load_causal_lm, load_tokenizer
+    from toolkit.training.accelerator import autocast, gradient_sync, make_accelerator
+    from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint
+    from toolkit.training.model import add_lora, disable_dropout
+    from toolkit.training.runlog import Curve, RunLog, drop_rows_after, plot_curves
+    from toolkit.training.schedule import warmup_linear
 
     cfg.validate()
     accelerator = make_accelerator(cfg.bf16)
@@ -287,7 +221,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
         console.print(f"[yellow]warning:[/] {stats['dropped']} row(s) had no assistant tokens left and were skipped")
     disable_dropout(model)
     if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target)
+        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target, task_type="CAUSAL_LM")
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -302,27 +236,27 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
+    scheduler = warmup_linear(optimizer, total, warmup)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
     start = 0
-    if cfg.resume:
-        start = _load_sft_checkpoint(out, unwrapped, optimizer, scheduler)
-        if is_main:
-            from rlhf.logs import drop_rows_after
-
-            drop_rows_after(out / "metrics.jsonl", start)
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    if checkpoint is not None:
+        restored = load_checkpoint(checkpoint, unwrapped, optimizer, weights=MODEL_DIR, rank=rank, world_size=world)
+        scheduler.load_state_dict(restored.state["scheduler"])
+        start = restored.step
+    if cfg.resume and is_main:
+        drop_rows_after(out / "metrics.jsonl", start)
     if is_main:
         start_run_dir(out, "sft-run", overwrite=cfg.overwrite)
     accelerator.wait_for_everyone()
-    writer = RowWriter(out / "metrics.jsonl") if is_main else None
-    history: list[dict[str, Any]] = []
+    log = RunLog(out, is_main)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     t_run = time.perf_counter()
     step = start
     try:
-        with progress() if is_main else _null() as bar:
+        with progress() if is_main else contextlib.nullcontext() as bar:
             task = bar.add_task("sft", total=total, status="") if bar else None
             if bar:
                 bar.update(task, completed=start)
@@ -337,8 +271,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
                 loss_sum = 0.0
                 for g, batch in enumerate(micro):
                     batch = {k: v.to(device) for k, v in batch.items()}
-                    sync = _null() if g == len(micro) - 1 else accelerator.no_sync(model)
-                    with sync, accelerator.autocast():
+                    with gradient_sync(accelerator, model, g == len(micro) - 1), autocast(accelerator, cfg.bf16):
                         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
                         loss = torch.nn.functional.cross_entropy(
                             logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
@@ -358,25 +291,23 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
                 row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_avg,
                        "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
                        "time/step": time.perf_counter() - t0}
-                history.append(row)
-                if writer:
-                    writer.write(row)
+                log.log(row)
                 if bar:
                     bar.update(task, completed=step, status=f"loss {loss_avg:.4f}")
                 if (cfg.save_every and step % cfg.save_every == 0) or step == total:
-                    _save_sft_checkpoint(accelerator, out, step, unwrapped, optimizer, scheduler, cfg)
+                    _checkpoint(accelerator, out, step, unwrapped, optimizer, scheduler, cfg)
     except torch.OutOfMemoryError:
         raise UserError("out of memory; lower --batch-size (raise --gradient-accumulation-steps to keep the "
                         "effective batch), lower --max-length, or use --lora, --bf16, --gradient-checkpointing") from None
     finally:
-        if writer:
-            writer.close()
+        log.close()
 
     model_dir = None
+    history = log.history
     if is_main:
         model_dir = _save_model(unwrapped, tokenizer, out / "model", cfg, step)
         history = read_existing(out / "metrics.jsonl")
-        _plot_loss(history, out / "curves.png")
+        plot_curves(history, out / "curves.png", (Curve("loss", "loss (assistant tokens)"),), title="llamakit sft")
         write_json(out / "run.json", {"config": dataclasses.asdict(cfg), "steps": step, "data": stats,
                                       "seconds": time.perf_counter() - t_run,
                                       "final_loss": history[-1]["loss"] if history else None})
@@ -387,61 +318,12 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     return SFTResult(out, model_dir, step, history, stats)
 
 
-class _null:
-    def __enter__(self):
-        return None
+def _checkpoint(accelerator, out: Path, step: int, model, optimizer, scheduler, cfg: SFTConfig) -> None:
+    from toolkit.training.checkpoint import save_checkpoint
 
-    def __exit__(self, *exc):
-        return False
-
-
-def _save_sft_checkpoint(accelerator, out: Path, step: int, model, optimizer, scheduler, cfg: SFTConfig) -> None:
-    import shutil
-
-    import torch
-
-    from rlhf.checkpoint import MANIFEST, checkpoint_dir, list_checkpoints, rng_state
-    from toolkit.io import atomic_dir, write_json
-
-    if accelerator.is_main_process:
-        with atomic_dir(checkpoint_dir(out, step), "checkpoint", overwrite=True) as tmp:
-            model.save_pretrained(tmp / "model", safe_serialization=True)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save([rng_state()], tmp / "rng.pt")
-            write_json(tmp / "state.json", {"step": step, "scheduler": scheduler.state_dict(),
-                                            "config": dataclasses.asdict(cfg)})
-            write_json(tmp / MANIFEST, {"step": step})
-        for old in list_checkpoints(out)[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _load_sft_checkpoint(out: Path, model, optimizer, scheduler) -> int:
-    import torch
-    from safetensors.torch import load_file
-
-    from rlhf.checkpoint import latest_checkpoint, set_rng_state
-
-    path = latest_checkpoint(out)
-    if path is None:
-        return 0
-    weights_dir = path / "model"
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(str(weights_dir / "adapter_model.safetensors")))
-    else:
-        weights: dict = {}
-        for file in sorted(weights_dir.glob("*.safetensors")):
-            weights.update(load_file(str(file)))
-        model.load_state_dict(weights, strict=False)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    state = json.loads((path / "state.json").read_text())
-    scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True)[0])
-    return int(state["step"])
+    save_checkpoint(accelerator, out, step, model, optimizer, weights=MODEL_DIR,
+                    state={"scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg)},
+                    keep=cfg.keep_checkpoints)
 
 
 def _save_model(model, tokenizer, target: Path, cfg: SFTConfig, step: int) -> Path:
@@ -455,22 +337,3 @@ def _save_model(model, tokenizer, target: Path, cfg: SFTConfig, step: int) -> Pa
         write_json(tmp / "llamakit-manifest.json", {"kind": "sft-model", "base": cfg.model, "data": cfg.data,
                                                     "steps": step, "lora_merged": cfg.lora})
     return target
-
-
-def _plot_loss(rows: list[dict[str, Any]], path: Path) -> None:
-    if not rows:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (assistant tokens)")
-    ax.set_title("llamakit sft")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -200,10 +200,11 @@ class HFTeacher:
         self.name = f"hf:{model}"
 
     async def chat(self, messages: list[dict[str, str]], **params: Any) -> Reply:
-        from toolkit.chat_format import context_length, encode_chat, validate_messages
+        from toolkit.chat_format import context_length, encode_chat
         from toolkit.generation import SamplingParams
+        from toolkit.rows import check_messages
 
-        prompt_ids = encode_chat(self.engine.tokenizer, validate_messages(messages))
+        prompt_ids = encode_chat(self.engine.tokenizer, check_messages(messages))
         room = context_length(self.engine.model) - len(prompt_ids)
         if room < 1:
             raise ValueError(f"the messages take {len(prompt_ids)} tokens, over the model's context")

@@ -7,80 +7,43 @@ from __future__ import annotations
 
 import click
 
-from toolkit.commands.params import SEED, FiniteFloat, FloatList, NonEmptyPath
+from toolkit.commands.params import SEED, FiniteFloat, FloatList, NonEmptyPath, dataclass_options, pop_config
 from toolkit.config import config_option
+from toolkit.generate.common import Sampling, TeacherOptions
+from toolkit.generate.runner import RunOptions
 from toolkit.models import allow_pickle_option
 
 TEACHER_HELP = "openai:MODEL | langchain:module:Class | hf:ALIAS_OR_PATH"
 
 
-def common_options(temperature: float = 0.7, max_tokens: int = 256):
-    """Flags every generate-data sub-command shares (engine, sampling, teacher connection, output)."""
-    options = [
+def common_options(**sampling_defaults: float | int):
+    """Flags every generate-data sub-command shares: the output, one per field of the engine's RunOptions,
+    Sampling and TeacherOptions (`sampling_defaults` replace Sampling's defaults), and --json."""
+    output = [
         click.option("--out", required=True, type=NonEmptyPath(dir_okay=False),
                      help="Output file (JSONL rows; resumed when it exists). Failed rows go to OUT.failed.jsonl."),
         click.option("--format", "fmt", type=click.Choice(["jsonl", "parquet"]), default="jsonl", show_default=True,
                      help="Output format; parquet is written at the end from a JSONL journal OUT.jsonl."),
         click.option("--limit", type=click.IntRange(0), default=0, show_default=True,
                      help="Use only the first N input rows (0 = all)."),
-        click.option("--concurrency", type=click.IntRange(1), default=16, show_default=True,
-                     help="Requests in flight at most."),
-        click.option("--rpm", type=FiniteFloat(0), default=0.0, show_default=True,
-                     help="Requests per minute at most (0: no limit)."),
-        click.option("--tpm", type=FiniteFloat(0), default=0.0, show_default=True,
-                     help="Tokens per minute at most, prompt + max_tokens estimated (0: no limit)."),
-        click.option("--max-retries", type=click.IntRange(0), default=5, show_default=True,
-                     help="Retries per request (429, 5xx, timeouts, resets, malformed or unparsable replies)."),
-        click.option("--timeout", type=FiniteFloat(0.001), default=60.0, show_default=True,
-                     help="Seconds per request."),
-        click.option("--backoff-base", type=FiniteFloat(0), default=1.0, show_default=True,
-                     help="First back-off in seconds (doubled per retry, with jitter; Retry-After wins)."),
-        click.option("--backoff-max", type=FiniteFloat(0), default=60.0, show_default=True,
-                     help="Longest back-off in seconds."),
-        click.option("--retry-failed", is_flag=True, help="Run again the rows recorded in OUT.failed.jsonl."),
-        click.option("--append", is_flag=True,
-                     help="Add rows to an OUT made with other settings (teacher, sampling, scorer ...); without it "
-                          "such a run is refused (OUT.settings.json records each run's settings)."),
-        click.option("--max-tokens", type=click.IntRange(1), default=max_tokens, show_default=True,
-                     help="Tokens per answer at most."),
-        click.option("--temperature", type=FiniteFloat(0), default=temperature, show_default=True),
-        click.option("--top-p", type=FiniteFloat(0, 1), default=1.0, show_default=True),
-        click.option("--seed", type=SEED, default=0, show_default=True,
-                     help="Base seed sent with requests (part of every row id)."),
-        click.option("--base-url", default=None, help="OpenAI-compatible server for openai: teachers."),
-        click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
-                     help="Environment variable holding the API key (never printed or stored)."),
-        click.option("--teacher-kwargs", default="{}", show_default=True,
-                     help="JSON kwargs for langchain: teachers, e.g. '{\"model\": \"gpt-4o-mini\"}'."),
-        click.option("--price-in", type=FiniteFloat(0), default=0.0, show_default=True,
-                     help="USD per million prompt tokens, for the cost line."),
-        click.option("--price-out", type=FiniteFloat(0), default=0.0, show_default=True,
-                     help="USD per million completion tokens."),
-        click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout."),
     ]
+    engine_flags = dataclass_options(RunOptions, Sampling, TeacherOptions, defaults=sampling_defaults)
+    as_json = click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
 
     def decorate(func):
-        for option in reversed(options):
+        func = engine_flags(as_json(func))
+        for option in reversed(output):
             func = option(func)
         return config_option(allow_pickle_option(func))
 
     return decorate
 
 
-def engine(kw: dict):
+def engine(kw: dict) -> tuple[RunOptions, Sampling, TeacherOptions, dict]:
     """Pop the shared flags into (RunOptions, Sampling, TeacherOptions, output kwargs)."""
-    from toolkit.generate.common import Sampling, TeacherOptions
-    from toolkit.generate.runner import RunOptions
-
-    options = RunOptions(concurrency=kw.pop("concurrency"), rpm=kw.pop("rpm"), tpm=kw.pop("tpm"),
-                         max_retries=kw.pop("max_retries"), timeout=kw.pop("timeout"),
-                         backoff_base=kw.pop("backoff_base"), backoff_max=kw.pop("backoff_max"),
-                         retry_failed=kw.pop("retry_failed"), append=kw.pop("append"), price_in=kw.pop("price_in"),
-                         price_out=kw.pop("price_out"))
-    sampling = Sampling(max_tokens=kw.pop("max_tokens"), temperature=kw.pop("temperature"), top_p=kw.pop("top_p"),
-                        seed=kw.pop("seed"))
-    teacher_options = TeacherOptions(base_url=kw.pop("base_url"), api_key_env=kw.pop("api_key_env"),
-                                     kwargs_json=kw.pop("teacher_kwargs"), timeout=options.timeout)
+    options = pop_config(RunOptions, kw)
+    sampling = pop_config(Sampling, kw)
+    teacher_options = pop_config(TeacherOptions, kw, timeout=options.timeout)
     _note_rows_kept(kw["out"], kw["fmt"])
     return options, sampling, teacher_options, {"out": kw.pop("out"), "fmt": kw.pop("fmt"), "limit": kw.pop("limit")}
 
@@ -246,7 +209,6 @@ def preferences_cmd(prompts, teachers, num_candidates, temperatures, judge, pair
 def scores_cmd(prompts, judge, teacher, judge_max_tokens, judge_temperature, as_json, **kw):
     """ChatLLaMA-style reward data: one answer and a 0-5 rubric score per row; unparsable scores are retried."""
     from toolkit.generate import scores
-    from toolkit.generate.common import Sampling
 
     options, sampling, teacher_options, out = engine(kw)
     judge_sampling = Sampling(max_tokens=judge_max_tokens, temperature=judge_temperature, top_p=1.0,

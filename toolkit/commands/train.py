@@ -2,51 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-
 import click
 
 from rlhf.config import PPOConfig
-from toolkit.commands.params import NON_EMPTY, FiniteFloat
+from toolkit.commands.params import dataclass_options
 from toolkit.config import config_option
 from toolkit.models import allow_pickle_option
 from toolkit.sft import SFTConfig
-
-
-def field_type(f: dataclasses.Field) -> click.ParamType | type:
-    """The click type of a dataclass field: numbers carry the range of its metadata (min, max, min_open,
-    max_open, inf), so a value outside it stops at parse time; `nonempty` text refuses ""."""
-    meta, kind = f.metadata, type(f.default)
-    bounds = {"min": meta.get("min"), "max": meta.get("max"), "min_open": meta.get("min_open", False),
-              "max_open": meta.get("max_open", False)}
-    if kind is int:
-        return click.IntRange(**bounds)
-    if kind is float:
-        return FiniteFloat(**bounds, allow_inf=meta.get("inf", False))
-    return NON_EMPTY if meta.get("nonempty") else kind
-
-
-def dataclass_options(cls: type) -> Callable:
-    """Add `--field-name` for every field of `cls` (booleans get `--x/--no-x`), defaults, help and ranges
-    from it. A `nonempty` field whose default is "" is required."""
-
-    def decorate(func: Callable) -> Callable:
-        for f in reversed(dataclasses.fields(cls)):
-            name = f.name.replace("_", "-")
-            help_text = f.metadata.get("help", "")
-            if isinstance(f.default, bool):
-                option = click.option(f"--{name}/--no-{name}", f.name, default=f.default, show_default=True,
-                                      help=help_text)
-            elif f.metadata.get("nonempty") and f.default == "":
-                option = click.option(f"--{name}", f.name, type=field_type(f), required=True, help=help_text)
-            else:
-                option = click.option(f"--{name}", f.name, type=field_type(f), default=f.default,
-                                      show_default=True, help=help_text)
-            func = option(func)
-        return func
-
-    return decorate
 
 
 @click.command("sft")
@@ -95,7 +57,7 @@ def note_checkpoints_kept(out: str) -> None:
     def kept() -> str:
         from pathlib import Path
 
-        from rlhf.checkpoint import latest_checkpoint
+        from toolkit.training.checkpoint import latest_checkpoint
 
         last = latest_checkpoint(Path(out))
         if last is None:

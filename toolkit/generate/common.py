@@ -8,14 +8,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from toolkit.errors import UserError
+from toolkit.options import SEED_MAX
+from toolkit.options import flag_field as _f
 
 
 @dataclass(frozen=True)
 class Sampling:
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    seed: int | None = 0
+    max_tokens: int = _f(256, "Tokens per answer at most.", min=1)
+    temperature: float = _f(0.7, min=0)
+    top_p: float = _f(1.0, min=0, max=1)
+    seed: int | None = _f(0, "Base seed sent with requests (part of every row id).", min=0, max=SEED_MAX)
 
     def params(self, **override: Any) -> dict[str, Any]:
         """Keyword arguments for `teacher.chat` (seed None means the teacher's own randomness)."""
@@ -24,10 +26,11 @@ class Sampling:
 
 @dataclass(frozen=True)
 class TeacherOptions:
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    kwargs_json: str = "{}"
-    timeout: float = 60.0
+    base_url: str | None = _f(None, "OpenAI-compatible server for openai: teachers.")
+    api_key_env: str = _f("OPENAI_API_KEY", "Environment variable holding the API key (never printed or stored).")
+    kwargs_json: str = _f("{}", "JSON kwargs for langchain: teachers, e.g. '{\"model\": \"gpt-4o-mini\"}'.",
+                          flag="teacher-kwargs")
+    timeout: float = 60.0  # seconds per request: the CLI sets it from RunOptions.timeout
 
 
 def teacher_kwargs(text: str) -> dict[str, Any]:

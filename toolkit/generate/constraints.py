@@ -26,8 +26,9 @@ from typing import Any
 
 from toolkit import constraints as verifiable
 from toolkit.errors import UserError
-from toolkit.generate.inputs import Messages, Prompt, prompt_text, read_prompts
+from toolkit.generate.inputs import read_prompts
 from toolkit.generate.runner import row_id
+from toolkit.rows import Messages, PromptRow, dialogue_text
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,9 @@ def _with_sentences(prompt: str | Messages, sentences: str) -> str | Messages:
     return turns
 
 
-def make_row(p: Prompt, *, seed: int, per_prompt: PerPrompt, kinds: Sequence[str], template: str) -> dict[str, Any]:
+def make_row(p: PromptRow, *, seed: int, per_prompt: PerPrompt, kinds: Sequence[str], template: str) -> dict[str, Any]:
     """One output row for input prompt `p` (deterministic in seed and the prompt's text)."""
-    text = prompt_text(p.prompt)
+    text = dialogue_text(p.prompt)
     rng = verifiable.rng_for(seed, text)
     count = rng.randint(per_prompt.low, per_prompt.high)
     drawn = verifiable.draw(text, rng, count, kinds)
@@ -92,7 +93,7 @@ def make_row(p: Prompt, *, seed: int, per_prompt: PerPrompt, kinds: Sequence[str
                      "template": template}}
 
 
-def build_rows(prompts: Sequence[Prompt], *, seed: int = 0, per_prompt: PerPrompt = PerPrompt(),
+def build_rows(prompts: Sequence[PromptRow], *, seed: int = 0, per_prompt: PerPrompt = PerPrompt(),
                kinds: Sequence[str] = verifiable.KINDS) -> tuple[list[dict[str, Any]], int]:
     """(rows, duplicates dropped): a prompt repeated in the input is written once (it would get the same
     constraints, and the same id, again)."""

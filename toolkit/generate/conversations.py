@@ -21,9 +21,10 @@ from toolkit.generate.common import (
     reply_meta,
     sum_meta,
 )
-from toolkit.generate.inputs import Messages, Prompt, read_prompts
+from toolkit.generate.inputs import read_prompts
 from toolkit.generate.runner import Caller, Job, RunOptions, Summary, output_files, row_id, run_jobs
 from toolkit.resources import render_prompt, template_hash
+from toolkit.rows import Messages, PromptRow
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ async def converse(caller: Caller, agents: Agents, prompt: str | Messages, dialo
     return {"messages": out, "meta": sum_meta(metas, **extra)}
 
 
-def make_jobs(prompts: list[Prompt], agents: Agents, dialogue: Dialogue, sampling: Sampling) -> list[Job]:
+def make_jobs(prompts: list[PromptRow], agents: Agents, dialogue: Dialogue, sampling: Sampling) -> list[Job]:
     """One job per seed prompt; duplicates (same id) are run once."""
     settings = {**asdict(dialogue), "assistant_system": None, "user_system": None}
     if dialogue.turns <= 1:

@@ -1,6 +1,6 @@
 """Dataset formats in and out (`llamakit data convert IN OUT --to FORMAT`, `--export` of generate-data).
 
-Every row read is first made a llamakit row of one of four kinds:
+Every row read is first made a llamakit row (`toolkit.rows.llamakit_row`) of one of four kinds:
     conversation  {"messages": [{"role", "content"}, ...]}
     preference    {"prompt": text | messages, "chosen": text, "rejected": text, ...}
     score         {"prompt": text | messages, "response": text, "score": number}
@@ -19,96 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import UserError
-from toolkit.generate.inputs import (
-    Messages,
-    check_messages,
-    parse_hh,
-    parse_prompt_row,
-    prompt_text,
-    read_table,
-    to_hh,
-    where,
-)
+from toolkit.generate.inputs import read_table, where
+from toolkit.rows import dialogue_text, llamakit_row, prompt_messages, row_kind, split_last_answer, to_hh
 
 FORMATS = ("llamakit", "parquet", "hf", "sharegpt", "chatllama", "trl-conversational", "trl-standard", "hh")
 SHAREGPT_FROM = {"user": "human", "assistant": "gpt", "system": "system"}
 
 
 # ------------------------------------------------------------------------------------------ reading
-
-
-def kind(row: dict[str, Any]) -> str:
-    if "chosen" in row and "rejected" in row:
-        return "preference"
-    if "messages" in row or "conversations" in row:
-        return "conversation"
-    if "score" in row and any(k in row for k in ("response", "completion")):
-        return "score"
-    if "prompt" in row and "completion" in row or "instruction" in row and row.get("output"):
-        return "conversation"
-    if "user_input" in row and row.get("completion"):
-        return "conversation"
-    return "prompt"
-
-
-def _last_answer(value: Any, key: str, loc: dict[str, Any]) -> tuple[Messages | None, str]:
-    """A chosen/rejected value: text, or messages whose last one is the assistant's answer."""
-    if isinstance(value, str):
-        if not value.strip():
-            raise UserError("empty text", field=key, **loc)
-        return None, value
-    messages = check_messages(value, key, loc)
-    if messages[-1]["role"] != "assistant":
-        raise UserError("the last message must be the assistant's answer", field=key, **loc)
-    return messages[:-1] or None, messages[-1]["content"]
-
-
-def normalize(row: dict[str, Any], loc: dict[str, Any]) -> dict[str, Any]:
-    """Any supported row -> a llamakit row (see the module docstring); keeps id and meta."""
-    keep = {k: row[k] for k in ("id", "meta") if k in row}
-    what = kind(row)
-    if what == "preference":
-        chosen_v, rejected_v = row["chosen"], row["rejected"]
-        if "prompt" not in row and isinstance(chosen_v, str) and "Human:" in chosen_v:  # HH text
-            chosen_m, rejected_m = parse_hh(chosen_v), parse_hh(rejected_v if isinstance(rejected_v, str) else "")
-            if len(chosen_m) < 2 or chosen_m[-1]["role"] != "assistant" or not rejected_m:
-                raise UserError("not an HH dialogue ending with an Assistant turn", field="chosen", **loc)
-            prompt: str | Messages = chosen_m[:-1]
-            chosen, rejected = chosen_m[-1]["content"], rejected_m[-1]["content"]
-        else:
-            implicit, chosen = _last_answer(chosen_v, "chosen", loc)
-            _, rejected = _last_answer(rejected_v, "rejected", loc)
-            if "prompt" in row:
-                prompt = row["prompt"] if isinstance(row["prompt"], str) else check_messages(row["prompt"], "prompt", loc)
-            elif implicit:
-                prompt = implicit
-            else:
-                raise UserError("missing", field="prompt", **loc)
-        if isinstance(prompt, list) and len(prompt) == 1 and prompt[0]["role"] == "user":
-            prompt = prompt[0]["content"]
-        extra = {k: row[k] for k in ("score_chosen", "score_rejected", "margin") if k in row}
-        return {**keep, "prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}
-    if what == "conversation":
-        if "messages" in row:
-            return {**keep, "messages": check_messages(row["messages"], "messages", loc)}
-        if "conversations" in row:
-            return {**keep, "messages": check_messages(row["conversations"], "conversations", loc, sharegpt=True)}
-        p = parse_prompt_row(row, loc)
-        answer = row.get("completion") if "completion" in row else row.get("output")
-        if isinstance(answer, list):
-            answer = _last_answer(answer, "completion", loc)[1]
-        if not isinstance(answer, str) or not answer.strip():
-            raise UserError("missing or empty answer", field="completion" if "completion" in row else "output", **loc)
-        messages = [{"role": "user", "content": p.prompt}] if isinstance(p.prompt, str) else list(p.prompt)
-        return {**keep, "messages": [*messages, {"role": "assistant", "content": answer}]}
-    if what == "score":
-        p = parse_prompt_row(row, loc)
-        score = row["score"]
-        if not isinstance(score, (int, float)) or isinstance(score, bool):
-            raise UserError("expected a number", field="score", **loc)
-        return {**keep, "prompt": p.prompt, "response": p.response, "score": score}
-    p = parse_prompt_row(row, loc)
-    return {**keep, "prompt": p.prompt}
 
 
 def read_llamakit(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -122,28 +40,16 @@ def read_llamakit(path: str | os.PathLike) -> list[dict[str, Any]]:
                 row = {**row, "meta": json.loads(row["meta"])}
             except ValueError:
                 pass
-        out.append(normalize(row, loc))
+        out.append(llamakit_row(row, loc))
     return out
 
 
 # ---------------------------------------------------------------------------------------- converting
 
 
-def _messages(prompt: str | Messages) -> Messages:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-
-
-def _split(messages: Messages) -> tuple[Messages, str]:
-    """A conversation -> (everything before the last assistant message, that message)."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return messages, ""
-    return messages[:last], messages[last]["content"]
-
-
 def convert_row(row: dict[str, Any], fmt: str) -> dict[str, Any]:
     """One llamakit row -> `fmt` (raises UserError for a kind the format cannot hold)."""
-    what = kind(row)
+    what = row_kind(row)
     keep = {"id": row["id"]} if "id" in row else {}
     if fmt in ("llamakit", "parquet", "hf"):
         return row
@@ -151,43 +57,43 @@ def convert_row(row: dict[str, Any], fmt: str) -> dict[str, Any]:
         if what == "conversation":
             messages = row["messages"]
         elif what == "score":
-            messages = [*_messages(row["prompt"]), {"role": "assistant", "content": row["response"]}]
+            messages = [*prompt_messages(row["prompt"]), {"role": "assistant", "content": row["response"]}]
         else:
             raise UserError(f"sharegpt holds conversations, not {what} rows")
         return {**keep, "conversations": [{"from": SHAREGPT_FROM[m["role"]], "value": m["content"]} for m in messages]}
     if fmt == "chatllama":
         if what == "conversation":
-            history, answer = _split(row["messages"])
-            return {"user_input": prompt_text(history), "completion": answer}
+            history, answer = split_last_answer(row["messages"])
+            return {"user_input": dialogue_text(history), "completion": answer}
         if what == "score":
-            return {"user_input": prompt_text(row["prompt"]), "completion": row["response"], "score": row["score"]}
+            return {"user_input": dialogue_text(row["prompt"]), "completion": row["response"], "score": row["score"]}
         if what == "prompt":
-            return {"user_input": prompt_text(row["prompt"])}
+            return {"user_input": dialogue_text(row["prompt"])}
         raise UserError("chatllama has actor (conversation), reward (score) and rlhf (prompt) rows; "
                         "preference rows convert to trl-* or hh")
     if fmt == "trl-conversational":
         if what == "preference":
-            return {**keep, "prompt": _messages(row["prompt"]),
+            return {**keep, "prompt": prompt_messages(row["prompt"]),
                     "chosen": [{"role": "assistant", "content": row["chosen"]}],
                     "rejected": [{"role": "assistant", "content": row["rejected"]}]}
         if what == "conversation":
             return {**keep, "messages": row["messages"]}
         if what == "score":
-            return {**keep, "prompt": _messages(row["prompt"]),
+            return {**keep, "prompt": prompt_messages(row["prompt"]),
                     "completion": [{"role": "assistant", "content": row["response"]}], "score": row["score"]}
-        return {**keep, "prompt": _messages(row["prompt"])}
+        return {**keep, "prompt": prompt_messages(row["prompt"])}
     if fmt == "trl-standard":
         if what == "preference":
-            return {**keep, "prompt": prompt_text(row["prompt"]), "chosen": row["chosen"], "rejected": row["rejected"]}
+            return {**keep, "prompt": dialogue_text(row["prompt"]), "chosen": row["chosen"], "rejected": row["rejected"]}
         if what == "conversation":
-            history, answer = _split(row["messages"])
-            return {**keep, "prompt": prompt_text(history), "completion": answer}
+            history, answer = split_last_answer(row["messages"])
+            return {**keep, "prompt": dialogue_text(history), "completion": answer}
         if what == "score":
-            return {**keep, "prompt": prompt_text(row["prompt"]), "completion": row["response"], "score": row["score"]}
-        return {**keep, "prompt": prompt_text(row["prompt"])}
+            return {**keep, "prompt": dialogue_text(row["prompt"]), "completion": row["response"], "score": row["score"]}
+        return {**keep, "prompt": dialogue_text(row["prompt"])}
     if fmt == "hh":
         if what == "preference":
-            prompt = _messages(row["prompt"])
+            prompt = prompt_messages(row["prompt"])
             return {"chosen": to_hh([*prompt, {"role": "assistant", "content": row["chosen"]}]),
                     "rejected": to_hh([*prompt, {"role": "assistant", "content": row["rejected"]}])}
         if what == "conversation":

@@ -22,11 +22,12 @@ from typing import Any
 
 from toolkit.errors import UserError
 from toolkit.generate.common import Sampling, TeacherOptions, build_teacher, close_all, nonempty, reply_meta
-from toolkit.generate.inputs import prompt_text, read_prompts
+from toolkit.generate.inputs import read_prompts
 from toolkit.generate.rouge import Pool
 from toolkit.generate.runner import Caller, Drop, Job, RunOptions, Summary, output_files, row_id, run_jobs
 from toolkit.io import read_existing
 from toolkit.resources import render_prompt, template_hash
+from toolkit.rows import dialogue_text
 from toolkit.scorers import BLACKLIST
 
 TEMPLATE = "self_instruct"
@@ -110,7 +111,7 @@ class SelfInstruct:
 def seed_texts(path: str | os.PathLike, limit: int | None) -> list[str]:
     texts = []
     for p in read_prompts(path, limit):
-        text = p.row.get("instruction") if isinstance(p.row.get("instruction"), str) else prompt_text(p.prompt)
+        text = p.row.get("instruction") if isinstance(p.row.get("instruction"), str) else dialogue_text(p.prompt)
         texts.append(" ".join(text.split()))
     if not texts:
         raise UserError("no seed tasks", file=str(path))

@@ -35,7 +35,7 @@ from toolkit.generate.common import (
     reply_meta,
     sum_meta,
 )
-from toolkit.generate.inputs import Messages, Prompt, prompt_text, read_prompts, where
+from toolkit.generate.inputs import read_prompts, where
 from toolkit.generate.runner import (
     Caller,
     Drop,
@@ -48,6 +48,7 @@ from toolkit.generate.runner import (
     run_jobs,
 )
 from toolkit.resources import render_prompt, template_hash
+from toolkit.rows import Messages, PromptRow, dialogue_text
 
 RATING = re.compile(r"rating\s*:?\s*\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", re.IGNORECASE)
 BRACKETED = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")
@@ -242,7 +243,7 @@ async def judge_pairwise(caller: Caller, setup: Setup, question: str, answers: l
     return scores, details, metas, verdicts
 
 
-async def make_pair(caller: Caller, setup: Setup, p: Prompt) -> dict[str, Any] | Drop:
+async def make_pair(caller: Caller, setup: Setup, p: PromptRow) -> dict[str, Any] | Drop:
     prompt: str | Messages = p.prompt
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if messages[0]["role"] != "system":
@@ -261,7 +262,7 @@ async def make_pair(caller: Caller, setup: Setup, p: Prompt) -> dict[str, Any] |
             candidates.append({"text": text, "teacher": teacher.name, "temperature": temp,
                                "finish_reason": reply.finish_reason, "completion_tokens": reply.completion_tokens})
     answers = [c["text"] for c in candidates]
-    question = prompt_text(prompt)
+    question = dialogue_text(prompt)
     judge_scores: list[float] | None = None
     verdicts = None
     if setup.judge is not None:
@@ -304,7 +305,7 @@ async def make_pair(caller: Caller, setup: Setup, p: Prompt) -> dict[str, Any] |
             "margin": round(margin, 4), "meta": meta}
 
 
-def make_jobs(prompts: list[Prompt], setup: Setup) -> list[Job]:
+def make_jobs(prompts: list[PromptRow], setup: Setup) -> list[Job]:
     # `logprobs` joins the id only when on, so rows made before the flag existed keep their ids.
     settings = {k: v for k, v in asdict(setup.judging).items() if k != "logprobs" or v}
     judging = {**settings, "judge": setup.judge.name if setup.judge is not None else None,
@@ -321,7 +322,7 @@ def make_jobs(prompts: list[Prompt], setup: Setup) -> list[Job]:
                      inputs=p.prompt, responses=given, sampling=asdict(setup.sampling), judging=judging,
                      **(setup.scorer.context_of(p.row) if setup.scorer is not None else {}))  # rules:constraints
 
-        async def work(caller: Caller, p: Prompt = p) -> dict[str, Any] | Drop:
+        async def work(caller: Caller, p: PromptRow = p) -> dict[str, Any] | Drop:
             return await make_pair(caller, setup, p)
 
         jobs.setdefault(rid, Job(rid, {"prompt": p.prompt, "line": p.line}, work, run))

@@ -35,25 +35,30 @@ from typing import Any
 
 from toolkit.errors import UserError
 from toolkit.io import RowWriter, read_existing
+from toolkit.options import flag_field as _f
 
 RETRY_AFTER_CAP_S = 300.0  # a server asking for more than five minutes is treated as asking for five
 
 
 @dataclass
 class RunOptions:
-    """Every knob of the engine; the CLI flags map one to one."""
+    """Every knob of the engine; each field declared with `_f` is one flag (toolkit/options.py)."""
 
-    concurrency: int = 16  # requests in flight at most
-    rpm: float = 0.0  # requests per minute, 0 = no limit
-    tpm: float = 0.0  # tokens per minute (prompt estimate + max_tokens, corrected by usage), 0 = no limit
-    max_retries: int = 5  # retries per request after the first attempt
-    timeout: float = 60.0  # seconds per request
-    backoff_base: float = 1.0  # first back-off in seconds, doubled per retry, with jitter
-    backoff_max: float = 60.0
-    retry_failed: bool = False  # run again the rows recorded as failed
-    append: bool = False  # add rows to an output made with other generation settings
-    price_in: float = 0.0  # USD per million prompt tokens
-    price_out: float = 0.0  # USD per million completion tokens
+    concurrency: int = _f(16, "Requests in flight at most.", min=1)
+    rpm: float = _f(0.0, "Requests per minute at most (0: no limit).", min=0)
+    # the token estimate is corrected by the usage each reply reports
+    tpm: float = _f(0.0, "Tokens per minute at most, prompt + max_tokens estimated (0: no limit).", min=0)
+    max_retries: int = _f(5, "Retries per request (429, 5xx, timeouts, resets, malformed or unparsable replies).",
+                          min=0)  # after the first attempt
+    timeout: float = _f(60.0, "Seconds per request.", min=0.001)
+    backoff_base: float = _f(1.0, "First back-off in seconds (doubled per retry, with jitter; Retry-After wins).",
+                             min=0)
+    backoff_max: float = _f(60.0, "Longest back-off in seconds.", min=0)
+    retry_failed: bool = _f(False, "Run again the rows recorded in OUT.failed.jsonl.", negatable=False)
+    append: bool = _f(False, "Add rows to an OUT made with other settings (teacher, sampling, scorer ...); without "
+                      "it such a run is refused (OUT.settings.json records each run's settings).", negatable=False)
+    price_in: float = _f(0.0, "USD per million prompt tokens, for the cost line.", min=0)
+    price_out: float = _f(0.0, "USD per million completion tokens.", min=0)
     show_progress: bool = True
 
 

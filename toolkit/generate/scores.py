@@ -24,7 +24,7 @@ from toolkit.generate.common import (
     reply_meta,
     sum_meta,
 )
-from toolkit.generate.inputs import Prompt, prompt_text, read_prompts
+from toolkit.generate.inputs import read_prompts
 from toolkit.generate.runner import (
     Caller,
     Job,
@@ -36,6 +36,7 @@ from toolkit.generate.runner import (
     run_jobs,
 )
 from toolkit.resources import render_prompt, template_hash
+from toolkit.rows import PromptRow, dialogue_text
 
 TEMPLATE = "score_rubric"
 MAX_SCORE = 5
@@ -58,10 +59,10 @@ def parse_score(text: str, max_score: int = MAX_SCORE) -> int:
     return int(value)
 
 
-async def score_row(caller: Caller, p: Prompt, judge: Any, teacher: Any | None, sampling: Sampling,
+async def score_row(caller: Caller, p: PromptRow, judge: Any, teacher: Any | None, sampling: Sampling,
                     judge_sampling: Sampling, hashes: dict[str, str], system: str) -> dict[str, Any]:
     metas = []
-    question = prompt_text(p.prompt)
+    question = dialogue_text(p.prompt)
     response = p.response
     response_meta = None
     if response is None:
@@ -120,7 +121,7 @@ async def generate(prompts_path: str | os.PathLike, out: str | os.PathLike, *, j
                          sampling=asdict(sampling) if p.response is None else None,
                          judge_sampling=asdict(judge_sampling))
 
-            async def work(caller: Caller, p: Prompt = p) -> dict[str, Any]:
+            async def work(caller: Caller, p: PromptRow = p) -> dict[str, Any]:
                 return await score_row(caller, p, judge_t, teacher_t, sampling, judge_sampling, hashes, system)
 
             jobs.setdefault(rid, Job(rid, {"prompt": p.prompt, "response": p.response, "line": p.line}, work,

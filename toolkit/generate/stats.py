@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from toolkit.generate.formats import kind, read_llamakit
-from toolkit.generate.inputs import prompt_text
+from toolkit.generate.formats import read_llamakit
 from toolkit.generate.runner import output_files
 from toolkit.io import read_existing
+from toolkit.rows import dialogue_text, row_kind
 
 
 def _words(text: str) -> int:
@@ -43,18 +43,18 @@ def _judge_and_rules(meta: Any) -> tuple[bool, bool] | None:
 def compute(path: str | os.PathLike) -> dict[str, Any]:
     """Numbers about a data file of any supported format; series kept under '_series' for the plot."""
     rows = read_llamakit(path)
-    kinds = Counter(kind(r) for r in rows)
+    kinds = Counter(row_kind(r) for r in rows)
     turns, prompt_words, answer_words, scores, margins = [], [], [], [], []
     chosen_longer = 0
     agree = judged = 0  # rows whose judge and rules both ranked chosen vs rejected (ties left out)
     for r in rows:
-        what = kind(r)
+        what = row_kind(r)
         if what == "conversation":
             turns.append(sum(1 for m in r["messages"] if m["role"] == "assistant"))
             prompt_words += [_words(m["content"]) for m in r["messages"] if m["role"] == "user"]
             answer_words += [_words(m["content"]) for m in r["messages"] if m["role"] == "assistant"]
         elif what == "preference":
-            prompt_words.append(_words(prompt_text(r["prompt"])))
+            prompt_words.append(_words(dialogue_text(r["prompt"])))
             answer_words += [_words(r["chosen"]), _words(r["rejected"])]
             chosen_longer += _words(r["chosen"]) > _words(r["rejected"])
             verdicts = _judge_and_rules(r.get("meta"))
@@ -69,11 +69,11 @@ def compute(path: str | os.PathLike) -> dict[str, Any]:
             elif isinstance(r.get("score_chosen"), (int, float)) and isinstance(r.get("score_rejected"), (int, float)):
                 margins.append(float(r["score_chosen"]) - float(r["score_rejected"]))
         elif what == "score":
-            prompt_words.append(_words(prompt_text(r["prompt"])))
+            prompt_words.append(_words(dialogue_text(r["prompt"])))
             answer_words.append(_words(r["response"]))
             scores.append(float(r["score"]))
         else:
-            prompt_words.append(_words(prompt_text(r["prompt"])))
+            prompt_words.append(_words(dialogue_text(r["prompt"])))
     stats: dict[str, Any] = {"file": str(path), "rows": len(rows),
                              "kinds": ", ".join(f"{k} {v}" for k, v in kinds.most_common()),
                              "unique ids": len({r["id"] for r in rows if "id" in r})}

@@ -38,11 +38,11 @@ class RewardModel:
         return self.calibration.reward_std
 
     def texts(self, prompts: list[str], responses: list[str]) -> list[str]:
-        from toolkit.reward.data import join
+        from toolkit.rows import hh_join
 
         if len(prompts) != len(responses):
             raise UserError(f"{len(prompts)} prompts but {len(responses)} responses")
-        return [join(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return [hh_join(p, r) for p, r in zip(prompts, responses, strict=True)]
 
     def raw_scores(self, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
         """r(prompt, response) as the head outputs it (uncentred, uncalibrated)."""

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import UserError
+from toolkit.training.model import add_lora, disable_dropout
 
 HEAD_FILE = "reward_head.safetensors"
 SETTINGS_FILE = "reward_config.json"
@@ -267,14 +268,7 @@ def _load_backbone(path: Path, dtype: torch.dtype, gradient_checkpointing: bool 
     return backbone
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off: a reward must not depend on the forward it came from (TRL and OpenRLHF do the same)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
-def new_reward_model(backbone_name: str, *, lora: bool = False, lora_r: int = 16,
+def new_reward_model(backbone_name: str, *, lora: bool = False, lora_r: int = 16, lora_alpha: int | None = None,
                      gradient_checkpointing: bool = False) -> tuple[RewardNet, Any, Path]:
     """A fresh reward model on a backbone (alias or local dir), its tokenizer, and the resolved path."""
     from toolkit.models import check_weights, load_tokenizer, resolve
@@ -285,10 +279,7 @@ def new_reward_model(backbone_name: str, *, lora: bool = False, lora_r: int = 16
     backbone = _load_backbone(path, torch.float32, gradient_checkpointing)
     disable_dropout(backbone)
     if lora:
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules="all-linear")
-        backbone = get_peft_model(backbone, config)
+        backbone = add_lora(backbone, lora_r, lora_alpha)  # α = 2r unless given
     hidden = backbone.config.hidden_size
     return RewardNet(backbone, hidden, default_read_at(backbone.config)), tokenizer, path
 

@@ -1,4 +1,5 @@
-"""PNG plots a user opens: the reliability diagram (before/after calibration) and the training curve."""
+"""The reliability diagram (before/after calibration), a PNG a user opens. The training curve is
+toolkit.training.runlog.plot_curves."""
 
 from __future__ import annotations
 
@@ -38,28 +39,6 @@ def reliability_diagram(curves: dict[str, Sequence[float]], path: str | os.PathL
     ax.legend(loc="upper left", fontsize=8)
     hist.set_xlabel("predicted probability")
     hist.set_ylabel("count")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | os.PathLike,
-               eval_points: Sequence[tuple[int, float]] = (), baseline: float | None = float(np.log(2))) -> None:
-    """Training loss per optimizer step (with a moving average) and held-out loss where measured."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if len(losses):
-        ax.plot(steps, losses, color="0.75", linewidth=0.8, label="train (per step)")
-        window = max(1, min(25, len(losses) // 5))
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(list(steps)[window - 1:], smooth, label=f"train ({window}-step mean)")
-    if eval_points:
-        ax.plot([s for s, _ in eval_points], [v for _, v in eval_points], "o-", label="held-out")
-    if baseline is not None:
-        ax.axhline(baseline, color="0.6", linestyle="--", linewidth=1, label="chance (ln 2)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import UserError
-from toolkit.reward.data import Pair, PreferenceData, Scored, load_preferences, pairs_from_scored, split
+from toolkit.options import SEED_MAX
+from toolkit.options import flag_field as _f
+from toolkit.reward.calibrate import METHODS, TEMPERATURE_PRIOR_SD
+from toolkit.reward.data import FORMATS, PreferenceData, load_preferences, pairs_from_scored, split
+from toolkit.rows import Pair, Scored
 
 OBJECTIVES = ("bradley-terry", "regression")
 MIN_CALIBRATION_PAIRS = 50
@@ -30,37 +34,45 @@ STATS_TEXTS = 256  # training texts scored after training for the reward mean / 
 
 @dataclass
 class TrainConfig:
-    """Every knob of `llamakit train-reward` (flag names are these, in kebab-case)."""
+    """Every knob of `llamakit train-reward`: each field declared with `_f` is one flag (toolkit/options.py)."""
 
-    data: str
-    out: str
-    model: str = "minilm-l6"
-    eval_data: str | None = None
-    eval_split: float = 0.1
-    format: str = "auto"
-    objective: str = "bradley-terry"
-    max_length: int = 256
-    batch_size: int = 16  # pairs (or scored rows) per micro-batch
-    grad_accum: int = 1
-    epochs: int = 1
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    center_rewards: float = 0.0  # 0.01 is the usual value (Eisenstein et al. 2023)
-    use_margin: bool = True
-    lora: bool = False
-    lora_r: int = 16
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True
-    shared_prefix: bool = True  # causal backbones: the shared dialogue goes through the model once per pair
-    calibration: str = "temperature"
-    temperature_prior_sd: float = 0.2  # of log T (toolkit.reward.calibrate.TEMPERATURE_PRIOR_SD); inf: plain ML
-    max_steps: int | None = None
-    seed: int = 0
-    eval_batch_size: int = 32
-    overwrite: bool = False  # replace an earlier reward model in --out (never anything else)
+    data: str = _f(help="Pairs: llamakit/TRL JSONL (prompt, chosen, rejected), Anthropic HH, TRL implicit prompt, "
+                   "ChatLLaMA scored rows (user_input, completion, score), or a `datasets` directory.", path="any")
+    out: str = _f(help="Output directory (written atomically).", path="dir")
+    model: str = _f("minilm-l6", "Backbone: an alias (minilm-l6, smollm2-135m) or a local Hugging Face directory "
+                    "(LLaMA too).", nonempty=True)
+    eval_data: str | None = _f(None, "Held-out pairs for calibration (else --eval-split).", path="any")
+    eval_split: float = _f(0.1, "Fraction of --data held out for calibration (> 0 unless --eval-data is given).",
+                           min=0, max=1, max_open=True)
+    format: str = _f("auto", "Input format.", choices=FORMATS)
+    objective: str = _f("bradley-terry", "Pairwise loss, or MSE to scores of scored rows.", choices=OBJECTIVES)
+    max_length: int = _f(256, "Tokens per text; longer texts keep their end.", min=1)
+    batch_size: int = _f(16, "Pairs per micro-batch.", min=1)  # or scored rows
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", min=1, aliases=("grad-accum",))
+    epochs: int = _f(1, "Reward models overfit fast: one epoch is the usual choice.", min=1)
+    learning_rate: float = _f(1e-4, min=0, min_open=True)
+    weight_decay: float = _f(0.0, min=0)
+    warmup_ratio: float = _f(0.1, "Linear warm-up, then linear decay to 0.", min=0, max=1)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", min=0)
+    center_rewards: float = _f(0.0, "Coefficient of mean (r_c + r_r)^2 (0.01 is the usual value; 0 = off).",
+                               min=0)  # the usual value: Eisenstein et al. 2023
+    use_margin: bool = _f(True, "Honour a `margin` column when the data has one.", flag="margin")
+    lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights; merged on save.", negatable=False)
+    lora_r: int = _f(16, min=1)
+    bf16: bool = _f(False, "bfloat16 autocast (fast on GPUs / CPUs with bf16 units).", negatable=False)
+    gradient_checkpointing: bool = _f(False, "Less memory, ~30% more compute.", negatable=False)
+    group_by_length: bool = _f(True, "Batch texts of similar length together (less padding).")
+    shared_prefix: bool = _f(True, "Causal backbones (LLaMA): run a pair's shared dialogue once and both answers on "
+                             "its cache.")
+    calibration: str = _f("temperature", choices=METHODS)
+    temperature_prior_sd: float = _f(TEMPERATURE_PRIOR_SD, "Spread of the prior on log T: T moves away from 1 only "
+                                     "as far as the held-out pairs show (a few hundred pairs pin T down loosely); inf "
+                                     "for plain maximum likelihood.", min=0, min_open=True, inf=True)
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (unset: run all --epochs).", min=1)
+    seed: int = _f(0, min=0, max=SEED_MAX)
+    eval_batch_size: int = 32  # pairs per forward when scoring held-out pairs (--batch-size of calibrate)
+    overwrite: bool = _f(False, "Replace an earlier reward model in --out (a directory llamakit did not write is "
+                         "never replaced).", negatable=False)
     show_progress: bool = True
 
 
@@ -166,7 +178,7 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
         raise UserError(f"unknown --calibration '{cfg.calibration}' (temperature or isotonic)")
     if not cfg.temperature_prior_sd > 0:
         raise UserError("--temperature-prior-sd must be > 0 (inf: no prior, plain maximum likelihood)")
-    for name in ("batch_size", "grad_accum", "epochs", "max_length"):
+    for name in ("batch_size", "gradient_accumulation_steps", "epochs", "max_length"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be ≥ 1")
     warnings: list[str] = []
@@ -180,8 +192,6 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     regression = cfg.objective == "regression"
 
     import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     from toolkit.console import console, progress
@@ -201,14 +211,11 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
         shared_prefix_batch,
         wants_eos,
     )
+    from toolkit.training.accelerator import autocast, gradient_sync, make_accelerator
+    from toolkit.training.runlog import Curve, plot_curves
+    from toolkit.training.schedule import warmup_linear
 
-    # AcceleratorState is a process-wide singleton: a second train_reward in the same process (the Python
-    # API, the demo pipeline) with another --bf16 setting would be refused. Clearing it keeps PartialState,
-    # i.e. the process group under `accelerate launch`, as it is.
-    AcceleratorState._reset_state(reset_partial_state=False)  # noqa: SLF001 - no public way to do this
-    # cpu=True on CPU-only machines is what makes `torchrun`/`accelerate launch` give gloo ranks.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                              mixed_precision="bf16" if cfg.bf16 else "no", cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg.bf16)
     set_seed(cfg.seed)
     main = accelerator.is_main_process
     model, tokenizer, backbone_path = new_reward_model(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r,
@@ -244,23 +251,24 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     # ---- optimizer and schedule ----------------------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
     batches_per_epoch = math.ceil(n_items / cfg.batch_size) // world or 1
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     warmup = int(cfg.warmup_ratio * total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(1, warmup), max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # Not prepared: Accelerate would step a prepared scheduler once per process, and total_steps counts
+    # this process's optimizer steps.
+    scheduler = warmup_linear(optimizer, total_steps, warmup)
+    model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
 
     # ---- the loop ------------------------------------------------------------------------------------------
     history: list[tuple[int, float]] = []
     eval_points: list[tuple[int, float]] = []
     recent: list[tuple[float, float]] = []
-    step, pairs_seen, train_seconds, tokens_forwarded = 0, 0, 0.0, 0
+    step, micro, pairs_seen, train_seconds, tokens_forwarded = 0, 0, 0, 0.0, 0
     heldout_rewards: list[float] | None = None
     model.train()
     bar = progress(transient=False) if (cfg.show_progress and main) else None
@@ -282,8 +290,12 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
                         seqs = seqs[0::2] + seqs[1::2]
                     tensors = pad(seqs, pad_id)
                 tokens_forwarded += sum(t.numel() for t in tensors[1::2])  # the masks: padded positions run
-                with accelerator.accumulate(model):
-                    rewards = model(*(t.to(device) for t in tensors))
+                # An optimizer step every gradient_accumulation_steps micro-batches, counted across epochs.
+                micro += 1
+                last = micro % cfg.gradient_accumulation_steps == 0
+                with gradient_sync(accelerator, model, last):
+                    with autocast(accelerator, cfg.bf16):
+                        rewards = model(*(t.to(device) for t in tensors))
                     if regression:
                         target = torch.tensor([targets[i] for i in batch], device=device)
                         loss = torch.nn.functional.mse_loss(rewards, target)
@@ -295,8 +307,9 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
                         loss = bradley_terry_loss(r_c, r_r, margin if any(margins[i] for i in batch) else None,
                                                   cfg.center_rewards)
                         right = float((r_c > r_r).float().mean())
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                if last:
+                    if cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
@@ -304,7 +317,7 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
                 micro_losses.append(loss.item())
                 pairs_seen += len(batch) * world
                 recent = (recent + [(micro_losses[-1], right)])[-20:]
-                if accelerator.sync_gradients:
+                if last:
                     step += 1
                     history.append((step, sum(micro_losses) / len(micro_losses)))
                     micro_losses = []
@@ -316,8 +329,9 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
                         bar.update(task, completed=step, status=status)
             train_seconds += time.perf_counter() - started
             if heldout and main:
-                heldout_rewards = _score_pairs(accelerator.unwrap_model(model), encoder, heldout,
-                                               cfg.eval_batch_size, device, score_texts)
+                with autocast(accelerator, cfg.bf16):
+                    heldout_rewards = _score_pairs(accelerator.unwrap_model(model), encoder, heldout,
+                                                   cfg.eval_batch_size, device, score_texts)
                 diffs = [c - r for c, r in heldout_rewards]
                 eval_points.append((step, pair_metrics(raw_probabilities(diffs))["nll"]))
                 model.train()
@@ -332,7 +346,8 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     # ---- calibration statistics: reward mean / std on training texts ----------------------------------
     rng = random.Random(cfg.seed)
     sample = rng.sample(texts, min(STATS_TEXTS, len(texts)))
-    train_rewards = score_texts(unwrapped, encoder, sample, cfg.eval_batch_size, device)
+    with autocast(accelerator, cfg.bf16):
+        train_rewards = score_texts(unwrapped, encoder, sample, cfg.eval_batch_size, device)
     mean = sum(train_rewards) / len(train_rewards)
     std = math.sqrt(sum((r - mean) ** 2 for r in train_rewards) / max(1, len(train_rewards) - 1)) or 1.0
     diffs = [c - r for c, r in heldout_rewards] if heldout_rewards else []
@@ -362,8 +377,10 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
             "warnings": warnings,
         }
         write_json(tmp / "metrics.json", cal.json_safe(metrics))
-        plots.loss_curve([s for s, _ in history], [v for _, v in history], tmp / "loss.png", eval_points,
-                         baseline=None if regression else math.log(2))
+        curve = Curve("loss", "training loss", smooth=True, points=("heldout_loss", "held-out"),
+                      baseline=None if regression else ("chance (ln 2)", math.log(2)))
+        plot_curves([{"step": s, "loss": v} for s, v in history]
+                    + [{"step": s, "heldout_loss": v} for s, v in eval_points], tmp / "loss.png", (curve,))
         if diffs:
             plots.reliability_diagram({"raw": raw_probabilities(diffs), calibration.method:
                                        calibration.probabilities(diffs)}, tmp / "reliability.png",

@@ -1,4 +1,4 @@
-"""A loopback OpenAI-compatible chat server with a fixed latency and faults on demand (tests, benchmarks).
+"""A loopback OpenAI-compatible chat server with a fixed latency and faults on demand (tests).
 
 It stands in for a remote API: every answer comes after `--latency` seconds, and markers inside a
 request's last user message script what happens to that exact request text, attempt by attempt:
@@ -19,7 +19,7 @@ answer without a score, `<<judge:always-A>>` makes the pairwise judge pick posit
 GET /stats returns per-request-text counts ("ok": answers without an injected fault) and arrival times:
 {"requests": {text: n}, "ok": {text: n}, "times": {text: [unix seconds, ...]}, "total": n}.
 
-    python -m toolkit.testing.fault_server --port 0 --latency 0.2 --ready-file ready.json
+    python tests/support/fault_server.py --port 0 --latency 0.2 --ready-file ready.json
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from toolkit.server_process import running_child
 
 FAULT_MARK = re.compile(r"<<faults:([a-z0-9,\-]+)>>")
 JUDGE_MARK = re.compile(r"<<judge:([a-zA-Z\-]+)>>")
@@ -241,37 +242,10 @@ class FaultServer:
 def running_fault_server(latency: float = 0.0, hang: float = 30.0, retry_after: float = 1.0,
                          startup_timeout: float = 30.0) -> Iterator[FaultServer]:
     """The fault server in its own process (so it never shares a GIL with the client under test)."""
-    import httpx
-
-    with tempfile.TemporaryDirectory(prefix="fault-server-") as tmp:
-        ready = Path(tmp) / "ready.json"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "toolkit.testing.fault_server", "--port", "0", "--latency", str(latency),
-             "--hang", str(hang), "--retry-after", str(retry_after), "--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + startup_timeout
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"fault server exited with code {process.returncode}")
-                if ready.is_file():
-                    info = json.loads(ready.read_text())
-                    try:
-                        httpx.get(f"http://127.0.0.1:{info['port']}/health", timeout=2)
-                        break
-                    except httpx.TransportError:
-                        pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("fault server did not start")
-                time.sleep(0.05)
-            yield FaultServer(info["url"], info["port"], process)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    command = [sys.executable, str(Path(__file__).resolve()), "--port", "0", "--latency", str(latency),
+               "--hang", str(hang), "--retry-after", str(retry_after)]
+    with running_child(command, name="fault server", startup_timeout=startup_timeout) as child:
+        yield FaultServer(child.url, child.port, child.process)
 
 
 def main() -> None:

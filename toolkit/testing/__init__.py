@@ -1,1 +1,0 @@
-"""Test infrastructure that ships with the package: a loopback OpenAI-compatible server that injects faults."""

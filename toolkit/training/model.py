@@ -1,0 +1,39 @@
+"""What a trainer does to a loaded model before training: dropout off, LoRA adapters on."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from toolkit.errors import UserError
+
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere: PPO's ratio must compare the same function before and after an update, and a
+    reward must not depend on the forward it came from (TRL and OpenRLHF do the same). Covers nn.Dropout
+    modules, attention that reads a float `attention_dropout` (LLaMA's), and the config a saved model keeps."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for name in DROPOUT_CONFIG_KEYS:
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+def add_lora(model: nn.Module, r: int, alpha: int | None = None, target: str = "all-linear",
+             task_type: str | None = None) -> nn.Module:
+    """`model` wrapped by peft with LoRA adapters of rank `r` (α = 2r unless given) on `target`: all-linear
+    or a comma list of module names. `task_type` "CAUSAL_LM" for a causal LM; None for a bare backbone."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = "all-linear" if target == "all-linear" else [t.strip() for t in target.split(",")]
+    config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=0.0,
+                        target_modules=targets, bias="none", task_type=task_type)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"--lora-target {target}: {err}") from None
