@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -472,19 +472,19 @@ def _margin(row: dict[str, Any], loc: Loc) -> float:
 
 def hh_prompt_field(value: Any, key: str, loc: Loc) -> str:
     """A prompt field (text, or messages) as the reward model reads it (`hh_prompt`)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return _hh_prompt_of(check_messages(value, key, loc), key, loc)
-    raise UserError(f"expected a string or a list of messages, got {type(value).__name__}", field=key, **loc)
+    return _text_or_messages(value, key, loc, _hh_prompt_of)
 
 
 def hh_answer_field(value: Any, key: str, loc: Loc) -> str:
     """An answer field (text, or assistant messages, maybe with later turns) as one text."""
+    return _text_or_messages(value, key, loc, _hh_answer_of)
+
+
+def _text_or_messages(value: Any, key: str, loc: Loc, render: Callable[[Messages, str, Loc], str]) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _hh_answer_of(check_messages(value, key, loc), key, loc)
+        return render(check_messages(value, key, loc), key, loc)
     raise UserError(f"expected a string or a list of messages, got {type(value).__name__}", field=key, **loc)
 
 

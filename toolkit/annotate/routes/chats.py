@@ -6,6 +6,8 @@ A model turn that fails is a 502 carrying the chat as stored (the user's turn ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -36,13 +38,22 @@ def turn_position(text: str) -> int:
     return int(text)
 
 
-def add_human_turn(db: AnnotationDB, chat_id: str, annotator: Annotator, role: Any, content: Any) -> None:
+
+@contextlib.contextmanager
+def refusals_as_http(missing: str) -> Iterator[None]:
+    """The database's refusals as answers: an unknown chat or turn (KeyError) is 404 `missing`, a rule it
+    enforces (ValueError) is 400 with its message."""
     try:
-        db.add_message(chat_id, annotator.id, role, content, "human")
+        yield
     except KeyError:
-        raise HTTPError(404, "no such chat") from None
+        raise HTTPError(404, missing) from None
     except ValueError as err:
         raise HTTPError(400, str(err)) from None
+
+
+def add_human_turn(db: AnnotationDB, chat_id: str, annotator: Annotator, role: Any, content: Any) -> None:
+    with refusals_as_http("no such chat"):
+        db.add_message(chat_id, annotator.id, role, content, "human")
 
 
 def store_model_turn(db: AnnotationDB, chat_id: str, annotator: Annotator, text: str,
@@ -70,12 +81,8 @@ async def model_turn(state: AnnotateState, chat_id: str, annotator: Annotator) -
 
 
 def set_status(state: AnnotateState, chat_id: str, annotator: Annotator, status: str) -> dict[str, Any]:
-    try:
+    with refusals_as_http("no such chat"):
         state.db.set_chat_status(chat_id, annotator.id, status)
-    except KeyError:
-        raise HTTPError(404, "no such chat") from None
-    except ValueError as err:
-        raise HTTPError(400, str(err)) from None
     return chat_view(state.db, chat_id, annotator)
 
 
@@ -128,12 +135,8 @@ async def retry_reply(chat_id: str, annotator: Current, state: State):
 def edit_message(chat_id: str, position: str, annotator: Current,
                  data: Annotated[Edit, Depends(json_body(Edit))], state: State):
     turn = turn_position(position)
-    try:
+    with refusals_as_http("no such chat or turn"):
         state.db.edit_message(chat_id, annotator.id, turn, data.content)
-    except KeyError:
-        raise HTTPError(404, "no such chat or turn") from None
-    except ValueError as err:
-        raise HTTPError(400, str(err)) from None
     return chat_view(state.db, chat_id, annotator)
 
 
