@@ -1,8 +1,5 @@
-"""Scores from a reward model or rule scorers, and the per-token PPO reward built from them.
-
-    r_t = −β · (log π(a_t|s_t) − log π_ref(a_t|s_t))            every real response token (k1 KL)
-    r_T += score − missing_eos_penalty · [no EOS in the response]  the last real token T only
-"""
+"""Scores from a reward model or rule scorers: one float per response (rlhf/objective.py turns them into
+per-token rewards)."""
 
 from __future__ import annotations
 
@@ -73,22 +70,3 @@ def score_rollout(reward_fn: RewardFn, prompts: Sequence[str], responses: Sequen
                         f"{responses[bad[0]][:80]!r}")
     return scores_t
 
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Column of each row's last real token (masks are right-padded, at least one real token)."""
-    return mask.sum(1).long() - 1
-
-
-def per_token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                      mask: torch.Tensor, contain_eos: torch.Tensor, kl_coef: float,
-                      missing_eos_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (rewards [B, R], kl [B, R], scores after the no-EOS penalty [B])."""
-    from rlhf.kl import kl_k1
-
-    maskf = mask.to(logprobs.dtype)
-    kl = kl_k1(logprobs, ref_logprobs) * maskf
-    scores = scores - missing_eos_penalty * (~contain_eos).to(scores.dtype)
-    rewards = -kl_coef * kl
-    rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last_token_index(mask)] += scores
-    return rewards, kl, scores

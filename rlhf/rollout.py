@@ -70,6 +70,11 @@ def load_prompts(path: str, tokenizer, *, chat_template: bool = True, system_pro
     return prompts, truncated
 
 
+# The prompt order of pass `epoch` over the file is seeded with seed · PROMPT_ORDER_STRIDE + epoch: a prime
+# larger than any number of passes, so no two (seed, epoch) pairs share an order.
+PROMPT_ORDER_STRIDE = 100_003
+
+
 def batch_indices(n_prompts: int, step: int, batch_size: int, rank: int, world_size: int,
                   seed: int) -> list[int]:
     """Prompt indices of `step` (1-based) for one process: a fresh permutation each pass over the file.
@@ -81,7 +86,7 @@ def batch_indices(n_prompts: int, step: int, batch_size: int, rank: int, world_s
     indices = []
     for position in range(start, start + batch_size):
         epoch, offset = divmod(position, n_prompts)
-        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * PROMPT_ORDER_STRIDE + epoch))
         indices.append(int(order[offset]))
     return indices
 

@@ -21,7 +21,7 @@ from toolkit.config import load_config
 from toolkit.generate.common import Sampling, TeacherOptions
 from toolkit.generate.runner import RunOptions
 from toolkit.options import flag_fields
-from toolkit.reward.calibrate import TEMPERATURE_PRIOR_SD
+from toolkit.reward.constants import TEMPERATURE_PRIOR_SD
 from toolkit.reward.train import TrainConfig
 from toolkit.sft import SFTConfig
 

@@ -7,11 +7,20 @@ import math
 import pytest
 import torch
 
-from rlhf.advantages import gae, masked_mean, masked_var, masked_whiten
 from rlhf.config import PPOConfig
-from rlhf.kl import AdaptiveKLController, FixedKLController, kl_k1, make_kl_controller
-from rlhf.rewards import last_token_index, per_token_rewards
-from rlhf.trainer import ppo_loss
+from rlhf.objective import (
+    AdaptiveKLController,
+    FixedKLController,
+    gae,
+    kl_k1,
+    last_token_index,
+    make_kl_controller,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    per_token_rewards,
+    ppo_loss,
+)
 
 
 def test_gae_matches_hand_computed_example():
@@ -19,7 +28,7 @@ def test_gae_matches_hand_computed_example():
     rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
     values = torch.tensor([[0.5, 0.4, 0.3], [1.0, 0.5, 9.9]])  # 9.9 sits on padding and must be ignored
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    advantages, returns = gae(rewards=rewards, values=values, mask=mask, gamma=1.0, lam=0.95)
     # Row 0: δ2 = 1 − 0.3 = 0.7; δ1 = 0.3 − 0.4 = −0.1; δ0 = 0.4 − 0.5 = −0.1
     #        A2 = 0.7; A1 = −0.1 + 0.95·0.7 = 0.565; A0 = −0.1 + 0.95·0.565 = 0.43675
     # Row 1: δ1 = 2 + 0 − 0.5 = 1.5 (no bootstrap past the end); δ0 = 0.5 − 1.0 = −0.5
@@ -31,7 +40,7 @@ def test_gae_matches_hand_computed_example():
 
 def test_gae_with_discount():
     rewards, values = torch.tensor([[1.0, 0.0, 3.0]]), torch.tensor([[0.2, 0.1, 0.5]])
-    advantages, _ = gae(rewards, values, torch.ones(1, 3), gamma=0.9, lam=0.5)
+    advantages, _ = gae(rewards=rewards, values=values, mask=torch.ones(1, 3), gamma=0.9, lam=0.5)
     d2 = 3.0 - 0.5
     d1 = 0.0 + 0.9 * 0.5 - 0.1
     d0 = 1.0 + 0.9 * 0.1 - 0.2
@@ -42,7 +51,7 @@ def test_gae_with_discount():
 def test_gae_lambda_one_is_monte_carlo_return_minus_value():
     rewards = torch.tensor([[0.5, -1.0, 2.0, 0.25]])
     values = torch.tensor([[0.3, 0.2, -0.4, 0.9]])
-    advantages, returns = gae(rewards, values, torch.ones(1, 4), gamma=1.0, lam=1.0)
+    advantages, returns = gae(rewards=rewards, values=values, mask=torch.ones(1, 4), gamma=1.0, lam=1.0)
     mc = torch.flip(torch.cumsum(torch.flip(rewards, [1]), 1), [1])
     torch.testing.assert_close(returns, mc)
     torch.testing.assert_close(advantages, mc - values)
@@ -94,8 +103,9 @@ def test_reward_lands_on_last_real_token_and_eos_penalty_only_without_eos():
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     contain_eos = torch.tensor([True, False, True])
     scores = torch.tensor([1.0, 2.0, 3.0])
-    rewards, kl, penalized = per_token_rewards(scores, logprobs, ref_logprobs, mask, contain_eos,
-                                               kl_coef=0.5, missing_eos_penalty=1.5)
+    rewards, kl, penalized = per_token_rewards(scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                                               mask=mask, contain_eos=contain_eos, kl_coef=0.5,
+                                               missing_eos_penalty=1.5)
     assert last_token_index(mask).tolist() == [2, 4, 0]
     torch.testing.assert_close(kl, 0.1 * mask.float())
     torch.testing.assert_close(penalized, torch.tensor([1.0, 0.5, 3.0]))  # only row 1 lacks EOS
@@ -117,11 +127,17 @@ def _loss_inputs(shift: float):
     old_logprobs = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0] - shift
     values = torch.randn(B, R)
     advantages = torch.tensor([[1.0, -1.0, 0.5, 2.0], [-0.5, 1.0, 0.0, 0.0]])
-    return logits, values, responses, mask, old_logprobs, values.clone(), advantages, values + 0.3
+    return dict(logits=logits, new_values=values, responses=responses, mask=mask, logprobs=old_logprobs,
+                values=values.clone(), advantages=advantages, returns=values + 0.3)
+
+
+def _coefficients(cfg: PPOConfig) -> dict[str, float]:
+    return dict(cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+                ent_coef=cfg.ent_coef)
 
 
 def test_ppo_loss_on_policy_has_ratio_one_and_no_clipping():
-    loss, stats = ppo_loss(*_loss_inputs(0.0), PPOConfig())
+    loss, stats = ppo_loss(**_loss_inputs(0.0), **_coefficients(PPOConfig()))
     assert stats["ratio"].item() == pytest.approx(1.0)
     assert stats["ratio_dev"].item() < 1e-6
     assert stats["approxkl"].item() < 1e-12
@@ -133,7 +149,7 @@ def test_ppo_loss_on_policy_has_ratio_one_and_no_clipping():
 
 
 def test_ppo_loss_clips_when_the_ratio_leaves_the_trust_region():
-    _, stats = ppo_loss(*_loss_inputs(0.5), PPOConfig(cliprange=0.2))  # ratio = e^0.5 ≈ 1.65 everywhere
+    _, stats = ppo_loss(**_loss_inputs(0.5), **_coefficients(PPOConfig(cliprange=0.2)))  # ratio = e^0.5 ≈ 1.65 everywhere
     assert stats["ratio"].item() == pytest.approx(math.exp(0.5), rel=1e-5)
     # clipped where the advantage is positive (the objective is capped there): 4 of the 6 real tokens
     assert stats["clipfrac"].item() == pytest.approx(4 / 6)

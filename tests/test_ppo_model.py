@@ -235,7 +235,7 @@ def test_k1_kl_is_unbiased_for_the_exact_kl_of_the_sampled_prefixes(tiny_llama_d
     Σ_t k1_t − Σ_t KL_t has mean 0 (a negative objective/kl on a small batch is this estimator's noise
     when the true KL is small, not a bias); arg-max tokens or a flipped sign shift it by many standard
     errors."""
-    from rlhf.rewards import per_token_rewards
+    from rlhf.objective import per_token_rewards
 
     torch.manual_seed(0)
     lm, tok = load_causal_lm(tiny_llama_dir)
@@ -257,8 +257,8 @@ def test_k1_kl_is_unbiased_for_the_exact_kl_of_the_sampled_prefixes(tiny_llama_d
     logprobs = logprobs_of(logits, rollout.responses)
     ref_logprobs = reference.logprobs(*args, rollout.responses)
     # padding holds junk log-probs (the pad token's): the KL must ignore them
-    _, kl, _ = per_token_rewards(torch.zeros(len(mask)), logprobs, ref_logprobs, mask, rollout.contain_eos,
-                                 kl_coef=0.1, missing_eos_penalty=0.0)
+    _, kl, _ = per_token_rewards(scores=torch.zeros(len(mask)), logprobs=logprobs, ref_logprobs=ref_logprobs,
+                                 mask=mask, contain_eos=rollout.contain_eos, kl_coef=0.1, missing_eos_penalty=0.0)
     assert (kl[mask == 0] == 0).all()
     logp, ref_logp = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
     exact = ((logp.exp() * (logp - ref_logp)).sum(-1) * mask).sum(1)  # Σ_t KL_t per row, ≥ 0

@@ -11,6 +11,7 @@ import torch
 
 from toolkit.errors import UserError
 from toolkit.reward import calibrate as cal
+from toolkit.reward.constants import TEMPERATURE_PRIOR_SD
 from toolkit.reward.metrics import auc, bin_ids, ece, ece_noise, pair_metrics, raw_probabilities, symmetric
 from toolkit.reward.train import bradley_terry_loss, length_grouped_batches
 
@@ -66,7 +67,7 @@ def test_map_temperature_follows_the_data_when_there_are_many_pairs():
     rng = np.random.default_rng(0)
     z = np.abs(rng.normal(0, 1, 4000))
     d = np.where(rng.random(4000) < 1 / (1 + np.exp(-z)), 1, -1) * z * 3.0  # three times too confident
-    assert cal.fit_temperature(d, prior_sd=cal.TEMPERATURE_PRIOR_SD) == pytest.approx(3.0, rel=0.1)
+    assert cal.fit_temperature(d, prior_sd=TEMPERATURE_PRIOR_SD) == pytest.approx(3.0, rel=0.1)
 
 
 def test_map_temperature_is_closer_to_the_truth_on_small_held_out_sets():
@@ -78,14 +79,14 @@ def test_map_temperature_is_closer_to_the_truth_on_small_held_out_sets():
         z = rng.normal(0, 0.5, 92)
         d = np.where(rng.random(92) < 1 / (1 + np.exp(-z)), z, -z)
         errors_ml.append(abs(math.log(cal.fit_temperature(d))))
-        errors_map.append(abs(math.log(cal.fit_temperature(d, prior_sd=cal.TEMPERATURE_PRIOR_SD))))
+        errors_map.append(abs(math.log(cal.fit_temperature(d, prior_sd=TEMPERATURE_PRIOR_SD))))
     assert np.median(errors_map) < 0.5 * np.median(errors_ml)
 
 
 def test_calibration_file_keeps_the_prior_and_reads_old_files(tmp_path):
     d = [0.5, 0.2, -0.1, 0.7]
     c = cal.fit(d, "temperature", reward_mean=0.0, reward_std=1.0, data="x", fingerprint="f")
-    assert c.prior_sd == cal.TEMPERATURE_PRIOR_SD and c.temperature_ml == pytest.approx(cal.fit_temperature(d))
+    assert c.prior_sd == TEMPERATURE_PRIOR_SD and c.temperature_ml == pytest.approx(cal.fit_temperature(d))
     cal.write(c, tmp_path)
     back = cal.read(tmp_path)
     assert back.temperature == c.temperature and back.prior_sd == c.prior_sd

@@ -33,7 +33,7 @@ from typing import Any
 
 from rlhf.rollout import TokenizedPrompt, load_prompts
 from toolkit.errors import UserError
-from toolkit.options import SEED_MAX
+from toolkit.options import SEED_MAX, SEED_STRIDE
 
 KIND = "eval-policy"  # the manifest kind of OUT
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
@@ -222,7 +222,7 @@ def check_teacher(spec: str, cfg: EvalConfig, flag: str) -> None:
 
 def row_seed(seed: int, index: int) -> int:
     """The sampling seed of answer row `index`, the same for POLICY and BASE."""
-    return (seed * 1_000_003 + index) % SEED_MAX
+    return (seed * SEED_STRIDE + index) % SEED_MAX
 
 
 def read_prompts(cfg: EvalConfig, tokenizer: Any = None) -> list[TokenizedPrompt]:

@@ -27,6 +27,9 @@ from toolkit.errors import UserError
 # Seeds get offsets (seed + 7919 * rank, seed + j per candidate) and some libraries take only 32-bit seeds
 # (numpy's legacy seeding): 2^31 - 1 leaves room for the offsets in all of them.
 SEED_MAX = 2**31 - 1
+# seed · SEED_STRIDE + i gives every (seed, i) its own seed: i (a row, an epoch) stays below this prime in any
+# run, so two seeds' sequences never overlap. Also the shift to a fresh sampling seed on a retry.
+SEED_STRIDE = 1_000_003
 
 
 def flag_field(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:  # noqa: A002 - reads best

@@ -14,14 +14,21 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import UserError
-from toolkit.options import SEED_MAX, check_ranges
+from toolkit.options import SEED_MAX, SEED_STRIDE, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.rows import row_to_messages
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+    from toolkit.training.runlog import RunLog
 
 IGNORE = -100
 MODEL_DIR = "model"  # a checkpoint's save_pretrained directory (the LoRA adapter or all weights)
@@ -186,26 +193,71 @@ class SFTResult:
 
 def _micro_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
     order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    random.Random(seed * SEED_STRIDE + epoch).shuffle(order)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+@dataclass
+class _Run:
+    """Everything the loop needs, built once by `_set_up`."""
+
+    cfg: SFTConfig
+    accelerator: Accelerator
+    out: Path
+    tokenizer: Any
+    examples: list[Example]
+    stats: dict[str, int]
+    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped when distributed)
+    unwrapped: torch.nn.Module  # what checkpoints and the final save see
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    total: int  # optimizer steps in the whole run
+    start: int  # optimizer steps already done (a resumed run)
 
 
 def train_sft(cfg: SFTConfig) -> SFTResult:
     """Fine-tune `cfg.model` on `cfg.data`; write model/, metrics.jsonl, curves.png under `cfg.out`."""
     import torch
 
-    from toolkit.console import console, progress, summary_table
-    from toolkit.io import claim_run_dir, read_existing, start_run_dir, write_json
-    from toolkit.models import load_causal_lm, load_tokenizer
-    from toolkit.training.accelerator import autocast, gradient_sync, make_accelerator
-    from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint
-    from toolkit.training.model import add_lora, disable_dropout
-    from toolkit.training.runlog import Curve, RunLog, drop_rows_after, plot_curves
-    from toolkit.training.schedule import warmup_linear
+    from toolkit.training.runlog import RunLog
 
     cfg.validate()
+    run = _set_up(cfg)
+    log = RunLog(run.out, run.accelerator.is_main_process)
+    t_run = time.perf_counter()
+    step = run.start
+    try:
+        with _progress(run) as advance:
+            while step < run.total:
+                micro, n_tokens = _step_batches(run, step)
+                t0 = time.perf_counter()
+                loss, grad_norm = _optimizer_step(run, micro, n_tokens, step + 1)
+                step += 1
+                _after_step(run, log, advance, step, loss, grad_norm, n_tokens, t0)
+    except torch.OutOfMemoryError:
+        raise UserError("out of memory; lower --batch-size (raise --gradient-accumulation-steps to keep the "
+                        "effective batch), lower --max-length, or use --lora, --bf16, "
+                        "--gradient-checkpointing") from None
+    finally:
+        log.close()
+    return _finish(run, log, step, t_run)
+
+
+def _set_up(cfg: SFTConfig) -> _Run:
+    """Accelerator, run directory, data, model, optimizer and schedule, restored from the last checkpoint
+    when resuming; every process returns here together."""
+    import torch
+
+    from toolkit.console import console
+    from toolkit.io import claim_run_dir, start_run_dir
+    from toolkit.models import load_causal_lm, load_tokenizer
+    from toolkit.training.accelerator import make_accelerator
+    from toolkit.training.runlog import drop_rows_after
+    from toolkit.training.schedule import warmup_linear
+
     accelerator = make_accelerator(cfg.bf16)
-    is_main, device = accelerator.is_main_process, accelerator.device
+    is_main = accelerator.is_main_process
     out = Path(cfg.out)
     claim_run_dir(out, "sft-run", resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
@@ -219,6 +271,33 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
         console.print(f"[yellow]warning:[/] {stats['truncated']} conversation(s) cut to --max-length {cfg.max_length}")
     if stats["dropped"] and is_main:
         console.print(f"[yellow]warning:[/] {stats['dropped']} row(s) had no assistant tokens left and were skipped")
+    model = _trainable(model, cfg)
+
+    # Each process takes its share of every optimizer step's micro-batches.
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    steps_per_epoch = max(1, per_epoch // (cfg.gradient_accumulation_steps * accelerator.num_processes))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = warmup_linear(optimizer, total, int(cfg.warmup_ratio * total))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    start = _resume(accelerator, out, unwrapped, optimizer, scheduler) if cfg.resume else 0
+    if cfg.resume and is_main:
+        drop_rows_after(out / "metrics.jsonl", start)
+    if is_main:
+        start_run_dir(out, "sft-run", overwrite=cfg.overwrite)
+    accelerator.wait_for_everyone()
+    return _Run(cfg, accelerator, out, tokenizer, examples, stats, model, unwrapped, optimizer, scheduler,
+                steps_per_epoch, total, start)
+
+
+def _trainable(model: torch.nn.Module, cfg: SFTConfig) -> torch.nn.Module:
+    """The loaded model made ready to train: no dropout, the LoRA adapter, gradient checkpointing."""
+    from toolkit.training.model import add_lora, disable_dropout
+
     disable_dropout(model)
     if cfg.lora:
         model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target, task_type="CAUSAL_LM")
@@ -226,86 +305,101 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    return model
 
-    # Each process takes its share of every optimizer step's micro-batches.
-    rank, world = accelerator.process_index, accelerator.num_processes
-    per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    steps_per_epoch = max(1, per_epoch // (cfg.gradient_accumulation_steps * world))
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = int(cfg.warmup_ratio * total)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = warmup_linear(optimizer, total, warmup)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+def _resume(accelerator: Accelerator, out: Path, unwrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
+    """Restore the last checkpoint in `out`, if any; the step to continue from."""
+    from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint
 
-    start = 0
-    checkpoint = latest_checkpoint(out) if cfg.resume else None
-    if checkpoint is not None:
-        restored = load_checkpoint(checkpoint, unwrapped, optimizer, weights=MODEL_DIR, rank=rank, world_size=world)
-        scheduler.load_state_dict(restored.state["scheduler"])
-        start = restored.step
-    if cfg.resume and is_main:
-        drop_rows_after(out / "metrics.jsonl", start)
-    if is_main:
-        start_run_dir(out, "sft-run", overwrite=cfg.overwrite)
-    accelerator.wait_for_everyone()
-    log = RunLog(out, is_main)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    t_run = time.perf_counter()
-    step = start
-    try:
-        with progress() if is_main else contextlib.nullcontext() as bar:
-            task = bar.add_task("sft", total=total, status="") if bar else None
-            if bar:
-                bar.update(task, completed=start)
-            while step < total:
-                epoch, index = divmod(step, steps_per_epoch)
-                batches = _micro_batches(len(examples), cfg.batch_size, epoch, cfg.seed)
-                G = cfg.gradient_accumulation_steps
-                group = batches[(index * world + rank) * G:(index * world + rank + 1) * G]
-                micro = [collate([examples[i] for i in b], pad_id, cfg.packing) for b in group]
-                n_tokens = sum(int((m["labels"][:, 1:] != IGNORE).sum()) for m in micro)
-                t0 = time.perf_counter()
-                loss_sum = 0.0
-                for g, batch in enumerate(micro):
-                    batch = {k: v.to(device) for k, v in batch.items()}
-                    with gradient_sync(accelerator, model, g == len(micro) - 1), autocast(accelerator, cfg.bf16):
-                        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-                        loss = torch.nn.functional.cross_entropy(
-                            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                            ignore_index=IGNORE, reduction="sum") / max(1, n_tokens)
-                        if not torch.isfinite(loss):
-                            raise UserError(f"loss became NaN at step {step + 1}; stopped without saving; lower "
-                                            "--learning-rate and --resume from the last checkpoint")
-                        accelerator.backward(loss)
-                    loss_sum += float(loss.detach())
-                grad_norm = (float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                             if cfg.max_grad_norm > 0 else float("nan"))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                loss_avg = float(accelerator.reduce(torch.tensor(loss_sum, device=device), "mean"))
-                row = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_avg,
-                       "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens,
-                       "time/step": time.perf_counter() - t0}
-                log.log(row)
-                if bar:
-                    bar.update(task, completed=step, status=f"loss {loss_avg:.4f}")
-                if (cfg.save_every and step % cfg.save_every == 0) or step == total:
-                    _checkpoint(accelerator, out, step, unwrapped, optimizer, scheduler, cfg)
-    except torch.OutOfMemoryError:
-        raise UserError("out of memory; lower --batch-size (raise --gradient-accumulation-steps to keep the "
-                        "effective batch), lower --max-length, or use --lora, --bf16, --gradient-checkpointing") from None
-    finally:
-        log.close()
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        return 0
+    restored = load_checkpoint(checkpoint, unwrapped, optimizer, weights=MODEL_DIR,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes)
+    scheduler.load_state_dict(restored.state["scheduler"])
+    return restored.step
 
+
+@contextlib.contextmanager
+def _progress(run: _Run) -> Iterator[Callable[[int, float], None]]:
+    """The main process's progress bar; yields `advance(step, loss)` (a no-op on the other processes)."""
+    from toolkit.console import progress
+
+    if not run.accelerator.is_main_process:
+        yield lambda step, loss: None
+        return
+    with progress() as bar:
+        task = bar.add_task("sft", total=run.total, status="")
+        bar.update(task, completed=run.start)
+        yield lambda step, loss: bar.update(task, completed=step, status=f"loss {loss:.4f}")
+
+
+def _step_batches(run: _Run, step: int) -> tuple[list[dict[str, Any]], int]:
+    """This process's micro-batches for optimizer step `step` (0-based), and their labelled tokens."""
+    cfg, world = run.cfg, run.accelerator.num_processes
+    epoch, index = divmod(step, run.steps_per_epoch)
+    batches = _micro_batches(len(run.examples), cfg.batch_size, epoch, cfg.seed)
+    G = cfg.gradient_accumulation_steps
+    first = (index * world + run.accelerator.process_index) * G
+    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    micro = [collate([run.examples[i] for i in b], pad_id, cfg.packing) for b in batches[first:first + G]]
+    return micro, sum(int((m["labels"][:, 1:] != IGNORE).sum()) for m in micro)
+
+
+def _optimizer_step(run: _Run, micro: list[dict[str, Any]], n_tokens: int, step: int) -> tuple[float, float]:
+    """Accumulate the micro-batches' gradients, clip, step; (loss averaged over processes, gradient norm).
+    Each micro-batch's loss is a sum over its tokens divided by the step's `n_tokens`, so the step's loss
+    is the mean over all its assistant tokens however they fall into micro-batches."""
+    import torch
+
+    from toolkit.training.accelerator import autocast, gradient_sync
+
+    accelerator, model, cfg = run.accelerator, run.model, run.cfg
+    loss_sum = 0.0
+    for g, batch in enumerate(micro):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with gradient_sync(accelerator, model, g == len(micro) - 1), autocast(accelerator, cfg.bf16):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                ignore_index=IGNORE, reduction="sum") / max(1, n_tokens)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became NaN at step {step}; stopped without saving; lower "
+                                "--learning-rate and --resume from the last checkpoint")
+            accelerator.backward(loss)
+        loss_sum += float(loss.detach())
+    grad_norm = (float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                 if cfg.max_grad_norm > 0 else float("nan"))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean")), grad_norm
+
+
+def _after_step(run: _Run, log: RunLog, advance: Callable[[int, float], None], step: int, loss: float,
+                grad_norm: float, n_tokens: int, t0: float) -> None:
+    """Log the step's metrics row, move the bar, checkpoint when one is due (and always at the last step)."""
+    cfg = run.cfg
+    log.log({"step": step, "epoch": round(step / run.steps_per_epoch, 4), "loss": loss, "grad_norm": grad_norm,
+             "lr": run.scheduler.get_last_lr()[0], "tokens": n_tokens, "time/step": time.perf_counter() - t0})
+    advance(step, loss)
+    if (cfg.save_every and step % cfg.save_every == 0) or step == run.total:
+        _checkpoint(run.accelerator, run.out, step, run.unwrapped, run.optimizer, run.scheduler, cfg)
+
+
+def _finish(run: _Run, log: RunLog, step: int, t_run: float) -> SFTResult:
+    """Save the (merged) model, plot the curves, write run.json and print the summary (main process)."""
+    from toolkit.console import summary_table
+    from toolkit.io import read_existing, write_json
+    from toolkit.training.runlog import Curve, plot_curves
+
+    cfg, out, stats = run.cfg, run.out, run.stats
     model_dir = None
     history = log.history
-    if is_main:
-        model_dir = _save_model(unwrapped, tokenizer, out / "model", cfg, step)
+    if run.accelerator.is_main_process:
+        model_dir = _save_model(run.unwrapped, run.tokenizer, out / "model", cfg, step)
         history = read_existing(out / "metrics.jsonl")
         plot_curves(history, out / "curves.png", (Curve("loss", "loss (assistant tokens)"),), title="llamakit sft")
         write_json(out / "run.json", {"config": dataclasses.asdict(cfg), "steps": step, "data": stats,
@@ -313,8 +407,8 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
                                       "final_loss": history[-1]["loss"] if history else None})
         summary_table("sft", {"examples": stats["examples"], "steps": step,
                               "loss (last)": history[-1]["loss"] if history else None, "model": str(model_dir)})
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
     return SFTResult(out, model_dir, step, history, stats)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from toolkit.errors import UserError
 from toolkit.io import RowWriter, read_existing
+from toolkit.options import SEED_STRIDE
 from toolkit.options import flag_field as _f
 
 RETRY_AFTER_CAP_S = 300.0  # a server asking for more than five minutes is treated as asking for five
@@ -307,8 +308,8 @@ class Caller:
                     self.limiter.pause(delay)  # the server said when: everyone waits, not only this call
                 attempt += 1
                 self.usage.retries += 1
-                if isinstance(err, Unparsable) and params.get("seed") is not None:
-                    params = {**params, "seed": params["seed"] + 1_000_003}
+                if isinstance(err, Unparsable) and params.get("seed") is not None:  # the same seed: the same junk
+                    params = {**params, "seed": params["seed"] + SEED_STRIDE}
                 await asyncio.sleep(delay)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import UserError
+from toolkit.reward.constants import TEMPERATURE_PRIOR_SD
 
 
 def _pairs(data: str, fmt: str):
@@ -90,7 +91,7 @@ def recalibrate(directory: str | os.PathLike, data: str, *, method: str = "tempe
     diffs = [c - r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)]
     calibration = cal.fit(diffs, method, reward_mean=mean, reward_std=std, data=data,
                           fingerprint=fingerprint(directory),
-                          prior_sd=cal.TEMPERATURE_PRIOR_SD if prior_sd is None else prior_sd)
+                          prior_sd=TEMPERATURE_PRIOR_SD if prior_sd is None else prior_sd)
     cal.write(calibration, directory)
     from toolkit.reward.plots import reliability_diagram
 

@@ -16,14 +16,15 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from toolkit.errors import UserError
-from toolkit.options import SEED_MAX
+from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
-from toolkit.reward.calibrate import METHODS, TEMPERATURE_PRIOR_SD
+from toolkit.reward.constants import METHODS, TEMPERATURE_PRIOR_SD
 from toolkit.reward.data import FORMATS, PreferenceData, load_preferences, pairs_from_scored, split
 from toolkit.rows import Pair, Scored
 
@@ -37,8 +38,9 @@ class TrainConfig:
     """Every knob of `llamakit train-reward`: each field declared with `_f` is one flag (toolkit/options.py)."""
 
     data: str = _f(help="Pairs: llamakit/TRL JSONL (prompt, chosen, rejected), Anthropic HH, TRL implicit prompt, "
-                   "ChatLLaMA scored rows (user_input, completion, score), or a `datasets` directory.", path="any")
-    out: str = _f(help="Output directory (written atomically).", path="dir")
+                   "ChatLLaMA scored rows (user_input, completion, score), or a `datasets` directory.", path="any",
+                   nonempty=True)
+    out: str = _f(help="Output directory (written atomically).", path="dir", nonempty=True)
     model: str = _f("minilm-l6", "Backbone: an alias (minilm-l6, smollm2-135m) or a local Hugging Face directory "
                     "(LLaMA too).", nonempty=True)
     eval_data: str | None = _f(None, "Held-out pairs for calibration (else --eval-split).", path="any")
@@ -75,6 +77,15 @@ class TrainConfig:
                          "never replaced).", negatable=False)
     show_progress: bool = True
 
+    def validate(self) -> None:
+        """Raise UserError naming the flag of a setting outside its range or choices (the CLI checks both at
+        parse time)."""
+        check_ranges(self)
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"unknown --objective '{self.objective}' (one of {', '.join(OBJECTIVES)})")
+        if self.calibration not in METHODS:
+            raise UserError(f"unknown --calibration '{self.calibration}' ({' or '.join(METHODS)})")
+
 
 @dataclass
 class TrainResult:
@@ -82,6 +93,44 @@ class TrainResult:
     metrics: dict[str, Any]
     calibration: Any
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """What `_set_up` builds before the first step. Item i is pair i (texts and ids 2i chosen, 2i + 1 rejected)
+    or, with `--objective regression`, scored row i."""
+
+    accelerator: Any
+    model: Any  # prepared by Accelerate
+    tokenizer: Any
+    backbone_path: Path
+    encoder: Any  # model.TextEncoder
+    optimizer: Any
+    scheduler: Any
+    total_steps: int  # optimizer steps of this process
+    batches_per_epoch: int  # micro-batches of this process
+    texts: list[str]
+    ids: list[list[int]]
+    lengths: list[int]  # of each item's longest text
+    targets: list[float]  # regression: each row's score
+    margins: list[float]  # pairs: each pair's margin (0 without --margin)
+    shared: bool  # pairs run their shared dialogue once (model.shared_prefix_batch)
+    n_cut: int  # texts cut to --max-length
+
+
+@dataclass
+class _Log:
+    """What the loop counts: the progress bar, metrics.json and loss.png read it."""
+
+    step: int = 0
+    micro: int = 0  # micro-batches, counted across epochs
+    items_seen: int = 0  # by all processes
+    seconds: float = 0.0
+    tokens_forwarded: int = 0  # padded positions included: they run too
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, mean micro-batch loss)
+    eval_points: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out NLL)
+    recent: list[tuple[float, float]] = field(default_factory=list)  # last 20 micro-batches' (loss, accuracy)
+    heldout_rewards: list[tuple[float, float]] | None = None  # (r_c, r_r) of each held-out pair, last epoch
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: bool = True,
@@ -172,15 +221,7 @@ def _require_pairs(data: PreferenceData, n: int) -> None:
 
 def train_reward(cfg: TrainConfig) -> TrainResult:
     """Train, calibrate on the held-out pairs, and write the reward model directory atomically."""
-    if cfg.objective not in OBJECTIVES:
-        raise UserError(f"unknown --objective '{cfg.objective}' (one of {', '.join(OBJECTIVES)})")
-    if cfg.calibration not in ("temperature", "isotonic"):
-        raise UserError(f"unknown --calibration '{cfg.calibration}' (temperature or isotonic)")
-    if not cfg.temperature_prior_sd > 0:
-        raise UserError("--temperature-prior-sd must be > 0 (inf: no prior, plain maximum likelihood)")
-    for name in ("batch_size", "gradient_accumulation_steps", "epochs", "max_length"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be ≥ 1")
+    cfg.validate()
     warnings: list[str] = []
     # Data first: a bad file fails in a second, before torch and the backbone are loaded.
     train_pairs, train_scored, heldout, fmt, heldout_from = _load(cfg, warnings)
@@ -189,207 +230,274 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     # An unwritable --out, or one holding something this run would replace, fails now, not after training.
     claim_output_dir(cfg.out, "reward-model", overwrite=cfg.overwrite)
     ensure_writable_dir(Path(cfg.out).parent)
-    regression = cfg.objective == "regression"
+    run = _set_up(cfg, train_pairs, train_scored, warnings)
+    log = _train(cfg, run, heldout)
+    run.accelerator.wait_for_everyone()
+    model = run.accelerator.unwrap_model(run.model).eval()
+    if not run.accelerator.is_main_process:
+        return TrainResult(Path(cfg.out), {}, None, warnings)
+    data = {"data": cfg.data, "format": fmt, "pairs": len(train_pairs), "scored_rows": len(train_scored)}
+    metrics, calibration = _save(cfg, run, log, model, data, heldout_from, warnings)
+    return TrainResult(Path(cfg.out), metrics, calibration, warnings)
 
+
+# ---- set-up -----------------------------------------------------------------------------------------------
+
+def _set_up(cfg: TrainConfig, train_pairs: list[Pair], train_scored: list[Scored], warnings: list[str]) -> _Run:
+    """Accelerator, seed, backbone and head, the training texts tokenized once, AdamW and its schedule."""
     import torch
     from accelerate.utils import set_seed
 
-    from toolkit.console import console, progress
-    from toolkit.io import atomic_dir, write_json
-    from toolkit.reward import calibrate as cal
-    from toolkit.reward import card, plots
-    from toolkit.reward.metrics import pair_metrics, raw_probabilities
-    from toolkit.reward.model import (
-        RewardSettings,
-        TextEncoder,
-        fingerprint,
-        is_causal,
-        new_reward_model,
-        pad,
-        save_reward_model,
-        score_texts,
-        shared_prefix_batch,
-        wants_eos,
-    )
-    from toolkit.training.accelerator import autocast, gradient_sync, make_accelerator
-    from toolkit.training.runlog import Curve, plot_curves
+    from toolkit.console import console
+    from toolkit.reward.model import TextEncoder, is_causal, new_reward_model, wants_eos
+    from toolkit.training.accelerator import make_accelerator
     from toolkit.training.schedule import warmup_linear
 
     accelerator = make_accelerator(cfg.bf16)
     set_seed(cfg.seed)
-    main = accelerator.is_main_process
     model, tokenizer, backbone_path = new_reward_model(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r,
                                                        gradient_checkpointing=cfg.gradient_checkpointing)
     encoder = TextEncoder(tokenizer, cfg.max_length, wants_eos(tokenizer))
-    pad_id = tokenizer.pad_token_id
-
-    # ---- tokenize once: chosen i and rejected i are items 2i and 2i+1 ------------------------------------
+    regression = cfg.objective == "regression"
     if regression:
-        texts = [row.text for row in train_scored]
-        targets = [row.score for row in train_scored]
+        texts, targets, margins = [row.text for row in train_scored], [row.score for row in train_scored], []
     else:
-        texts = [t for p in train_pairs for t in (p.chosen_text, p.rejected_text)]
+        texts, targets = [t for p in train_pairs for t in (p.chosen_text, p.rejected_text)], []
         margins = [p.margin if cfg.use_margin else 0.0 for p in train_pairs]
     # Causal backbones only: an encoder's prefix tokens attend to the answer, so nothing can be shared there.
     # A gradient-checkpointed backbone drops its KV cache, which the shared-prefix forward runs on.
     shared = (not regression and cfg.shared_prefix and not cfg.gradient_checkpointing
               and is_causal(model.backbone.config))
-    if shared:
-        ids, n_cut = encoder.encode_pairs(texts[0::2], texts[1::2])
-    else:
-        ids, n_cut = encoder.encode(texts)
+    ids, n_cut = encoder.encode_pairs(texts[0::2], texts[1::2]) if shared else encoder.encode(texts)
     if n_cut:
         warnings.append(f"{n_cut} of {len(texts)} training texts were longer than --max-length {cfg.max_length} "
                         "tokens and were cut from the left (their final answer is kept)")
-    if main and cfg.show_progress:  # now, not after minutes of training
+    if accelerator.is_main_process and cfg.show_progress:  # now, not after minutes of training
         for w in warnings:
             console.print(f"[yellow]warning:[/] {w}")
     per_item = 1 if regression else 2
-    n_items = len(ids) // per_item
-    lengths = [max(len(ids[per_item * i + k]) for k in range(per_item)) for i in range(n_items)]
+    lengths = [max(len(ids[per_item * i + k]) for k in range(per_item)) for i in range(len(ids) // per_item)]
 
-    # ---- optimizer and schedule ----------------------------------------------------------------------------
-    world, rank = accelerator.num_processes, accelerator.process_index
+    batches_per_epoch, total_steps = _step_counts(cfg, len(lengths), accelerator.num_processes)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # Not prepared: Accelerate would step a prepared scheduler once per process, and total_steps counts
+    # this process's optimizer steps.
+    scheduler = warmup_linear(optimizer, total_steps, int(cfg.warmup_ratio * total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return _Run(accelerator=accelerator, model=model, tokenizer=tokenizer, backbone_path=backbone_path,
+                encoder=encoder, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
+                batches_per_epoch=batches_per_epoch, texts=texts, ids=ids, lengths=lengths, targets=targets,
+                margins=margins, shared=shared, n_cut=n_cut)
+
+
+def _step_counts(cfg: TrainConfig, n_items: int, world: int) -> tuple[int, int]:
+    """(micro-batches per epoch, optimizer steps in all) of each of `world` processes."""
     batches_per_epoch = math.ceil(n_items / cfg.batch_size) // world or 1
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    warmup = int(cfg.warmup_ratio * total_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    # Not prepared: Accelerate would step a prepared scheduler once per process, and total_steps counts
-    # this process's optimizer steps.
-    scheduler = warmup_linear(optimizer, total_steps, warmup)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
+    return batches_per_epoch, total_steps
 
-    # ---- the loop ------------------------------------------------------------------------------------------
-    history: list[tuple[int, float]] = []
-    eval_points: list[tuple[int, float]] = []
-    recent: list[tuple[float, float]] = []
-    step, micro, pairs_seen, train_seconds, tokens_forwarded = 0, 0, 0, 0.0, 0
-    heldout_rewards: list[float] | None = None
-    model.train()
-    bar = progress(transient=False) if (cfg.show_progress and main) else None
-    with bar if bar is not None else contextlib.nullcontext():
-        task = bar.add_task("train-reward", total=total_steps, status="") if bar else None
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+
+def _train(cfg: TrainConfig, run: _Run, heldout: list[Pair]) -> _Log:
+    """Epochs of length-grouped micro-batches, an optimizer step every --grad-accum of them, and the held-out
+    NLL after each epoch."""
+    log = _Log()
+    world, rank = run.accelerator.num_processes, run.accelerator.process_index
+    run.model.train()
+    with _progress_bar(cfg.show_progress and run.accelerator.is_main_process, run.total_steps) as show:
         for epoch in range(cfg.epochs):
-            batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed * 1000 + epoch, cfg.group_by_length)
-            batches = batches[:batches_per_epoch * world][rank::world]
+            batches = length_grouped_batches(run.lengths, cfg.batch_size, cfg.seed * 1000 + epoch,
+                                             cfg.group_by_length)
             started = time.perf_counter()
-            micro_losses: list[float] = []
-            for batch in batches:
-                if step >= total_steps:
+            micro_losses: list[float] = []  # of the step under way, in this epoch
+            for batch in batches[:run.batches_per_epoch * world][rank::world]:
+                if log.step >= run.total_steps:
                     break
-                tensors = shared_prefix_batch([ids[2 * i] for i in batch], [ids[2 * i + 1] for i in batch],
-                                              pad_id) if shared else None
-                if tensors is None:
-                    seqs = [ids[per_item * i + k] for i in batch for k in (range(per_item))]
-                    if not regression:  # all chosen first, then all rejected: one forward, split in two
-                        seqs = seqs[0::2] + seqs[1::2]
-                    tensors = pad(seqs, pad_id)
-                tokens_forwarded += sum(t.numel() for t in tensors[1::2])  # the masks: padded positions run
                 # An optimizer step every gradient_accumulation_steps micro-batches, counted across epochs.
-                micro += 1
-                last = micro % cfg.gradient_accumulation_steps == 0
-                with gradient_sync(accelerator, model, last):
-                    with autocast(accelerator, cfg.bf16):
-                        rewards = model(*(t.to(device) for t in tensors))
-                    if regression:
-                        target = torch.tensor([targets[i] for i in batch], device=device)
-                        loss = torch.nn.functional.mse_loss(rewards, target)
-                        right = float("nan")
-                    else:
-                        # Shared-prefix rows are chosen_0, rejected_0, chosen_1 ...; plain ones all chosen first.
-                        r_c, r_r = (rewards[0::2], rewards[1::2]) if len(tensors) == 4 else rewards.chunk(2)
-                        margin = torch.tensor([margins[i] for i in batch], device=device)
-                        loss = bradley_terry_loss(r_c, r_r, margin if any(margins[i] for i in batch) else None,
-                                                  cfg.center_rewards)
-                        right = float((r_c > r_r).float().mean())
-                    accelerator.backward(loss / cfg.gradient_accumulation_steps)
+                log.micro += 1
+                last = log.micro % cfg.gradient_accumulation_steps == 0
+                loss, right, tokens = _train_micro_batch(cfg, run, batch, last)
+                micro_losses.append(loss)
+                log.tokens_forwarded += tokens
+                log.items_seen += len(batch) * world
+                log.recent = (log.recent + [(loss, right)])[-20:]
                 if last:
-                    if cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro_losses.append(loss.item())
-                pairs_seen += len(batch) * world
-                recent = (recent + [(micro_losses[-1], right)])[-20:]
-                if last:
-                    step += 1
-                    history.append((step, sum(micro_losses) / len(micro_losses)))
+                    log.step += 1
+                    log.history.append((log.step, sum(micro_losses) / len(micro_losses)))
                     micro_losses = []
-                    if bar:
-                        avg_loss = sum(x for x, _ in recent) / len(recent)
-                        status = f"epoch {epoch + 1}/{cfg.epochs} loss {avg_loss:.3f}"
-                        if not regression:
-                            status += f" acc {sum(a for _, a in recent) / len(recent):.2f}"
-                        bar.update(task, completed=step, status=status)
-            train_seconds += time.perf_counter() - started
-            if heldout and main:
-                with autocast(accelerator, cfg.bf16):
-                    heldout_rewards = _score_pairs(accelerator.unwrap_model(model), encoder, heldout,
-                                                   cfg.eval_batch_size, device, score_texts)
-                diffs = [c - r for c, r in heldout_rewards]
-                eval_points.append((step, pair_metrics(raw_probabilities(diffs))["nll"]))
-                model.train()
-            if step >= total_steps:
+                    show(log.step, _status(cfg, epoch, log.recent))
+            log.seconds += time.perf_counter() - started
+            if heldout and run.accelerator.is_main_process:
+                log.heldout_rewards, nll = _evaluate(cfg, run, heldout)
+                log.eval_points.append((log.step, nll))
+            if log.step >= run.total_steps:
                 break
+    return log
 
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model).eval()
-    if not main:
-        return TrainResult(Path(cfg.out), {}, None, warnings)
 
-    # ---- calibration statistics: reward mean / std on training texts ----------------------------------
-    rng = random.Random(cfg.seed)
-    sample = rng.sample(texts, min(STATS_TEXTS, len(texts)))
-    with autocast(accelerator, cfg.bf16):
-        train_rewards = score_texts(unwrapped, encoder, sample, cfg.eval_batch_size, device)
-    mean = sum(train_rewards) / len(train_rewards)
-    std = math.sqrt(sum((r - mean) ** 2 for r in train_rewards) / max(1, len(train_rewards) - 1)) or 1.0
-    diffs = [c - r for c, r in heldout_rewards] if heldout_rewards else []
+@contextlib.contextmanager
+def _progress_bar(visible: bool, total: int) -> Iterator[Callable[[int, str], None]]:
+    """show(step, status): a progress bar's update, or nothing when it is not `visible`."""
+    if not visible:
+        yield lambda step, status: None
+        return
+    from toolkit.console import progress
 
-    settings = RewardSettings(backbone=str(cfg.model), max_length=cfg.max_length, append_eos=encoder.append_eos,
-                              objective=cfg.objective, lora=cfg.lora, read_at=unwrapped.read_at)
-    pairs_per_s = pairs_seen / train_seconds if train_seconds else 0.0
+    with progress(transient=False) as bar:
+        task = bar.add_task("train-reward", total=total, status="")
+        yield lambda step, status: bar.update(task, completed=step, status=status)
+
+
+def _status(cfg: TrainConfig, epoch: int, recent: list[tuple[float, float]]) -> str:
+    status = f"epoch {epoch + 1}/{cfg.epochs} loss {sum(x for x, _ in recent) / len(recent):.3f}"
+    if cfg.objective != "regression":
+        status += f" acc {sum(a for _, a in recent) / len(recent):.2f}"
+    return status
+
+
+def _train_micro_batch(cfg: TrainConfig, run: _Run, batch: list[int], last: bool) -> tuple[float, float, int]:
+    """Forward and backward one micro-batch; on the `last` micro-batch of an accumulation also clip and take
+    the optimizer step. Returns (loss, accuracy (nan for regression), tokens forwarded)."""
+    from toolkit.training.accelerator import autocast, gradient_sync
+
+    accelerator, model = run.accelerator, run.model
+    tensors = _batch_tensors(cfg, run, batch)
+    with gradient_sync(accelerator, model, last):
+        with autocast(accelerator, cfg.bf16):
+            rewards = model(*(t.to(accelerator.device) for t in tensors))
+        loss, right = _loss(cfg, run, batch, rewards, interleaved=len(tensors) == 4)
+        accelerator.backward(loss / cfg.gradient_accumulation_steps)
+    if last:
+        if cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.item(), right, sum(t.numel() for t in tensors[1::2])  # the masks: padded positions run too
+
+
+def _batch_tensors(cfg: TrainConfig, run: _Run, batch: list[int]) -> tuple:
+    """The model's inputs for the items of `batch`: a shared-prefix batch where it pays, else padded texts."""
+    from toolkit.reward.model import pad, shared_prefix_batch
+
+    ids, pad_id = run.ids, run.tokenizer.pad_token_id
+    if run.shared:
+        tensors = shared_prefix_batch([ids[2 * i] for i in batch], [ids[2 * i + 1] for i in batch], pad_id)
+        if tensors is not None:
+            return tensors
+    if cfg.objective == "regression":
+        return pad([ids[i] for i in batch], pad_id)
+    # All chosen first, then all rejected: one forward, split in two.
+    return pad([ids[2 * i] for i in batch] + [ids[2 * i + 1] for i in batch], pad_id)
+
+
+def _loss(cfg: TrainConfig, run: _Run, batch: list[int], rewards, interleaved: bool) -> tuple[Any, float]:
+    """(loss, accuracy on the batch's pairs) for the rewards of `batch`; accuracy is nan for regression."""
+    import torch
+
+    device = run.accelerator.device
+    if cfg.objective == "regression":
+        target = torch.tensor([run.targets[i] for i in batch], device=device)
+        return torch.nn.functional.mse_loss(rewards, target), float("nan")
+    # Shared-prefix rows are chosen_0, rejected_0, chosen_1 ...; plain ones all chosen first.
+    r_c, r_r = (rewards[0::2], rewards[1::2]) if interleaved else rewards.chunk(2)
+    margin = torch.tensor([run.margins[i] for i in batch], device=device)
+    loss = bradley_terry_loss(r_c, r_r, margin if any(run.margins[i] for i in batch) else None, cfg.center_rewards)
+    return loss, float((r_c > r_r).float().mean())
+
+
+def _evaluate(cfg: TrainConfig, run: _Run, heldout: list[Pair]) -> tuple[list[tuple[float, float]], float]:
+    """((r_c, r_r) of each held-out pair, their NLL under the raw model), leaving the model in training mode."""
+    from toolkit.reward.metrics import pair_metrics, raw_probabilities
+    from toolkit.training.accelerator import autocast
+
+    with autocast(run.accelerator, cfg.bf16):
+        rewards = _score_pairs(cfg, run, run.accelerator.unwrap_model(run.model), heldout)
+    run.model.train()
+    return rewards, pair_metrics(raw_probabilities([c - r for c, r in rewards]))["nll"]
+
+
+def _score_pairs(cfg: TrainConfig, run: _Run, model, pairs: list[Pair]) -> list[tuple[float, float]]:
+    from toolkit.reward.model import score_texts
+
+    texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
+    rewards = score_texts(model, run.encoder, texts, cfg.eval_batch_size, run.accelerator.device)
+    return list(zip(rewards[0::2], rewards[1::2], strict=True))
+
+
+# ---- after training: statistics, calibration, the directory -----------------------------------------------
+
+def _save(cfg: TrainConfig, run: _Run, log: _Log, model, data: dict[str, Any], heldout_from: str,
+          warnings: list[str]) -> tuple[dict[str, Any], Any]:
+    """Calibrate on the held-out pairs and write the model, calibration.json, metrics.json, the plots and the
+    card into --out at once. Returns (metrics, calibration)."""
+    from toolkit.io import atomic_dir, write_json
+    from toolkit.reward import calibrate as cal
+    from toolkit.reward import card
+    from toolkit.reward.model import RewardSettings, fingerprint, save_reward_model
+
+    mean, std = _reward_stats(cfg, run, model)
+    diffs = [c - r for c, r in log.heldout_rewards] if log.heldout_rewards else []
+    settings = RewardSettings(backbone=str(cfg.model), max_length=cfg.max_length, append_eos=run.encoder.append_eos,
+                              objective=cfg.objective, lora=cfg.lora, read_at=model.read_at)
+    pairs_per_s = log.items_seen / log.seconds if log.seconds else 0.0
     with atomic_dir(cfg.out, "reward-model", overwrite=cfg.overwrite) as tmp:
-        save_reward_model(unwrapped, tokenizer, settings, tmp)
+        save_reward_model(model, run.tokenizer, settings, tmp)
         calibration = cal.fit(diffs, cfg.calibration, reward_mean=mean, reward_std=std, data=heldout_from,
                               fingerprint=fingerprint(tmp), prior_sd=cfg.temperature_prior_sd)
         cal.write(calibration, tmp)
         metrics = {
             "heldout": calibration.metrics,
             "heldout_data": heldout_from,
-            "train": {"data": cfg.data, "format": fmt, "pairs": len(train_pairs), "scored_rows": len(train_scored),
-                      "texts_cut": n_cut, "shared_prefix": shared,
-                      "tokens_forwarded": tokens_forwarded, "optimizer_steps": step, "items_seen": pairs_seen,
-                      "seconds": round(train_seconds, 2), "pairs_per_s": round(pairs_per_s, 3),
-                      "final_loss": history[-1][1] if history else None,
-                      "loss_history": [round(v, 5) for _, v in history]},
+            "train": {**data, "texts_cut": run.n_cut, "shared_prefix": run.shared,
+                      "tokens_forwarded": log.tokens_forwarded, "optimizer_steps": log.step,
+                      "items_seen": log.items_seen, "seconds": round(log.seconds, 2),
+                      "pairs_per_s": round(pairs_per_s, 3),
+                      "final_loss": log.history[-1][1] if log.history else None,
+                      "loss_history": [round(v, 5) for _, v in log.history]},
             "calibration": {"method": calibration.method, "temperature": calibration.temperature,
                             "temperature_ml": calibration.temperature_ml, "prior_sd": cfg.temperature_prior_sd,
                             "reward_mean": mean, "reward_std": std},
             "settings": {k: v for k, v in asdict(cfg).items() if k != "show_progress"},
-            "backbone_path": str(backbone_path),
+            "backbone_path": str(run.backbone_path),
             "warnings": warnings,
         }
         write_json(tmp / "metrics.json", cal.json_safe(metrics))
-        curve = Curve("loss", "training loss", smooth=True, points=("heldout_loss", "held-out"),
-                      baseline=None if regression else ("chance (ln 2)", math.log(2)))
-        plot_curves([{"step": s, "loss": v} for s, v in history]
-                    + [{"step": s, "heldout_loss": v} for s, v in eval_points], tmp / "loss.png", (curve,))
-        if diffs:
-            plots.reliability_diagram({"raw": raw_probabilities(diffs), calibration.method:
-                                       calibration.probabilities(diffs)}, tmp / "reliability.png",
-                                      title=f"Held-out pairs (n={len(diffs)})")
+        _plot(cfg, log, diffs, calibration, tmp)
         (tmp / "README.md").write_text(card.render(cfg, metrics, calibration), encoding="utf-8")
-    return TrainResult(Path(cfg.out), metrics, calibration, warnings)
+    return metrics, calibration
 
 
-def _score_pairs(model, encoder, pairs: list[Pair], batch_size: int, device, score_texts) -> list[tuple[float, float]]:
-    texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
-    rewards = score_texts(model, encoder, texts, batch_size, device)
-    return list(zip(rewards[0::2], rewards[1::2], strict=True))
+def _reward_stats(cfg: TrainConfig, run: _Run, model) -> tuple[float, float]:
+    """Mean and std of the raw reward on (a sample of) the training texts: the PPO loop's centring and scale."""
+    from toolkit.reward.model import score_texts
+    from toolkit.training.accelerator import autocast
+
+    rng = random.Random(cfg.seed)
+    sample = rng.sample(run.texts, min(STATS_TEXTS, len(run.texts)))
+    with autocast(run.accelerator, cfg.bf16):
+        rewards = score_texts(model, run.encoder, sample, cfg.eval_batch_size, run.accelerator.device)
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards) - 1)) or 1.0
+    return mean, std
+
+
+def _plot(cfg: TrainConfig, log: _Log, diffs: list[float], calibration, out: Path) -> None:
+    """loss.png (training and held-out loss) and, with held-out pairs, reliability.png."""
+    from toolkit.reward import plots
+    from toolkit.reward.metrics import raw_probabilities
+    from toolkit.training.runlog import Curve, plot_curves
+
+    curve = Curve("loss", "training loss", smooth=True, points=("heldout_loss", "held-out"),
+                  baseline=None if cfg.objective == "regression" else ("chance (ln 2)", math.log(2)))
+    plot_curves([{"step": s, "loss": v} for s, v in log.history]
+                + [{"step": s, "heldout_loss": v} for s, v in log.eval_points], out / "loss.png", (curve,))
+    if diffs:
+        plots.reliability_diagram({"raw": raw_probabilities(diffs), calibration.method:
+                                   calibration.probabilities(diffs)}, out / "reliability.png",
+                                  title=f"Held-out pairs (n={len(diffs)})")

@@ -1,0 +1,178 @@
+"""The PPO objective for causal LMs, on [batch, response_tokens] tensors, in the order the loop uses it.
+
+    rewards    r_t = −β · k1_t on every real token;  r_T += score − missing_eos_penalty · [no EOS]
+    GAE        δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γ λ A_{t+1},  returns_t = A_t + V_t
+    whitening  (x − mean) / std over the real tokens
+    policy     L_pg = mean max(−A · ratio, −A · clip(ratio, 1 − ε, 1 + ε)),  ratio = π / π_old
+    value      L_vf = ½ mean max((V − returns)², (clip(V, V_old ± ε_v) − returns)²)
+    KL         k1 = log π − log π_ref (the penalty, TRL's);  k3 = (ρ − 1) − log ρ,  ρ = π_ref / π
+    β          fixed, or adapted towards a KL target (Ziegler et al. 2019)
+
+`mask` is 1 on real response tokens (up to and including EOS) and 0 on the padding after them; every
+mean is over real tokens only. Functions that take several same-shaped tensors take them by keyword.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.policy import entropy_of, logprobs_of
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    centered = (values - mean) ** 2
+    variance = masked_mean(centered, mask)
+    if unbiased:
+        n = mask.sum()
+        if n > 1:
+            variance = variance * n / (n - 1)
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the real tokens; padding comes back as 0. shift_mean=False keeps the mean."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimate of KL(π‖π_ref) on sampled tokens: log π(a|s) − log π_ref(a|s)."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of the same KL: (ρ − 1) − log ρ with ρ = π_ref/π; never negative, lower
+    variance than k1 (Schulman, "Approximating KL divergence")."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last real token (masks are right-padded, at least one real token)."""
+    return mask.sum(1).long() - 1
+
+
+def per_token_rewards(*, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                      mask: torch.Tensor, contain_eos: torch.Tensor, kl_coef: float,
+                      missing_eos_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (rewards [B, R], k1 KL [B, R], scores after the no-EOS penalty [B])."""
+    kl = kl_k1(logprobs, ref_logprobs) * mask.to(logprobs.dtype)
+    scores = scores - missing_eos_penalty * (~contain_eos).to(scores.dtype)
+    rewards = -kl_coef * kl
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += scores
+    return rewards, kl, scores
+
+
+def gae(*, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens: (advantages, returns).
+
+    Values and rewards past the last real token are zeroed first, so the bootstrap after the last
+    token is 0 (the episode ends there) and padding gets advantage 0.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[1]
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def ppo_loss(*, logits: torch.Tensor, new_values: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor,
+             logprobs: torch.Tensor, values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
+             cliprange: float, cliprange_value: float, vf_coef: float,
+             ent_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_pg + vf_coef · L_vf − ent_coef · entropy on one micro-batch, and its statistics.
+
+    `logits` / `new_values` come from the policy being updated; `logprobs` / `values` from the rollout."""
+    new_logprobs = logprobs_of(logits, responses)
+    logprobs_diff = new_logprobs - logprobs
+    ratio = torch.exp(logprobs_diff)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+
+    vpredclipped = values + torch.clamp(new_values - values, -cliprange_value, cliprange_value)
+    vf_losses1 = (new_values - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+
+    with contextlib.nullcontext() if ent_coef else torch.no_grad():
+        entropy = masked_mean(entropy_of(logits), mask)
+    loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy
+
+    with torch.no_grad():
+        maskb = mask.bool()
+        stats = {
+            "approxkl": 0.5 * masked_mean(logprobs_diff ** 2, mask),
+            "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
+            "pg_loss": pg_loss.detach(),
+            "vf_loss": vf_loss.detach(),
+            "vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask),
+            "entropy": entropy.detach(),
+            "ratio": masked_mean(ratio, mask),
+            "ratio_dev": (ratio - 1).abs()[maskb].max() if maskb.any() else torch.zeros(()),
+        }
+    return loss, stats
+
+
+@dataclass
+class FixedKLController:
+    value: float
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """β stays where it is."""
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+@dataclass
+class AdaptiveKLController:
+    """β ← β · (1 + clip(KL/target − 1, ±0.2) · n_steps / horizon)."""
+
+    value: float
+    target: float
+    horizon: int
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+def make_kl_controller(kl_coef: float, adaptive: bool, target: float,
+                       horizon: int) -> FixedKLController | AdaptiveKLController:
+    if adaptive:
+        return AdaptiveKLController(kl_coef, target, horizon)
+    return FixedKLController(kl_coef)

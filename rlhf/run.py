@@ -1,0 +1,207 @@
+"""A PPO run's plumbing, so that rlhf/trainer.py holds only the algorithm: set-up (prompts, reward,
+actor, reference, critic, optimizer under Accelerate), resume, progress, checkpoints and the final save."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.config import PPOConfig
+from rlhf.objective import AdaptiveKLController, FixedKLController, make_kl_controller
+from rlhf.policy import ActorCritic, Reference, causal_lm, frozen_copy, load_critic
+from rlhf.rewards import RewardFn, make_reward_fn
+from rlhf.rollout import TokenizedPrompt, load_prompts
+from toolkit.chat_format import context_length as model_context_length
+from toolkit.console import console, progress, summary_table
+from toolkit.errors import UserError
+from toolkit.io import atomic_dir, claim_run_dir, read_existing, start_run_dir, write_json
+from toolkit.models import load_causal_lm, load_tokenizer
+from toolkit.training.accelerator import make_accelerator
+from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from toolkit.training.model import add_lora, disable_dropout
+from toolkit.training.runlog import Curve, RunLog, drop_rows_after, plot_curves
+
+# Each process seeds its sampler with seed + RANK_SEED_STRIDE · rank so that ranks draw different
+# responses; a prime stride keeps (seed, rank) pairs of nearby seeds from landing on the same value.
+RANK_SEED_STRIDE = 7919
+# A PPO checkpoint: the LM (adapter or all weights) in policy/, the value head or critic in value.safetensors.
+POLICY_DIR, VALUE_FILE = "policy", "value"
+CURVES = (
+    Curve("objective/scores", "reward (score)"),
+    Curve("objective/kl", "KL(π‖π_ref) per response"),
+    Curve("objective/entropy", "entropy per response"),
+    Curve("policy/clipfrac_avg", "clip fraction"),
+    Curve("response/length_avg", "response length (tokens)"),
+)
+
+
+@dataclass
+class Run:
+    """Everything the PPO loop works with, built once by `start_run`."""
+
+    cfg: PPOConfig
+    accelerator: Any
+    out: Path
+    prompts: list[TokenizedPrompt]
+    reward_fn: RewardFn
+    tokenizer: Any
+    actor: torch.nn.Module  # as prepared by Accelerate (DDP / DeepSpeed wrapper): the update's forward + backward
+    unwrapped: ActorCritic  # the same module: generation, rollout forwards, checkpoints
+    optimizer: torch.optim.Optimizer
+    reference: Reference
+    kl_ctl: FixedKLController | AdaptiveKLController
+    log: RunLog
+    start: int  # last step already done; a resumed run goes on after it
+    started_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int  # last step done
+    history: list[dict[str, Any]]  # metrics rows of this process's run (all steps on the main process)
+    policy_dir: Path | None  # final Hugging Face dir (main process)
+    update_stats: dict[str, torch.Tensor] = field(default_factory=dict)  # last step: [epochs, minibatches, micro]
+
+
+def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
+    """Claim `cfg.out`, load prompts, reward and models, prepare them under Accelerate, resume if asked."""
+    accelerator = make_accelerator(cfg.bf16)
+    is_main = accelerator.is_main_process
+    out = Path(cfg.out)
+    claim_run_dir(out, "rlhf-run", resume=cfg.resume, overwrite=cfg.overwrite)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    prompts, n_truncated = load_prompts(cfg.prompts, load_tokenizer(cfg.policy), chat_template=cfg.chat_template,
+                                        system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens,
+                                        truncate=cfg.truncate_prompts)
+    if n_truncated and is_main:
+        console.print(f"[yellow]warning:[/] {n_truncated} prompt(s) longer than --max-prompt-tokens "
+                      f"{cfg.max_prompt_tokens} were cut from the left")
+    reward_fn = reward_fn or make_reward_fn(cfg.reward, prompts, cfg.prompts)
+    actor, ref_lm, tokenizer = _load_models(cfg, max(len(p.ids) for p in prompts))
+
+    optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    prepared, optimizer = accelerator.prepare(actor, optimizer)
+    unwrapped: ActorCritic = accelerator.unwrap_model(prepared)
+    if ref_lm is not None:
+        ref_lm.to(accelerator.device)
+    kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
+    torch.manual_seed(cfg.seed + RANK_SEED_STRIDE * accelerator.process_index)
+    start = _resume(cfg, out, accelerator, unwrapped, optimizer, kl_ctl) if cfg.resume else 0
+    if is_main:
+        start_run_dir(out, "rlhf-run", overwrite=cfg.overwrite)
+    accelerator.wait_for_everyone()
+    return Run(cfg, accelerator, out, prompts, reward_fn, tokenizer, prepared, unwrapped, optimizer,
+               Reference(unwrapped, ref_lm), kl_ctl, RunLog(out, is_main, cfg.report_to, samples=True), start)
+
+
+def _load_models(cfg: PPOConfig, longest_prompt: int) -> tuple[ActorCritic, torch.nn.Module | None, Any]:
+    """(actor: LM + value head or critic, frozen π_ref or None under LoRA, tokenizer)."""
+    lm, tokenizer = load_causal_lm(cfg.policy)
+    disable_dropout(lm)
+    ref_lm = None if cfg.lora else frozen_copy(lm)  # with LoRA, π_ref = the adapter switched off
+    if cfg.lora:
+        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target, task_type="CAUSAL_LM")
+    if cfg.gradient_checkpointing:
+        causal_lm(lm).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.train()  # checkpointing only acts in train mode; dropout is already off
+    critic = None if cfg.critic == "value-head" else load_critic(cfg.critic, cfg.reward, tokenizer)
+    actor = ActorCritic(lm, critic)
+    context = model_context_length(causal_lm(lm))
+    if longest_prompt + cfg.max_new_tokens > context:
+        raise UserError(f"longest prompt ({longest_prompt} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
+                        f"the policy's context of {context} tokens; lower --max-prompt-tokens (with "
+                        "--truncate-prompts) or --max-new-tokens", file=cfg.prompts)
+    return actor, ref_lm, tokenizer
+
+
+def _resume(cfg: PPOConfig, out: Path, accelerator, actor: ActorCritic, optimizer: torch.optim.Optimizer,
+            kl_ctl: FixedKLController | AdaptiveKLController) -> int:
+    """Load the latest checkpoint of `out` (if any) and drop log rows written after it; return its step."""
+    start = 0
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is not None:
+        restored = load_checkpoint(checkpoint, actor.lm, optimizer, weights=POLICY_DIR,
+                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                   tensors=(VALUE_FILE,))
+        actor.load_value_state_dict(restored.tensors[VALUE_FILE])
+        kl_ctl.load_state_dict(restored.state["kl_ctl"])
+        start = restored.step
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.learning_rate  # flags given on resume win
+    elif accelerator.is_main_process:
+        console.print(f"[yellow]warning:[/] --resume: no checkpoint in '{out}', starting from step 0")
+    if accelerator.is_main_process:
+        drop_rows_after(out / "metrics.jsonl", start)
+        drop_rows_after(out / "samples.jsonl", start)
+    return start
+
+
+@contextlib.contextmanager
+def step_bar(run: Run) -> Iterator[Callable[[int, dict[str, Any]], None]]:
+    """A progress bar on the main process; yields `show(step, metrics_row)` (a no-op elsewhere)."""
+    if not run.accelerator.is_main_process:
+        yield lambda step, row: None
+        return
+    with progress() as bar:
+        task = bar.add_task("rlhf", total=run.cfg.steps, status="")
+        bar.update(task, completed=run.start)
+
+        def show(step: int, row: dict[str, Any]) -> None:
+            bar.update(task, completed=step, status=f"reward {row['objective/scores']:+.3f}  "
+                       f"kl {row['objective/kl']:.3f}  len {row['response/length_avg']:.0f}")
+
+        yield show
+
+
+def save(run: Run, step: int) -> None:
+    save_checkpoint(run.accelerator, run.out, step, run.unwrapped.lm, run.optimizer, weights=POLICY_DIR,
+                    state={"kl_ctl": run.kl_ctl.state_dict(), "config": run.cfg.to_dict()},
+                    tensors={VALUE_FILE: run.unwrapped.value_state_dict()}, keep=run.cfg.keep_checkpoints)
+
+
+def nan_error(run: Run, step: int, epoch: int, minibatch: int) -> UserError:
+    checkpoint = latest_checkpoint(run.out)
+    kept = f"the last good checkpoint is kept: {checkpoint}" if checkpoint else "no checkpoint was written yet"
+    return UserError(f"loss became NaN at step {step} (PPO epoch {epoch + 1}, minibatch {minibatch + 1}); "
+                     f"stopped without saving; {kept}. Lower --learning-rate (or raise --kl-coef) and --resume")
+
+
+def finish_run(run: Run, last_saved: int, update_stats: dict[str, torch.Tensor]) -> TrainResult:
+    """Final policy as a plain Hugging Face directory (LoRA merged), curves, run.json and the summary table."""
+    cfg, policy_dir, history = run.cfg, None, run.log.history
+    if run.accelerator.is_main_process:
+        policy_dir = _save_policy(run, run.out / "policy", last_saved)
+        history = read_existing(run.out / "metrics.jsonl")
+        plot_curves(history, run.out / "curves.png", CURVES, title=f"llamakit rlhf · {cfg.policy} · {cfg.reward}")
+        final = history[-1] if history else {}
+        write_json(run.out / "run.json", {"config": cfg.to_dict(), "steps_done": last_saved,
+                                          "seconds": time.perf_counter() - run.started_at,
+                                          "world_size": run.accelerator.num_processes, "final": final})
+        summary_table("rlhf", {"steps": last_saved, "reward (last)": final.get("objective/scores"),
+                               "kl (last)": final.get("objective/kl"), "policy": str(policy_dir)})
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return TrainResult(run.out, last_saved, history, policy_dir, update_stats)
+
+
+def _save_policy(run: Run, target: Path, step: int) -> Path:
+    lm = run.unwrapped.lm
+    if hasattr(lm, "merge_and_unload"):
+        lm = lm.merge_and_unload()  # the adapter folded into the weights: a plain model for `serve`
+    with atomic_dir(target, "rlhf-policy", overwrite=True) as tmp:  # inside this run's own --out
+        lm.save_pretrained(tmp, safe_serialization=True)
+        run.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "llamakit-manifest.json", {"kind": "rlhf-policy", "base": run.cfg.policy,
+                                                    "reward": run.cfg.reward, "step": step,
+                                                    "lora_merged": run.cfg.lora})
+    return target
