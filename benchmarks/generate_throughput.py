@@ -11,7 +11,8 @@ The same 320 prompts are then answered
   3. by LangChain `ChatOpenAI.abatch` with max_concurrency=32,
 and one JSON line is printed: llamakit_rps, sequential_rps, langchain_rps, limit_rps (= 32 / 0.2 s)
 and the ratios. llamakit and LangChain run --repeat times each (best reported, every run listed),
-since a shared machine's other load shows up as noise; the sequential loop is bound by latency alone. Usage: .venv/bin/python benchmarks/generate_throughput.py [--requests 320]
+since a shared machine's other load shows up as noise; the sequential loop is bound by latency alone.
+Usage: .venv/bin/python benchmarks/generate_throughput.py [--requests 320]
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def main() -> None:
         "ratio_to_limit": round(llamakit / limit, 3), "ratio_to_langchain": round(llamakit / langchain, 3),
         "ratio_to_sequential": round(llamakit / sequential, 2), "requests": args.requests,
         "llamakit_runs": [round(r[0], 1) for r in llamakit_runs],
-        "llamakit_wall_rps": [round(r[1], 1) for r in llamakit_runs], "langchain_runs": [round(r, 1) for r in langchain_runs],
+        "llamakit_wall_rps": [round(r[1], 1) for r in llamakit_runs],
+        "langchain_runs": [round(r, 1) for r in langchain_runs],
         "http": _transport(), "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}))
 
 

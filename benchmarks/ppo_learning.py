@@ -78,7 +78,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ppo-learning-"))
     out = Path(args.out) if args.out else work / "run"
-    cfg = PPOConfig(policy=args.policy, reward=f"custom:brevity-{args.target_words}-words", prompts=str(write_prompts(work / "p.jsonl", 512)),
+    cfg = PPOConfig(policy=args.policy, reward=f"custom:brevity-{args.target_words}-words",
+                    prompts=str(write_prompts(work / "p.jsonl", 512)),
                     out=str(out), steps=args.steps, batch_size=args.batch_size, num_minibatches=2, ppo_epochs=4,
                     max_new_tokens=args.max_new_tokens, max_prompt_tokens=128, truncate_prompts=True,
                     temperature=1.0, lora=True, lora_r=16, lora_alpha=32, learning_rate=args.learning_rate,

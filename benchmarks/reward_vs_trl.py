@@ -107,7 +107,8 @@ def run_trl(args) -> dict:
             scores = model(**enc).logits.squeeze(-1).tolist()
             diffs += [c - r for c, r in zip(scores[0::2], scores[1::2], strict=True)]
     return {"pairs_per_s": pairs_done / runtime, "accuracy": accuracy(diffs), "pairs": kept,
-            "steps": output.global_step, "train_seconds": runtime, "peak_rss_mb": peak_rss_mb(), "cpu_seconds": cpu_seconds(),
+            "steps": output.global_step, "train_seconds": runtime, "peak_rss_mb": peak_rss_mb(),
+            "cpu_seconds": cpu_seconds(),
             "trl_version": trl.__version__, "gradient_checkpointing": bool(config.gradient_checkpointing)}
 
 

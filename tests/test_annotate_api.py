@@ -8,8 +8,8 @@ import threading
 
 import httpx
 import pytest
-from conftest import FIXTURES, free_port, run_cli
 from support.annotate_app import running_app, start_app, stop_app
+from support.cli import FIXTURES, free_port, run_cli
 
 TASKS = FIXTURES / "annotate-tasks.jsonl"
 

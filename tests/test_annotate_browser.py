@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import API_KEY, FIXTURES, free_port, run_cli
 from support.annotate_app import start_app, stop_app
+from support.cli import API_KEY, FIXTURES, free_port, run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

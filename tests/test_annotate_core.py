@@ -7,7 +7,7 @@ import math
 import threading
 
 import pytest
-from conftest import FIXTURES, run_cli
+from support.cli import FIXTURES, run_cli
 
 from toolkit.annotate import agreement as agr
 from toolkit.annotate.db import LEASE_S, AnnotationDB, display_order
@@ -29,7 +29,8 @@ def test_task_rows_of_every_shape():
     tasks = {t.id: t for t in read_tasks(TASKS)}
     assert tasks["capital"].candidates[0] == "Paris is the capital of France." and len(tasks["capital"].candidates) == 3
     assert tasks["boil"].candidates[2] == "Water never boils."  # "responses" works like "candidates"
-    assert tasks["sum"].candidates == ["2 + 2 = 4.", "It is 5.", "22"] and tasks["sum"].meta["prior_scores"] == [5, 2, 1]
+    assert tasks["sum"].candidates == ["2 + 2 = 4.", "It is 5.", "22"]
+    assert tasks["sum"].meta["prior_scores"] == [5, 2, 1]
     assert tasks["greet"].candidates == ["Hola.", "Bonjour."] and tasks["greet"].meta["prior_ranking"] == [[0], [1]]
     alpaca = parse_task_row({"instruction": "Translate.", "input": "Good morning"}, "f.jsonl", 3)
     assert alpaca.prompt == "Translate.\n\nGood morning" and alpaca.candidates is None

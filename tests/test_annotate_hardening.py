@@ -13,8 +13,8 @@ import threading
 
 import httpx
 import pytest
-from conftest import FIXTURES, free_port, run_cli
 from support.annotate_app import running_app
+from support.cli import FIXTURES, free_port, run_cli
 
 from toolkit.annotate.db import AnnotationDB, ItemFull
 from toolkit.annotate.tasks import load_tasks

@@ -12,10 +12,10 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, run_cli
+from support.cli import ROOT, cli, run_cli
 
 from rlhf.config import PPOConfig
-from toolkit.cli import cli, main
+from toolkit.cli import cli as llamakit_group
 from toolkit.commands.params import pop_config
 from toolkit.config import load_config
 from toolkit.generate.common import Sampling, TeacherOptions
@@ -25,7 +25,7 @@ from toolkit.reward.constants import TEMPERATURE_PRIOR_SD
 from toolkit.reward.train import TrainConfig
 from toolkit.sft import SFTConfig
 
-COMMANDS = sorted(cli.commands)
+COMMANDS = sorted(llamakit_group.commands)
 
 
 def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -39,22 +39,13 @@ def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tup
 
 
 def _lookup(path: tuple[str, ...]) -> click.Command:
-    command = cli
+    command = llamakit_group
     for name in path:
         command = command.commands[name]
     return command
 
 
-PATHS = _command_paths(cli)
-
-
-def call(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `llamakit ARGS` in this process through the real entry point (`main`, as the console script)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([*map(str, args)])
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else code), out, err
+PATHS = _command_paths(llamakit_group)
 
 
 def write(path: Path, text: str) -> Path:
@@ -97,7 +88,7 @@ def test_cli_and_every_help_stay_light():
 
 
 def test_version():
-    result = CliRunner().invoke(cli, ["--version"])
+    result = CliRunner().invoke(llamakit_group, ["--version"])
     assert result.exit_code == 0
     assert "0." in result.output
 
@@ -114,7 +105,7 @@ def _has_default(p: click.Parameter) -> bool:
 @pytest.mark.parametrize("path", PATHS, ids=[" ".join(p) for p in PATHS])
 def test_every_command_help_shows_its_defaults(path):
     command = _lookup(path)
-    result = CliRunner().invoke(cli, [*path, "--help"], terminal_width=200)
+    result = CliRunner().invoke(llamakit_group, [*path, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert f"{path[-1]} [OPTIONS]" in result.output
     options = [p for p in command.params if isinstance(p, click.Option)]
@@ -134,17 +125,17 @@ def test_every_command_help_shows_its_defaults(path):
 
 
 def test_ask_help_shows_concrete_defaults():
-    result = CliRunner().invoke(cli, ["ask", "--help"], terminal_width=200)
+    result = CliRunner().invoke(llamakit_group, ["ask", "--help"], terminal_width=200)
     assert "[default: hf:smollm2-135m]" in result.output
     assert "[default: 128; x>=1]" in result.output  # the range follows the default
     assert "[default: 0.7; x>=0]" in result.output
 
 
 def test_unknown_command_and_missing_argument(capsys):
-    code, _, err = call(capsys, "no-such-command")
+    code, _, err = cli("no-such-command")
     assert code == 2
     assert "no-such-command" in err
-    code, _, err = call(capsys, "ask")
+    code, _, err = cli("ask")
     assert code == 2
     assert "Missing argument" in err
 
@@ -154,7 +145,7 @@ def test_unknown_command_and_missing_argument(capsys):
 
 def test_config_sets_values(capsys, tmp_path):
     config = write(tmp_path / "c.yaml", "teacher: bogus:from-config\n")
-    code, _, err = call(capsys, "ask", "q", "--config", config)
+    code, _, err = cli("ask", "q", "--config", config)
     assert code == 2
     assert "bogus:from-config" in err  # the config's teacher was used
 
@@ -163,7 +154,7 @@ def test_flag_overrides_config(capsys, tmp_path):
     config = write(tmp_path / "c.yaml", "teacher: bogus:from-config\n")
     # The flag wins wherever it stands, before or after --config.
     for args in (("--teacher", "rules:length", "--config", config), ("--config", config, "--teacher", "rules:length")):
-        code, _, err = call(capsys, "ask", "q", *args)
+        code, _, err = cli("ask", "q", *args)
         assert code == 2
         assert "bogus" not in err
         assert "rules:length" in err and "cannot write" in err
@@ -173,18 +164,18 @@ def test_config_and_flags_reach_a_real_run(capsys, tmp_path, tiny_llama_dir):
     """A real `ask` against the tiny model: the config sets teacher, token budget and --json; a flag overrides."""
     config = write(tmp_path / "c.yaml", f"teacher: hf:{tiny_llama_dir}\nmax_tokens: 3\njson: true\n"
                                         "temperature: 0\n")
-    code, out, err = call(capsys, "ask", "hello", "--config", config)
+    code, out, err = cli("ask", "hello", "--config", config)
     assert code == 0, err
     reply = json.loads(out)
     assert reply["completion_tokens"] == 3
     assert reply["finish_reason"] == "length"
-    code, out, err = call(capsys, "ask", "hello", "--config", config, "--max-tokens", "5")
+    code, out, err = cli("ask", "hello", "--config", config, "--max-tokens", "5")
     assert code == 0, err
     assert json.loads(out)["completion_tokens"] == 5
 
 
 def test_config_keys_may_use_dashes_underscores_or_flag_names(tmp_path):
-    command = cli.commands["ask"]
+    command = llamakit_group.commands["ask"]
     ctx = click.Context(command)
     config = write(tmp_path / "c.yaml", "max-tokens: 3\nteacher_kwargs: '{}'\njson: true\n--seed: 4\n")
     assert load_config(str(config), command, ctx) == {"max_tokens": 3, "teacher_kwargs": "{}", "as_json": True,
@@ -193,7 +184,7 @@ def test_config_keys_may_use_dashes_underscores_or_flag_names(tmp_path):
 
 def test_empty_config_is_fine(capsys, tmp_path):
     config = write(tmp_path / "c.yaml", "# nothing yet\n")
-    code, _, err = call(capsys, "ask", "q", "--teacher", "bogus:x", "--config", config)
+    code, _, err = cli("ask", "q", "--teacher", "bogus:x", "--config", config)
     assert code == 2
     assert "bogus:x" in err
 
@@ -202,9 +193,9 @@ def test_empty_config_is_fine(capsys, tmp_path):
 def test_shipped_presets_are_valid_configs(preset):
     """Every top-level preset in templates/ loads cleanly against the command it is named after."""
     command_name = preset.split("-")[0].removesuffix(".yaml")
-    if command_name not in cli.commands:
+    if command_name not in llamakit_group.commands:
         pytest.skip(f"no `{command_name}` command")
-    command = cli.commands[command_name]
+    command = llamakit_group.commands[command_name]
     values = load_config(str(ROOT / "templates" / preset), command, click.Context(command))
     assert values
 
@@ -232,19 +223,19 @@ def test_flags_of_a_config_take_its_defaults(path, classes):
 
 def test_shared_reward_flags_come_from_train_config():
     """calibrate and eval-reward reuse train-reward's definitions: same default, choices and range."""
-    train = {p.name: p for p in cli.commands["train-reward"].params}
+    train = {p.name: p for p in llamakit_group.commands["train-reward"].params}
     for name in ("calibrate", "eval-reward"):
-        params = {p.name: p for p in cli.commands[name].params}
+        params = {p.name: p for p in llamakit_group.commands[name].params}
         assert params["format"].default == "auto" and params["format"].type.choices == train["format"].type.choices
         assert params["batch_size"].default == TrainConfig.eval_batch_size
-    calibrate = {p.name: p for p in cli.commands["calibrate"].params}
+    calibrate = {p.name: p for p in llamakit_group.commands["calibrate"].params}
     assert calibrate["calibration"].opts == ["--method", "--calibration"]
     assert calibrate["temperature_prior_sd"].default == train["temperature_prior_sd"].default == TEMPERATURE_PRIOR_SD
 
 
 def test_grad_accum_is_a_second_spelling(tmp_path):
     """train-reward's `--gradient-accumulation-steps` (sft and rlhf name it so) still takes `--grad-accum`."""
-    command = cli.commands["train-reward"]
+    command = llamakit_group.commands["train-reward"]
     for flag in ("--gradient-accumulation-steps", "--grad-accum"):
         ctx = command.make_context("train-reward", ["--data", "d.jsonl", "--out", "o", flag, "3"])
         assert ctx.params["gradient_accumulation_steps"] == 3
@@ -255,7 +246,7 @@ def test_grad_accum_is_a_second_spelling(tmp_path):
 
 def test_pop_config_takes_the_flags_of_one_dataclass():
     """generate-data's shared flags go back into RunOptions / Sampling / TeacherOptions; the rest stays."""
-    command = cli.commands["generate-data"].commands["instructions"]
+    command = llamakit_group.commands["generate-data"].commands["instructions"]
     ctx = command.make_context("instructions", ["--seeds", "s.jsonl", "--out", "o.jsonl", "--rpm", "30",
                                                 "--timeout", "5", "--teacher-kwargs", '{"a": 1}', "--retry-failed"])
     values = dict(ctx.params)
@@ -280,7 +271,7 @@ def _one_line(err: str) -> str:
 
 def test_unknown_key(capsys, tmp_path):
     config = write(tmp_path / "c.yaml", "teacher: rules:length\nmax-tokenz: 3\n")
-    code, _, err = call(capsys, "ask", "q", "--config", config)
+    code, _, err = cli("ask", "q", "--config", config)
     assert code == 2
     line = _one_line(err)
     assert str(config) in line
@@ -292,7 +283,7 @@ def test_unknown_key(capsys, tmp_path):
 
 def test_wrong_type(capsys, tmp_path):
     config = write(tmp_path / "c.yaml", 'max-tokens: "abc"\n')
-    code, _, err = call(capsys, "ask", "q", "--config", config)
+    code, _, err = cli("ask", "q", "--config", config)
     assert code == 2
     line = _one_line(err)
     assert str(config) in line
@@ -302,7 +293,7 @@ def test_wrong_type(capsys, tmp_path):
 
 def test_invalid_yaml_names_file_and_line(capsys, tmp_path):
     config = write(tmp_path / "c.yaml", "teacher: rules:length\nmax-tokens: 3: 4\nseed: 1\n")
-    code, _, err = call(capsys, "ask", "q", "--config", config)
+    code, _, err = cli("ask", "q", "--config", config)
     assert code == 2
     line = _one_line(err)
     assert f"{config}:2:" in line
@@ -311,13 +302,13 @@ def test_invalid_yaml_names_file_and_line(capsys, tmp_path):
 
 def test_config_not_a_mapping(capsys, tmp_path):
     config = write(tmp_path / "c.yaml", "- teacher\n- rules\n")
-    code, _, err = call(capsys, "ask", "q", "--config", config)
+    code, _, err = cli("ask", "q", "--config", config)
     assert code == 2
     assert str(config) in _one_line(err)
 
 
 def test_missing_config_file(capsys, tmp_path):
-    code, _, err = call(capsys, "ask", "q", "--config", tmp_path / "nope.yaml")
+    code, _, err = cli("ask", "q", "--config", tmp_path / "nope.yaml")
     assert code == 2
     line = _one_line(err)
     assert "nope.yaml" in line and "not found" in line
@@ -355,8 +346,8 @@ def test_unexpected_error_is_one_line_exit_1(capsys, monkeypatch):
     def crash() -> None:
         None.bind()  # noqa: B018
 
-    monkeypatch.setitem(cli.commands, "crash", crash)
-    code, _, err = call(capsys, "crash")
+    monkeypatch.setitem(llamakit_group.commands, "crash", crash)
+    code, _, err = cli("crash")
     assert code == 1
     line = _one_line(err)
     assert "AttributeError" in line
@@ -364,6 +355,6 @@ def test_unexpected_error_is_one_line_exit_1(capsys, monkeypatch):
 
 
 def test_a_class_that_is_not_a_chat_model_is_refused(capsys):
-    code, _, err = call(capsys, "ask", "q", "--teacher", "langchain:json:JSONDecoder")
+    code, _, err = cli("ask", "q", "--teacher", "langchain:json:JSONDecoder")
     assert code == 2
     assert "not a LangChain chat model" in _one_line(err)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import FIXTURES, LLAMAKIT, ROOT, free_port
+from support.cli import FIXTURES, LLAMAKIT, ROOT, cli, free_port
 from support.fault_server import running_fault_server
 
-from toolkit.cli import cli, main
+from toolkit.cli import cli as llamakit_group
 from toolkit.config import load_config
 from toolkit.console import redact, redact_url
 from toolkit.errors import EXIT_ROWS_FAILED, UserError
@@ -32,14 +32,6 @@ from toolkit.io import RowWriter
 def fault_server():
     with running_fault_server(latency=0.1) as server:
         yield server
-
-
-def call(capsys, *args) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `llamakit ARGS` through the console script's entry point, in this process."""
-    with pytest.raises(SystemExit) as done:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return int(done.value.code or 0), out, err
 
 
 def rows(path: Path) -> list[dict]:
@@ -86,7 +78,7 @@ def test_signal_stops_generate_data_with_one_line_and_the_same_command_resumes(c
     assert 1 <= len(kept) < 12
     assert not locks(tmp_path)  # released and removed by the `finally:` blocks the signal let run
 
-    code, _, err = call(capsys, *argv)  # the same command again finishes the rest
+    code, _, err = cli(*argv)  # the same command again finishes the rest
     assert code == 0, err
     done = rows(out)
     assert done[:len(kept)] == kept and len({r["id"] for r in done}) == len(done) == 12
@@ -120,7 +112,7 @@ def test_sigint_stops_sft_keeps_its_checkpoint_then_resume_and_report(capsys, tm
             "2", "--max-length", "64", "--save-every", "1", "--keep-checkpoints", "1"]
     first = out / "checkpoints" / "step-000001" / "manifest.json"
     waiter = signal_when(first.is_file, signal.SIGINT)
-    code, _, err = call(capsys, *argv, "--max-steps", "2000")  # far more steps than it gets to run
+    code, _, err = cli(*argv, "--max-steps", "2000")  # far more steps than it gets to run
     waiter.join()
     assert code == 130, err
     (checkpoint,) = (out / "checkpoints").iterdir()
@@ -129,12 +121,12 @@ def test_sigint_stops_sft_keeps_its_checkpoint_then_resume_and_report(capsys, tm
     assert not locks(out) and not list(out.rglob(".*.tmp-*")) and not (out / "model").exists()
 
     step = int(checkpoint.name.split("-")[1])
-    code, _, err = call(capsys, *argv, "--max-steps", step + 1, "--resume")
+    code, _, err = cli(*argv, "--max-steps", step + 1, "--resume")
     assert code == 0, err
     assert [r["step"] for r in rows(out / "metrics.jsonl")] == list(range(1, step + 2))
     assert (out / "model").is_dir() and not locks(out)
 
-    code, _, err = call(capsys, "report", out)  # was "nothing to report"
+    code, _, err = cli("report", out)  # was "nothing to report"
     assert code == 0, err
     html = (out / "report.html").read_text()
     assert "<h2>SFT" in html and "data:image/png;base64," in html  # the loss curve, embedded
@@ -204,7 +196,7 @@ def test_an_unwritable_output_is_not_reported_as_locked(capsys, tmp_path, fault_
     with pytest.raises(UserError, match="cannot write here: cannot create files in '/proc'"):
         RowWriter("/proc/llamakit-hardening.jsonl")
     prompts = write_prompts(tmp_path / "prompts.jsonl", 1)
-    code, _, err = call(capsys, *answers(prompts, Path("/proc/llamakit-hardening.jsonl"), fault_server.url))
+    code, _, err = cli(*answers(prompts, Path("/proc/llamakit-hardening.jsonl"), fault_server.url))
     assert code == 2
     assert err.strip() == "error: /proc/llamakit-hardening.jsonl: cannot write here: cannot create files in '/proc'"
 
@@ -214,12 +206,12 @@ def test_a_refused_connection_is_named_not_reported_as_a_timeout(capsys, tmp_pat
     monkeypatch.setenv("LLAMAKIT_HTTP", transport)
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     out = tmp_path / "answers.jsonl"
-    code, _, err = call(capsys, *answers(write_prompts(tmp_path / "p.jsonl", 1), out, url, "--max-retries", "0"))
+    code, _, err = cli(*answers(write_prompts(tmp_path / "p.jsonl", 1), out, url, "--max-retries", "0"))
     assert code == EXIT_ROWS_FAILED, err
     (failed,) = rows(tmp_path / "answers.failed.jsonl")
     assert failed["error"].startswith(f"Unreachable: connection refused by {url}: nothing listens there")
     assert "Timeout" not in failed["error"]
-    code, _, err = call(capsys, "ask", "hi", "--teacher", "openai:fault", "--base-url", url)
+    code, _, err = cli("ask", "hi", "--teacher", "openai:fault", "--base-url", url)
     assert code == 2
     assert err.strip() == (f"error: openai:fault failed: connection refused by {url}: nothing listens there "
                            "(is the server running?)")
@@ -243,12 +235,12 @@ def test_credentials_in_a_base_url_are_never_printed_or_stored(capsys, tmp_path)
     for transport in ("aiohttp", "httpx"):
         os.environ["LLAMAKIT_HTTP"] = transport
         try:
-            code, out, err = call(capsys, "ask", "hi", "--teacher", "openai:fault", "--base-url", url)
+            code, out, err = cli("ask", "hi", "--teacher", "openai:fault", "--base-url", url)
         finally:
             del os.environ["LLAMAKIT_HTTP"]
         assert code == 2 and "openai:fault" in err
         assert "PASS-7f3a" not in out + err and "KEY-7f3a" not in out + err
-    code, out, err = call(capsys, *answers(write_prompts(tmp_path / "p.jsonl", 1), tmp_path / "a.jsonl", url,
+    code, out, err = cli(*answers(write_prompts(tmp_path / "p.jsonl", 1), tmp_path / "a.jsonl", url,
                                           "--max-retries", "0"))
     assert code == EXIT_ROWS_FAILED
     assert "PASS-7f3a" not in out + err and "KEY-7f3a" not in out + err
@@ -260,9 +252,9 @@ def test_credentials_in_a_base_url_are_never_printed_or_stored(capsys, tmp_path)
 
 def test_an_init_pipeline_stage_runs_from_the_parent_directory(capsys, tmp_path, monkeypatch, fault_server):
     monkeypatch.chdir(tmp_path)
-    code, _, err = call(capsys, "init", "pipe")
+    code, _, err = cli("init", "pipe")
     assert code == 0, err
-    code, _, err = call(capsys, "generate-data", "instructions", "--config", "pipe/01-instructions.yaml", "--teacher",
+    code, _, err = cli("generate-data", "instructions", "--config", "pipe/01-instructions.yaml", "--teacher",
                         "openai:fault", "--base-url", fault_server.url, "--num-instructions", "2",
                         "--max-requests", "2", "--max-retries", "0")
     assert code in (0, EXIT_ROWS_FAILED), err  # was: "seed_tasks.jsonl: no such file"
@@ -279,36 +271,36 @@ def test_config_paths_resolve_against_the_config_dir_but_names_stay_names(tmp_pa
         return load_config(str(config), command, click.Context(command))
 
     conf = tmp_path / "conf"
-    assert load(cli.commands["sft"], "data: d.jsonl\nout: runs/sft\nmodel: smollm2-135m\n") == {
+    assert load(llamakit_group.commands["sft"], "data: d.jsonl\nout: runs/sft\nmodel: smollm2-135m\n") == {
         "data": str(conf / "d.jsonl"), "out": str(conf / "runs/sft"), "model": "smollm2-135m"}
-    assert load(cli.commands["rlhf"], f"policy: models/base\nreward: rules:length\ncritic: value-head\n"
+    assert load(llamakit_group.commands["rlhf"], f"policy: models/base\nreward: rules:length\ncritic: value-head\n"
                                       f"prompts: {tmp_path}/p.jsonl\n") == {
         "policy": str(conf / "models/base"), "reward": "rules:length", "critic": "value-head",
         "prompts": f"{tmp_path}/p.jsonl"}  # an absolute path stays as it is
-    assert load(cli.commands["ask"], "teacher: hf:smollm2-135m\nsystem: models\n") == {
+    assert load(llamakit_group.commands["ask"], "teacher: hf:smollm2-135m\nsystem: models\n") == {
         "teacher": "hf:smollm2-135m", "system": "models"}  # text that happens to name a file stays text
-    report_png = load(cli.commands["report"], "screenshot: shot.png\n")
+    report_png = load(llamakit_group.commands["report"], "screenshot: shot.png\n")
     assert report_png == {"png": str(conf / "shot.png")}  # any click.Path option
 
 
 def test_report_of_an_rlhf_a_train_reward_output_and_a_data_file(capsys, tmp_path, tiny_llama_dir, fault_server):
     ppo = tmp_path / "ppo"
-    code, _, err = call(capsys, "rlhf", "--policy", tiny_llama_dir, "--reward", "rules:length", "--prompts",
+    code, _, err = cli("rlhf", "--policy", tiny_llama_dir, "--reward", "rules:length", "--prompts",
                         FIXTURES / "prompts-alpaca-32.jsonl", "--out", ppo, "--steps", "1", "--batch-size", "2",
                         "--num-minibatches", "1", "--ppo-epochs", "1", "--max-new-tokens", "4", "--sample-every", "1")
     assert code == 0, err
     rm = tmp_path / "rm"
-    code, _, err = call(capsys, "train-reward", "--data", FIXTURES / "hh-harmless-6.jsonl", "--model", tiny_llama_dir,
+    code, _, err = cli("train-reward", "--data", FIXTURES / "hh-harmless-6.jsonl", "--model", tiny_llama_dir,
                         "--out", rm, "--max-steps", "1", "--batch-size", "2", "--eval-split", "0.34",
                         "--max-length", "64")
     assert code == 0, err
     data = tmp_path / "answers.jsonl"
-    code, _, err = call(capsys, *answers(write_prompts(tmp_path / "p.jsonl", 3, "report"), data, fault_server.url))
+    code, _, err = cli(*answers(write_prompts(tmp_path / "p.jsonl", 3, "report"), data, fault_server.url))
     assert code == 0, err
 
     for target, html, heading in ((ppo, ppo / "report.html", "PPO"), (rm, rm / "report.html", "Reward model"),
                                   (data, tmp_path / "answers.report.html", "Data")):
-        code, _, err = call(capsys, "report", target)
+        code, _, err = cli("report", target)
         assert code == 0, err  # an rlhf dir was "nothing to report"; a file was refused
         page = html.read_text()
         assert f"<h2>{heading}" in page and "data:image/png;base64," in page, target

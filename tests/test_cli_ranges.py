@@ -13,11 +13,10 @@ import sys
 
 import click
 import pytest
-from conftest import FIXTURES, ROOT
-from test_cli_config import call
+from support.cli import FIXTURES, ROOT, cli
 
 from rlhf.config import PPOConfig
-from toolkit.cli import cli
+from toolkit.cli import cli as llamakit_group
 from toolkit.commands.params import FiniteFloat, FloatList, NonEmptyPath, NonEmptyString
 from toolkit.errors import UserError
 from toolkit.reward.train import TrainConfig
@@ -38,7 +37,7 @@ def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[tu
     return found
 
 
-COMMANDS = _commands(cli)
+COMMANDS = _commands(llamakit_group)
 
 
 def _lookup(path: tuple[str, ...]) -> click.Command:
@@ -115,7 +114,7 @@ CASES = [(path, _flag(p), value) for path, p in _numbers() for value in _bad_val
 
 @pytest.mark.parametrize("path, flag, value", CASES, ids=[f"{' '.join(c[0])} {c[1]} {c[2]}" for c in CASES])
 def test_out_of_range_is_one_line_exit_2(capsys, path, flag, value):
-    code, out, err = call(capsys, *path, flag, value)
+    code, out, err = cli(*path, flag, value)
     assert_one_line(code, err, f"error: {flag}: ")
     assert out == ""
 
@@ -123,7 +122,7 @@ def test_out_of_range_is_one_line_exit_2(capsys, path, flag, value):
 def test_a_value_inside_the_range_gets_past_parsing(capsys, tmp_path):
     """The check is the range, not a refusal of everything: 0 = all for --limit parses (then the missing
     prompt file is what stops the run)."""
-    code, _, err = call(capsys, "generate-data", "conversations", "--prompts", tmp_path / "none.jsonl",
+    code, _, err = cli("generate-data", "conversations", "--prompts", tmp_path / "none.jsonl",
                         "--out", tmp_path / "out.jsonl", "--limit", "0", "--teacher", "rules:length")
     assert code == 2 and "--limit" not in err and "none.jsonl" in err, err
 
@@ -150,13 +149,13 @@ def test_empty_path_or_name_is_one_line_exit_2(capsys, path, param):
         args, name = ["x"] * before.index(param) + [""], param.human_readable_name
     else:
         args, name = [_flag(param), ""], _flag(param)
-    code, _, err = call(capsys, *path, *args)
+    code, _, err = cli(*path, *args)
     line = assert_one_line(code, err, f"error: {name}: ")
     assert line.endswith("must not be empty")
 
 
 def test_empty_config_path(capsys):
-    code, _, err = call(capsys, "sft", "--config", "")
+    code, _, err = cli("sft", "--config", "")
     assert_one_line(code, err, "error: --config: must not be empty")
 
 
@@ -168,17 +167,17 @@ def test_limit_minus_one_is_refused_and_zero_is_documented(capsys, tmp_path):
     for command in (["generate-data", "conversations", "--prompts", FIXTURES / "prompts-alpaca-32.jsonl",
                      "--out", tmp_path / "c.jsonl"],
                     ["sft", "--data", FIXTURES / "alpaca-24.json", "--out", tmp_path / "sft"]):
-        code, _, err = call(capsys, *command, "--limit", "-1")
+        code, _, err = cli(*command, "--limit", "-1")
         assert_one_line(code, err, "error: --limit: -1 is not in the range x>=0")
     assert not list(tmp_path.iterdir())
     for path in (("generate-data", "conversations"), ("generate-data", "preferences"), ("sft",)):
-        code, out, _ = call(capsys, *path, "--help")
+        code, out, _ = cli(*path, "--help")
         assert code == 0 and "(0 = all)" in " ".join(out.split()), path
 
 
 def test_sft_negative_max_steps_is_refused(capsys, tmp_path):
     """Used to train 0 steps, exit 0 and write the base model as if trained."""
-    code, _, err = call(capsys, "sft", "--data", FIXTURES / "alpaca-24.json", "--out", tmp_path / "sft",
+    code, _, err = cli("sft", "--data", FIXTURES / "alpaca-24.json", "--out", tmp_path / "sft",
                         "--max-steps", "-5")
     assert_one_line(code, err, "error: --max-steps: -5 is not in the range x>=0")
     assert not (tmp_path / "sft").exists()
@@ -192,7 +191,7 @@ def test_sft_negative_max_steps_is_refused(capsys, tmp_path):
 ], ids=lambda a: a[0])
 def test_empty_out(capsys, args):
     """Used to be `ValueError: PosixPath('.') has an empty name` (after loading the model for sft)."""
-    code, _, err = call(capsys, *args, "--out", "")
+    code, _, err = cli(*args, "--out", "")
     assert_one_line(code, err, "error: --out: must not be empty")
 
 
@@ -216,16 +215,16 @@ def test_negative_learning_rate_stops_before_anything_loads(args, tmp_path):
 
 
 def test_nan_and_inf(capsys):
-    code, _, err = call(capsys, "rlhf", "--prompts", "p.jsonl", "--kl-coef", "nan")
+    code, _, err = cli("rlhf", "--prompts", "p.jsonl", "--kl-coef", "nan")
     assert_one_line(code, err, "error: --kl-coef: 'nan' is not a finite number.")
-    code, _, err = call(capsys, "generate-data", "preferences", "--prompts", "p.jsonl", "--out", "o.jsonl",
+    code, _, err = cli("generate-data", "preferences", "--prompts", "p.jsonl", "--out", "o.jsonl",
                         "--temperatures", "0.7,nan")
     assert_one_line(code, err, "error: --temperatures: 'nan' is not a finite number.")
-    code, _, err = call(capsys, "generate-data", "preferences", "--prompts", "p.jsonl", "--out", "o.jsonl",
+    code, _, err = cli("generate-data", "preferences", "--prompts", "p.jsonl", "--out", "o.jsonl",
                         "--temperatures", "0.7,-1")
     assert_one_line(code, err, "error: --temperatures: -1.0 is not in the range x>=0.")
     # inf keeps its documented meaning where it has one: no prior on T, plain maximum likelihood
-    param = next(p for p in cli.commands["calibrate"].params if p.name == "temperature_prior_sd")
+    param = next(p for p in llamakit_group.commands["calibrate"].params if p.name == "temperature_prior_sd")
     assert param.type.convert("inf", param, None) == math.inf
     assert FloatList(FiniteFloat(0)).convert("0.5, 1.5", None, None) == (0.5, 1.5)
 
@@ -233,7 +232,7 @@ def test_nan_and_inf(capsys):
 def test_a_range_in_a_config_file_is_checked_too(capsys, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("max_steps: -5\n")
-    code, _, err = call(capsys, "sft", "--data", FIXTURES / "alpaca-24.json", "--config", config)
+    code, _, err = cli("sft", "--data", FIXTURES / "alpaca-24.json", "--config", config)
     line = assert_one_line(code, err, "error: ")
     assert str(config) in line and "max_steps" in line and "-5" in line
 
@@ -247,7 +246,7 @@ def test_a_range_in_a_config_file_is_checked_too(capsys, tmp_path):
 def test_validate_refuses_what_the_cli_refuses(cls, command, required):
     """The dataclass field metadata is the one source: validate() rejects every value the flag rejects."""
     cls(**required).validate()
-    params = {p.name: p for p in cli.commands[command].params}
+    params = {p.name: p for p in llamakit_group.commands[command].params}
     checked = 0
     for f in dataclasses.fields(cls):
         param = params.get(f.name)  # a few settings are Python-only (no flag)

@@ -8,13 +8,12 @@ import random
 from pathlib import Path
 
 import pytest
-from test_reward_cli import cli
+from support.cli import FIXTURES, cli
 
 from toolkit import constraints as C
 from toolkit.errors import UserError
 from toolkit.scorers import RULES, parse_rules
 
-FIXTURES = Path(__file__).parent / "fixtures"
 ALPACA = FIXTURES / "alpaca-24.json"
 
 
@@ -268,7 +267,8 @@ def test_generate_constraints_cli_is_deterministic(tmp_path):
     assert code == 0
     rows4 = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert all(len(r["constraints"]) == 2 for r in rows4)
-    assert {c["kind"] for r in rows4 for c in r["constraints"]} <= {"json", "no_commas", "lowercase", "bullets", "title"}
+    kinds = {c["kind"] for r in rows4 for c in r["constraints"]}
+    assert kinds <= {"json", "no_commas", "lowercase", "bullets", "title"}
 
 
 def test_generate_constraints_keeps_dialogues_and_any_input_format(tmp_path):
@@ -435,6 +435,7 @@ def test_rlhf_loader_reads_the_prompt_with_its_constraints(tiny_llama_dir, tmp_p
     answers = ["", "x"] * 2
     scores = score_rollout(reward, [p.text for p in prompts], answers, ["stop"] * 4,
                            contexts=[p.context for p in prompts])
-    assert scores.tolist() == pytest.approx([C.fraction(a, r["constraints"]) for a, r in zip(answers, rows, strict=True)])
+    expected = [C.fraction(a, r["constraints"]) for a, r in zip(answers, rows, strict=True)]
+    assert scores.tolist() == pytest.approx(expected)
     # a reward function written for three arguments still works when contexts are passed
     assert score_rollout(lambda p, r, f: [1.0] * len(r), ["p"], ["a"], ["stop"], contexts=[{}]).tolist() == [1.0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FIXTURES, run_cli
+from support.cli import FIXTURES, run_cli
 
 from toolkit.errors import UserError
 from toolkit.generate.formats import convert, read_llamakit, write_rows
@@ -78,7 +78,8 @@ def test_convert_conversations_everywhere(tmp_path):
     sharegpt = json.loads((tmp_path / "sg.json").read_text())
     assert sharegpt[0]["conversations"][1] == {"from": "gpt", "value": "Hello"}
     convert(tmp_path / "sg.json", tmp_path / "back.jsonl", "llamakit")
-    assert [r["messages"] for r in read_llamakit(tmp_path / "back.jsonl")] == [r["messages"] for r in read_llamakit(conv)]
+    back = read_llamakit(tmp_path / "back.jsonl")
+    assert [r["messages"] for r in back] == [r["messages"] for r in read_llamakit(conv)]
     convert(conv, tmp_path / "actor.json", "chatllama")
     actor = json.loads((tmp_path / "actor.json").read_text())
     assert actor[0] == {"user_input": "User: Hi\n\nAssistant: Hello\n\nUser: Bye", "completion": "See you"}

@@ -15,8 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, FIXTURES
-from test_reward_cli import cli
+from support.cli import API_KEY, FIXTURES, cli
 
 from toolkit.eval_policy import (
     Z95,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES
+from support.cli import FIXTURES
 
 from toolkit.cli import main
 

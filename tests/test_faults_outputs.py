@@ -15,10 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, LLAMAKIT, ROOT
+from support.cli import FIXTURES, LLAMAKIT, ROOT, cli
 from support.fault_server import running_fault_server
-
-from toolkit.cli import main
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,13 +27,6 @@ NOWHERE = "http://127.0.0.1:9/v1"  # nothing listens: an unwritable output must 
 def fault_server():
     with running_fault_server(latency=0.05) as server:
         yield server
-
-
-def call(capsys, *args) -> tuple[int, str]:
-    """(exit code, stderr) of `llamakit ARGS` through the console script's entry point, in this process."""
-    with pytest.raises(SystemExit) as done:
-        main([str(a) for a in args])
-    return int(done.value.code or 0), capsys.readouterr().err
 
 
 def write_prompts(path: Path, prompts: list[str]) -> Path:
@@ -75,7 +66,7 @@ def test_an_output_that_cannot_be_created_is_one_line_naming_it(command, place, 
         out = blocker / "out"
     else:
         out = Path("/proc/llamakit-no-such-dir/out")
-    code, err = call(capsys, *COMMANDS[command](out, tmp_path, tiny_llama_dir))
+    code, _, err = cli(*COMMANDS[command](out, tmp_path, tiny_llama_dir))
     assert code != 0 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]  # sft and rlhf may warn about the data first
     assert last.startswith("error: ") and str(out.parent) in last, err
@@ -100,7 +91,7 @@ def test_a_folder_of_the_users_as_out_is_refused_naming_it(command, extra, capsy
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("notes\n")
-    code, err = call(capsys, *DIR_COMMANDS[command](precious, tiny_llama_dir), *extra)
+    code, _, err = cli(*DIR_COMMANDS[command](precious, tiny_llama_dir), *extra)
     assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("error: ") and str(precious) in last, err

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, LLAMAKIT, ROOT, run_cli
+from support.cli import FIXTURES, LLAMAKIT, ROOT, run_cli
 
 from toolkit.io import atomic_dir
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from support.cli import ROOT, run_cli
 from support.fault_server import running_fault_server
 
 from toolkit.errors import EXIT_ROWS_FAILED, UserError

@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import openai
 import pytest
-from conftest import API_KEY
+from support.cli import API_KEY
 
 
 @pytest.mark.parametrize("method, route", [("GET", "/v1/models"), ("POST", "/v1/chat/completions"),

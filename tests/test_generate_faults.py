@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LLAMAKIT, ROOT, run_cli
+from support.cli import LLAMAKIT, ROOT, run_cli
 from support.fault_server import running_fault_server
 
 from toolkit.errors import EXIT_ROWS_FAILED
@@ -71,7 +71,8 @@ def test_faults_end_as_rows_or_failed_rows_then_retry_failed_completes(tmp_path,
     failed = rows_of(tmp_path / "answers.failed.jsonl")
     errors = {f["inputs"]["prompt"]: f["error"] for f in failed}
     assert set(errors) == set(failing.values())
-    assert "InternalServerError" in errors[failing["three 500s"]] and "after 3 attempts" in errors[failing["three 500s"]]
+    three_500s = errors[failing["three 500s"]]
+    assert "InternalServerError" in three_500s and "after 3 attempts" in three_500s
     assert "BadRequestError" in errors[failing["400"]] and "after 1 attempts" in errors[failing["400"]]
 
     stats = fault_server.stats()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from conftest import API_KEY, FIXTURES, run_cli
+from support.cli import API_KEY, FIXTURES, run_cli
 
 from toolkit.generate import instructions, preferences
 from toolkit.generate.common import Sampling

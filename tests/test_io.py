@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support.cli import ROOT
 
 from toolkit.errors import UserError
 from toolkit.io import (
@@ -340,7 +340,8 @@ def test_atomic_dir_refuses_a_directory_it_did_not_write(tmp_path):
     for overwrite in (False, True):
         with pytest.raises(UserError, match="not written by llamakit"):
             claim_output_dir(target, "model", overwrite=overwrite)
-        with pytest.raises(UserError, match="written beside it"), atomic_dir(target, "model", overwrite=overwrite) as tmp:
+        with pytest.raises(UserError, match="written beside it"), \
+                atomic_dir(target, "model", overwrite=overwrite) as tmp:
             (tmp / "new.txt").write_text("new", encoding="utf-8")
     assert (target / "notes.txt").read_text(encoding="utf-8") == "notes"
     assert _entries(tmp_path) == ["precious", "precious-2", "precious-3"]  # the finished work is kept beside

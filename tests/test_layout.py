@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 import pytest
+from support.cli import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("toolkit", "rlhf")
 
 
@@ -31,7 +31,8 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
         else:
             continue
@@ -110,7 +111,8 @@ def test_imports_run_one_way():
                 wrong.append(f"{module} -> {target}")
             if _under(module, ("toolkit.training",)) and _under(target, HIGHER[1:]):
                 wrong.append(f"{module} -> {target}")
-            if not _under(module, ("toolkit.commands", "toolkit.cli", "toolkit.config")) and _under(target, ("toolkit.commands",)):
+            command_layer = ("toolkit.commands", "toolkit.cli", "toolkit.config")
+            if not _under(module, command_layer) and _under(target, ("toolkit.commands",)):
                 wrong.append(f"{module} -> {target}")
     assert wrong == []
 

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT
+from support.cli import ROOT
 from support.tiny_models import save_tiny_llama
 
 from toolkit import models

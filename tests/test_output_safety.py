@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import FIXTURES
-from test_reward_cli import cli, hh_slice
+from support.cli import FIXTURES, cli, hh_slice
 
 
 def precious(tmp_path: Path) -> Path:

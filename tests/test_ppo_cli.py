@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, free_port, run_cli
+from support.cli import FIXTURES, ROOT, free_port, run_cli
 
-FIXTURES = Path(__file__).parent / "fixtures"
 PROMPTS = FIXTURES / "prompts-alpaca-32.jsonl"
 TRL_METRICS = ("objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
@@ -66,7 +65,8 @@ def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path):
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "toolkit", "rlhf",
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           "-m", "toolkit", "rlhf",
                            "--policy", str(tiny_llama_dir), "--prompts", str(PROMPTS), "--out", str(out),
                            "--lora", *TINY], capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

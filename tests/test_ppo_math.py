@@ -149,7 +149,8 @@ def test_ppo_loss_on_policy_has_ratio_one_and_no_clipping():
 
 
 def test_ppo_loss_clips_when_the_ratio_leaves_the_trust_region():
-    _, stats = ppo_loss(**_loss_inputs(0.5), **_coefficients(PPOConfig(cliprange=0.2)))  # ratio = e^0.5 ≈ 1.65 everywhere
+    # ratio = e^0.5 ≈ 1.65 everywhere
+    _, stats = ppo_loss(**_loss_inputs(0.5), **_coefficients(PPOConfig(cliprange=0.2)))
     assert stats["ratio"].item() == pytest.approx(math.exp(0.5), rel=1e-5)
     # clipped where the advantage is positive (the objective is capped there): 4 of the 6 real tokens
     assert stats["clipfrac"].item() == pytest.approx(4 / 6)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.cli import FIXTURES
 
 from rlhf.config import PPOConfig
 from rlhf.policy import ActorCritic, Reference, frozen_copy, load_critic, logprobs_of
@@ -17,7 +18,6 @@ from toolkit.errors import UserError
 from toolkit.models import load_causal_lm
 from toolkit.training.model import add_lora
 
-FIXTURES = Path(__file__).parent / "fixtures"
 PROMPTS = FIXTURES / "prompts-alpaca-32.jsonl"
 
 

@@ -7,38 +7,14 @@ and cost most of this file's run time. One test keeps a real subprocess for the 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
-from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, run_cli
+from support.cli import FIXTURES, cli, hh_slice, run_cli
 
 HH = FIXTURES / "hh-harmless-200.jsonl"
 KEYS = {"accuracy", "ece", "brier", "nll", "auc", "n", "ties"}
-
-
-def cli(*args) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `llamakit ARGS`, run in-process."""
-    import torch
-
-    from toolkit.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()  # --threads must not leak into the tests that follow
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as done:
-            main([str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
-    return int(done.value.code or 0), out.getvalue(), err.getvalue()
-
-
-def hh_slice(path: Path, start: int, stop: int) -> Path:
-    path.write_text("".join(HH.read_text(encoding="utf-8").splitlines(keepends=True)[start:stop]), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, run_cli
+from support.cli import FIXTURES, run_cli
 
 from toolkit.errors import UserError
 from toolkit.reward.data import detect_format, load_preferences, pairs_from_scored
@@ -30,7 +30,8 @@ def test_hh_text_splits_at_the_last_assistant_turn_and_joins_back():
 
 
 def test_llamakit_string_rows_look_like_hh(tmp_path):
-    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away.", "margin": 1.5}])
+    row = {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away.", "margin": 1.5}
+    f = write_jsonl(tmp_path / "p.jsonl", [row])
     data = load_preferences(f)
     assert data.format == "preference"
     assert data.pairs[0].chosen_text == "\n\nHuman: Hi?\n\nAssistant: Hello!"
@@ -107,7 +108,8 @@ GOOD = {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}
 @pytest.mark.parametrize("name, content, expected", [
     ("empty", [""], r"empty\.jsonl: file is empty"),
     ("invalid-json", [GOOD, GOOD, '{"prompt": "x", "chosen": '], r"invalid-json\.jsonl:3: invalid JSON"),
-    ("missing-rejected", [GOOD, {"prompt": "p", "chosen": "a"}], r"missing-rejected\.jsonl:2: field 'rejected': missing"),
+    ("missing-rejected", [GOOD, {"prompt": "p", "chosen": "a"}],
+     r"missing-rejected\.jsonl:2: field 'rejected': missing"),
     ("identical", [GOOD, {"prompt": "p", "chosen": "same", "rejected": "same"}],
      r"identical\.jsonl:2: field 'rejected': identical to 'chosen'"),
     ("non-string", [GOOD, GOOD, {"prompt": "p", "chosen": 42, "rejected": "b"}],

@@ -97,7 +97,7 @@ def test_truncation_keeps_encoder_special_tokens():
 @pytest.fixture(scope="module")
 def trained_llama_rm(tiny_llama_dir, tmp_path_factory):
     """A few LoRA steps on the tiny LLaMA, calibrated with isotonic regression (the non-default method)."""
-    from conftest import FIXTURES
+    from support.cli import FIXTURES
 
     from toolkit.reward.train import TrainConfig, train_reward
 
@@ -159,8 +159,7 @@ def test_missing_or_foreign_calibration_is_a_clear_error(trained_llama_rm, tiny_
 
 
 def test_regression_on_chatllama_scored_rows_with_bf16(tiny_llama_dir, tmp_path):
-    from conftest import FIXTURES
-    from test_reward_cli import cli
+    from support.cli import FIXTURES, cli
 
     from toolkit.reward.data import load_preferences
 

@@ -8,7 +8,7 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import API_KEY
+from support.cli import API_KEY
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import json
 import httpx
 import openai
 import pytest
-from conftest import API_KEY, run_cli
+from support.cli import API_KEY, run_cli
 
 from toolkit.engine import BatchingEngine
 from toolkit.generation import SamplingParams, generate

@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import API_KEY
+from support.cli import API_KEY
 
 
 def burst(url: str, n: int, key: str = API_KEY, max_tokens: int = 4):

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from support.cli import FIXTURES, run_cli
 
 from toolkit.errors import UserError
 from toolkit.rows import row_to_messages
 from toolkit.sft import IGNORE, Example, collate, load_examples, pack, tokenize_conversation
 
-FIXTURES = Path(__file__).parent / "fixtures"
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi there"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import API_KEY
+from support.cli import API_KEY
 
 from toolkit.errors import UserError
 from toolkit.teachers import HFTeacher, close_teacher, make_teacher

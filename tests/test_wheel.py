@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support.cli import ROOT
 
 # Source folder -> where it lands in site-packages.
 SHIPPED = {"toolkit": "toolkit", "rlhf": "rlhf", "prompts": "toolkit/prompts", "templates": "toolkit/templates"}

@@ -434,7 +434,8 @@ async def _judge_pairs(teacher: Any, questions: Sequence[str], policy: Sequence[
     return list(await asyncio.gather(*(one(q, p, b) for q, p, b in zip(questions, policy, baseline, strict=True))))
 
 
-def judge_answers(cfg: EvalConfig, questions: Sequence[str], policy: Side, baseline: Side, bar: Any) -> list[dict[str, str]]:
+def judge_answers(cfg: EvalConfig, questions: Sequence[str], policy: Side, baseline: Side,
+                  bar: Any) -> list[dict[str, str]]:
     advance = _task(bar, "judge", 2 * len(questions))
     pairs = [a.text for a in policy.answers], [a.text for a in baseline.answers]
     return asyncio.run(_with_teacher(cfg.judge, cfg, lambda t: _judge_pairs(t, questions, *pairs, cfg, advance)))
@@ -679,7 +680,8 @@ def render_reports(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     from toolkit.resources import template_path
 
     context = {"s": summary, "metrics": metric_rows(summary), "kl": kl_text(summary), "wins": win_rows(summary),
-               "examples": answer_pairs(rows, examples), "interval": INTERVAL, "temperature": _num(summary["temperature"], 2)}
+               "examples": answer_pairs(rows, examples), "interval": INTERVAL,
+               "temperature": _num(summary["temperature"], 2)}
     texts = []
     for name, escape in (("report.md", False), ("report.html", True)):
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=escape, keep_trailing_newline=True)

@@ -180,7 +180,8 @@ def judge_labels_from_file(db: AnnotationDB, path: str | os.PathLike) -> tuple[d
                     raise UserError("expected chosen/rejected strings, or candidates with scores", file=str(path),
                                     line=number)
                 positions = [index.get(t) for t in texts]
-                known = [(p, s) for p, s in zip(positions, scores, strict=True) if p is not None and isinstance(s, (int, float))]
+                known = [(p, s) for p, s in zip(positions, scores, strict=True)
+                         if p is not None and isinstance(s, (int, float))]
                 for (pa, sa) in known:
                     for (pb, sb) in known:
                         if pa < pb:

@@ -15,7 +15,8 @@ from toolkit.config import config_option
 @click.option("--out", required=True, type=NonEmptyPath(), help="Hugging Face directory to write (safetensors).")
 @click.option("--tokenizer", default=None, type=NonEmptyPath(dir_okay=False),
               help="tokenizer.model [default: looked up in --input-dir, then its parent].")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
               help="Weight dtype of the output (auto keeps the checkpoint's, float16 for Meta's files).")
 @click.option("--context-length", default=0, type=click.IntRange(0), show_default=True,
               help="max_position_embeddings (0: 2048 for LLaMA 1, 4096 for LLaMA 2).")

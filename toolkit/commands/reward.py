@@ -61,7 +61,8 @@ def _f(value) -> str:
 
 @click.command("eval-reward")
 @click.argument("model_dir", type=NonEmptyPath())
-@click.option("--data", required=True, type=NonEmptyPath(), help="Pairs to evaluate on (any format train-reward reads).")
+@click.option("--data", required=True, type=NonEmptyPath(),
+              help="Pairs to evaluate on (any format train-reward reads).")
 @field_option(TrainConfig, "format", help="")
 @EVAL_BATCH_SIZE
 @click.option("--plot", default=None, type=NonEmptyPath(dir_okay=False), help="Write a reliability diagram PNG here.")

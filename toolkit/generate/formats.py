@@ -84,12 +84,14 @@ def convert_row(row: dict[str, Any], fmt: str) -> dict[str, Any]:
         return {**keep, "prompt": prompt_messages(row["prompt"])}
     if fmt == "trl-standard":
         if what == "preference":
-            return {**keep, "prompt": dialogue_text(row["prompt"]), "chosen": row["chosen"], "rejected": row["rejected"]}
+            return {**keep, "prompt": dialogue_text(row["prompt"]), "chosen": row["chosen"],
+                    "rejected": row["rejected"]}
         if what == "conversation":
             history, answer = split_last_answer(row["messages"])
             return {**keep, "prompt": dialogue_text(history), "completion": answer}
         if what == "score":
-            return {**keep, "prompt": dialogue_text(row["prompt"]), "completion": row["response"], "score": row["score"]}
+            return {**keep, "prompt": dialogue_text(row["prompt"]), "completion": row["response"],
+                    "score": row["score"]}
         return {**keep, "prompt": dialogue_text(row["prompt"])}
     if fmt == "hh":
         if what == "preference":

@@ -195,7 +195,8 @@ async def judge_pointwise(caller: Caller, setup: Setup, question: str, answers: 
         prompt = render_prompt("judge_pointwise", prompt=question, response=answer, max_score=j.max_score)
         return await caller.chat(setup.judge, [{"role": "user", "content": prompt}],
                                  lambda text: parse_rating(text, j.max_score),
-                                 **setup.sampling.params(temperature=j.judge_temperature, max_tokens=j.judge_max_tokens))
+                                 **setup.sampling.params(temperature=j.judge_temperature,
+                                                         max_tokens=j.judge_max_tokens))
 
     async def one_by_logprobs(answer: str):
         prompt = render_prompt("judge_logprobs", prompt=question, response=answer, max_score=j.max_score)
@@ -223,7 +224,8 @@ async def judge_pairwise(caller: Caller, setup: Setup, question: str, answers: l
     async def ask(a: str, b: str):
         prompt = render_prompt("judge_pairwise", prompt=question, response_a=a, response_b=b)
         return await caller.chat(setup.judge, [{"role": "user", "content": prompt}], parse_verdict,
-                                 **setup.sampling.params(temperature=j.judge_temperature, max_tokens=j.judge_max_tokens))
+                                 **setup.sampling.params(temperature=j.judge_temperature,
+                                                         max_tokens=j.judge_max_tokens))
 
     calls = [ask(answers[i], answers[k]) for i, k in pairs] + [ask(answers[k], answers[i]) for i, k in pairs]
     results = await asyncio.gather(*calls)

@@ -9,7 +9,8 @@ teacher calls and returns a row). `run_jobs` then:
   (at most `concurrency` requests in flight), a requests/min + tokens/min limiter, a timeout, and
   retries with exponential back-off and jitter that honour `Retry-After` (a 429 pauses every worker);
 - appends each finished row to the output (flush + fsync, in a writer thread that commits whatever
-  rows are queued at once, so the event loop never waits on the disk); rows that fail after all retries go to `OUT.failed.jsonl` with their error,
+  rows are queued at once, so the event loop never waits on the disk); rows that fail after all
+  retries go to `OUT.failed.jsonl` with their error,
   rows filtered out on purpose (ties, duplicates ...) to `OUT.dropped.jsonl`, so a re-run skips them;
 - sums requests, retries, tokens and cost, and returns a `Summary` for the final table.
 """
@@ -574,5 +575,6 @@ def finish(summary: Summary, *, as_json: bool = False) -> None:
     else:
         summary_table(summary.title, summary.as_dict())
         if summary.failed:
-            console.print(f"[yellow]{summary.failed} row(s) failed; their errors are in {files.failed if files else ''};"
+            console.print(f"[yellow]{summary.failed} row(s) failed; their errors are in "
+                          f"{files.failed if files else ''};"
                           " run the same command with --retry-failed to try them again[/]")

@@ -66,7 +66,8 @@ def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batc
         from toolkit.reward.plots import reliability_diagram
 
         Path(plot).parent.mkdir(parents=True, exist_ok=True)
-        reliability_diagram({"raw": p_raw, calibration.method: p_cal}, plot, title=f"{Path(data).name} (n={len(diffs)})")
+        reliability_diagram({"raw": p_raw, calibration.method: p_cal}, plot,
+                            title=f"{Path(data).name} (n={len(diffs)})")
         result["plot"] = plot
     return result
 
