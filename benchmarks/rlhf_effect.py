@@ -391,7 +391,8 @@ def main() -> None:
     # ---- PPO: against the proxy RM, and against the checker itself -------------------------------------
     ppo = ["--policy", policy, "--prompts", train_prompts, "--steps", size["steps"], "--batch-size",
            size["batch_size"], "--max-new-tokens", size["new_tokens"], "--temperature", args.temperature, "--lora",
-           "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r, "--learning-rate", args.learning_rate, "--ppo-epochs", args.ppo_epochs,
+           "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r, "--learning-rate", args.learning_rate,
+           "--ppo-epochs", args.ppo_epochs,
            "--kl-coef", args.kl_coef, "--missing-eos-penalty", args.missing_eos_penalty, "--sample-every", 1,
            "--samples-per-step", size["batch_size"], "--max-prompt-tokens", 384, "--seed", args.seed,
            "--overwrite", "--json"]

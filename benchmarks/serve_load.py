@@ -1,6 +1,6 @@
 """`llamakit serve` under a burst: 200 concurrent `openai` async requests on a tiny random LLaMA, then 60 against
-`--max-queue 8`. (That every request is answered or refused, never lost, is tested in tests/test_serve_load.py
-and tests/test_faults_serve.py; this measures how fast and how big.)
+`--max-queue 8`. (That every request is answered or refused, never lost, is tested in tests/cli/test_serve_load.py
+and tests/cli/test_faults_serve.py; this measures how fast and how big.)
 
 Prints one JSON line: {"requests", "answered", "p50_s", "p95_s", "tokens_per_s", "wall_s", "rss_mb_before",
 "rss_mb_after", "full_queue": {"answered", "refused"}}.

@@ -1,18 +1,12 @@
-"""Shared fixtures: a tiny random LLaMA with the real SmolLM2 tokenizer, free loopback ports, the CLI."""
+"""Session fixtures shared by every folder: a tiny random LLaMA with the real SmolLM2 tokenizer, and the real
+`llamakit serve` on it. Helpers live in tests/support/ (importable as `support.*`)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-LLAMAKIT = [sys.executable, "-m", "toolkit"]
+from support.cli import API_KEY
 
 
 @pytest.fixture(scope="session")
@@ -28,25 +22,6 @@ def tiny_llama(tiny_llama_dir):
     from toolkit.models import load_causal_lm
 
     return load_causal_lm(tiny_llama_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_cli(*args: str, check: bool = False, timeout: float = 600, env: dict | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run the real `llamakit` CLI in a subprocess, as a user would."""
-    proc = subprocess.run([*LLAMAKIT, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd or ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"llamakit {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
-
-
-API_KEY = "test-secret-key"
 
 
 @pytest.fixture(scope="session")

@@ -71,7 +71,8 @@ CONSTRAINT_KINDS = "word_limit,keywords,forbidden_word,no_commas,start_word,titl
 CONSTRAINT_MAX_CHARS = 300  # some seed tasks carry a page of input; PPO and eval-policy cost grows with the prompt
 
 
-def _stage_commands(run: Path, sizes: Sizes, teacher_url: str | None, model: str) -> dict[str, list[str]]:
+def _stage_commands(run: Path, sizes: Sizes, teacher_url: str | None, model: str,
+                    reward_model: str) -> dict[str, list[str]]:
     data = run / "data"
     teacher = ["--teacher", f"openai:{model}", "--base-url", teacher_url or "", "--api-key-env", "LLAMAKIT_DEMO_KEY",
                "--concurrency", "16", "--seed", "0",
@@ -97,7 +98,7 @@ def _stage_commands(run: Path, sizes: Sizes, teacher_url: str | None, model: str
                 "--lora", "--max-steps", str(sizes.sft_steps), "--batch-size", "4", "--max-length", "256",
                 "--learning-rate", "2e-4", "--seed", "0",
                 "--overwrite"],  # a stage killed half-way starts again: only a finished stage is kept
-        "train-reward": ["train-reward", "--data", str(data / "reward-pairs.jsonl"), "--model", "minilm-l6",
+        "train-reward": ["train-reward", "--data", str(data / "reward-pairs.jsonl"), "--model", reward_model,
                          "--out", str(run / "reward"), "--eval-split", "0.2", "--epochs", "1", "--batch-size", "16",
                          "--max-length", str(sizes.reward_max_length), "--seed", "0", "--overwrite",
                          *(["--max-steps", str(sizes.reward_steps)] if sizes.reward_steps else [])],
@@ -279,7 +280,8 @@ def _generate_compare(run: Path, sizes: Sizes, model: str) -> dict:
     return done
 
 
-def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "smollm2-135m") -> Path:
+def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "smollm2-135m",
+             reward_model: str = "minilm-l6") -> Path:
     """Run (or resume) every stage; return the report path."""
     import os
 
@@ -290,7 +292,8 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "sm
     sizes = FAST if fast else FULL
     for sub in ("data", "stages", "logs"):
         (run / sub).mkdir(parents=True, exist_ok=True)
-    write_json(run / "demo.json", {"fast": fast, "model": model, "sizes": sizes.__dict__})
+    write_json(run / "demo.json", {"fast": fast, "model": model, "reward_model": reward_model,
+                                    "sizes": sizes.__dict__})
     total = time.perf_counter()
     data_stages = ("instructions", "conversations", "preferences")
     if not all((run / "stages" / f"{s}.json").is_file() for s in data_stages):
@@ -300,7 +303,7 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "sm
         with running_server(model, args=("--api-key-env", "LLAMAKIT_DEMO_KEY", "--max-batch", "16"),
                             env={"LLAMAKIT_DEMO_KEY": key}, log_file=run / "logs" / "serve.log") as server:
             console.print(f"[green]✓ serve[/]         {server.model} at {server.url} (the teacher, via openai)")
-            commands = _stage_commands(run, sizes, server.url, model)
+            commands = _stage_commands(run, sizes, server.url, model, reward_model)
             _run_stage("instructions", commands["instructions"], run)
             console.print(f"[dim]prompt pool: {_prompt_pool(run, sizes)} prompts (new instructions + seed tasks)[/]")
             for name in data_stages[1:]:
@@ -308,7 +311,7 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "sm
     else:  # no teacher needed: say so per stage rather than skip silently
         for name in data_stages:
             _cached(name, run)
-    commands = _stage_commands(run, sizes, None, model)
+    commands = _stage_commands(run, sizes, None, model, reward_model)
     pairs = _reward_pairs(run, sizes)
     console.print(f"[dim]reward data: {pairs} pairs (synthetic + {sizes.hh_pairs} HH)[/]")
     for name in ("sft", "train-reward", "rlhf"):

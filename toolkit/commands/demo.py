@@ -15,14 +15,16 @@ from toolkit.models import allow_pickle_option
 @click.option("--fast", is_flag=True, help="Tiny sizes (for tests): a few rows and steps per stage.")
 @click.option("--model", default="smollm2-135m", show_default=True, type=NON_EMPTY,
               help="Actor and teacher: an embedded alias or a local Hugging Face directory.")
+@click.option("--reward-model", default="minilm-l6", show_default=True, type=NON_EMPTY,
+              help="Backbone of the reward model (train-reward --model): an alias or a local Hugging Face directory.")
 @config_option
-def demo_cmd(out, fast, model):
+def demo_cmd(out, fast, model, reward_model):
     """The whole RLHF pipeline offline on a CPU: serve a teacher, generate data, SFT, reward model, PPO, report."""
     from toolkit.console import note_output
     from toolkit.demo import run_demo
 
     note_output(f"finished stages are kept in {out}", "run the same command again to go on after the last one")
-    run_demo(out, fast=fast, model=model)
+    run_demo(out, fast=fast, model=model, reward_model=reward_model)
 
 
 @click.command("report")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
+from support.cli import run_cli
 
-from tests.conftest import run_cli
 from toolkit.errors import UserError
 
 DIM, HEADS, KV_HEADS, LAYERS, FFN = 64, 4, 2, 2, 96
