@@ -9,18 +9,16 @@ labels. A plain torch loop under Accelerate (DDP / bf16 / gradient accumulation)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import UserError
-from toolkit.options import SEED_MAX, SEED_STRIDE, check_ranges
+from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.rows import row_to_messages
 
@@ -191,12 +189,6 @@ class SFTResult:
     data_stats: dict[str, int]
 
 
-def _micro_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
-    order = list(range(n))
-    random.Random(seed * SEED_STRIDE + epoch).shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
 @dataclass
 class _Run:
     """Everything the loop needs, built once by `_set_up`."""
@@ -220,6 +212,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     """Fine-tune `cfg.model` on `cfg.data`; write model/, metrics.jsonl, curves.png under `cfg.out`."""
     import torch
 
+    from toolkit.training.progress import loss_bar
     from toolkit.training.runlog import RunLog
 
     cfg.validate()
@@ -228,7 +221,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
     t_run = time.perf_counter()
     step = run.start
     try:
-        with _progress(run) as advance:
+        with loss_bar("sft", run.total, run.start, run.accelerator.is_main_process) as advance:
             while step < run.total:
                 micro, n_tokens = _step_batches(run, step)
                 t0 = time.perf_counter()
@@ -253,6 +246,7 @@ def _set_up(cfg: SFTConfig) -> _Run:
     from toolkit.io import claim_run_dir, start_run_dir
     from toolkit.models import load_causal_lm, load_tokenizer
     from toolkit.training.accelerator import make_accelerator
+    from toolkit.training.model import make_trainable
     from toolkit.training.runlog import drop_rows_after
     from toolkit.training.schedule import warmup_linear
 
@@ -271,7 +265,8 @@ def _set_up(cfg: SFTConfig) -> _Run:
         console.print(f"[yellow]warning:[/] {stats['truncated']} conversation(s) cut to --max-length {cfg.max_length}")
     if stats["dropped"] and is_main:
         console.print(f"[yellow]warning:[/] {stats['dropped']} row(s) had no assistant tokens left and were skipped")
-    model = _trainable(model, cfg)
+    model = make_trainable(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                           lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
 
     # Each process takes its share of every optimizer step's micro-batches.
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -294,20 +289,6 @@ def _set_up(cfg: SFTConfig) -> _Run:
                 steps_per_epoch, total, start)
 
 
-def _trainable(model: torch.nn.Module, cfg: SFTConfig) -> torch.nn.Module:
-    """The loaded model made ready to train: no dropout, the LoRA adapter, gradient checkpointing."""
-    from toolkit.training.model import add_lora, disable_dropout
-
-    disable_dropout(model)
-    if cfg.lora:
-        model = add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_target, task_type="CAUSAL_LM")
-    if cfg.gradient_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    return model
-
-
 def _resume(accelerator: Accelerator, out: Path, unwrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
     """Restore the last checkpoint in `out`, if any; the step to continue from."""
@@ -322,29 +303,16 @@ def _resume(accelerator: Accelerator, out: Path, unwrapped: torch.nn.Module, opt
     return restored.step
 
 
-@contextlib.contextmanager
-def _progress(run: _Run) -> Iterator[Callable[[int, float], None]]:
-    """The main process's progress bar; yields `advance(step, loss)` (a no-op on the other processes)."""
-    from toolkit.console import progress
-
-    if not run.accelerator.is_main_process:
-        yield lambda step, loss: None
-        return
-    with progress() as bar:
-        task = bar.add_task("sft", total=run.total, status="")
-        bar.update(task, completed=run.start)
-        yield lambda step, loss: bar.update(task, completed=step, status=f"loss {loss:.4f}")
-
-
 def _step_batches(run: _Run, step: int) -> tuple[list[dict[str, Any]], int]:
     """This process's micro-batches for optimizer step `step` (0-based), and their labelled tokens."""
-    cfg, world = run.cfg, run.accelerator.num_processes
-    epoch, index = divmod(step, run.steps_per_epoch)
-    batches = _micro_batches(len(run.examples), cfg.batch_size, epoch, cfg.seed)
-    G = cfg.gradient_accumulation_steps
-    first = (index * world + run.accelerator.process_index) * G
+    from toolkit.training.batches import step_micro_batches
+
+    cfg, accelerator = run.cfg, run.accelerator
+    indices = step_micro_batches(len(run.examples), step=step, steps_per_epoch=run.steps_per_epoch,
+                                 batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps,
+                                 rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed)
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    micro = [collate([run.examples[i] for i in b], pad_id, cfg.packing) for b in batches[first:first + G]]
+    micro = [collate([run.examples[i] for i in b], pad_id, cfg.packing) for b in indices]
     return micro, sum(int((m["labels"][:, 1:] != IGNORE).sum()) for m in micro)
 
 

@@ -5,35 +5,15 @@ from the last checkpoint, and no directory looks complete before it is."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support.cli import FIXTURES, LLAMAKIT, ROOT, run_cli
+from support.cli import FIXTURES, kill_when, run_cli
 
 from toolkit.io import atomic_dir
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def kill_when(argv: list[str], ready: Callable[[], bool], limit: float = 120) -> None:
-    """Start `llamakit ARGV`, SIGKILL it as soon as `ready()` holds; fail if it ends or stalls first."""
-    proc = subprocess.Popen([*LLAMAKIT, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + limit
-    try:
-        while not ready():
-            assert proc.poll() is None, f"ended before the kill point: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "kill point never reached"
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stderr.close()
 
 
 def rows(path: Path) -> list[dict]:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,19 @@ def hh_slice(path: Path, start: int, stop: int) -> Path:
     rows = (FIXTURES / "hh-harmless-200.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
     path.write_text("".join(rows[start:stop]), encoding="utf-8")
     return path
+
+
+def kill_when(argv: list[str], ready: Callable[[], bool], limit: float = 120) -> None:
+    """Start `llamakit ARGV`, SIGKILL it as soon as `ready()` holds; fail if it ends or stalls first."""
+    proc = subprocess.Popen([*LLAMAKIT, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + limit
+    try:
+        while not ready():
+            assert proc.poll() is None, f"ended before the kill point: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()

@@ -129,7 +129,7 @@ def long_functions(paths: list[Path], limit: int) -> list[str]:
     return found
 
 
-TRAINERS = ("toolkit/sft.py", "toolkit/reward/train.py")
+TRAINERS = ("toolkit/sft.py", "toolkit/reward/train.py", "toolkit/dpo.py")
 
 
 @pytest.mark.parametrize(("paths", "limit"), [

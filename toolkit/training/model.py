@@ -37,3 +37,17 @@ def add_lora(model: nn.Module, r: int, alpha: int | None = None, target: str = "
         return get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"--lora-target {target}: {err}") from None
+
+
+def make_trainable(model: nn.Module, *, lora: bool, lora_r: int, lora_alpha: int, lora_target: str,
+                   gradient_checkpointing: bool) -> nn.Module:
+    """A loaded causal LM ready for a supervised-style trainer (sft, dpo): dropout off, the LoRA adapter when
+    asked, gradient checkpointing when asked, train mode."""
+    disable_dropout(model)
+    if lora:
+        model = add_lora(model, lora_r, lora_alpha, lora_target, task_type="CAUSAL_LM")
+    if gradient_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
