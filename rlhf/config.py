@@ -1,4 +1,6 @@
 """Every PPO hyper-parameter in one dataclass (CleanRL style). Defaults follow DESIGN.md ("PPO").
+GRPO and RLOO (`algo`) run the same loop without a critic and read the same fields, plus `group_size` and
+`kl_in`; the value-model fields (vf_coef, cliprange_value, gamma, lam, whitening, critic) are PPO's only.
 
 This module imports nothing heavy: the CLI builds one `--flag` per field from it (help text and range in
 each field's metadata, see toolkit/options.py), and a YAML preset's keys are the same flag names.
@@ -16,6 +18,9 @@ from toolkit.errors import UserError
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 
+ALGOS = ("ppo", "grpo", "rloo")
+KL_IN = ("auto", "loss", "reward")
+
 
 @dataclass
 class PPOConfig:
@@ -30,6 +35,9 @@ class PPOConfig:
                   nonempty=True)
     seed: int = _f(0, "Seed for prompt order, sampling and initialisation.", min=0, max=SEED_MAX)
     steps: int = _f(100, "PPO iterations (one rollout batch + its updates each).", min=1)
+    algo: str = _f("ppo", "ppo (value head or critic) | grpo | rloo (critic-free: a baseline from "
+                   "--group-size answers per prompt).", choices=ALGOS)
+    group_size: int = _f(4, "Answers per prompt for grpo/rloo (K, at least 2).", min=1)
     # --- rollout -----------------------------------------------------------------------------------
     batch_size: int = _f(8, "Prompts (= responses) per rollout batch, per process.", min=1)
     max_new_tokens: int = _f(64, "Response budget in tokens; generation stops at EOS.", min=1)
@@ -63,6 +71,8 @@ class PPOConfig:
     kl_target: float = _f(6.0, "Target KL (nats per response) for the adaptive controller.",
                           min=0, min_open=True)
     kl_horizon: int = _f(10000, "Horizon (episodes) of the adaptive controller.", min=1)
+    kl_in: str = _f("auto", "Where β·KL goes: reward (k1 penalty) | loss (k3 term, grpo/rloo only) | auto "
+                    "(loss for grpo, reward for ppo and rloo).", choices=KL_IN)
     # --- optimisation --------------------------------------------------------------------------------
     learning_rate: float = _f(1e-5, "Adam learning rate (constant).", min=0, min_open=True)
     adam_eps: float = _f(1e-5, "Adam ε.", min=0, min_open=True)
@@ -97,17 +107,42 @@ class PPOConfig:
             raise UserError(f"--{name.replace('_', '-')}: {why}")
 
         check_ranges(self)
-        if self.batch_size % self.num_minibatches:
-            bad("num_minibatches", f"must divide --batch-size {self.batch_size}")
-        minibatch = self.batch_size // self.num_minibatches
+        if self.algo not in ALGOS:
+            bad("algo", " | ".join(ALGOS))
+        if self.kl_in not in KL_IN:
+            bad("kl_in", " | ".join(KL_IN))
+        if self.algo == "ppo" and self.kl_in == "loss":
+            bad("kl_in", "loss needs --algo grpo or rloo (PPO puts the KL in the reward)")
+        if self.algo != "ppo":
+            if self.group_size < 2:
+                bad("group_size", f"--algo {self.algo} needs at least 2 answers per prompt")
+            if self.critic != "value-head":
+                bad("critic", f"--algo {self.algo} trains no critic; leave it at value-head")
+        if self.rollout_size % self.num_minibatches:
+            batch = (f"--batch-size {self.batch_size}" if self.algo == "ppo" else
+                     f"--batch-size × --group-size {self.rollout_size}")
+            bad("num_minibatches", f"must divide {batch}")
+        minibatch = self.minibatch_size
         if minibatch % self.gradient_accumulation_steps:
             bad("gradient_accumulation_steps", f"must divide the minibatch size {minibatch}")
         if self.report_to not in ("none", "tensorboard"):
             bad("report_to", "none or tensorboard")
 
     @property
+    def rollout_size(self) -> int:
+        """Responses per rollout batch, per process: one per prompt for PPO, group_size for GRPO / RLOO."""
+        return self.batch_size if self.algo == "ppo" else self.batch_size * self.group_size
+
+    @property
     def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
+        return self.rollout_size // self.num_minibatches
+
+    @property
+    def kl_mode(self) -> str:
+        """`kl_in` with auto resolved: "loss" (k3 in the loss) or "reward" (k1 penalty in the reward)."""
+        if self.kl_in != "auto":
+            return self.kl_in
+        return "loss" if self.algo == "grpo" else "reward"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

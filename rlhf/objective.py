@@ -1,12 +1,22 @@
-"""The PPO objective for causal LMs, on [batch, response_tokens] tensors, in the order the loop uses it.
+"""The PPO, GRPO and RLOO objectives for causal LMs, on [batch, response_tokens] tensors, in the order the
+loop uses them.
 
     rewards    r_t = −β · k1_t on every real token;  r_T += score − missing_eos_penalty · [no EOS]
-    GAE        δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γ λ A_{t+1},  returns_t = A_t + V_t
-    whitening  (x − mean) / std over the real tokens
+    GAE        δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γ λ A_{t+1},  returns_t = A_t + V_t   (PPO)
+    whitening  (x − mean) / std over the real tokens                                          (PPO)
+    groups     K answers per prompt, one advantage per answer on all its tokens        (GRPO, RLOO)
+               R_i = score_i − β · Σ_t k1_t with the KL in the reward, score_i with it in the loss
+               grpo: A_i = (R_i − mean_group R) / (std_group R + 1e-4), std with Bessel's correction
+               rloo: A_i = R_i − mean of the other K − 1 answers' R
     policy     L_pg = mean max(−A · ratio, −A · clip(ratio, 1 − ε, 1 + ε)),  ratio = π / π_old
-    value      L_vf = ½ mean max((V − returns)², (clip(V, V_old ± ε_v) − returns)²)
+    value      L_vf = ½ mean max((V − returns)², (clip(V, V_old ± ε_v) − returns)²)            (PPO)
+    loss       PPO: L_pg + vf_coef · L_vf − ent_coef · H;  GRPO / RLOO: L_pg + β · mean k3 − ent_coef · H
+               (the k3 term only with the KL in the loss)
     KL         k1 = log π − log π_ref (the penalty, TRL's);  k3 = (ρ − 1) − log ρ,  ρ = π_ref / π
     β          fixed, or adapted towards a KL target (Ziegler et al. 2019)
+
+The group formulas are TRL's: GRPOTrainer (`rewards.view(-1, K).std(dim=1)`, + 1e-4) and RLOOTrainer
+(sequence reward minus β times the summed k1, then the leave-one-out baseline).
 
 `mask` is 1 on real response tokens (up to and including EOS) and 0 on the padding after them; every
 mean is over real tokens only. Functions that take several same-shaped tensors take them by keyword.
@@ -100,6 +110,46 @@ def gae(*, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamm
     return advantages, returns
 
 
+def group_advantages(*, scores: torch.Tensor, group_size: int, method: str) -> torch.Tensor:
+    """One advantage per answer [N] from its group's rewards; groups are consecutive rows of `scores` [N].
+
+    method "grpo": (r − group mean) / (group std + 1e-4); "rloo": r − mean of the group's other answers."""
+    grouped = scores.view(-1, group_size)
+    if method == "grpo":
+        mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
+        return ((grouped - mean) / (std + 1e-4)).flatten()
+    if method == "rloo":
+        baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+        return (grouped - baseline).flatten()
+    raise ValueError(f"unknown group advantage method {method!r}")
+
+
+def policy_loss(*, new_logprobs: torch.Tensor, logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clipped ratio loss L_pg and its statistics (approxkl, clipfrac, pg_loss, ratio, ratio_dev)."""
+    logprobs_diff = new_logprobs - logprobs
+    ratio = torch.exp(logprobs_diff)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        maskb = mask.bool()
+        stats = {
+            "approxkl": 0.5 * masked_mean(logprobs_diff ** 2, mask),
+            "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
+            "pg_loss": pg_loss.detach(),
+            "ratio": masked_mean(ratio, mask),
+            "ratio_dev": (ratio - 1).abs()[maskb].max() if maskb.any() else torch.zeros(()),
+        }
+    return pg_loss, stats
+
+
+def _entropy(logits: torch.Tensor, mask: torch.Tensor, ent_coef: float) -> torch.Tensor:
+    """Mean entropy over real tokens; differentiable only when the bonus is on."""
+    with contextlib.nullcontext() if ent_coef else torch.no_grad():
+        return masked_mean(entropy_of(logits), mask)
+
+
 def ppo_loss(*, logits: torch.Tensor, new_values: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor,
              logprobs: torch.Tensor, values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
              cliprange: float, cliprange_value: float, vf_coef: float,
@@ -107,34 +157,37 @@ def ppo_loss(*, logits: torch.Tensor, new_values: torch.Tensor, responses: torch
     """L_pg + vf_coef · L_vf − ent_coef · entropy on one micro-batch, and its statistics.
 
     `logits` / `new_values` come from the policy being updated; `logprobs` / `values` from the rollout."""
-    new_logprobs = logprobs_of(logits, responses)
-    logprobs_diff = new_logprobs - logprobs
-    ratio = torch.exp(logprobs_diff)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    pg_loss, stats = policy_loss(new_logprobs=logprobs_of(logits, responses), logprobs=logprobs,
+                                 advantages=advantages, mask=mask, cliprange=cliprange)
 
     vpredclipped = values + torch.clamp(new_values - values, -cliprange_value, cliprange_value)
     vf_losses1 = (new_values - returns) ** 2
     vf_losses2 = (vpredclipped - returns) ** 2
     vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
 
-    with contextlib.nullcontext() if ent_coef else torch.no_grad():
-        entropy = masked_mean(entropy_of(logits), mask)
+    entropy = _entropy(logits, mask, ent_coef)
     loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy
-
     with torch.no_grad():
-        maskb = mask.bool()
-        stats = {
-            "approxkl": 0.5 * masked_mean(logprobs_diff ** 2, mask),
-            "clipfrac": masked_mean((pg_losses2 > pg_losses).float(), mask),
-            "pg_loss": pg_loss.detach(),
-            "vf_loss": vf_loss.detach(),
-            "vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask),
-            "entropy": entropy.detach(),
-            "ratio": masked_mean(ratio, mask),
-            "ratio_dev": (ratio - 1).abs()[maskb].max() if maskb.any() else torch.zeros(()),
-        }
+        stats.update({"vf_loss": vf_loss.detach(), "vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask),
+                      "entropy": entropy.detach()})
+    return loss, stats
+
+
+def group_loss(*, logits: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
+               ref_logprobs: torch.Tensor, advantages: torch.Tensor, cliprange: float, kl_coef: float,
+               ent_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO / RLOO: L_pg + kl_coef · mean k3(π_new, π_ref) − ent_coef · entropy on one micro-batch (kl_coef 0
+    when the KL is in the reward), and the same statistics as `ppo_loss` (the value ones 0)."""
+    new_logprobs = logprobs_of(logits, responses)
+    pg_loss, stats = policy_loss(new_logprobs=new_logprobs, logprobs=logprobs, advantages=advantages, mask=mask,
+                                 cliprange=cliprange)
+    loss = pg_loss
+    if kl_coef:
+        loss = loss + kl_coef * masked_mean(kl_k3(new_logprobs, ref_logprobs), mask)
+    entropy = _entropy(logits, mask, ent_coef)
+    loss = loss - ent_coef * entropy
+    zero = torch.zeros((), device=pg_loss.device)
+    stats.update({"vf_loss": zero, "vf_clipfrac": zero, "entropy": entropy.detach()})
     return loss, stats
 
 

@@ -3,7 +3,8 @@
 - Actor: the causal LM (optionally a peft LoRA model). One trunk forward gives the hidden states of
   the response positions; the LM head turns them into temperature-scaled logits.
 - Critic: a scalar value head on the same hidden states (default), or a separate model whose
-  backbone and score head come from the reward model (`--critic reward`) or any directory.
+  backbone and score head come from the reward model (`--critic reward`) or any directory. GRPO and
+  RLOO have neither (`value_head=False`): no value parameters, values None.
 - Reference: the actor with its LoRA adapter disabled (no second copy of the weights), or a frozen
   copy of the starting weights when every weight trains.
 
@@ -78,25 +79,33 @@ class Critic(nn.Module):
 class ActorCritic(nn.Module):
     """Everything that trains, in one module (one optimizer, one DDP wrapper)."""
 
-    def __init__(self, lm: nn.Module, critic: Critic | None = None):
+    def __init__(self, lm: nn.Module, critic: Critic | None = None, value_head: bool = True):
         super().__init__()
         self.lm = lm
         self.critic = critic
         self.v_head = None
-        if critic is None:
+        if critic is None and value_head:
             self.v_head = nn.Linear(causal_lm(lm).config.hidden_size, 1)
             nn.init.zeros_(self.v_head.weight)
             nn.init.zeros_(self.v_head.bias)
 
+    @property
+    def has_values(self) -> bool:
+        """Is there a value model (head or critic)? Not for GRPO / RLOO."""
+        return self.v_head is not None or self.critic is not None
+
     def forward(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(temperature-scaled logits [B, R, V], values [B, R]) for the response positions."""
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(temperature-scaled logits [B, R, V], values [B, R] or None without a value model) for the
+        response positions."""
         hidden = response_hidden(self.lm, query_responses, attention_mask, context_length)
         logits = response_logits(self.lm, hidden, temperature)
         if self.v_head is not None:
             values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
-        else:
+        elif self.critic is not None:
             values = self.critic(query_responses, attention_mask, context_length)
+        else:
+            values = None
         return logits, values
 
     def value_state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""A PPO run's plumbing, so that rlhf/trainer.py holds only the algorithm: set-up (prompts, reward,
-actor, reference, critic, optimizer under Accelerate), resume, progress, checkpoints and the final save."""
+"""An RLHF run's plumbing (PPO, GRPO, RLOO), so that rlhf/trainer.py holds only the algorithm: set-up
+(prompts, reward, actor, reference, critic, optimizer under Accelerate), resume, progress, checkpoints and
+the final save."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from toolkit.training.runlog import Curve, RunLog, drop_rows_after, plot_curves
 # Each process seeds its sampler with seed + RANK_SEED_STRIDE · rank so that ranks draw different
 # responses; a prime stride keeps (seed, rank) pairs of nearby seeds from landing on the same value.
 RANK_SEED_STRIDE = 7919
-# A PPO checkpoint: the LM (adapter or all weights) in policy/, the value head or critic in value.safetensors.
+# A checkpoint: the LM (adapter or all weights) in policy/; PPO's value head or critic in value.safetensors
+# (GRPO / RLOO have none, so their checkpoints hold no value file).
 POLICY_DIR, VALUE_FILE = "policy", "value"
 CURVES = (
     Curve("objective/scores", "reward (score)"),
@@ -44,7 +46,7 @@ CURVES = (
 
 @dataclass
 class Run:
-    """Everything the PPO loop works with, built once by `start_run`."""
+    """Everything the loop works with, built once by `start_run`."""
 
     cfg: PPOConfig
     accelerator: Any
@@ -115,7 +117,7 @@ def _load_models(cfg: PPOConfig, longest_prompt: int) -> tuple[ActorCritic, torc
         causal_lm(lm).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.train()  # checkpointing only acts in train mode; dropout is already off
     critic = None if cfg.critic == "value-head" else load_critic(cfg.critic, cfg.reward, tokenizer)
-    actor = ActorCritic(lm, critic)
+    actor = ActorCritic(lm, critic, value_head=cfg.algo == "ppo")
     context = model_context_length(causal_lm(lm))
     if longest_prompt + cfg.max_new_tokens > context:
         raise UserError(f"longest prompt ({longest_prompt} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "
@@ -132,8 +134,9 @@ def _resume(cfg: PPOConfig, out: Path, accelerator, actor: ActorCritic, optimize
     if checkpoint is not None:
         restored = load_checkpoint(checkpoint, actor.lm, optimizer, weights=POLICY_DIR,
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                   tensors=(VALUE_FILE,))
-        actor.load_value_state_dict(restored.tensors[VALUE_FILE])
+                                   tensors=(VALUE_FILE,) if actor.has_values else ())
+        if actor.has_values:
+            actor.load_value_state_dict(restored.tensors[VALUE_FILE])
         kl_ctl.load_state_dict(restored.state["kl_ctl"])
         start = restored.step
         for group in optimizer.param_groups:
@@ -164,9 +167,11 @@ def step_bar(run: Run) -> Iterator[Callable[[int, dict[str, Any]], None]]:
 
 
 def save(run: Run, step: int) -> None:
-    save_checkpoint(run.accelerator, run.out, step, run.unwrapped.lm, run.optimizer, weights=POLICY_DIR,
+    actor = run.unwrapped
+    tensors = {VALUE_FILE: actor.value_state_dict()} if actor.has_values else {}
+    save_checkpoint(run.accelerator, run.out, step, actor.lm, run.optimizer, weights=POLICY_DIR,
                     state={"kl_ctl": run.kl_ctl.state_dict(), "config": run.cfg.to_dict()},
-                    tensors={VALUE_FILE: run.unwrapped.value_state_dict()}, keep=run.cfg.keep_checkpoints)
+                    tensors=tensors, keep=run.cfg.keep_checkpoints)
 
 
 def nan_error(run: Run, step: int, epoch: int, minibatch: int) -> UserError:

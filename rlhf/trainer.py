@@ -1,13 +1,19 @@
-"""The PPO loop for causal LMs, readable top to bottom (in the manner of CleanRL's ppo.py).
+"""The PPO loop for causal LMs, readable top to bottom (in the manner of CleanRL's ppo.py), and the
+critic-free GRPO and RLOO on the same loop (`--algo`).
 
     for each step:
         1. rollout   sample a prompt batch -> generate (KV cache, left padding, stop on EOS)
-                     -> one forward of the actor: log π(a_t) from temperature-scaled logits, V_t
+                     (grpo / rloo: each prompt group_size times, a group on consecutive rows)
+                     -> one forward of the actor: log π(a_t) from temperature-scaled logits, V_t (PPO only)
                      -> one forward of π_ref (adapter off / frozen copy): log π_ref(a_t)
                      -> score each response (reward model or rules)
         2. rewards   r_t = −β·KL_t on every token; r_T += score − no-EOS penalty on the last real token
+                     (grpo / rloo: one reward per answer, score − no-EOS penalty [− β·Σ_t KL_t with the KL
+                     in the reward])
         3. GAE       advantages (γ, λ), returns = advantages + values; whiten advantages
+                     (grpo / rloo: the group baseline instead, the same advantage on every token of the answer)
         4. update    ppo_epochs × minibatches: clipped policy loss + vf_coef · clipped value loss
+                     (grpo / rloo: clipped policy loss [+ β · k3 KL with the KL in the loss])
         5. KL        β controller update (fixed or adaptive)
         6. log       metrics.jsonl (TRL names), samples.jsonl, checkpoint
 
@@ -27,7 +33,7 @@ from typing import Any
 import torch
 
 from rlhf.config import PPOConfig
-from rlhf.objective import gae, kl_k3, masked_whiten, per_token_rewards, ppo_loss
+from rlhf.objective import gae, group_advantages, group_loss, kl_k3, masked_whiten, per_token_rewards, ppo_loss
 from rlhf.policy import logprobs_of
 from rlhf.rewards import RewardFn, score_rollout
 from rlhf.rollout import Rollout, TokenizedPrompt, batch_indices, sample
@@ -46,7 +52,7 @@ class Experience:
     rollout: Rollout
     logprobs: torch.Tensor  # [B, R] log π_old(a_t) from the temperature-scaled logits
     ref_logprobs: torch.Tensor  # [B, R] log π_ref(a_t)
-    values: torch.Tensor  # [B, R] V_t, 0 on padding
+    values: torch.Tensor | None  # [B, R] V_t, 0 on padding; None without a value model (grpo / rloo)
     raw_scores: torch.Tensor  # [B] the reward's scores, before the no-EOS penalty
 
     def samples(self, step: int, n: int) -> list[dict[str, Any]]:
@@ -59,7 +65,8 @@ class Experience:
 
 def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
-    """Run PPO as `cfg` says; write everything under `cfg.out`. `reward_fn` overrides `cfg.reward`."""
+    """Run PPO (or GRPO / RLOO) as `cfg` says; write everything under `cfg.out`. `reward_fn` overrides
+    `cfg.reward`."""
     cfg.validate()
     run = start_run(cfg, reward_fn)
     accelerator, kl_ctl = run.accelerator, run.kl_ctl
@@ -72,7 +79,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 # ---- 1. rollout -----------------------------------------------------------------------------
                 t0 = time.perf_counter()
                 indices = batch_indices(len(run.prompts), step, cfg.batch_size, rank, world, cfg.seed)
-                experience = collect(run, [run.prompts[i] for i in indices])
+                answers = 1 if cfg.algo == "ppo" else cfg.group_size
+                experience = collect(run, [run.prompts[i] for i in indices for _ in range(answers)])
                 mask = experience.rollout.response_mask
 
                 # ---- 2. rewards: KL penalty on every token, score (minus the no-EOS penalty) on the last
@@ -80,14 +88,19 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     scores=experience.raw_scores, logprobs=experience.logprobs,
                     ref_logprobs=experience.ref_logprobs, mask=mask, contain_eos=experience.rollout.contain_eos,
                     kl_coef=kl_ctl.value, missing_eos_penalty=cfg.missing_eos_penalty)
-                if cfg.whiten_rewards:
-                    rewards = masked_whiten(rewards, mask, shift_mean=False)
-
-                # ---- 3. GAE, whitened advantages -----------------------------------------------------------
-                advantages, returns = gae(rewards=rewards, values=experience.values, mask=mask, gamma=cfg.gamma,
-                                          lam=cfg.lam)
-                if cfg.whiten_advantages:
-                    advantages = masked_whiten(advantages, mask)
+                if cfg.algo == "ppo":
+                    if cfg.whiten_rewards:
+                        rewards = masked_whiten(rewards, mask, shift_mean=False)
+                    # ---- 3. GAE, whitened advantages -------------------------------------------------------
+                    advantages, returns = gae(rewards=rewards, values=experience.values, mask=mask,
+                                              gamma=cfg.gamma, lam=cfg.lam)
+                    if cfg.whiten_advantages:
+                        advantages = masked_whiten(advantages, mask)
+                else:  # ---- 3. grpo / rloo: the group baseline, on every token of the answer -------------
+                    penalty = kl_ctl.value * kl.sum(1) if cfg.kl_mode == "reward" else 0.0
+                    advantages = group_advantages(scores=scores - penalty, group_size=cfg.group_size,
+                                                  method=cfg.algo)
+                    advantages, returns = advantages[:, None] * mask.to(advantages.dtype), None
                 t_rollout = time.perf_counter() - t0
 
                 # ---- 4. PPO epochs over minibatches ---------------------------------------------------------
@@ -97,7 +110,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
 
                 # ---- 5. KL controller ------------------------------------------------------------------------
                 kl_coef = kl_ctl.value
-                kl_ctl.update(float(accelerator.reduce(kl.sum(1).mean(), "mean")), cfg.batch_size * world)
+                kl_ctl.update(float(accelerator.reduce(kl.sum(1).mean(), "mean")), cfg.rollout_size * world)
 
                 # ---- 6. log, samples, checkpoint ------------------------------------------------------------
                 row = metrics_row(run, step, experience, kl=kl, kl_coef=kl_coef, scores=scores,
@@ -123,7 +136,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
 
 
 def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
-    """Step 1: generate one response per prompt, then log π, V, log π_ref on it, and score it."""
+    """Step 1: generate one response per prompt, then log π, V (with a value model), log π_ref on it, and
+    score it."""
     cfg, actor = run.cfg, run.unwrapped
     with torch.no_grad(), autocast(run.accelerator, cfg.bf16), _gathered(run.accelerator, actor.lm,
                                                                          cfg.gather_for_generation):
@@ -137,11 +151,12 @@ def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
                                               cfg.temperature, responses)
     raw_scores = score_rollout(run.reward_fn, [p.text for p in prompts], rollout.responses_text,
                                rollout.finish_reasons, run.accelerator.device, [p.context for p in prompts])
-    values = values * rollout.response_mask.float()
+    if values is not None:
+        values = values * rollout.response_mask.float()
     return Experience(prompts, rollout, logprobs, ref_logprobs, values, raw_scores)
 
 
-def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, returns: torch.Tensor,
+def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, returns: torch.Tensor | None,
                step: int) -> dict[str, torch.Tensor]:
     """Step 4: ppo_epochs passes over the batch in shuffled minibatches, each split into gradient
     accumulation micro-batches; one optimizer step per minibatch. Returns each statistic
@@ -150,9 +165,10 @@ def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, retur
     epochs, minibatches, accumulation = cfg.ppo_epochs, cfg.num_minibatches, cfg.gradient_accumulation_steps
     micro_size = cfg.minibatch_size // accumulation
     mask = rollout.response_mask
+    kl_in_loss = run.kl_ctl.value if cfg.kl_mode == "loss" else 0.0  # β of the k3 term (grpo / rloo)
     update_stats = {k: torch.zeros(epochs, minibatches, accumulation) for k in STAT_NAMES}
     for epoch in range(epochs):
-        order = torch.randperm(cfg.batch_size)
+        order = torch.randperm(cfg.rollout_size)
         for m in range(minibatches):
             minibatch = order[m * cfg.minibatch_size:(m + 1) * cfg.minibatch_size]
             for g in range(accumulation):
@@ -164,11 +180,19 @@ def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, retur
                                                    rollout.attention_mask[rows, columns], context_length,
                                                    cfg.temperature)
                     micro = (rows, response_columns)
-                    loss, stats = ppo_loss(
-                        logits=new_logits, new_values=new_values, responses=rollout.responses[micro],
-                        mask=mask[micro], logprobs=experience.logprobs[micro], values=experience.values[micro],
-                        advantages=advantages[micro], returns=returns[micro], cliprange=cfg.cliprange,
-                        cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
+                    if returns is None:  # grpo / rloo
+                        loss, stats = group_loss(
+                            logits=new_logits, responses=rollout.responses[micro], mask=mask[micro],
+                            logprobs=experience.logprobs[micro], ref_logprobs=experience.ref_logprobs[micro],
+                            advantages=advantages[micro], cliprange=cfg.cliprange, kl_coef=kl_in_loss,
+                            ent_coef=cfg.ent_coef)
+                    else:
+                        loss, stats = ppo_loss(
+                            logits=new_logits, new_values=new_values, responses=rollout.responses[micro],
+                            mask=mask[micro], logprobs=experience.logprobs[micro],
+                            values=experience.values[micro], advantages=advantages[micro], returns=returns[micro],
+                            cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+                            ent_coef=cfg.ent_coef)
                     if not torch.isfinite(loss):
                         raise nan_error(run, step, epoch, m)
                     accelerator.backward(loss / accumulation)
@@ -218,7 +242,7 @@ def metrics_row(run: Run, step: int, experience: Experience, *, kl: torch.Tensor
         "val/sampling_logprob_gap": (rollout.sample_logprobs - experience.logprobs).abs().mul(maskf).max(),
     }
     reduced = accelerator.reduce(torch.stack([v.float().to(accelerator.device) for v in local.values()]), "mean")
-    row: dict[str, Any] = {"step": step, "episode": step * run.cfg.batch_size * accelerator.num_processes}
+    row: dict[str, Any] = {"step": step, "episode": step * run.cfg.rollout_size * accelerator.num_processes}
     row.update({k: float(v) for k, v in zip(local, reduced.tolist(), strict=True)})
     row["val/num_eos_tokens"] = int(accelerator.reduce(rollout.contain_eos.sum(), "sum"))
     row["objective/kl_coef"] = kl_coef

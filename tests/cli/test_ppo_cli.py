@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support.cli import FIXTURES, ROOT, free_port, run_cli
 
 PROMPTS = FIXTURES / "prompts-alpaca-32.jsonl"
@@ -50,6 +51,30 @@ def test_rlhf_cli_writes_a_complete_output_dir(tiny_llama_dir, tmp_path):
     model, tok = load_causal_lm(out / "policy")
     completion = generate(model, tok, [tok("Hello").input_ids], [SamplingParams(max_new_tokens=4, seed=0)])[0]
     assert len(completion.token_ids) == 4
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_critic_free_cli_writes_metrics_checkpoints_and_a_policy(tiny_llama_dir, tmp_path, algo):
+    out = tmp_path / algo
+    proc = run_cli("rlhf", "--algo", algo, "--group-size", "2", "--policy", tiny_llama_dir, "--reward", "rules:length",
+                   "--prompts", PROMPTS, "--out", out, "--steps", "2", "--batch-size", "2", "--num-minibatches", "2",
+                   "--ppo-epochs", "1", "--max-new-tokens", "6", "--sample-every", "1", "--save-every", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and [r["episode"] for r in rows] == [4, 8]
+    for name in TRL_METRICS:  # PPO's columns, the value ones 0
+        assert all(isinstance(r[name], int | float) for r in rows), name
+    assert all(r["loss/value_avg"] == 0 for r in rows)
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert (checkpoint / "policy").is_dir() and not list(checkpoint.glob("value*"))
+    assert json.loads((out / "run.json").read_text())["config"]["algo"] == algo
+    assert (out / "policy" / "config.json").is_file() and (out / "curves.png").is_file()
+    bad = run_cli("rlhf", "--algo", algo, "--group-size", "1", "--policy", tiny_llama_dir, "--prompts", PROMPTS,
+                  "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last == f"error: --group-size: --algo {algo} needs at least 2 answers per prompt"
 
 
 def test_rlhf_cli_bad_input_is_one_clear_line(tiny_llama_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""PPO arithmetic against hand-computed values: GAE, whitening, KL controllers, per-token rewards, losses."""
+"""PPO, GRPO and RLOO arithmetic against hand-computed values: GAE, whitening, KL controllers, per-token
+rewards, group advantages, losses, and the config checks of --algo."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from rlhf.objective import (
     AdaptiveKLController,
     FixedKLController,
     gae,
+    group_advantages,
+    group_loss,
     kl_k1,
+    kl_k3,
     last_token_index,
     make_kl_controller,
     masked_mean,
@@ -21,6 +25,7 @@ from rlhf.objective import (
     per_token_rewards,
     ppo_loss,
 )
+from toolkit.errors import UserError
 
 
 def test_gae_matches_hand_computed_example():
@@ -155,6 +160,80 @@ def test_ppo_loss_clips_when_the_ratio_leaves_the_trust_region():
     # clipped where the advantage is positive (the objective is capped there): 4 of the 6 real tokens
     assert stats["clipfrac"].item() == pytest.approx(4 / 6)
     assert stats["approxkl"].item() == pytest.approx(0.5 * 0.25, rel=1e-5)
+
+
+def test_group_advantages_match_a_hand_computed_example():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 1.0, 1.0])  # two prompts, K = 4 answers each
+    # group 1: mean 3, deviations (-2, -1, 0, 3), Bessel std sqrt(14/3); group 2: mean 0.5, std sqrt(1/3)
+    std1, std2 = math.sqrt(14 / 3), math.sqrt(1 / 3)
+    grpo = [d / (std1 + 1e-4) for d in (-2, -1, 0, 3)] + [d / (std2 + 1e-4) for d in (-0.5, -0.5, 0.5, 0.5)]
+    torch.testing.assert_close(group_advantages(scores=scores, group_size=4, method="grpo"), torch.tensor(grpo))
+    # leave-one-out: r_i − (sum − r_i) / 3; group 1 sum 12: 1 − 11/3, 2 − 10/3, 3 − 3, 6 − 2
+    rloo = [-8 / 3, -4 / 3, 0.0, 4.0, -2 / 3, -2 / 3, 2 / 3, 2 / 3]
+    torch.testing.assert_close(group_advantages(scores=scores, group_size=4, method="rloo"), torch.tensor(rloo))
+    # K = 2: the other answer is the whole baseline
+    pair = group_advantages(scores=torch.tensor([3.0, 1.0]), group_size=2, method="rloo")
+    torch.testing.assert_close(pair, torch.tensor([2.0, -2.0]))
+    with pytest.raises(ValueError, match="unknown"):
+        group_advantages(scores=scores, group_size=4, method="ppo")
+
+
+def test_identical_rewards_in_a_group_give_zero_advantage():
+    scores = torch.tensor([0.7] * 4 + [-2.0] * 4 + [5.0, 5.0, 5.0, 5.0])
+    for method in ("grpo", "rloo"):
+        advantages = group_advantages(scores=scores, group_size=4, method=method)
+        assert torch.equal(advantages, torch.zeros(12)), method  # no division blow-up: std 0 + 1e-4
+
+
+def test_k3_is_never_negative_and_zero_only_where_the_policies_agree():
+    torch.manual_seed(0)
+    logprobs, ref_logprobs = -torch.rand(1000) * 8, -torch.rand(1000) * 8
+    k3 = kl_k3(logprobs, ref_logprobs)
+    assert (k3 >= 0).all() and (k3 > 0).all()
+    assert torch.equal(kl_k3(logprobs, logprobs), torch.zeros(1000))
+    # by hand: ρ = π_ref / π = e^-1 → (e^-1 − 1) + 1
+    assert kl_k3(torch.tensor([0.0]), torch.tensor([-1.0])).item() == pytest.approx(math.exp(-1))
+
+
+def test_group_loss_is_the_policy_loss_plus_beta_k3_and_has_ppo_s_statistics():
+    inputs = _loss_inputs(0.0)
+    common = dict(logits=inputs["logits"], responses=inputs["responses"], mask=inputs["mask"],
+                  logprobs=inputs["logprobs"], advantages=inputs["advantages"], cliprange=0.2, ent_coef=0.0)
+    ref_logprobs = inputs["logprobs"] - 0.3
+    loss0, stats = group_loss(**common, ref_logprobs=ref_logprobs, kl_coef=0.0)
+    assert set(stats) == set(ppo_loss(**_loss_inputs(0.0), **_coefficients(PPOConfig()))[1])  # same columns
+    assert stats["ratio"].item() == pytest.approx(1.0) and stats["ratio_dev"].item() < 1e-6
+    assert stats["vf_loss"].item() == 0 and stats["vf_clipfrac"].item() == 0 and stats["clipfrac"].item() == 0
+    assert loss0.item() == pytest.approx(stats["pg_loss"].item())
+    loss, _ = group_loss(**common, ref_logprobs=ref_logprobs, kl_coef=0.5)
+    k3 = math.exp(-0.3) - 1 + 0.3  # the same log-ratio on every real token
+    assert loss.item() == pytest.approx(loss0.item() + 0.5 * k3, rel=1e-5)
+    logits = inputs["logits"].clone().requires_grad_(True)
+    group_loss(**{**common, "logits": logits}, ref_logprobs=ref_logprobs, kl_coef=0.0)[0].backward()
+    assert logits.grad[1, 2:].abs().max() == 0  # padding gets no gradient
+
+
+def test_algo_settings_are_checked_and_minibatches_cover_the_groups():
+    cfg = PPOConfig(prompts="p.jsonl", algo="grpo", batch_size=3, group_size=4, num_minibatches=4)
+    cfg.validate()
+    assert (cfg.rollout_size, cfg.minibatch_size, cfg.kl_mode) == (12, 3, "loss")
+    assert PPOConfig(prompts="p.jsonl", algo="rloo").kl_mode == "reward"
+    assert PPOConfig(prompts="p.jsonl").kl_mode == "reward"
+    assert PPOConfig(prompts="p.jsonl", group_size=1).rollout_size == 8  # PPO: one answer per prompt
+    PPOConfig(prompts="p.jsonl", group_size=1).validate()  # K is grpo / rloo's only
+    bad = [(dict(algo="grpo", group_size=1), "--group-size: --algo grpo needs at least 2"),
+           (dict(algo="rloo", critic="reward"), "--critic: --algo rloo trains no critic"),
+           (dict(kl_in="loss"), "--kl-in: loss needs --algo grpo or rloo"),
+           (dict(algo="a2c"), "--algo: ppo | grpo | rloo"),
+           (dict(kl_in="both"), "--kl-in: auto | loss | reward"),
+           (dict(algo="grpo", batch_size=3, group_size=2, num_minibatches=4),
+            "--num-minibatches: must divide --batch-size × --group-size 6"),
+           (dict(batch_size=6, num_minibatches=4), r"--num-minibatches: must divide --batch-size 6$")]
+    for settings, message in bad:
+        with pytest.raises(UserError, match=message):
+            PPOConfig(prompts="p.jsonl", **settings).validate()
+    PPOConfig(prompts="p.jsonl", algo="rloo", kl_in="loss").validate()
+    PPOConfig(prompts="p.jsonl", algo="grpo", kl_in="reward").validate()
 
 
 def test_zero3_generation_gathers_the_policy_only_when_asked():

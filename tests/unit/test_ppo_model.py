@@ -1,5 +1,5 @@
-"""PPO on a tiny random LLaMA (SmolLM2 tokenizer): sampling log-probs, reference, LoRA, first-minibatch
-ratio, resume, NaN and bad prompt files. Each test takes seconds."""
+"""PPO, GRPO and RLOO on a tiny random LLaMA (SmolLM2 tokenizer): sampling log-probs, reference, LoRA,
+first-minibatch ratio, resume, NaN and bad prompt files. Each test takes seconds."""
 
 from __future__ import annotations
 
@@ -137,6 +137,31 @@ def test_first_minibatch_of_first_epoch_is_on_policy(tiny_llama_dir, tmp_path):
     assert row["val/sampling_logprob_gap"] < 1e-4  # the KL and the ratio score the tokens actually sampled
 
 
+# two prompts × K = 2 answers: the same 4 rows per step as tiny_cfg's PPO batch
+GROUPS = dict(batch_size=2, group_size=2)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_critic_free_first_minibatch_is_on_policy_and_trains_no_value_model(tiny_llama_dir, tmp_path, algo):
+    result = train(tiny_cfg(tiny_llama_dir, tmp_path / "run", steps=1, learning_rate=1e-3, algo=algo, **GROUPS))
+    stats = result.update_stats
+    assert stats["ratio_dev"].shape == (2, 2, 1)  # 4 rows in 2 minibatches, 2 epochs
+    assert stats["ratio_dev"][0, 0, 0] < 1e-5
+    assert stats["ratio"][0, 0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    assert stats["approxkl"][0, 0, 0] < 1e-10 and stats["clipfrac"][0, 0, 0] == 0
+    assert stats["ratio_dev"][1].max() > 1e-4  # the policy moved
+    assert (stats["vf_loss"] == 0).all() and (stats["vf_clipfrac"] == 0).all()
+    row = result.history[0]
+    assert row["episode"] == 4 and row["loss/value_avg"] == 0  # episodes count answers; no value loss
+    assert row["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples[0]["prompt"] == samples[1]["prompt"]  # a group: one prompt answered K times, rows next to each other
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
+    assert (checkpoint / "policy").is_dir() and not list(checkpoint.glob("value*"))  # no value head saved
+    actor = ActorCritic(load_causal_lm(tiny_llama_dir)[0], value_head=False)
+    assert not actor.has_values and all(n.startswith("lm.") for n, _ in actor.named_parameters())
+
+
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -144,8 +169,10 @@ def _metrics(out: Path) -> list[dict]:
 VOLATILE = ("time/rollout", "time/update", "time/step")
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_llama_dir, tmp_path):
-    common = dict(learning_rate=3e-3, save_every=1, adaptive_kl=True, kl_target=0.01, kl_horizon=100)
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_resume_reproduces_the_uninterrupted_run(tiny_llama_dir, tmp_path, algo):
+    common = dict(learning_rate=3e-3, save_every=1, adaptive_kl=True, kl_target=0.01, kl_horizon=100, algo=algo,
+                  **(GROUPS if algo == "grpo" else {}))
     train(tiny_cfg(tiny_llama_dir, tmp_path / "full", steps=2, **common))
     train(tiny_cfg(tiny_llama_dir, tmp_path / "cut", steps=1, **common))  # "interrupted" after step 1
     assert (tmp_path / "cut" / "checkpoints" / "step-000001" / "manifest.json").is_file()
