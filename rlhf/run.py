@@ -131,6 +131,9 @@ def _resume(cfg: PPOConfig, out: Path, accelerator, actor: ActorCritic, optimize
     """Load the latest checkpoint of `out` (if any) and drop log rows written after it; return its step."""
     start = 0
     checkpoint = latest_checkpoint(out)
+    if checkpoint is not None and actor.has_values and not (checkpoint / f"{VALUE_FILE}.safetensors").is_file():
+        raise UserError(f"{checkpoint} has no value model (written by --algo grpo or rloo); resume it with "
+                        "the same --algo", file=str(checkpoint))
     if checkpoint is not None:
         restored = load_checkpoint(checkpoint, actor.lm, optimizer, weights=POLICY_DIR,
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,

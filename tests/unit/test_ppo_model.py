@@ -190,6 +190,13 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_llama_dir, tmp_path, algo)
     assert [s["response"] for s in samples] == [s["response"] for s in full_samples]  # same RNG, same prompts
 
 
+def test_a_critic_free_checkpoint_resumed_as_ppo_is_a_clear_error(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_llama_dir, out, steps=1, algo="grpo", **GROUPS))
+    with pytest.raises(UserError, match=r"step-000001 has no value model .*same --algo"):
+        train(tiny_cfg(tiny_llama_dir, out, steps=2, resume=True))
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     train(tiny_cfg(tiny_llama_dir, out, steps=1))
