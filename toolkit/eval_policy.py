@@ -14,6 +14,10 @@ seed per (prompt, sample) on both sides, so a model compared with itself gives t
 A side is an embedded alias, a Hugging Face directory, an sft / rlhf run directory (its model/ or policy/),
 or a server through a teacher spec (`openai:MODEL` with `base_url`): served answers have no log-probs
 here, so the KL is reported as unavailable. Only one local model is in memory at a time.
+
+With --best-of N (and --reward), each answer row of each side is the best of N candidates under the reward
+model: all N x rows candidates are generated in one batched pass, scored, and the highest-scoring one (ties: the
+first) is the answer every metric sees. Candidate c of a row has its own seed, the same on both sides.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ INTERVAL = "95% Wilson score interval on the paired outcomes (ties count as half
 TIE_TOLERANCE = 1e-9  # two scores this close are a tie (float noise, not a preference)
 KL_BATCH = 8  # rows per teacher-forced forward: the [rows, tokens, vocabulary] logits are the big tensor
 TEACHER_KINDS = ("openai", "langchain")  # sides answered by a server, not a local model
+# The sampled KL needs POLICY's own samples; the kept answers are not that. Their log-ratio is still the KL-style
+# cost of what is shown, and comparable with a single-sample run's; best_of_kl_bound gives the selection's own KL.
+BEST_OF_KL_NOTE = ("with --best-of, 'kl' is the mean log π_policy − log π_base over POLICY's kept answers, not the "
+                   "KL of best-of-N sampling; best_of_kl_bound = log N − (N − 1)/N bounds the KL of best-of-N from "
+                   "the model it samples")
 
 
 @dataclass
@@ -52,6 +61,7 @@ class EvalConfig:
     reward: str | None = None  # a train-reward directory
     judge: str | None = None  # a teacher spec comparing POLICY's and BASE's answers pairwise
     samples: int = 1
+    best_of: int = 1  # answer with the best of N samples under --reward, on both sides (1 = off)
     temperature: float = 1.0  # rlhf's default: the KL is then the one PPO controlled
     max_new_tokens: int = 64
     batch_size: int = 16
@@ -105,6 +115,9 @@ class Side:
     parts: list[dict[str, float]] | None = None
     rewards: list[float] | None = None
     logprobs: list[list[float]] | None = None  # teacher-forced, on POLICY's answers
+    candidate_rewards: list[list[float]] | None = None  # --best-of: every candidate's reward, per row
+    kept: list[int] | None = None  # --best-of: which candidate each row kept
+    generated_tokens: int | None = None  # --best-of: tokens of all candidates (what the side's time bought)
 
 
 @dataclass
@@ -223,6 +236,26 @@ def check_teacher(spec: str, cfg: EvalConfig, flag: str) -> None:
 def row_seed(seed: int, index: int) -> int:
     """The sampling seed of answer row `index`, the same for POLICY and BASE."""
     return (seed * SEED_STRIDE + index) % SEED_MAX
+
+
+def candidate_seed(seed: int, index: int, candidate: int) -> int:
+    """The sampling seed of --best-of candidate `candidate` of answer row `index`, the same for POLICY and BASE.
+    It is the row seed's own stream counted down from its top (SEED_STRIDE - 1 - c), where no run's rows reach:
+    counting up would give candidate c of row 0 the plain seed of row c."""
+    return row_seed(row_seed(seed, index), SEED_STRIDE - 1 - candidate)
+
+
+def answer_seeds(cfg: EvalConfig, rows: int) -> list[int]:
+    """One seed per answer to generate: per row, or per row and candidate (row-major) with --best-of."""
+    if cfg.best_of == 1:
+        return [row_seed(cfg.seed, k) for k in range(rows)]
+    return [candidate_seed(cfg.seed, k, c) for k in range(rows) for c in range(cfg.best_of)]
+
+
+def best_of_kl_bound(n: int) -> float:
+    """log N - (N - 1) / N: the usual analytic KL of best-of-N sampling from the model it samples, an upper
+    bound on it (Beirami et al. 2024); 0 for N = 1."""
+    return math.log(n) - (n - 1) / n
 
 
 def read_prompts(cfg: EvalConfig, tokenizer: Any = None) -> list[TokenizedPrompt]:
@@ -352,19 +385,36 @@ def kl_unavailable(policy: Source, baseline: Source | None, tokenizers: Mapping[
     return None
 
 
+def keep_best(side: Side, questions: Sequence[str], rm: Any, n: int) -> None:
+    """Row k's candidates are side.answers[k·n:(k+1)·n]: keep the one `rm` scores highest (ties: the first, as
+    max() picks); its reward is the candidate's score, not a second scoring."""
+    scores = rm.score([q for q in questions for _ in range(n)], [a.text for a in side.answers])
+    side.candidate_rewards = [scores[k * n:(k + 1) * n] for k in range(len(questions))]
+    side.kept = [max(range(n), key=group.__getitem__) for group in side.candidate_rewards]
+    side.generated_tokens = sum(a.tokens for a in side.answers)
+    side.answers = [side.answers[k * n + c] for k, c in enumerate(side.kept)]
+    side.rewards = [group[c] for group, c in zip(side.candidate_rewards, side.kept, strict=True)]
+
+
 def run_side(name: str, source: Source, ids: Sequence[list[int]] | None, cfg: EvalConfig,
-             prompts: Sequence[TokenizedPrompt], bar: Any, logprobs_of: Sequence[Answer] | None = None,
+             prompts: Sequence[TokenizedPrompt], bar: Any, rm: Any = None, logprobs_of: Sequence[Answer] | None = None,
              own_logprobs: bool = False) -> Side:
-    """Answer every (prompt, sample) row with one side (`ids`: a local side's encoded prompts per row). A local
-    side also takes the teacher-forced log-probs of `logprobs_of` (POLICY's answers, for the KL; its own
-    answers with `own_logprobs`), each under this side's own encoding of its prompt."""
-    seeds = [row_seed(cfg.seed, k) for k in range(len(prompts) * cfg.samples)]
-    advance = _task(bar, f"{name} answers", len(seeds))
+    """Answer every (prompt, sample) row with one side (`ids`: a local side's encoded prompts per row), with
+    --best-of the best of N candidates under `rm`. A local side also takes the teacher-forced log-probs of
+    `logprobs_of` (POLICY's answers, for the KL; its own answers with `own_logprobs`), each under this side's
+    own encoding of its prompt."""
+    n = cfg.best_of
+    questions = [p.text for p in prompts for _ in range(cfg.samples)]
+    seeds = answer_seeds(cfg, len(questions))
+    advance = _task(bar, f"{name} answers" + (f" ({n} candidates each)" if n > 1 else ""), len(seeds))
     start = time.perf_counter()
     if not source.local:
-        chats = [p.messages for p in prompts for _ in range(cfg.samples)]
-        answers = generate_served(source.teacher, chats, seeds, cfg, advance)
-        return Side(name, source, answers, time.perf_counter() - start)
+        chats = [p.messages for p in prompts for _ in range(cfg.samples * n)]
+        side = Side(name, source, generate_served(source.teacher, chats, seeds, cfg, advance),
+                    time.perf_counter() - start)
+        if n > 1:
+            keep_best(side, questions, rm, n)
+        return side
     import torch
 
     from toolkit.models import load_causal_lm
@@ -372,8 +422,10 @@ def run_side(name: str, source: Source, ids: Sequence[list[int]] | None, cfg: Ev
     model, tokenizer = load_causal_lm(source.path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     try:
         start = time.perf_counter()  # generation only, as tokens_per_s reports it
-        side = Side(name, source, generate_local(model, tokenizer, ids, seeds, cfg, advance),
-                    time.perf_counter() - start)
+        side = Side(name, source, generate_local(model, tokenizer, [i for i in ids for _ in range(n)], seeds, cfg,
+                                                 advance), time.perf_counter() - start)
+        if n > 1:
+            keep_best(side, questions, rm, n)
         if own_logprobs:
             logprobs_of = side.answers
         if logprobs_of is not None:
@@ -401,7 +453,7 @@ def score_side(side: Side, rows: Sequence[tuple[TokenizedPrompt, int]], scorer: 
                       for (p, _), a in zip(rows, side.answers, strict=True)]
         side.scores = [scorer.score_one(p.text, a.text, a.finish_reason, p.context)
                        for (p, _), a in zip(rows, side.answers, strict=True)]
-    if rm is not None:
+    if rm is not None and side.rewards is None:  # --best-of scored the kept answers already
         side.rewards = rm.score([p.text for p, _ in rows], texts)
 
 
@@ -450,6 +502,12 @@ def check(cfg: EvalConfig) -> tuple[Any, list[TokenizedPrompt]]:
     from toolkit.io import claim_output_dir
     from toolkit.scorers import parse_rules
 
+    if cfg.best_of > 1 and not cfg.reward:
+        raise UserError(f"--best-of {cfg.best_of} keeps the answer the reward model scores highest: give --reward "
+                        "RM_DIR too")
+    if cfg.best_of > 1 and cfg.temperature == 0:
+        raise UserError(f"--best-of {cfg.best_of} needs --temperature > 0: greedy decoding gives {cfg.best_of} "
+                        "identical answers")
     if cfg.judge and not cfg.baseline:
         raise UserError("--judge compares POLICY's answers with BASE's: give --baseline too")
     if cfg.scorer and not cfg.scorer.startswith("rules"):
@@ -502,11 +560,11 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     # transient: a failure half-way is one line on the terminal, not bars and a line
     with progress(transient=True) as bar:
         # POLICY's log-probs of its own answers are taken teacher-forced, exactly as BASE's of the same answers
-        policy = run_side("policy", sources["policy"], ids.get("policy"), cfg, prompts, bar,
+        policy = run_side("policy", sources["policy"], ids.get("policy"), cfg, prompts, bar, rm,
                           own_logprobs=why_no_kl is None)
         baseline = None
         if cfg.baseline:
-            baseline = run_side("baseline", sources["baseline"], ids.get("baseline"), cfg, prompts, bar,
+            baseline = run_side("baseline", sources["baseline"], ids.get("baseline"), cfg, prompts, bar, rm,
                                 logprobs_of=policy.answers if why_no_kl is None else None)
         for side in (policy, baseline):
             if side is not None:
@@ -526,6 +584,7 @@ def side_summary(side: Side) -> dict[str, Any]:
     n = len(side.answers)
     per_family, counts = family_means(side.parts or [])
     tokens = sum(a.tokens for a in side.answers)
+    generated = side.generated_tokens if side.generated_tokens is not None else tokens
     gap = None
     if side.logprobs is not None and side.name == "policy":
         # the sampler's log-probs (KV cache, batched) against the teacher-forced ones used for the KL
@@ -537,8 +596,18 @@ def side_summary(side: Side) -> dict[str, Any]:
             "per_family": per_family, "family_answers": counts, "reward": mean(side.rewards or []),
             "tokens": tokens / n if n else None, "words": mean([_words(a.text) for a in side.answers]),
             "eos_rate": mean([float(a.finish_reason == "stop") for a in side.answers]),
-            "sampler_logprob_gap": gap, "seconds": round(side.seconds, 3),
-            "tokens_per_s": round(tokens / side.seconds, 1) if side.seconds > 0 else None}
+            "sampler_logprob_gap": gap, "best_of": best_of_summary(side), "seconds": round(side.seconds, 3),
+            "tokens_per_s": round(generated / side.seconds, 1) if side.seconds > 0 else None}
+
+
+def best_of_summary(side: Side) -> dict[str, Any] | None:
+    """What selection bought: the kept answers' mean reward against the mean over every candidate."""
+    if side.candidate_rewards is None:
+        return None
+    kept = mean(side.rewards or [])
+    candidates = mean([r for group in side.candidate_rewards for r in group])
+    return {"kept_reward": kept, "candidate_reward": candidates, "gain": kept - candidates,
+            "generated_tokens": side.generated_tokens}
 
 
 def _words(text: str) -> int:
@@ -564,9 +633,11 @@ def summarize(cfg: EvalConfig, policy: Side, baseline: Side | None, kls: list[fl
         kl_sem = math.sqrt(sum((k - m) ** 2 for k in kls) / (len(kls) - 1) / len(kls))
     return {"policy": side_summary(policy), "baseline": side_summary(baseline) if baseline is not None else None,
             "kl": mean(kls) if kls is not None else None, "kl_sem": kl_sem, "kl_unavailable": why_no_kl,
+            "kl_note": BEST_OF_KL_NOTE if cfg.best_of > 1 else None,
+            "best_of_kl_bound": best_of_kl_bound(cfg.best_of) if cfg.best_of > 1 else None,
             "win_rate": wins, "interval": INTERVAL if wins else None,
-            "prompts": n_prompts, "samples": cfg.samples, "prompts_file": cfg.prompts, "scorer": cfg.scorer,
-            "reward_model": cfg.reward, "judge": cfg.judge, "temperature": cfg.temperature,
+            "prompts": n_prompts, "samples": cfg.samples, "best_of": cfg.best_of, "prompts_file": cfg.prompts,
+            "scorer": cfg.scorer, "reward_model": cfg.reward, "judge": cfg.judge, "temperature": cfg.temperature,
             "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "bf16": cfg.bf16, "out": cfg.out}
 
 
@@ -598,6 +669,8 @@ def output_rows(rows: Sequence[tuple[TokenizedPrompt, int]], policy: Side, basel
             row["scores"] = scores
             if side.parts is not None:
                 row["rules"] = side.parts[k]
+            if side.candidate_rewards is not None:
+                row["best_of"] = {"rewards": side.candidate_rewards[k], "kept": side.kept[k]}
             if side is policy and kls is not None:
                 row["kl"] = kls[k]
             if side is policy and verdicts is not None:
@@ -634,6 +707,10 @@ def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
                      _num(base.get("per_family", {}).get(kind))))
     if summary["reward_model"]:
         rows.append(("reward model", _num(policy["reward"]), _num(base.get("reward"))))
+    if policy.get("best_of"):
+        rows.append((f"reward, mean of all {summary['best_of']} candidates",
+                     _num(policy["best_of"]["candidate_reward"]),
+                     _num((base.get("best_of") or {}).get("candidate_reward"))))
     rows += [("tokens", _num(policy["tokens"], 1), _num(base.get("tokens"), 1)),
              ("words", _num(policy["words"], 1), _num(base.get("words"), 1)),
              ("EOS rate", _num(policy["eos_rate"]), _num(base.get("eos_rate")))]
@@ -643,7 +720,11 @@ def metric_rows(summary: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 def kl_text(summary: Mapping[str, Any]) -> str:
     if summary["kl"] is None:
         return f"unavailable ({summary['kl_unavailable']})"
-    return f"{summary['kl']:.4f} ± {_num(summary['kl_sem'], 4)} nats per answer"
+    text = f"{summary['kl']:.4f} ± {_num(summary['kl_sem'], 4)} nats per answer"
+    if summary.get("best_of", 1) > 1:  # summaries written before --best-of have no such key
+        text += (f" (on the best-of-{summary['best_of']} answers; best-of-N's own KL "
+                 f"≤ {summary['best_of_kl_bound']:.4f})")
+    return text
 
 
 def win_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:

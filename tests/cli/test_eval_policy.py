@@ -4,7 +4,8 @@ The truths checked: a policy against itself (same seeds) gives the same answers,
 exactly; a perturbed copy gives KL > 0, and each answer's KL equals log-probs summed by hand from a plain
 forward; the reported means (per constraint family, reward model) equal the ones recomputed from
 answers.jsonl; a served BASE (the real `llamakit serve`) works with the KL reported unavailable; bad input is
-one line and exit 2, and --out never replaces what the user had.
+one line and exit 2, and --out never replaces what the user had. With --best-of N each kept answer is the
+candidate the reward model scores highest, and --best-of 1 is the run without the flag.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from support.cli import API_KEY, FIXTURES, cli
 from toolkit.eval_policy import (
     Z95,
     answer_logprobs,
+    best_of_kl_bound,
+    candidate_seed,
     family_means,
     paired_outcomes,
     resolve_source,
@@ -131,6 +134,17 @@ def test_sources_alias_hf_prefix_run_dir_and_server(tiny_llama_dir, perturbed_ru
     served = resolve_source("openai:tiny", "--baseline")
     assert not served.local and served.teacher == "openai:tiny"
     assert row_seed(0, 5) == 5 and row_seed(1, 0) != row_seed(0, 1)
+
+
+def test_best_of_candidates_have_seeds_of_their_own():
+    """Candidate seeds are reproducible, distinct, shared by nothing else in the run, and not the plain rows' of
+    neighbouring --seed values either."""
+    candidates = [candidate_seed(0, k, c) for k in range(64) for c in range(4)]
+    plain = {row_seed(seed, k) for seed in range(4) for k in range(64)}
+    assert len(set(candidates)) == len(candidates) and not plain & set(candidates)
+    assert candidates == [candidate_seed(0, k, c) for k in range(64) for c in range(4)]
+    assert candidate_seed(0, 0, 0) != candidate_seed(1, 0, 0)
+    assert best_of_kl_bound(1) == 0.0 and best_of_kl_bound(4) == pytest.approx(math.log(4) - 0.75)
 
 
 def test_batched_answer_logprobs_equal_a_plain_forward(tiny_llama):
@@ -259,6 +273,63 @@ def test_a_served_baseline_and_judge_through_llamakit_serve(tiny_server, tiny_ll
     assert summary["kl"] is None and summary["kl_unavailable"].startswith("POLICY openai:tiny is a server")
 
 
+@pytest.fixture(scope="module")
+def best_of_runs(perturbed_run, tiny_llama_dir, prompts, tiny_rm, work) -> dict[str, tuple[dict, list[dict]]]:
+    """The same comparison without --best-of, with --best-of 1 and with --best-of 3: (summary, rows) each."""
+    runs = {}
+    for name, extra in (("plain", ()), ("one", ("--best-of", "1")), ("three", ("--best-of", "3"))):
+        out = work / f"best-of-{name}"
+        rc, stdout, err = cli("eval-policy", perturbed_run, "--prompts", prompts, "--baseline", tiny_llama_dir,
+                              "--reward", tiny_rm, "--scorer", "rules:constraints", "--limit", "4", *TINY, *extra,
+                              "--out", out, "--json")
+        assert rc == 0, err
+        runs[name] = json.loads(stdout), rows_of(out)
+    return runs
+
+
+def test_best_of_1_is_the_run_without_the_flag(best_of_runs):
+    (plain, plain_rows), (one, one_rows) = best_of_runs["plain"], best_of_runs["one"]
+    assert one_rows == plain_rows and all("best_of" not in r for r in one_rows)
+    timing = ("seconds", "tokens_per_s")
+    for side in ("policy", "baseline"):
+        assert {k: v for k, v in one[side].items() if k not in timing} == \
+               {k: v for k, v in plain[side].items() if k not in timing}
+        assert one[side]["best_of"] is None
+    assert one["best_of"] == plain["best_of"] == 1 and one["kl"] == plain["kl"]
+    assert one["kl_note"] is None and one["win_rate"] == plain["win_rate"]
+
+
+def test_best_of_keeps_the_candidate_the_reward_model_scores_highest(best_of_runs, tiny_rm):
+    from toolkit.reward import load_reward_model
+
+    summary, rows = best_of_runs["three"]
+    assert summary["best_of"] == 3 and len(rows) == 4 * 2  # one kept answer per prompt and side
+    for r in rows:
+        rewards, kept = r["best_of"]["rewards"], r["best_of"]["kept"]
+        assert len(rewards) == 3 and kept == rewards.index(max(rewards))  # ties: the first
+        assert r["scores"]["reward"] == max(rewards)
+    # the candidates differ (seeds of their own), so selection had something to choose from
+    assert any(len(set(r["best_of"]["rewards"])) == 3 for r in rows)
+    # the kept text is the one that scored max: scoring it afresh gives that score back
+    rescored = load_reward_model(str(tiny_rm)).score([r["prompt"] for r in rows], [r["answer"] for r in rows])
+    assert rescored == pytest.approx([r["scores"]["reward"] for r in rows], abs=1e-4)
+    for side in ("policy", "baseline"):
+        mine = [r for r in rows if r["policy"] == side]
+        picked = summary[side]["best_of"]
+        assert picked["kept_reward"] == pytest.approx(sum(r["scores"]["reward"] for r in mine) / len(mine))
+        assert picked["kept_reward"] == summary[side]["reward"]
+        everything = [x for r in mine for x in r["best_of"]["rewards"]]
+        assert picked["candidate_reward"] == pytest.approx(sum(everything) / len(everything))
+        assert picked["kept_reward"] >= picked["candidate_reward"]
+        assert picked["generated_tokens"] >= sum(r["tokens"] for r in mine)
+        # every later metric sees the kept answer
+        assert summary[side]["scorer"] == pytest.approx(sum(r["scores"]["scorer"] for r in mine) / len(mine))
+    # the KL is taken on the kept answers, and said so
+    assert summary["kl"] == pytest.approx(sum(r["kl"] for r in rows if r["policy"] == "policy") / 4)
+    assert "kept answers" in summary["kl_note"]
+    assert summary["best_of_kl_bound"] == pytest.approx(math.log(3) - 2 / 3)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -289,6 +360,9 @@ def test_bad_inputs_are_one_line_and_exit_2(tiny_llama_dir, prompts, tiny_rm, tm
         ((tiny_llama_dir, "--prompts", prompts, "--baseline", "openai:gpt-4o-mini"), "needs an API key"),
         ((tiny_llama_dir, "--prompts", prompts, "--scorer", "length"), "--scorer takes rules"),
         ((tiny_llama_dir, "--prompts", prompts, "--baseline", "rules:length"), "cannot write them"),
+        ((tiny_llama_dir, "--prompts", prompts, "--best-of", "4"), "give --reward RM_DIR"),
+        ((tiny_llama_dir, "--prompts", prompts, "--best-of", "4", "--reward", tiny_rm, "--temperature", "0"),
+         "needs --temperature > 0"),
     ]
     for args, expected in cases:
         rc, _, err = cli("eval-policy", *args, "--out", out)

@@ -26,6 +26,9 @@ MODEL_HELP = ("an embedded alias (smollm2-135m), a Hugging Face directory, an sf
                    "swapped (openai:MODEL, hf:MODEL, langchain:module:Class).")
 @click.option("--samples", type=click.IntRange(1), default=1, show_default=True,
               help="Answers per prompt and side (seeds shared by both sides).")
+@click.option("--best-of", type=click.IntRange(1), default=1, show_default=True,
+              help="Answer with the best of N samples under --reward (1 = off), on both sides alike (same "
+                   "candidate seeds); every metric sees the kept answer. Needs --temperature > 0.")
 @click.option("--temperature", type=FiniteFloat(0), default=1.0, show_default=True,
               help="Sampling temperature (0 = greedy); the KL uses the same temperature-scaled logits. "
                    "rlhf samples at 1.0 by default.")
@@ -60,7 +63,9 @@ MODEL_HELP = ("an embedded alias (smollm2-135m), a Hugging Face directory, an sf
 def eval_policy_cmd(as_json: bool, **settings) -> None:
     """Is POLICY better than BASE? Both answer the held-out prompts; per side: mean scorer value (and per
     constraint family with rules:constraints), reward-model score, answer length, EOS rate; then the
-    sampled KL(POLICY ‖ BASE) on POLICY's answers and the win rate of POLICY (ties ½) with a 95% interval."""
+    sampled KL(POLICY ‖ BASE) on POLICY's answers and the win rate of POLICY (ties ½) with a 95% interval.
+    With --best-of N each side answers with the best of N samples under --reward (a baseline every RLHF paper
+    reports)."""
     from toolkit.console import emit_json, note_output, summary_table
     from toolkit.eval_policy import EvalConfig, evaluate, terminal_rows
 
