@@ -148,9 +148,15 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
 
 def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                        average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) sequence log-probs of a collated batch, in one forward."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    logps = sequence_logps(logits, batch["labels"], average)
+    """(chosen, rejected) sequence log-probs of a collated batch, in one forward. The vocabulary projection
+    runs only from the position before the earliest answer token on (`logits_to_keep`): prompt positions
+    predict nothing that is scored, and their [rows, positions, vocabulary] logits are the largest tensor."""
+    labels = batch["labels"]
+    first_answer = int((labels != IGNORE).float().argmax(-1).min())
+    keep = labels.shape[1] - max(first_answer - 1, 0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   logits_to_keep=keep).logits
+    logps = sequence_logps(logits, labels[:, labels.shape[1] - keep:], average)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 
