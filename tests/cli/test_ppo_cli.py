@@ -86,18 +86,20 @@ def test_rlhf_cli_bad_input_is_one_clear_line(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "a").exists()  # nothing written
 
 
-def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize(("algo", "answers"), [("ppo", 1), ("grpo", 2)])
+def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path, algo, answers):
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
                            "-m", "toolkit", "rlhf",
                            "--policy", str(tiny_llama_dir), "--prompts", str(PROMPTS), "--out", str(out),
-                           "--lora", *TINY], capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+                           "--lora", "--algo", algo, "--group-size", str(max(answers, 2)), *TINY],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # one writer: rank 0
-    assert rows[-1]["episode"] == 2 * 4 * 2  # two processes × batch 4 × 2 steps
+    assert rows[-1]["episode"] == 2 * 4 * answers * 2  # two processes × batch 4 × answers per prompt × 2 steps
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
     import torch
 
