@@ -37,8 +37,9 @@ from reward_vs_trl import cpu_seconds, peak_rss_mb, peer_python
 ROOT = Path(__file__).resolve().parent.parent
 HH_DATA = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
 FIXTURE = ROOT / "tests" / "fixtures" / "hh-harmless-200.jsonl"
-# TRL's LoRA needs peft (in requirements-trl.txt now; a peer venv built before that gets it here).
-PEER_EXTRAS = ("peft==0.21.2",)
+# What TRL needs beyond its own requirements here (LoRA: peft; GRPOTrainer's vLLM client module: requests), also in
+# requirements-trl.txt now: a peer venv built before they were listed gets them here, once.
+PEER_EXTRAS = {"peft": "peft==0.21.2", "requests": "requests==2.34.2"}
 SETTINGS = ("train_pairs", "heldout_pairs", "steps", "batch_size", "max_length", "max_prompt_length",
             "learning_rate", "warmup_ratio", "beta", "lora", "lora_r", "lora_alpha", "seed", "threads", "together")
 
@@ -142,10 +143,12 @@ def run_trl(args) -> dict:
 # ---- parent -------------------------------------------------------------------------------------------------
 
 def ensure_peer_extras(python: str) -> None:
-    """Install PEER_EXTRAS into a peer venv built before requirements-trl.txt listed peft (once)."""
-    if subprocess.run([python, "-c", "import peft"], capture_output=True).returncode != 0:
-        print(f"installing {' '.join(PEER_EXTRAS)} into the peer venv (once) ...", file=sys.stderr)
-        subprocess.run([python, "-m", "pip", "install", "-q", *PEER_EXTRAS], check=True)
+    """Install the PEER_EXTRAS a peer venv lacks (once)."""
+    missing = [pin for module, pin in PEER_EXTRAS.items()
+               if subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode != 0]
+    if missing:
+        print(f"installing {' '.join(missing)} into the peer venv (once) ...", file=sys.stderr)
+        subprocess.run([python, "-m", "pip", "install", "-q", *missing], check=True)
 
 
 def prepare(args, tmp: Path) -> tuple[Path, Path, dict]:
