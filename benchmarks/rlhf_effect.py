@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,11 @@ class Stages:
 
     def __init__(self, out: Path, threads: int):
         self.out, self.threads = out, threads
-        self.timings_file = out / "timings.json"
+        self.timings_file, self.rss_file = out / "timings.json", out / "peak-rss-mb.json"
         self.seconds: dict[str, float] = (json.loads(self.timings_file.read_text())
                                           if self.timings_file.is_file() else {})
+        self.peak_rss_mb: dict[str, float] = (json.loads(self.rss_file.read_text())
+                                              if self.rss_file.is_file() else {})
 
     def run(self, name: str, args: list[Any], stdout_json: Path | None = None) -> None:
         self.run_together([(name, args, stdout_json)])
@@ -159,7 +162,10 @@ class Stages:
             running.append((name, command, stdout_json, proc, time.perf_counter(), stdout, stderr))
         failed = []
         for name, command, stdout_json, proc, start, stdout, stderr in running:
-            code = proc.wait()
+            # wait4: this child's own peak resident memory (getrusage(RUSAGE_CHILDREN) would give the largest of
+            # all children so far); ru_maxrss is in KiB on Linux
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = code = os.waitstatus_to_exitcode(status)
             seconds = time.perf_counter() - start
             stdout.close()
             stderr.close()
@@ -171,7 +177,9 @@ class Stages:
                 lines = (self.out / "logs" / f"{name}.out").read_text(encoding="utf-8").strip().splitlines()
                 stdout_json.write_text(lines[-1] + "\n", encoding="utf-8")
             self.seconds[name] = round(seconds, 1)
+            self.peak_rss_mb[name] = round(usage.ru_maxrss / 1024, 1)
             self.timings_file.write_text(json.dumps(self.seconds, indent=1))
+            self.rss_file.write_text(json.dumps(self.peak_rss_mb, indent=1))
             (self.out / f".done-{name}").touch()
             log(f"{name}: {seconds:.0f} s")
         if failed:
@@ -295,12 +303,8 @@ def plot(path: Path, rm_curve: dict[str, list[float]], rules_curve: dict[str, li
 # ------------------------------------------------------------------------------------------ main
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="a smoke run: 32 + 32 prompts, 6 PPO steps "
-                      "(34 min on the shared, busy 2-core box; the issue's goal is 10 min)")
-    mode.add_argument("--tiny", action="store_true", help="tiny random LLaMA and the test fixtures (tests)")
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the data stages, shared with benchmarks/method_comparison.py."""
     parser.add_argument("--out", default=None, help="keep the work here; rerun to continue (default: a temp dir)")
     parser.add_argument("--data", default=None, help="Alpaca JSON (default ../shared/data/alpaca-5000.json)")
     parser.add_argument("--policy", default="smollm2-135m", help="base policy (alias or HF dir)")
@@ -308,41 +312,30 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=None, help="train prompts (mode's default)")
     parser.add_argument("--heldout", type=int, default=None, help="held-out prompts (mode's default)")
     parser.add_argument("--candidates", type=int, default=None, help="K answers per train prompt")
-    parser.add_argument("--steps", type=int, default=None, help="PPO steps per run")
-    parser.add_argument("--batch-size", type=int, default=None, help="PPO rollouts per step")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer budget (PPO and eval)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer budget (every stage)")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (all stages)")
-    parser.add_argument("--kl-coef", type=float, default=0.1, help="PPO β")
-    parser.add_argument("--learning-rate", type=float, default=2e-4, help="PPO learning rate (LoRA)")
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO epochs per rollout batch")
-    parser.add_argument("--missing-eos-penalty", type=float, default=0.0, help="0: the checker already fails a "
-                        "cut answer where it matters (end phrase, P.S., JSON, quotes); a penalty taught the quick "
-                        "run's policies to stop early, which costs the at-least-N-words and bullet constraints")
     parser.add_argument("--bf16", action="store_true", help="eval-policy generates in bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads of a stage that runs alone "
                         "(OMP_NUM_THREADS; 0 = torch's default). On a busy shared 2-core box use 1: SmolLM2 sampled "
                         "28.6 tokens/s at batch 16 with 1 thread and 5.2 with 2 (OpenMP threads spinning against "
                         "other processes); stages run together (--parallel) always get 1 each")
-    parser.add_argument("--parallel", action="store_true", help="run the two PPO runs (and the two evals) at "
-                        "once, one torch thread each (default with --tiny, where start-up dominates)")
-    parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/rlhf-effect.png)")
-    args = parser.parse_args()
+    parser.add_argument("--parallel", action="store_true", help="run the training runs (and the evaluations) "
+                        "two at a time, one torch thread each (default with --tiny, where start-up dominates)")
 
-    args.parallel = args.parallel or args.tiny
-    name = "tiny" if args.tiny else "quick" if args.quick else "full"
-    size = dict(MODES[name])
-    for key, value in (("train", args.train), ("heldout", args.heldout), ("candidates", args.candidates),
-                       ("steps", args.steps), ("batch_size", args.batch_size)):
-        if value is not None:
-            size[key] = value
-    if args.max_new_tokens is not None:
-        size["pref_tokens"] = size["new_tokens"] = size["eval_tokens"] = args.max_new_tokens
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rlhf-effect-"))
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
 
+@dataclass
+class Data:
+    """What the shared stages leave: prompts with constraints, checker-labelled pairs, the proxy RM."""
+    policy: str
+    train_prompts: Path
+    held_prompts: Path
+    pairs: Path
+    rm_dir: Path
+
+
+def prepare(args: argparse.Namespace, size: dict[str, Any], out: Path, stages: Stages) -> Data:
+    """Split, constraints, pairs from the policy's own answers (labelled by the checker), the proxy RM."""
     policy, rm_backbone = args.policy, args.reward_model
     data = Path(args.data) if args.data else (FIXTURE_ALPACA if args.tiny or not SHARED_ALPACA.is_file()
                                               else SHARED_ALPACA)
@@ -361,7 +354,6 @@ def main() -> None:
                                     args.seed, max_chars=200)
         train_src.write_text(json.dumps(train, indent=1), encoding="utf-8")
         held_src.write_text(json.dumps(heldout, indent=1), encoding="utf-8")
-    stages = Stages(out, args.threads)
     train_prompts, held_prompts = out / "train-prompts.jsonl", out / "heldout-prompts.jsonl"
     kinds = ["--per-prompt", size["per_prompt"], *(["--kinds", size["kinds"]] if size["kinds"] else [])]
     stages.run("constraints_train", ["generate-data", "constraints", "--prompts", train_src, "--out", train_prompts,
@@ -387,6 +379,50 @@ def main() -> None:
     stages.run("train_reward", ["train-reward", "--data", pairs, "--out", rm_dir, "--model", rm_backbone,
                                 "--eval-split", 0.2, "--seed", args.seed, "--overwrite", "--json"],
                stdout_json=out / "train-reward.json")
+    return Data(policy, train_prompts, held_prompts, pairs, rm_dir)
+
+
+def sizes(args: argparse.Namespace, modes: dict[str, dict[str, Any]], overrides: tuple[str, ...]) -> tuple[str, dict]:
+    """The mode's sizes, with the flags given on the command line in their place."""
+    name = "tiny" if args.tiny else "quick" if args.quick else "full"
+    size = dict(modes[name])
+    for key in overrides:
+        if getattr(args, key) is not None:
+            size[key] = getattr(args, key)
+    if args.max_new_tokens is not None:
+        size["pref_tokens"] = size["new_tokens"] = size["eval_tokens"] = args.max_new_tokens
+    return name, size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a smoke run: 32 + 32 prompts, 6 PPO steps "
+                      "(34 min on the shared, busy 2-core box; the issue's goal is 10 min)")
+    mode.add_argument("--tiny", action="store_true", help="tiny random LLaMA and the test fixtures (tests)")
+    common_arguments(parser)
+    parser.add_argument("--steps", type=int, default=None, help="PPO steps per run")
+    parser.add_argument("--batch-size", type=int, default=None, help="PPO rollouts per step")
+    parser.add_argument("--kl-coef", type=float, default=0.1, help="PPO β")
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="PPO learning rate (LoRA)")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO epochs per rollout batch")
+    parser.add_argument("--missing-eos-penalty", type=float, default=0.0, help="0: the checker already fails a "
+                        "cut answer where it matters (end phrase, P.S., JSON, quotes); a penalty taught the quick "
+                        "run's policies to stop early, which costs the at-least-N-words and bullet constraints")
+    parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/rlhf-effect.png)")
+    args = parser.parse_args()
+
+    args.parallel = args.parallel or args.tiny
+    name, size = sizes(args, MODES, ("train", "heldout", "candidates", "steps", "batch_size"))
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rlhf-effect-"))
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    stages = Stages(out, args.threads)
+    data = prepare(args, size, out, stages)
+    policy, train_prompts, held_prompts, pairs, rm_dir = (data.policy, data.train_prompts, data.held_prompts,
+                                                          data.pairs, data.rm_dir)
+    n_pairs = len(read_jsonl(pairs))
 
     # ---- PPO: against the proxy RM, and against the checker itself -------------------------------------
     ppo = ["--policy", policy, "--prompts", train_prompts, "--steps", size["steps"], "--batch-size",

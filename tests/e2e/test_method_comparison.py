@@ -1,0 +1,67 @@
+"""benchmarks/method_comparison.py --tiny: base, best-of-4, PPO, DPO, GRPO, RLOO through the real CLI on a tiny
+random LLaMA and the fixtures; then checks on its JSON line and on the files it kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.cli import ROOT
+
+SCRIPT = ROOT / "benchmarks" / "method_comparison.py"
+METHODS = ("base", "best_of_4", "ppo_rm", "dpo", "grpo", "rloo")
+TRAINED = ("ppo_rm", "dpo", "grpo", "rloo")
+
+
+def run_benchmark(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("methods") / "run"
+    proc = run_benchmark(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout  # one JSON line on stdout, progress on stderr
+    return out, json.loads(lines[0])
+
+
+def test_one_entry_per_method_with_the_five_figures(tiny_run):
+    _, result = tiny_run
+    for method in METHODS:
+        entry = result[method]
+        assert set(entry) == {"gold", "kl", "mean_length", "seconds", "peak_rss_mb"}, method
+        assert 0.0 <= entry["gold"] <= 1.0 and entry["mean_length"] > 0, method
+    assert result["base"]["kl"] == 0.0
+    assert result["best_of_4"]["kl"] == pytest.approx(0.6363, abs=1e-4)  # log 4 − 3/4
+    for method in TRAINED:  # each trained in its own process: its own time and peak memory
+        assert result[method]["seconds"] > 0 and result[method]["peak_rss_mb"] > 100, method
+        assert isinstance(result[method]["kl"], float), method
+
+
+def test_every_method_paired_with_the_base_on_every_heldout_prompt(tiny_run):
+    _, result = tiny_run
+    assert result["heldout_in_training"] == 0
+    for method in ("best_of_4", *TRAINED):
+        change = result["gold_change"][method]
+        assert change["n"] == result["heldout_prompts"], method
+        low, high = change["ci95"]
+        assert low <= change["points"] <= high
+        assert change["points"] == pytest.approx(100 * (result[method]["gold"] - result["base"]["gold"]), abs=0.1)
+
+
+def test_each_method_wrote_its_policy_and_answers(tiny_run):
+    out, result = tiny_run
+    for method in TRAINED:
+        assert (out / method / "policy" / "config.json").is_file(), method
+        answers = [json.loads(line) for line in (out / f"eval-{method}" / "answers.jsonl").read_text().splitlines()]
+        assert {row["policy"] for row in answers} == {"policy", "baseline"}
+    best = [json.loads(line) for line in (out / "eval-best_of_4" / "answers.jsonl").read_text().splitlines()]
+    assert all(len(row["best_of"]["rewards"]) == 4 for row in best)
+    assert Path(result["figure"]).stat().st_size > 10_000
+    assert set(result["per_family"]["lowercase"]) == {"n", *METHODS}
