@@ -1,0 +1,109 @@
+"""toolkit/plan.py: the counts behind `llamakit plan`, against hand-computed values and the real libraries."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from toolkit.errors import UserError
+from toolkit.plan import GIB, PRESETS, PlanConfig, Shape, best_fit, estimate, kv_cache, model_states, parse_memory
+
+TINY = Shape("tiny", layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=1000, tied_embeddings=True)
+
+
+def test_llama_parameter_counts_are_meta_s():
+    # the published sizes of Meta's checkpoints (sum of the tensors' numel)
+    assert PRESETS["llama-7b"].parameters == 6_738_415_616
+    assert PRESETS["llama-13b"].parameters == 13_015_864_320
+    assert PRESETS["llama-65b"].parameters == 65_285_660_672
+
+
+def test_parameter_and_lora_counts_equal_transformers_and_peft():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=TINY.vocab, hidden_size=TINY.hidden, intermediate_size=TINY.intermediate,
+                         num_hidden_layers=TINY.layers, num_attention_heads=TINY.heads,
+                         num_key_value_heads=TINY.kv_heads, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    assert TINY.parameters == sum(p.numel() for p in model.parameters())
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert TINY.lora_parameters(8) == trainable
+
+
+def test_kv_cache_equals_the_cache_transformers_fills():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=TINY.vocab, hidden_size=TINY.hidden, intermediate_size=TINY.intermediate,
+                         num_hidden_layers=TINY.layers, num_attention_heads=TINY.heads,
+                         num_key_value_heads=TINY.kv_heads)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        cache = model(torch.ones(3, 10, dtype=torch.long), use_cache=True).past_key_values
+    filled = sum(layer.keys.numel() * 4 + layer.values.numel() * 4 for layer in cache.layers)
+    assert kv_cache(TINY, PlanConfig(bf16=False), sequences=3, tokens=10) == filled
+
+
+def test_zero_shards_what_the_paper_says():
+    shape = PRESETS["llama-7b"]
+    plain = model_states(shape, PlanConfig(gpus=4, zero=0))
+    zero2 = model_states(shape, PlanConfig(gpus=4, zero=2))
+    zero3 = model_states(shape, PlanConfig(gpus=4, zero=3))
+    n = shape.parameters
+    assert plain == {"weights": 2 * n, "gradients": 2 * n, "optimizer": 12 * n}  # 16 bytes per parameter
+    assert zero2 == {"weights": 2 * n, "gradients": 2 * n / 4, "optimizer": 12 * n / 4}
+    assert zero3 == {"weights": 2 * n / 4, "gradients": 2 * n / 4, "optimizer": 12 * n / 4}
+    offloaded = model_states(shape, PlanConfig(gpus=4, zero=3, offload=True))
+    assert offloaded["optimizer"] == 0 and offloaded["weights"] == 0
+
+
+def test_lora_keeps_no_gradients_or_optimizer_state_for_the_frozen_base():
+    shape = PRESETS["llama-7b"]
+    states = model_states(shape, PlanConfig(lora=True, lora_r=16))
+    trainable = shape.lora_parameters(16)
+    assert 39e6 < trainable < 41e6  # ≈ 40M, as the 7B presets' comments say
+    assert states == {"weights": 2 * shape.parameters + 4 * trainable, "gradients": 4 * trainable,
+                      "optimizer": 8 * trainable}
+
+
+def test_rlhf_counts_the_copies_and_the_reference_is_free_with_lora():
+    full = estimate(PlanConfig(stage="rlhf", model="llama-7b"))
+    lora = estimate(PlanConfig(stage="rlhf", model="llama-7b", lora=True))
+    weights = 2 * PRESETS["llama-7b"].parameters
+    assert full.parts["reference"] == weights and lora.parts["reference"] == 0
+    assert full.parts["reward_model"] == weights
+    assert "reward_model" not in estimate(PlanConfig(stage="rlhf", reward_model="rules")).parts
+    critic = estimate(PlanConfig(stage="rlhf", model="llama-7b", lora=True, critic="llama-7b"))
+    assert critic.parts["critic"] > weights  # a second model: its own weights, adapter states, activations
+    grpo = estimate(PlanConfig(stage="rlhf", algo="grpo", group_size=4, batch_size=2))
+    ppo = estimate(PlanConfig(stage="rlhf", batch_size=8))
+    assert grpo.parts["rollout_kv_cache"] == ppo.parts["rollout_kv_cache"]  # 2 prompts × 4 answers = 8 rollouts
+
+
+def test_best_fit_prefers_the_least_machinery():
+    cfg = PlanConfig(stage="sft", model="llama-7b", gpus=1, gpu_memory_gib=24)
+    assert not estimate(cfg).fits
+    fit = best_fit(cfg)
+    assert fit is not None and fit.config.lora and fit.config.zero == 0 and fit.total <= 24 * GIB
+    mid = best_fit(PlanConfig(stage="sft", model="llama-13b", gpus=8, gpu_memory_gib=80))
+    assert mid is not None and mid.config.zero == 2 and not mid.config.lora
+    big = best_fit(PlanConfig(stage="sft", model="llama-65b", gpus=8, gpu_memory_gib=80))  # 16 B/param: 130 GB
+    assert big is not None and big.config.zero == 3 and big.config.lora
+    assert best_fit(PlanConfig(stage="sft", model="llama-65b", gpus=1, gpu_memory_gib=8)) is None
+
+
+@pytest.mark.parametrize("text, gib", [("80GiB", 80.0), ("24GB", 24.0), ("40", 40.0), ("12.5g", 12.5)])
+def test_parse_memory(text, gib):
+    assert parse_memory(text) == gib
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (PlanConfig(zero=1), "--zero"), (PlanConfig(offload=True), "--offload"), (PlanConfig(stage="ppo"), "--stage"),
+    (PlanConfig(model="/nonexistent/dir"), "--model"),
+])
+def test_bad_settings_are_one_line(cfg, message):
+    with pytest.raises(UserError, match=message):
+        estimate(replace(cfg))
