@@ -84,10 +84,10 @@ def test_rlhf_counts_the_copies_and_the_reference_is_free_with_lora():
 
 
 def test_best_fit_prefers_the_least_machinery():
-    cfg = PlanConfig(stage="sft", model="llama-7b", gpus=1, gpu_memory_gib=24)
+    cfg = PlanConfig(stage="sft", model="llama-7b", gpus=1, gpu_memory_gib=40)
     assert not estimate(cfg).fits
     fit = best_fit(cfg)
-    assert fit is not None and fit.config.lora and fit.config.zero == 0 and fit.total <= 24 * GIB
+    assert fit is not None and fit.config.lora and fit.config.zero == 0 and fit.total <= 40 * GIB
     mid = best_fit(PlanConfig(stage="sft", model="llama-13b", gpus=8, gpu_memory_gib=80))
     assert mid is not None and mid.config.zero == 2 and not mid.config.lora
     big = best_fit(PlanConfig(stage="sft", model="llama-65b", gpus=8, gpu_memory_gib=80))  # 16 B/param: 130 GB

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from toolkit.commands.params import FiniteFloat
+from toolkit.config import config_option
 from toolkit.plan import ALGOS, PRESETS, STAGES, ZERO_STAGES, PlanConfig
 
 DEFAULTS = PlanConfig()
@@ -39,9 +41,10 @@ DEFAULTS = PlanConfig()
               help="rlhf: the reward model's size (preset or directory; default: the policy's), or rules (none).")
 @click.option("--gather-for-generation/--no-gather-for-generation", default=DEFAULTS.gather_for_generation,
               show_default=True, help="rlhf under ZeRO-3: gather all weights to generate, or one layer at a time.")
-@click.option("--framework-gib", type=click.FloatRange(0), default=DEFAULTS.framework_gib, show_default=True,
+@click.option("--framework-gib", type=FiniteFloat(0), default=DEFAULTS.framework_gib, show_default=True,
               help="Per-GPU overhead: CUDA context, allocator fragmentation, communication buffers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate and the best fit as one JSON object.")
+@config_option
 def plan_cmd(gpu_memory: str, zero: str, as_json: bool, **settings) -> None:
     """Memory per GPU of a training run (parameters, gradients, optimizer states, activations, rollout KV cache,
     reference / reward / critic copies), whether it fits, and the set-up and launch command that fits best.

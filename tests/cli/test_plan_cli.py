@@ -51,11 +51,11 @@ def test_estimate_within_25_percent_of_a_real_runs_peak(hidden, layers, lora, lo
 
 
 def test_plan_json_and_the_best_fit():
-    proc = run_cli("plan", "--stage", "sft", "--model", "llama-7b", "--gpu-memory", "24GiB", "--json")
+    proc = run_cli("plan", "--stage", "sft", "--model", "llama-7b", "--gpu-memory", "40GiB", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["parameters"] == 6_738_415_616 and result["fits"] is False
-    assert result["best_fit"]["config"]["lora"] is True and result["best_fit"]["total_gib"] <= 24
+    assert result["best_fit"]["config"]["lora"] is True and result["best_fit"]["total_gib"] <= 40
     assert result["best_fit"]["launch"].startswith("llamakit sft --model llama-7b --lora")
 
 
