@@ -138,7 +138,7 @@ def test_serve_keeps_its_key_out_of_logs_and_binds_loopback(tiny_llama_dir, tmp_
                         log_file=log) as server:
         listening = _listening_addresses(server.port)
         headers = {"Authorization": f"Bearer {SECRET}"}
-        body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        body = {"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         assert httpx.post(f"{server.url}/chat/completions", json=body, headers=headers, timeout=60).status_code == 200
         wrong = {"Authorization": f"Bearer {SECRET}-wrong"}
         assert httpx.post(f"{server.url}/chat/completions", json=body, headers=wrong, timeout=60).status_code == 401

@@ -36,7 +36,8 @@ def test_200_concurrent_requests_all_answered(tiny_server):
 def test_full_queue_refuses_with_503_and_recovers(tiny_llama_dir):
     from toolkit.server_process import running_server
 
-    with running_server(str(tiny_llama_dir), args=("--max-queue", "8", "--max-batch", "4")) as server:
+    with running_server(str(tiny_llama_dir), args=("--max-queue", "8", "--max-batch", "4",
+                                                   "--served-name", "tiny")) as server:
         results = burst(server.url, 60, key="none", max_tokens=16)
         codes = [r[0] for r in results]
         assert set(codes) <= {"ok", 503}

@@ -307,3 +307,120 @@ def test_sample_never_picks_a_filtered_token_at_the_edges():
     probs[:, 0], probs[:, -1] = 0.5, 0.5
     draws = _sample(probs, torch.Generator().manual_seed(2))
     assert set(draws.tolist()) == {0, 999}
+
+
+# ---------------------------------------------------------------- penalties, logit bias, min-p (issue 18)
+
+@torch.no_grad()
+def replay_greedy(model, prompt: list[int], completion: list[int], adjust) -> None:
+    """Each greedy token must be the argmax of `adjust(fresh logits, tokens so far)` from an unpadded forward."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+    for t, token in enumerate(completion):
+        expected = adjust(logits[t].clone(), completion[:t])
+        assert token == int(expected.argmax()), t
+
+
+def test_openai_presence_and_frequency_penalties(tiny_llama, prompts):
+    model, tokenizer = tiny_llama  # repeats its last token: the penalties have something to change
+    params = SamplingParams(max_new_tokens=12, temperature=0, presence_penalty=0.7, frequency_penalty=1.3)
+    plain = generate(model, tokenizer, prompts[:1], [SamplingParams(max_new_tokens=12, temperature=0)])[0]
+    done = generate(model, tokenizer, prompts[:1], [params])[0]
+    assert done.token_ids != plain.token_ids
+
+    def adjust(logits, so_far):
+        counts = torch.bincount(torch.tensor(so_far, dtype=torch.long), minlength=logits.shape[-1]).float()
+        return logits - 1.3 * counts - 0.7 * (counts > 0).float()
+
+    replay_greedy(model, prompts[0], done.token_ids, adjust)
+
+
+def test_repetition_penalty_covers_prompt_and_output(tiny_llama, prompts):
+    model, tokenizer = tiny_llama
+    plain = generate(model, tokenizer, prompts[2:], [SamplingParams(max_new_tokens=12, temperature=0)])[0]
+    done = generate(model, tokenizer, prompts[2:], [SamplingParams(max_new_tokens=12, temperature=0,
+                                                                   repetition_penalty=1.8)])[0]
+    assert done.token_ids != plain.token_ids
+
+    def adjust(logits, so_far):
+        seen = torch.tensor(sorted(set(prompts[2]) | set(so_far)))
+        logits[seen] = torch.where(logits[seen] > 0, logits[seen] / 1.8, logits[seen] * 1.8)
+        return logits
+
+    replay_greedy(model, prompts[2], done.token_ids, adjust)
+
+
+def test_logit_bias_forces_and_bans_tokens(lively, prompts):
+    model, tokenizer = lively
+    plain = generate(model, tokenizer, prompts[:1], [SamplingParams(max_new_tokens=6, temperature=0)])[0]
+    forced = generate(model, tokenizer, prompts[:1], [SamplingParams(max_new_tokens=6, temperature=1.0, seed=0,
+                                                                     logit_bias=((42, 100.0),))])[0]
+    assert forced.token_ids == [42] * 6
+    banned = generate(model, tokenizer, prompts[:1], [SamplingParams(
+        max_new_tokens=6, temperature=0, logit_bias=tuple((t, -100.0) for t in set(plain.token_ids)))])[0]
+    assert not set(banned.token_ids) & set(plain.token_ids)
+
+
+def test_min_p_one_keeps_only_the_likeliest_token(lively, prompts):
+    model, tokenizer = lively
+    greedy = generate(model, tokenizer, prompts, [SamplingParams(max_new_tokens=8, temperature=0)] * 3)
+    hot = generate(model, tokenizer, prompts, [SamplingParams(max_new_tokens=8, temperature=1.5, seed=s, min_p=1.0)
+                                               for s in range(3)])
+    assert [c.token_ids for c in hot] == [c.token_ids for c in greedy]
+    loose = generate(model, tokenizer, prompts, [SamplingParams(max_new_tokens=8, temperature=1.5, seed=s)
+                                                 for s in range(3)])
+    assert [c.token_ids for c in loose] != [c.token_ids for c in greedy]
+
+
+def test_each_row_of_a_batch_gets_its_own_adjustments(lively, prompts):
+    """One request's penalty or bias never reaches another row of the same batch; plain rows stay bit-identical."""
+    model, tokenizer = lively
+    rows = [SamplingParams(max_new_tokens=8, temperature=0),
+            SamplingParams(max_new_tokens=8, temperature=0, frequency_penalty=-2.0, presence_penalty=-2.0),
+            SamplingParams(max_new_tokens=8, temperature=0.9, seed=5, logit_bias=((1000, 100.0),)),
+            SamplingParams(max_new_tokens=8, temperature=0.9, seed=6),
+            SamplingParams(max_new_tokens=8, temperature=0.9, seed=7, repetition_penalty=3.0, min_p=0.2)]
+    batch_prompts = [prompts[i % 3] for i in range(len(rows))]
+    batched = generate(model, tokenizer, batch_prompts, rows)
+    alone = one_by_one(model, tokenizer, batch_prompts, rows)
+    assert [c.token_ids for c in batched] == [c.token_ids for c in alone]
+    assert batched[2].token_ids == [1000] * 8
+    # the plain rows: the very same tokens and log-probs as in that batch without any adjustment
+    stripped = [SamplingParams(max_new_tokens=8, temperature=r.temperature, seed=r.seed) for r in rows]
+    plain = generate(model, tokenizer, batch_prompts, stripped)
+    for i in (0, 3):
+        assert batched[i].token_ids == plain[i].token_ids and batched[i].logprobs == plain[i].logprobs
+    assert [batched[i].token_ids != plain[i].token_ids for i in (1, 2, 4)] == [True] * 3
+
+
+@pytest.mark.parametrize("field, value", [("presence_penalty", 2.5), ("frequency_penalty", -3),
+                                          ("frequency_penalty", float("nan")), ("repetition_penalty", 0),
+                                          ("repetition_penalty", float("inf")), ("min_p", 1.5),
+                                          ("logit_bias", ((5, 101.0),)), ("logit_bias", ((-1, 1.0),))])
+def test_out_of_range_adjustments_are_refused(tiny_llama, prompts, field, value):
+    model, tokenizer = tiny_llama
+    with pytest.raises(ValueError, match=field):
+        generate(model, tokenizer, prompts[:1], [SamplingParams(max_new_tokens=2, **{field: value})])
+
+
+def test_prompt_logprobs_equal_a_fresh_forward(lively, prompts):
+    """Legacy `echo` + `logprobs`: every prompt token after the first, scored given the tokens before it, in a
+    padded batch, with or without tokens to generate; rows that did not ask get none."""
+    model, tokenizer = lively
+    params = [SamplingParams(max_new_tokens=0, prompt_logprobs=3), SamplingParams(max_new_tokens=2),
+              SamplingParams(max_new_tokens=3, temperature=0, prompt_logprobs=0)]
+    done = generate(model, tokenizer, prompts, params)
+    assert done[1].prompt_top_logprobs == []
+    for prompt, completion, k in ((prompts[0], done[0], 3), (prompts[2], done[2], 0)):
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0, :-1].float(), -1)
+        steps = completion.prompt_top_logprobs
+        assert [s[0][0] for s in steps] == prompt[1:]
+        assert [s[0][1] for s in steps] == pytest.approx(expected.gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
+                                                         .tolist(), abs=1e-4)
+        assert all(len(s) == k + 1 for s in steps)
+        if k:
+            top = torch.topk(expected, k, dim=-1)
+            assert [[t for t, _ in s[1:]] for s in steps] == top.indices.tolist()
+    assert done[2].token_ids == generate(model, tokenizer, prompts[2:], [SamplingParams(max_new_tokens=3,
+                                                                                        temperature=0)])[0].token_ids

@@ -26,7 +26,9 @@ from toolkit.models import allow_pickle_option
 @click.option("--api-key-env", default=None,
               help="Name of an environment variable holding the bearer key clients must send.")
 @click.option("--api-key", default=None, help="Bearer key clients must send (prefer --api-key-env: argv is visible).")
-@click.option("--served-name", default=None, help="Model id reported by /v1/models (default: the alias or dir name).")
+@click.option("--served-name", default=None,
+              help="Model id reported by /v1/models (default: the alias or dir name); requests may name the "
+                   "model by it or by the --model value, any other name is a 404.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1),
               help="Most sequences generated together.")
 @click.option("--batch-wait-ms", default=20.0, show_default=True, type=FiniteFloat(0),
@@ -43,7 +45,9 @@ from toolkit.models import allow_pickle_option
 @config_option
 def serve_cmd(model, host, port, allowed_hosts, api_key_env, api_key, served_name, max_batch, batch_wait_ms,
               max_queue, max_tokens_cap, max_n, ready_file):
-    """Serve a local causal LM through the OpenAI chat-completions API (streaming included).
+    """Serve a local causal LM through the OpenAI chat-completions and legacy completions APIs (streaming
+    included). OpenAI parameters it cannot honour (tools, JSON modes, audio ...) and unknown keys get a 400
+    naming them.
 
     Each request's sampling fields are checked (finite numbers, ranges, an int64 seed) before it joins a
     batch, so one bad request cannot fail the others; the Host, Origin and Content-Type checks keep web
