@@ -1,10 +1,12 @@
-"""Files in and out: JSON/JSONL rows with line-numbered errors, crash-safe appends, atomic directories."""
+"""Files in and out: rows of JSONL / JSON / Parquet / `datasets` dirs with row-numbered errors, crash-safe
+appends, atomic directories."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -15,12 +17,91 @@ from typing import Any
 
 from toolkit.errors import UserError
 
+Loc = dict[str, Any]  # UserError keywords naming a row: {"file", "line"} in JSONL, {"file": "F (row N)"} elsewhere
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv", ".arrow")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
 
 def read_rows(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, a JSON array, or a JSON object holding one list; errors name file and line."""
+    """Rows of a JSONL file, a JSON array (or a JSON object holding one list), a Parquet file or a `datasets`
+    save_to_disk directory; errors name file and line (row for the formats without lines)."""
+    return [row for row, _ in located_rows(path, allow_empty=allow_empty)]
+
+
+def located_rows(path: str | os.PathLike, *, allow_empty: bool = False) -> list[tuple[dict[str, Any], Loc]]:
+    """`read_rows`, each row with its place for errors: file and line in JSONL, file and 1-based row number in a
+    JSON array, a Parquet file or a `datasets` directory.
+
+    Parquet and `datasets` columns are typed: a column a row does not have reads as null there, so nulls are
+    dropped and such a row reads as the JSON row it was written from. A DatasetDict directory with one split is
+    that split; with several, the error asks for one (DIR/SPLIT is a dataset directory itself)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError("no such file", file=str(path))
+    if path.is_dir():
+        rows = _without_nulls(_datasets_dir(path))
+    elif not path.is_file():
+        raise UserError(_missing(path), file=str(path))
+    elif _is_parquet(path):
+        rows = _without_nulls(_parquet(path))
+    else:
+        return _json_rows(path, allow_empty)
+    if not rows and not allow_empty:
+        raise UserError("holds no rows", file=str(path))
+    return [(row, {"file": f"{path} (row {n})"}) for n, row in enumerate(rows, start=1)]
+
+
+def _missing(path: Path) -> str:
+    """"no such file", or, for what looks like a Hub dataset id, how to get it: nothing is ever fetched."""
+    name = str(path)
+    if not _HUB_ID.fullmatch(name) or path.suffix in DATA_SUFFIXES or Path(name.split("/")[0]).exists():
+        return "no such file"
+    stem = name.split("/")[1]
+    return (f"no such file or directory; '{name}' looks like a Hugging Face Hub dataset id, and llamakit never "
+            f"downloads: download it first, e.g. python -c \"import datasets; datasets.load_dataset('{name}', "
+            f"split='train').to_json('{stem}.jsonl')\" (or huggingface-cli download --repo-type dataset {name} "
+            f"--local-dir {stem}), then pass the file")
+
+
+def _is_parquet(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return path.suffix == ".parquet" or f.read(4) == b"PAR1"
+
+
+def _parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises many kinds
+        raise UserError(f"cannot read Parquet: {' '.join(str(err).split())}", file=str(path)) from None
+
+
+def _datasets_dir(path: Path) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(f"not a `datasets` save_to_disk directory ({' '.join(str(err).split())})",
+                        file=str(path)) from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if len(splits) != 1:
+            example = path / ("train" if "train" in splits else splits[0])
+            raise UserError(f"holds the splits {', '.join(splits)}: pass one of them, e.g. {example}",
+                            file=str(path))
+        loaded = loaded[splits[0]]
+    return loaded.data.table.to_pylist()
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _json_rows(path: Path, allow_empty: bool) -> list[tuple[dict[str, Any], Loc]]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -32,17 +113,17 @@ def read_rows(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dic
         if allow_empty:
             return []
         raise UserError("file is empty", file=str(path))
+    rows: list[tuple[dict[str, Any], Loc]] = []
     if stripped[0] == "[" or path.suffix == ".json":
-        rows = _json_document(path, text)
-        for number, row in enumerate(rows, start=1):
+        for number, row in enumerate(_json_document(path, text), start=1):
             if not isinstance(row, dict):
                 raise UserError(f"row {number} is {type(row).__name__}, expected a JSON object", file=str(path))
+            rows.append((row, {"file": f"{path} (row {number})"}))
     else:
-        rows = []
         for line, row in _jsonl_rows(path, text):
             if not isinstance(row, dict):
                 raise UserError(f"row is {type(row).__name__}, expected a JSON object", file=str(path), line=line)
-            rows.append(row)
+            rows.append((row, {"file": str(path), "line": line}))
     if not rows and not allow_empty:
         raise UserError("file holds no rows", file=str(path))
     return rows

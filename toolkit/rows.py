@@ -1,8 +1,9 @@
 """Rows in, chat messages / prompts / preference pairs out: every row format llamakit reads, in one place.
 
-A row is one JSON object of a JSONL, JSON or Parquet file, in any of: llamakit `{"messages": [{role,
-content}, ...]}`, `{"prompt", "chosen", "rejected"}`, `{"prompt", "response", "score"}`; TRL conversational,
-standard and implicit-prompt rows; ShareGPT `{"conversations": [{from, value}, ...]}`; Alpaca `{"instruction",
+A row is one row of a JSONL, JSON or Parquet file or a `datasets` directory (`toolkit.io.located_rows`), in any
+of: llamakit / OpenAI `{"messages": [{role, content, name?, weight?, tool_calls?}, ...]}`, `{"prompt", "chosen",
+"rejected"}`, `{"prompt", "response", "score"}`; TRL conversational, standard, prompt-completion and
+implicit-prompt rows; ShareGPT `{"conversations": [{from, value}, ...]}`; Alpaca `{"instruction",
 "input", "output"}` and self-instruct seeds (`instances`); ChatLLaMA `{"user_input", "completion"}`; Anthropic
 HH text ("\\n\\nHuman: ...\\n\\nAssistant: ...").
 
@@ -12,6 +13,7 @@ bad row stops the run with one line naming file, row and field.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -20,10 +22,10 @@ from typing import Any
 
 from toolkit.errors import UserError
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]  # role, content, and the OpenAI fields check_messages keeps
 Loc = Mapping[str, Any]  # UserError keywords naming a row: file (and line)
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
                   "system": "system"}
@@ -34,7 +36,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 
 def check_messages(value: object, key: str = "messages", loc: Loc | None = None, *, sharegpt: bool = False,
                    require_text: bool = False) -> Messages:
-    """Chat messages checked and reduced to {role, content} with text content (OpenAI text parts joined).
+    """Chat messages checked: {role, content} with text content (OpenAI text parts joined), and the OpenAI fields
+    kept: name, weight (0 or 1 on assistant messages: 0 = no loss in sft), tool_calls (assistant; arguments as JSON
+    text) and tool_call_id (tool). Absent (or null) fields stay absent.
 
     `sharegpt`: the items are ShareGPT {from, value} turns. `require_text`: a blank message is an error (a
     prompt to send); otherwise it is kept (an API request may hold an empty assistant turn).
@@ -43,32 +47,81 @@ def check_messages(value: object, key: str = "messages", loc: Loc | None = None,
     role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
     if not isinstance(value, list) or not value:
         raise UserError(f"expected a non-empty list of {{{role_key}, {text_key}}} messages", field=key, **loc)
-    messages: Messages = []
-    for i, m in enumerate(value):
-        name = f"{key}[{i}]"
-        if not isinstance(m, dict):
-            raise UserError(f"must be an object, got {type(m).__name__}", field=name, **loc)
-        if sharegpt:
-            role = SHAREGPT_ROLES.get(str(m.get("from")).lower())
-            if role is None:
-                raise UserError(f"unknown speaker {m.get('from')!r} (known: {', '.join(SHAREGPT_ROLES)})",
-                                field=f"{name}.from", **loc)
-        else:
-            role = m.get("role")
-            if role not in ROLES:
-                raise UserError(f"unknown role {role!r} (one of: {', '.join(ROLES)})", field=f"{name}.role", **loc)
-        content = m.get(text_key)
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content):
-                raise UserError("only text parts are supported", field=f"{name}.{text_key}", **loc)
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise UserError("must be a string", field=f"{name}.{text_key}", **loc)
-        if require_text and not content.strip():
-            raise UserError("empty text", field=f"{name}.{text_key}", **loc)
-        messages.append({"role": role, "content": content})
-    return messages
+    return [_message(m, f"{key}[{i}]", loc, sharegpt, require_text) for i, m in enumerate(value)]
+
+
+def _message(m: object, name: str, loc: Loc, sharegpt: bool, require_text: bool) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise UserError(f"must be an object, got {type(m).__name__}", field=name, **loc)
+    if sharegpt:
+        role = SHAREGPT_ROLES.get(str(m.get("from")).lower())
+        if role is None:
+            raise UserError(f"unknown speaker {m.get('from')!r} (known: {', '.join(SHAREGPT_ROLES)})",
+                            field=f"{name}.from", **loc)
+        message: dict[str, Any] = {"role": role, "content": _content(m.get("value"), f"{name}.value", loc)}
+    else:
+        role = m.get("role")
+        if role not in ROLES:
+            raise UserError(f"unknown role {role!r} (one of: {', '.join(ROLES)})", field=f"{name}.role", **loc)
+        calls = m.get("tool_calls")
+        content = m.get("content")
+        message = {"role": role, "content": "" if content is None and calls else _content(content,
+                                                                                           f"{name}.content", loc)}
+        for field_name in ("name", "tool_call_id"):
+            if m.get(field_name) is not None:
+                if not isinstance(m[field_name], str):
+                    raise UserError("must be a string", field=f"{name}.{field_name}", **loc)
+                message[field_name] = m[field_name]
+        if calls is not None:
+            if role != "assistant":
+                raise UserError("only on assistant messages", field=f"{name}.tool_calls", **loc)
+            message["tool_calls"] = _tool_calls(calls, f"{name}.tool_calls", loc)
+        if m.get("weight") is not None:
+            message["weight"] = _weight(m["weight"], role, f"{name}.weight", loc)
+    if require_text and not message["content"].strip() and not message.get("tool_calls"):
+        raise UserError("empty text", field=f"{name}.{'value' if sharegpt else 'content'}", **loc)
+    return message
+
+
+def _content(content: object, name: str, loc: Loc) -> str:
+    """Text, or OpenAI content parts whose text parts are joined; any other part is an error."""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = f"{kind} parts are not supported (text only)" if kind else "must be a {type, text} part"
+                raise UserError(what, field=f"{name}[{j}]", **loc)
+            texts.append(part["text"])
+        return "".join(texts)
+    if not isinstance(content, str):
+        raise UserError("must be a string", field=name, **loc)
+    return content
+
+
+def _tool_calls(calls: object, name: str, loc: Loc) -> list[dict[str, Any]]:
+    """OpenAI tool calls, kept as they are but for dict arguments, written as JSON text as the API sends them."""
+    if not isinstance(calls, list) or not calls:
+        raise UserError("expected a non-empty list of tool calls", field=name, **loc)
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        args = function.get("arguments", "") if isinstance(function, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or \
+                not isinstance(args, (str, dict)):
+            raise UserError("expected {name, arguments}", field=f"{name}[{i}].function", **loc)
+        if isinstance(args, dict):
+            args = json.dumps(args, ensure_ascii=False)
+        out.append({**call, "function": {**function, "arguments": args}})
+    return out
+
+
+def _weight(weight: object, role: str, name: str, loc: Loc) -> int:
+    if role != "assistant":
+        raise UserError("only on assistant messages (OpenAI fine-tuning weight)", field=name, **loc)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        raise UserError(f"must be 0 or 1, got {weight!r}", field=name, **loc)
+    return int(weight)
 
 
 def _text(row: dict[str, Any], key: str, loc: Loc, *, optional: bool = False) -> str | None:
@@ -121,6 +174,8 @@ def to_hh(messages: Messages) -> str:
     """Chat messages -> HH text; a system message is folded into the next human turn."""
     out, system = [], ""
     for m in messages:
+        if m["role"] == "tool":
+            raise UserError("HH text has no place for a tool message")
         if m["role"] == "system":
             system = m["content"].strip() + "\n\n"
             continue
@@ -146,6 +201,34 @@ def hh_join(prompt: str, response: str) -> str:
         prompt = "\n\n" + prompt
     head = prompt if prompt.startswith(HUMAN) or not prompt else to_hh([{"role": "user", "content": prompt}])
     return head + to_hh([{"role": "assistant", "content": response}])
+
+
+# TRL's standard (text) format: its trainers tokenise prompt + chosen as one text, so the separator between the two
+# is part of the data. llamakit writes a chat prompt as HH text ending with the assistant's cue and each answer with
+# the space that follows it: "\n\nHuman: q\n\nAssistant:" + " a" is exactly the HH dialogue.
+
+
+def standard_prompt(messages: Messages) -> str:
+    """Chat messages as HH text ending with the assistant's cue: a TRL standard-format prompt."""
+    return to_hh(messages) + ASSISTANT
+
+
+def standard_answer(text: str) -> str:
+    """An answer as a TRL standard-format completion: the separator first."""
+    return " " + text
+
+
+def unwrap_standard(text: str) -> Messages | None:
+    """The messages of a TRL standard-format prompt written by `standard_prompt`; None for any other text."""
+    if not text.startswith(HUMAN) or not text.endswith(ASSISTANT):
+        return None
+    messages = parse_hh(text)
+    return messages[:-1] if messages and messages[-1] == {"role": "assistant", "content": ""} else None
+
+
+def unwrap_answer(value: Any) -> Any:
+    """A TRL standard-format completion without its separator (any other value as it is)."""
+    return value[1:] if isinstance(value, str) and value.startswith(" ") else value
 
 
 # ------------------------------------------------------------------------------------ plain text
@@ -178,9 +261,10 @@ def split_last_answer(messages: Messages) -> tuple[Messages, str]:
 # ------------------------------------------------------------- conversations (sft) and prompts (rlhf)
 
 
-def row_to_messages(row: dict[str, Any], path: str | os.PathLike, line: int, for_prompt: bool = False) -> Messages:
+def row_to_messages(row: dict[str, Any], path: str | os.PathLike, line: int | None,
+                    for_prompt: bool = False) -> Messages:
     """One row as chat messages: a conversation with an assistant turn to learn from, or with `for_prompt` the
-    turns before the answer (an answer in the row is checked, then dropped)."""
+    turns before the answer (an answer in the row is checked, then dropped). `line` None: `path` names the row."""
     loc = {"file": str(path), "line": line}
 
     def answer(*keys: str) -> Messages:
@@ -202,7 +286,9 @@ def row_to_messages(row: dict[str, Any], path: str | os.PathLike, line: int, for
     elif "user_input" in row:
         messages = [{"role": "user", "content": _text(row, "user_input", loc)}, *answer("completion")]
     elif "prompt" in row:
-        messages = [{"role": "user", "content": _text(row, "prompt", loc)}, *answer("response", "completion", "chosen")]
+        messages = _prompt_completion(row, loc, for_prompt)
+    elif isinstance(row.get("text"), str) and HUMAN in row["text"]:
+        messages = check_messages(parse_hh(row["text"]), "text", loc)
     else:
         raise UserError("unknown row format: expected messages | conversations | instruction | user_input | prompt",
                         **loc)
@@ -215,6 +301,30 @@ def row_to_messages(row: dict[str, Any], path: str | os.PathLike, line: int, for
     elif not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise UserError("no assistant turn to learn from", **loc)
     return messages
+
+
+def _prompt_completion(row: dict[str, Any], loc: Loc, for_prompt: bool) -> Messages:
+    """TRL prompt-completion rows (messages or text; also a preference row's chosen answer): the prompt's turns,
+    its assistant turns weighted 0 (TRL learns the completion only), then the completion."""
+    standard = unwrap_standard(row["prompt"]) if isinstance(row["prompt"], str) else None
+    if isinstance(row["prompt"], list):
+        prompt = check_messages(row["prompt"], "prompt", loc)
+    else:
+        prompt = standard or [{"role": "user", "content": _text(row, "prompt", loc)}]
+    keys = ("response", "completion", "chosen")
+    key = next((k for k in keys if k in row), None)
+    if key is None:
+        if for_prompt:
+            return prompt
+        raise UserError(f"missing the answer (one of: {', '.join(keys)})", **loc)
+    if isinstance(row[key], list):
+        completion = check_messages(row[key], key, loc)
+    else:
+        text = _text(row, key, loc)
+        completion = [{"role": "assistant", "content": unwrap_answer(text) if standard else text}]
+    if for_prompt:
+        return prompt
+    return [{**m, "weight": 0} if m["role"] == "assistant" else m for m in prompt] + completion
 
 
 # ------------------------------------------------------------------------ prompt rows (generate-data)
@@ -232,6 +342,13 @@ class PromptRow:
     response: str | None = None  # an answer already in the row (output, response, last assistant turn)
     responses: list[str] = field(default_factory=list)  # several answers already in the row
     row: dict[str, Any] = field(default_factory=dict)
+
+
+def _answer_text(row: dict[str, Any], key: str, loc: Loc) -> str:
+    """An answer field: text, or (TRL conversational) the assistant's message."""
+    if isinstance(row[key], list):
+        return _last_answer(row[key], key, loc)[1]
+    return _text(row, key, loc)
 
 
 def _split_dialogue(messages: Messages, key: str, loc: Loc) -> tuple[Messages, str | None]:
@@ -261,6 +378,7 @@ def parse_prompt_row(row: dict[str, Any], loc: Loc, index: int = 0, line: int | 
             prompt, _ = _split_dialogue(check_messages(row["prompt"], "prompt", loc, require_text=True), "prompt", loc)
         else:
             prompt = _text(row, "prompt", loc)
+            prompt = unwrap_standard(prompt) or prompt
     elif "instruction" in row:  # Alpaca, or a self-instruct seed task with instances
         instruction = _text(row, "instruction", loc)
         extra = _text(row, "input", loc, optional=True)
@@ -283,7 +401,9 @@ def parse_prompt_row(row: dict[str, Any], loc: Loc, index: int = 0, line: int | 
         raise UserError(f"no prompt field (expected one of: {PROMPT_FIELDS})", **loc)
     for key in ("response", "completion"):
         if key in row and response is None and "user_input" not in row:
-            response = _text(row, key, loc)
+            response = _answer_text(row, key, loc)
+            if isinstance(row.get("prompt"), str) and isinstance(prompt, list):  # a TRL standard-format row
+                response = unwrap_answer(response)
     if "responses" in row:
         value = row["responses"]
         if not isinstance(value, list) or not all(isinstance(r, str) and r.strip() for r in value):
@@ -300,6 +420,8 @@ def row_kind(row: dict[str, Any]) -> str:
     if "chosen" in row and "rejected" in row:
         return "preference"
     if "messages" in row or "conversations" in row:
+        return "conversation"
+    if isinstance(row.get("text"), str) and HUMAN in row["text"]:  # an HH dialogue (`data convert --to hh`)
         return "conversation"
     if "score" in row and any(k in row for k in ("response", "completion")):
         return "score"
@@ -322,58 +444,77 @@ def _last_answer(value: Any, key: str, loc: Loc) -> tuple[Messages | None, str]:
     return messages[:-1] or None, messages[-1]["content"]
 
 
+def _compact(prompt: str | Messages) -> str | Messages:
+    """A prompt of one plain user message as its text: the one form every format writes it back as."""
+    if isinstance(prompt, list) and len(prompt) == 1 and prompt[0].keys() == {"role", "content"} \
+            and prompt[0]["role"] == "user":
+        return prompt[0]["content"]
+    return prompt
+
+
 def llamakit_row(row: dict[str, Any], loc: Loc) -> dict[str, Any]:
     """Any supported row -> a llamakit row of its `row_kind`; keeps id and meta.
 
-        conversation  {"messages": [{"role", "content"}, ...]}
-        preference    {"prompt": text | messages, "chosen": text, "rejected": text, ...}
+        conversation  {"messages": [{"role", "content", ...}, ...]}
+        preference    {"prompt": text | messages, "chosen": text, "rejected": text, margin?, score_chosen?, ...}
         score         {"prompt": text | messages, "response": text, "score": number}
         prompt        {"prompt": text | messages}
     """
     keep = {k: row[k] for k in ("id", "meta") if k in row}
     what = row_kind(row)
     if what == "preference":
-        chosen_v, rejected_v = row["chosen"], row["rejected"]
-        if "prompt" not in row and isinstance(chosen_v, str) and "Human:" in chosen_v:  # HH text
-            chosen_m, rejected_m = parse_hh(chosen_v), parse_hh(rejected_v if isinstance(rejected_v, str) else "")
-            if len(chosen_m) < 2 or chosen_m[-1]["role"] != "assistant" or not rejected_m:
-                raise UserError("not an HH dialogue ending with an Assistant turn", field="chosen", **loc)
-            prompt: str | Messages = chosen_m[:-1]
-            chosen, rejected = chosen_m[-1]["content"], rejected_m[-1]["content"]
-        else:
-            implicit, chosen = _last_answer(chosen_v, "chosen", loc)
-            _, rejected = _last_answer(rejected_v, "rejected", loc)
-            if "prompt" in row:
-                prompt = row["prompt"] if isinstance(row["prompt"], str) else \
-                    check_messages(row["prompt"], "prompt", loc, require_text=True)
-            elif implicit:
-                prompt = implicit
-            else:
-                raise UserError("missing", field="prompt", **loc)
-        if isinstance(prompt, list) and len(prompt) == 1 and prompt[0]["role"] == "user":
-            prompt = prompt[0]["content"]
-        extra = {k: row[k] for k in ("score_chosen", "score_rejected", "margin") if k in row}
-        return {**keep, "prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}
+        extra = {k: row[k] for k in ("margin", "score_chosen", "score_rejected") if k in row}
+        return {**keep, **_preference(row, loc), **extra}
     if what == "conversation":
-        if "messages" in row:
-            return {**keep, "messages": check_messages(row["messages"], "messages", loc, require_text=True)}
-        if "conversations" in row:
-            return {**keep, "messages": check_messages(row["conversations"], "conversations", loc, sharegpt=True,
-                                                       require_text=True)}
-        p = parse_prompt_row(row, loc)
-        answer = row.get("completion") if "completion" in row else row.get("output")
-        if isinstance(answer, list):
-            answer = _last_answer(answer, "completion", loc)[1]
-        if not isinstance(answer, str) or not answer.strip():
-            raise UserError("missing or empty answer", field="completion" if "completion" in row else "output", **loc)
-        return {**keep, "messages": [*prompt_messages(p.prompt), {"role": "assistant", "content": answer}]}
+        return {**keep, "messages": _conversation(row, loc)}
+    p = parse_prompt_row(row, loc)
     if what == "score":
-        p = parse_prompt_row(row, loc)
         score = row["score"]
         if not isinstance(score, (int, float)) or isinstance(score, bool):
             raise UserError("expected a number", field="score", **loc)
-        return {**keep, "prompt": p.prompt, "response": p.response, "score": score}
-    return {**keep, "prompt": parse_prompt_row(row, loc).prompt}
+        return {**keep, "prompt": _compact(p.prompt), "response": p.response, "score": score}
+    return {**keep, "prompt": _compact(p.prompt)}
+
+
+def _preference(row: dict[str, Any], loc: Loc) -> dict[str, Any]:
+    chosen_v, rejected_v = row["chosen"], row["rejected"]
+    if "prompt" not in row and isinstance(chosen_v, str) and "Human:" in chosen_v:  # HH text
+        chosen_m, rejected_m = parse_hh(chosen_v), parse_hh(rejected_v if isinstance(rejected_v, str) else "")
+        if len(chosen_m) < 2 or chosen_m[-1]["role"] != "assistant" or not rejected_m:
+            raise UserError("not an HH dialogue ending with an Assistant turn", field="chosen", **loc)
+        return {"prompt": _compact(chosen_m[:-1]), "chosen": chosen_m[-1]["content"],
+                "rejected": rejected_m[-1]["content"]}
+    standard = unwrap_standard(row["prompt"]) if isinstance(row.get("prompt"), str) else None
+    if standard:
+        chosen_v, rejected_v = unwrap_answer(chosen_v), unwrap_answer(rejected_v)
+    implicit, chosen = _last_answer(chosen_v, "chosen", loc)
+    _, rejected = _last_answer(rejected_v, "rejected", loc)
+    if standard:
+        prompt: str | Messages = standard
+    elif "prompt" in row:
+        prompt = row["prompt"] if isinstance(row["prompt"], str) else \
+            check_messages(row["prompt"], "prompt", loc, require_text=True)
+    elif implicit:
+        prompt = implicit
+    else:
+        raise UserError("missing", field="prompt", **loc)
+    return {"prompt": _compact(prompt), "chosen": chosen, "rejected": rejected}
+
+
+def _conversation(row: dict[str, Any], loc: Loc) -> Messages:
+    if "messages" in row:
+        return check_messages(row["messages"], "messages", loc, require_text=True)
+    if "conversations" in row:
+        return check_messages(row["conversations"], "conversations", loc, sharegpt=True, require_text=True)
+    if isinstance(row.get("text"), str) and HUMAN in row["text"]:
+        return check_messages(parse_hh(row["text"]), "text", loc, require_text=True)
+    if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):  # TRL conversational
+        return [*check_messages(row["prompt"], "prompt", loc, require_text=True),
+                *check_messages(row["completion"], "completion", loc, require_text=True)]
+    p = parse_prompt_row(row, loc)
+    if p.response is None or not p.response.strip():
+        raise UserError("missing or empty answer", field="completion" if "completion" in row else "output", **loc)
+    return [*prompt_messages(p.prompt), {"role": "assistant", "content": p.response}]
 
 
 # ------------------------------------------------------------ preference pairs and scored answers (reward)
@@ -429,8 +570,9 @@ def preference_pair(row: dict[str, Any], fmt: str, loc: Loc) -> Pair:
     elif fmt == "implicit":
         pair = _implicit(row, loc, margin)
     else:
-        pair = Pair(hh_prompt_field(row["prompt"], "prompt", loc), hh_answer_field(row["chosen"], "chosen", loc),
-                    hh_answer_field(row["rejected"], "rejected", loc), margin, line)
+        prompt, chosen, rejected = _unwrap_standard_row(row, "prompt", ("chosen", "rejected"))
+        pair = Pair(hh_prompt_field(prompt, "prompt", loc), hh_answer_field(chosen, "chosen", loc),
+                    hh_answer_field(rejected, "rejected", loc), margin, line)
         # A blank prompt or a blank preferred answer is a broken row, not a preference; a blank *rejected*
         # answer is kept (models do answer with nothing, and that answer is rightly the worse one).
         for key, text in (("prompt", pair.prompt), ("chosen", pair.chosen)):
@@ -448,8 +590,9 @@ def scored_answer(row: dict[str, Any], loc: Loc) -> Scored:
     for key in (prompt_key, answer_key, "score"):
         if key not in row:
             raise UserError("missing", field=key, **loc)
-    prompt = hh_prompt_field(row[prompt_key], prompt_key, loc)
-    response = hh_answer_field(row[answer_key], answer_key, loc)
+    prompt, answer = _unwrap_standard_row(row, prompt_key, (answer_key,))
+    prompt = hh_prompt_field(prompt, prompt_key, loc)
+    response = hh_answer_field(answer, answer_key, loc)
     score = row["score"]
     if isinstance(score, str):
         try:
@@ -459,6 +602,14 @@ def scored_answer(row: dict[str, Any], loc: Loc) -> Scored:
     if isinstance(score, bool) or not isinstance(score, (int, float)) or score != score:
         raise UserError(f"expected a number, got {type(score).__name__}", field="score", **loc)
     return Scored(prompt, response, float(score), loc.get("line"))
+
+
+def _unwrap_standard_row(row: dict[str, Any], prompt_key: str, answer_keys: tuple[str, ...]) -> list[Any]:
+    """[prompt, *answers] of a row; a TRL standard-format row's as messages and answers without the separator."""
+    standard = unwrap_standard(row[prompt_key]) if isinstance(row[prompt_key], str) else None
+    if standard is None:
+        return [row[prompt_key], *(row[k] for k in answer_keys)]
+    return [standard, *(unwrap_answer(row[k]) for k in answer_keys)]
 
 
 def _margin(row: dict[str, Any], loc: Loc) -> float:

@@ -101,3 +101,28 @@ def test_fallback_template_without_a_chat_template(tokenizer):
     ids = encode_chat(bare, chat)
     assert ids == template_ids(tokenizer, chat, chat_template=FALLBACK_TEMPLATE)
     assert bare.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+TOOL_TEMPLATE = (  # a template that renders tool calls the way transformers hands them over (arguments as a dict)
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{% if m.get('name') %} ({{ m['name'] }}){% endif %}"
+    "{{ '\\n' }}{{ m['content'] }}{% for c in m.get('tool_calls') or [] %}CALL {{ c['function']['name'] }}"
+    "({{ c['function']['arguments']['a'] }}){% endfor %}<|im_end|>\n{% endfor %}"
+)
+TOOL_CHAT = [
+    {"role": "user", "content": "2+3?", "name": "ann"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 2, \"b\": 3}"}}]},
+    {"role": "tool", "content": "5", "tool_call_id": "c1"},
+]
+
+
+@pytest.mark.parametrize("injected", [False, True])
+def test_tool_calls_and_names_reach_the_template(tokenizer, injected):
+    tool = copy.deepcopy(tokenizer)
+    tool.chat_template = TOOL_TEMPLATE
+    chat = copy.deepcopy(TOOL_CHAT)
+    if injected:  # the placeholder path (control tokens typed in a message) must keep the fields too
+        chat[2]["content"] = "5<|im_end|>"
+    text = tool.decode(encode_chat(tool, chat, add_generation_prompt=False))
+    assert "<|im_start|>user (ann)\n2+3?" in text and "CALL add(2)" in text and "<|im_start|>tool\n5" in text
+    assert chat == TOOL_CHAT or injected  # the caller's messages are not changed

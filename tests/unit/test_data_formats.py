@@ -64,7 +64,8 @@ def test_convert_hh_to_trl_and_back(tmp_path):
     assert back == [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in original]
     convert(src, tmp_path / "std.jsonl", "trl-standard")
     std = json.loads((tmp_path / "std.jsonl").read_text().splitlines()[0])
-    assert isinstance(std["prompt"], str) and "User:" in std["prompt"] and isinstance(std["chosen"], str)
+    # TRL reads prompt + chosen as one text: HH text, the answer after the separator
+    assert std["prompt"] + std["chosen"] == original[0]["chosen"]
 
 
 def test_convert_conversations_everywhere(tmp_path):
@@ -82,7 +83,8 @@ def test_convert_conversations_everywhere(tmp_path):
     assert [r["messages"] for r in back] == [r["messages"] for r in read_llamakit(conv)]
     convert(conv, tmp_path / "actor.json", "chatllama")
     actor = json.loads((tmp_path / "actor.json").read_text())
-    assert actor[0] == {"user_input": "User: Hi\n\nAssistant: Hello\n\nUser: Bye", "completion": "See you"}
+    assert actor[0] == {"id": "a", "meta": {"model": "m", "template": {"assistant": "x"}},
+                        "user_input": "User: Hi\n\nAssistant: Hello\n\nUser: Bye", "completion": "See you"}
     convert(conv, tmp_path / "c.parquet", "parquet")
     assert [r["id"] for r in read_llamakit(tmp_path / "c.parquet")] == ["a", "b"]
     assert read_llamakit(tmp_path / "c.parquet")[0]["meta"]["template"] == {"assistant": "x"}

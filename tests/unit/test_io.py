@@ -18,6 +18,7 @@ from toolkit.io import (
     atomic_dir,
     claim_output_dir,
     claim_run_dir,
+    located_rows,
     output_kind,
     read_existing,
     read_rows,
@@ -436,3 +437,20 @@ def test_write_json_failure_keeps_the_old_file(tmp_path):
         write_json(path, {"a": object()})  # not serializable: fails before anything is replaced
     assert json.loads(path.read_text(encoding="utf-8")) == {"a": 1}
     assert _entries(tmp_path) == ["metrics.json"]
+
+
+def test_located_rows_name_lines_and_rows(tmp_path):
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"x": 1}\n\n{"x": 2}\n')
+    assert [loc for _, loc in located_rows(jsonl)] == [{"file": str(jsonl), "line": 1}, {"file": str(jsonl), "line": 3}]
+    array = tmp_path / "a.json"
+    array.write_text('[{"x": 1}, {"x": 2}]')
+    assert [loc for _, loc in located_rows(array)] == [{"file": f"{array} (row 1)"}, {"file": f"{array} (row 2)"}]
+
+
+def test_a_broken_parquet_file_is_one_line(tmp_path):
+    bad = tmp_path / "b.parquet"
+    bad.write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError) as err:
+        read_rows(bad)
+    assert str(err.value).startswith(f"{bad}: cannot read Parquet: ") and "\n" not in str(err.value)

@@ -80,7 +80,7 @@ def test_datasets_directory(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     data = load_preferences(tmp_path / "ds")
     assert data.format == "hh" and len(data.pairs) == 5
-    with pytest.raises(UserError, match="row 2: field 'rejected'"):
+    with pytest.raises(UserError, match=r"\(row 2\): field 'rejected'"):
         bad = [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
                {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: b"}]
         datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
@@ -98,7 +98,7 @@ def test_detection_rules():
 def test_json_array_errors_name_the_row(tmp_path):
     f = tmp_path / "a.json"
     f.write_text(json.dumps([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a"}]))
-    with pytest.raises(UserError, match=r"a\.json: row 2: field 'rejected': missing"):
+    with pytest.raises(UserError, match=r"a\.json \(row 2\): field 'rejected': missing"):
         load_preferences(f)
 
 

@@ -45,8 +45,8 @@ def test_check_messages_accepts_and_normalises():
     messages = [{"role": "system", "content": "s", "name": "x"},
                 {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
                 {"role": "assistant", "content": ""}]
-    assert check_messages(messages) == [{"role": "system", "content": "s"}, {"role": "user", "content": "ab"},
-                                        {"role": "assistant", "content": ""}]
+    assert check_messages(messages) == [{"role": "system", "content": "s", "name": "x"},
+                                        {"role": "user", "content": "ab"}, {"role": "assistant", "content": ""}]
 
 
 @pytest.mark.parametrize(("messages", "field", "text"), [
@@ -54,13 +54,14 @@ def test_check_messages_accepts_and_normalises():
     ("hello", "messages", "non-empty list"),
     ({"role": "user", "content": "x"}, "messages", "non-empty list"),
     (["hello"], "messages[0]", "must be an object"),
-    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}], "messages[1].role", "'tool'"),
+    ([{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}], "messages[1].role", "'robot'"),
     ([{"content": "x"}], "messages[0].role", "None"),
     ([{"role": "user", "content": 3}], "messages[0].content", "must be a string"),
     ([{"role": "user"}], "messages[0].content", "must be a string"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content",
-     "only text parts"),
-    ([{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}], "messages[0].content", "only text parts"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content[0]",
+     "image_url parts are not supported (text only)"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}], "messages[0].content[1]",
+     "must be a {type, text} part"),
 ])
 def test_check_messages_errors(messages, field, text):
     with pytest.raises(UserError) as err:
@@ -70,8 +71,9 @@ def test_check_messages_errors(messages, field, text):
 
 
 def test_check_messages_errors_name_file_line_and_field():
-    with raises(r"^f\.jsonl:3: field 'prompt\[1\]\.role': unknown role 'tool' \(one of: system, user, assistant\)$"):
-        check_messages(M(("user", "a"), ("tool", "b")), "prompt", LOC)
+    with raises(r"^f\.jsonl:3: field 'prompt\[1\]\.role': unknown role 'robot' \(one of: system, user, assistant, "
+                r"tool\)$"):
+        check_messages(M(("user", "a"), ("robot", "b")), "prompt", LOC)
     with raises(r"^f\.jsonl:3: field 'messages': expected a non-empty list of \{role, content\} messages$"):
         check_messages([], "messages", LOC)
     with raises(r"^f\.jsonl:3: field 'messages\[0\]': must be an object, got int$"):
@@ -169,7 +171,7 @@ def test_every_format_becomes_the_same_conversation():
     ({"prompt": 5}, True, r"f\.jsonl:3: field 'prompt': expected a string, got int"),
     ({"instruction": "x", "input": 5}, True, r"f\.jsonl:3: field 'input': expected a string, got int"),
     ({"user_input": "u", "completion": ""}, False, r"f\.jsonl:3: field 'completion': empty text"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, True, r"f\.jsonl:3: field 'messages\[0\]\.role': unknown role"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, True, r"f\.jsonl:3: field 'messages\[0\]\.role': unknown role"),
     ({"conversations": [{"from": "human", "value": "a"}, {"from": "robot", "value": "b"}]}, False,
      r"f\.jsonl:3: field 'conversations\[1\]\.from': unknown speaker"),
 ])

@@ -93,7 +93,7 @@ def generate_data() -> None:
 
 
 @generate_data.command("instructions")
-@click.option("--seeds", required=True, type=NonEmptyPath(dir_okay=False),
+@click.option("--seeds", required=True, type=NonEmptyPath(),
               help="Seed tasks: self-instruct seed_tasks.jsonl, Alpaca rows or prompt rows.")
 @click.option("--teacher", default="hf:smollm2-135m", show_default=True, help=TEACHER_HELP)
 @click.option("--num-instructions", type=click.IntRange(1), default=100, show_default=True,
@@ -123,7 +123,7 @@ def instructions_cmd(seeds, teacher, num_instructions, num_examples, max_rouge, 
 
 
 @generate_data.command("conversations")
-@click.option("--prompts", required=True, type=NonEmptyPath(dir_okay=False),
+@click.option("--prompts", required=True, type=NonEmptyPath(),
               help="Seed prompts: llamakit, Alpaca, self-instruct, HH text or ShareGPT rows (JSONL/JSON).")
 @click.option("--teacher", default="hf:smollm2-135m", show_default=True, help=f"The assistant agent: {TEACHER_HELP}")
 @click.option("--user-teacher", default=None, help="The user-simulator agent (default: the --teacher).")
@@ -156,7 +156,7 @@ def conversations_cmd(prompts, teacher, user_teacher, turns, window, user_temper
 
 
 @generate_data.command("preferences")
-@click.option("--prompts", required=True, type=NonEmptyPath(dir_okay=False),
+@click.option("--prompts", required=True, type=NonEmptyPath(),
               help="Prompts (any input format); rows with 'responses' (2+) are judged as they are.")
 @click.option("--teacher", "teachers", multiple=True, default=("hf:smollm2-135m",), show_default=True,
               help=f"Writes candidates (repeatable: candidates cycle over teachers). {TEACHER_HELP}")
@@ -199,7 +199,7 @@ def preferences_cmd(prompts, teachers, num_candidates, temperatures, judge, pair
 
 
 @generate_data.command("scores")
-@click.option("--prompts", required=True, type=NonEmptyPath(dir_okay=False),
+@click.option("--prompts", required=True, type=NonEmptyPath(),
               help="Rows with a prompt and an answer (response, completion, output, last assistant turn).")
 @click.option("--judge", required=True, help=f"Fills prompts/score_rubric.txt with a 0-5 score. {TEACHER_HELP}")
 @click.option("--teacher", default=None, help="Writes the answer for rows that have none.")
@@ -225,7 +225,7 @@ def data_group() -> None:
 
 
 @data_group.command("stats")
-@click.argument("file", type=NonEmptyPath(dir_okay=False))
+@click.argument("file", type=NonEmptyPath())
 @click.option("--png", default=None, type=NonEmptyPath(dir_okay=False),
               help="Histogram PNG (default: FILE's name with .stats.png).")
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object on stdout.")
@@ -249,7 +249,7 @@ def stats_cmd(file, png, as_json):
 
 
 @data_group.command("convert")
-@click.argument("src", metavar="IN", type=NonEmptyPath(dir_okay=False))
+@click.argument("src", metavar="IN", type=NonEmptyPath())
 @click.argument("dst", metavar="OUT", type=NonEmptyPath())
 @click.option("--to", "fmt", required=True,
               type=click.Choice(["llamakit", "parquet", "hf", "sharegpt", "chatllama", "trl-conversational",
@@ -259,7 +259,8 @@ def stats_cmd(file, png, as_json):
               help="Replace OUT if it exists (an hf directory only when llamakit wrote it).")
 @config_option
 def convert_cmd(src, dst, fmt, overwrite):
-    """Convert IN (llamakit, TRL, HH, ShareGPT, ChatLLaMA, Alpaca; JSONL/JSON/Parquet) to OUT."""
+    """Convert IN (llamakit, TRL, HH, ShareGPT, ChatLLaMA, Alpaca, OpenAI messages; JSONL / JSON / Parquet / a
+    `datasets` directory) to OUT."""
     from toolkit.console import console
     from toolkit.generate.formats import convert
 
@@ -277,7 +278,7 @@ def _constraint_kinds(ctx: click.Context, param: click.Parameter, value: str | N
 
 
 @generate_data.command("constraints")
-@click.option("--prompts", required=True, type=NonEmptyPath(dir_okay=False),
+@click.option("--prompts", required=True, type=NonEmptyPath(),
               help="Instructions: llamakit, Alpaca, self-instruct, HH text or ShareGPT rows (JSONL/JSON/Parquet).")
 @click.option("--out", required=True, type=NonEmptyPath(dir_okay=False),
               help="Prompt rows with their constraints (JSONL; a JSON array when the name ends in .json).")

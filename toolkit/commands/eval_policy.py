@@ -14,7 +14,7 @@ MODEL_HELP = ("an embedded alias (smollm2-135m), a Hugging Face directory, an sf
 
 @click.command("eval-policy")
 @click.argument("policy", type=NON_EMPTY)
-@click.option("--prompts", required=True, type=NonEmptyPath(dir_okay=False),
+@click.option("--prompts", required=True, type=NonEmptyPath(),
               help="Held-out prompts: JSONL/JSON rows (prompt | messages | instruction | conversations) or .txt.")
 @click.option("--baseline", type=NON_EMPTY, default=None, help=f"BASE to compare with: {MODEL_HELP}.")
 @click.option("--scorer", type=NON_EMPTY, default=None,

@@ -6,36 +6,17 @@ what is wrong` (`file (row N)` inside a JSON array or a Parquet file, which have
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
-from toolkit.errors import UserError
-from toolkit.io import read_rows
+from toolkit.io import located_rows
 from toolkit.rows import PromptRow, parse_prompt_row
 
 
 def read_table(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int | None]]:
-    """Rows of a JSONL / JSON / Parquet file, and each row's line number (JSONL only)."""
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pandas as pd
-
-        if not path.is_file():
-            raise UserError("no such file", file=str(path))
-        try:
-            frame = pd.read_parquet(path)
-        except Exception as err:  # noqa: BLE001 - pyarrow raises many kinds
-            raise UserError(f"cannot read Parquet: {err}", file=str(path)) from None
-        rows = json.loads(frame.to_json(orient="records", force_ascii=False))
-        return rows, [None] * len(rows)
-    rows = read_rows(path)
-    text = path.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("[") or path.suffix == ".json":
-        return rows, [None] * len(rows)
-    lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    return rows, lines
+    """Rows of a JSONL / JSON / Parquet file or a `datasets` directory, and each row's line number (JSONL only)."""
+    located = located_rows(path)
+    return [row for row, _ in located], [loc.get("line") for _, loc in located]
 
 
 def where(path: str | os.PathLike, index: int, line: int | None) -> dict[str, Any]:

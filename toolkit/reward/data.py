@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from toolkit.errors import UserError
-from toolkit.rows import ASSISTANT, Loc, Pair, Scored, preference_pair, scored_answer
+from toolkit.io import located_rows
+from toolkit.rows import ASSISTANT, Pair, Scored, preference_pair, scored_answer
 
 FORMATS = ("auto", "preference", "hh", "implicit", "chatllama")
 
@@ -28,22 +28,18 @@ class PreferenceData:
     scored: list[Scored] = field(default_factory=list)
 
 
-def _loc(path: str, line: int | None, row: int) -> Loc:
-    """File and line of one row, for error messages; a JSON array or a datasets dir has no lines: name the row."""
-    return {"file": path, "line": line} if line is not None else {"file": f"{path}: row {row}"}
-
-
 def load_preferences(path: str | os.PathLike, fmt: str = "auto") -> PreferenceData:
-    """Read a preference file (JSONL / JSON) or a `datasets` save_to_disk directory."""
+    """Read a preference file (JSONL / JSON / Parquet) or a `datasets` save_to_disk directory
+    (`toolkit.io.located_rows`)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown --format '{fmt}' (one of {', '.join(FORMATS)})")
     path = str(path)
-    rows, lines = _read(path)
+    rows = located_rows(path)
     if fmt == "auto":
-        fmt = detect_format(rows[0], path, lines[0] if lines else None)
+        first, loc = rows[0]
+        fmt = detect_format(first, loc["file"], loc.get("line"))
     data = PreferenceData(source=path, format=fmt)
-    for i, row in enumerate(rows):
-        loc = _loc(path, lines[i] if lines else None, i + 1)
+    for row, loc in rows:
         if fmt == "chatllama":
             data.scored.append(scored_answer(row, loc))
         else:
@@ -51,43 +47,11 @@ def load_preferences(path: str | os.PathLike, fmt: str = "auto") -> PreferenceDa
     return data
 
 
-def _read(path: str) -> tuple[list[dict[str, Any]], list[int] | None]:
-    """Rows and, for JSONL, the line number of each (blank lines are skipped by read_rows)."""
-    from toolkit.io import read_rows
-
-    p = Path(path)
-    if p.is_dir():
-        return _read_datasets_dir(p), None
-    rows = read_rows(p)
-    text = p.read_text(encoding="utf-8-sig")
-    if text.lstrip().startswith("[") or p.suffix == ".json":
-        return rows, None
-    lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    return rows, lines
-
-
-def _read_datasets_dir(path: Path) -> list[dict[str, Any]]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as err:
-        raise UserError(f"not a `datasets` save_to_disk directory ({err})", file=str(path)) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        split = "train" if "train" in loaded else next(iter(loaded), None)
-        if split is None:
-            raise UserError("the DatasetDict holds no split", file=str(path))
-        loaded = loaded[split]
-    rows = loaded.to_list()
-    if not rows:
-        raise UserError("the dataset holds no rows", file=str(path))
-    return rows
-
-
 def detect_format(row: dict[str, Any], path: str = "<data>", line: int | None = None) -> str:
     """Name of the format of a file, from its first row's keys and value types."""
     keys = set(row)
-    if {"user_input", "completion"} <= keys or ({"prompt", "response", "score"} <= keys and "chosen" not in keys):
+    scored = {"prompt", "response", "score"} <= keys or {"prompt", "completion", "score"} <= keys
+    if {"user_input", "completion"} <= keys or (scored and "chosen" not in keys):
         return "chatllama"
     if "prompt" in keys and ("chosen" in keys or "rejected" in keys):
         return "preference"
