@@ -17,6 +17,7 @@ from typing import Any
 from toolkit.errors import UserError
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
+from toolkit.training.trackers import REPORT_TO
 
 ALGOS = ("ppo", "grpo", "rloo")
 KL_IN = ("auto", "loss", "reward")
@@ -89,6 +90,8 @@ class PPOConfig:
     lora_alpha: int = _f(32, "LoRA α.", min=1)
     lora_target: str = _f("all-linear", "LoRA target modules: all-linear or a comma list (q_proj,v_proj).",
                           nonempty=True)
+    save_adapter: bool = _f(False, "Also write OUT/adapter: the LoRA adapter alone (PEFT), on the base policy it "
+                            "names (needs --lora).")
     critic: str = _f("value-head", "value-head (on the policy) | reward (separate model from the reward dir) | DIR.",
                      nonempty=True)
     # --- logging / checkpoints --------------------------------------------------------------------------
@@ -98,7 +101,8 @@ class PPOConfig:
     overwrite: bool = _f(False, "Replace an earlier rlhf run in --out (never a directory llamakit did not write).")
     sample_every: int = _f(10, "Write sample completions to samples.jsonl every N steps (0 = never).", min=0)
     samples_per_step: int = _f(2, "Completions written each time.", min=0)
-    report_to: str = _f("none", "none | tensorboard (needs the tensorboard package).")
+    report_to: str = _f("none", "Experiment tracker, offline by default: tensorboard (OUT/runs), wandb (OUT/wandb), "
+                        "mlflow (OUT/mlruns).", choices=REPORT_TO)
 
     def validate(self) -> None:
         """Raise UserError for settings that cannot work, naming the flag (ranges: see the field metadata)."""
@@ -111,6 +115,9 @@ class PPOConfig:
             bad("algo", " | ".join(ALGOS))
         if self.kl_in not in KL_IN:
             bad("kl_in", " | ".join(KL_IN))
+        if self.save_adapter and not self.lora:
+            bad("save_adapter", "needs --lora (without LoRA no adapter is trained; the whole policy is saved either "
+                "way)")
         if self.algo == "ppo" and self.kl_in == "loss":
             bad("kl_in", "loss needs --algo grpo or rloo (PPO puts the KL in the reward)")
         if self.algo != "ppo":
@@ -125,8 +132,8 @@ class PPOConfig:
         minibatch = self.minibatch_size
         if minibatch % self.gradient_accumulation_steps:
             bad("gradient_accumulation_steps", f"must divide the minibatch size {minibatch}")
-        if self.report_to not in ("none", "tensorboard"):
-            bad("report_to", "none or tensorboard")
+        if self.report_to not in REPORT_TO:
+            bad("report_to", " | ".join(REPORT_TO))
 
     @property
     def rollout_size(self) -> int:

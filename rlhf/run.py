@@ -22,12 +22,15 @@ from rlhf.rollout import TokenizedPrompt, load_prompts
 from toolkit.chat_format import context_length as model_context_length
 from toolkit.console import console, progress, summary_table
 from toolkit.errors import UserError
-from toolkit.io import atomic_dir, claim_run_dir, read_existing, start_run_dir, write_json
+from toolkit.io import claim_run_dir, read_existing, start_run_dir, write_json
+from toolkit.model_card import render_card
 from toolkit.models import load_causal_lm, load_tokenizer
 from toolkit.training.accelerator import make_accelerator
 from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from toolkit.training.export import save_adapter, save_model
 from toolkit.training.model import add_lora, disable_dropout
 from toolkit.training.runlog import Curve, RunLog, drop_rows_after, plot_curves
+from toolkit.training.trackers import start_tracking
 
 # Each process seeds its sampler with seed + RANK_SEED_STRIDE · rank so that ranks draw different
 # responses; a prime stride keeps (seed, rank) pairs of nearby seeds from landing on the same value.
@@ -75,9 +78,9 @@ class TrainResult:
 
 def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
     """Claim `cfg.out`, load prompts, reward and models, prepare them under Accelerate, resume if asked."""
-    accelerator = make_accelerator(cfg.bf16)
-    is_main = accelerator.is_main_process
     out = Path(cfg.out)
+    accelerator = make_accelerator(cfg.bf16, cfg.report_to, out)
+    is_main = accelerator.is_main_process
     claim_run_dir(out, "rlhf-run", resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -101,9 +104,11 @@ def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
     start = _resume(cfg, out, accelerator, unwrapped, optimizer, kl_ctl) if cfg.resume else 0
     if is_main:
         start_run_dir(out, "rlhf-run", overwrite=cfg.overwrite)
+    start_tracking(accelerator, cfg.report_to, out, "llamakit-rlhf", cfg)  # before the run's first row
     accelerator.wait_for_everyone()
     return Run(cfg, accelerator, out, prompts, reward_fn, tokenizer, prepared, unwrapped, optimizer,
-               Reference(unwrapped, ref_lm), kl_ctl, RunLog(out, is_main, cfg.report_to, samples=True), start)
+               Reference(unwrapped, ref_lm), kl_ctl, RunLog(out, is_main, samples=True, tracker=accelerator),
+               start)
 
 
 def _load_models(cfg: PPOConfig, longest_prompt: int) -> tuple[ActorCritic, torch.nn.Module | None, Any]:
@@ -188,10 +193,10 @@ def finish_run(run: Run, last_saved: int, update_stats: dict[str, torch.Tensor])
     """Final policy as a plain Hugging Face directory (LoRA merged), curves, run.json and the summary table."""
     cfg, policy_dir, history = run.cfg, None, run.log.history
     if run.accelerator.is_main_process:
-        policy_dir = _save_policy(run, run.out / "policy", last_saved)
         history = read_existing(run.out / "metrics.jsonl")
-        plot_curves(history, run.out / "curves.png", CURVES, title=f"llamakit rlhf · {cfg.policy} · {cfg.reward}")
         final = history[-1] if history else {}
+        policy_dir = _save_policy(run, run.out / "policy", last_saved, final)
+        plot_curves(history, run.out / "curves.png", CURVES, title=f"llamakit rlhf · {cfg.policy} · {cfg.reward}")
         write_json(run.out / "run.json", {"config": cfg.to_dict(), "steps_done": last_saved,
                                           "seconds": time.perf_counter() - run.started_at,
                                           "world_size": run.accelerator.num_processes, "final": final})
@@ -202,14 +207,13 @@ def finish_run(run: Run, last_saved: int, update_stats: dict[str, torch.Tensor])
     return TrainResult(run.out, last_saved, history, policy_dir, update_stats)
 
 
-def _save_policy(run: Run, target: Path, step: int) -> Path:
-    lm = run.unwrapped.lm
-    if hasattr(lm, "merge_and_unload"):
-        lm = lm.merge_and_unload()  # the adapter folded into the weights: a plain model for `serve`
-    with atomic_dir(target, "rlhf-policy", overwrite=True) as tmp:  # inside this run's own --out
-        lm.save_pretrained(tmp, safe_serialization=True)
-        run.tokenizer.save_pretrained(tmp)
-        write_json(tmp / "llamakit-manifest.json", {"kind": "rlhf-policy", "base": run.cfg.policy,
-                                                    "reward": run.cfg.reward, "step": step,
-                                                    "lora_merged": run.cfg.lora})
-    return target
+def _save_policy(run: Run, target: Path, step: int, final: dict[str, Any]) -> Path:
+    """OUT/adapter (--save-adapter) before the merge, then the merged policy with its manifest and model card."""
+    cfg, lm = run.cfg, run.unwrapped.lm
+    adapter = save_adapter(lm, run.tokenizer, run.out / "adapter", cfg.policy, "rlhf-adapter") \
+        if cfg.save_adapter else None
+    card = render_card(method="rlhf", tags=(cfg.algo,), summary=f"RLHF ({cfg.algo.upper()}) against the reward "
+                       f"`{cfg.reward}`", base=cfg.policy, data=cfg.prompts, rows=len(run.prompts), unit="prompts",
+                       config=cfg.to_dict(), metrics=final, model_dir=target, adapter_dir=adapter)
+    manifest = {"kind": "rlhf-policy", "base": cfg.policy, "reward": cfg.reward, "step": step, "lora_merged": cfg.lora}
+    return save_model(lm, run.tokenizer, target, manifest, card)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -29,7 +30,16 @@ def progress(transient: bool = False) -> Progress:
                     console=console, transient=transient)
 
 
+def is_main_rank() -> bool:
+    """Whether this process prints what a run reports once: rank 0 of a distributed run (torchrun and accelerate
+    launch set RANK; Accelerate sets it from MPI's variables too), or a process that is not part of one."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def summary_table(title: str, rows: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+    """A two-column table on stderr, printed by rank 0 only."""
+    if not is_main_rank():
+        return
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -45,6 +55,9 @@ def _fmt(value: Any) -> str:
 
 
 def emit_json(data: Any) -> None:
+    """One JSON object on stdout, printed by rank 0 only (every rank of a run returns from the same command)."""
+    if not is_main_rank():
+        return
     sys.stdout.write(json.dumps(data, ensure_ascii=False, default=str) + "\n")
     sys.stdout.flush()
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from toolkit.errors import UserError
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
+from toolkit.training.trackers import REPORT_TO
 
 if TYPE_CHECKING:
     import torch
@@ -210,6 +211,8 @@ class DPOConfig:
     lora_r: int = _f(16, "LoRA rank.", min=1)
     lora_alpha: int = _f(32, "LoRA α.", min=1)
     lora_target: str = _f("all-linear", "LoRA target modules: all-linear or a comma list.", nonempty=True)
+    save_adapter: bool = _f(False, "Also write OUT/adapter: the LoRA adapter alone (PEFT), on the base policy it "
+                            "names (needs --lora).")
     bf16: bool = _f(False, "bfloat16 autocast.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory).")
     precompute_ref: bool = _f(False, "Compute the reference log-probs once before training (no reference "
@@ -219,6 +222,8 @@ class DPOConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (0 = all).", min=0)
     resume: bool = _f(False, "Continue from the last checkpoint in --out.")
     overwrite: bool = _f(False, "Replace an earlier dpo run in --out (never a directory llamakit did not write).")
+    report_to: str = _f("none", "Experiment tracker, offline by default: tensorboard (OUT/runs), wandb (OUT/wandb), "
+                        "mlflow (OUT/mlruns).", choices=REPORT_TO)
 
     def validate(self) -> None:
         """Raise UserError naming the flag of a field outside its range (the CLI checks at parse time)."""
@@ -226,6 +231,9 @@ class DPOConfig:
         if self.max_prompt_length >= self.max_length:
             raise UserError(f"--max-prompt-length {self.max_prompt_length} leaves no room for the answer within "
                             f"--max-length {self.max_length}; make it smaller")
+        if self.save_adapter and not self.lora:
+            raise UserError("--save-adapter needs --lora (without LoRA no adapter is trained; the whole policy is "
+                            "saved either way)")
 
 
 @dataclass
@@ -271,7 +279,7 @@ def train_dpo(cfg: DPOConfig) -> DPOResult:
 
     cfg.validate()
     run = _set_up(cfg)
-    log = RunLog(run.out, run.accelerator.is_main_process)
+    log = RunLog(run.out, run.accelerator.is_main_process, tracker=run.accelerator)
     t_run = time.perf_counter()
     step = run.start
     try:
@@ -302,9 +310,10 @@ def _set_up(cfg: DPOConfig) -> _Run:
     from toolkit.training.model import make_trainable
     from toolkit.training.runlog import drop_rows_after
     from toolkit.training.schedule import warmup_linear
+    from toolkit.training.trackers import start_tracking
 
-    accelerator = make_accelerator(cfg.bf16)
     out = Path(cfg.out)
+    accelerator = make_accelerator(cfg.bf16, cfg.report_to, out)
     claim_run_dir(out, "dpo-run", resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
 
@@ -342,6 +351,7 @@ def _set_up(cfg: DPOConfig) -> _Run:
         run.reference = None  # its log-probs are all there: the copy's memory goes back
     if accelerator.is_main_process:
         start_run_dir(out, "dpo-run", overwrite=cfg.overwrite)
+    start_tracking(accelerator, cfg.report_to, out, "llamakit-dpo", cfg)  # before the run's first row
     accelerator.wait_for_everyone()
     return run
 
@@ -530,11 +540,11 @@ def _finish(run: _Run, log: RunLog, step: int, t_run: float, eval_metrics: dict[
     policy_dir = None
     history = log.history
     if run.accelerator.is_main_process:
-        policy_dir = _save_policy(run.unwrapped, run.tokenizer, out / "policy", cfg, step)
         history = read_existing(out / "metrics.jsonl")
+        final = history[-1] if history else {}
+        policy_dir = _save_policy(run, out / "policy", step, {**final, **eval_metrics})
         plot_curves(history, out / "curves.png", [Curve(k, k, smooth=True) for k in CURVES],
                     title=f"llamakit dpo ({cfg.loss}, β={cfg.beta})")
-        final = history[-1] if history else {}
         write_json(out / "run.json", {"config": dataclasses.asdict(cfg), "steps": step, "data": stats,
                                       "seconds": time.perf_counter() - t_run,
                                       "world_size": run.accelerator.num_processes, "final": final,
@@ -557,15 +567,18 @@ def _checkpoint(run: _Run, step: int) -> None:
                     tensors=tensors, keep=run.cfg.keep_checkpoints)
 
 
-def _save_policy(model, tokenizer, target: Path, cfg: DPOConfig, step: int) -> Path:
-    from toolkit.io import atomic_dir, write_json
+def _save_policy(run: _Run, target: Path, step: int, metrics: dict[str, Any]) -> Path:
+    """OUT/adapter (--save-adapter) before the merge, then the merged policy with its manifest and model card."""
+    from toolkit.model_card import render_card
+    from toolkit.training.export import save_adapter, save_model
 
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()  # the adapter folded into the weights: a plain model for `serve`
-    with atomic_dir(target, "dpo-policy", overwrite=True) as tmp:  # inside this run's own --out
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "llamakit-manifest.json", {"kind": "dpo-policy", "base": cfg.policy, "data": cfg.data,
-                                                    "loss": cfg.loss, "beta": cfg.beta, "steps": step,
-                                                    "lora_merged": cfg.lora})
-    return target
+    cfg = run.cfg
+    adapter = save_adapter(run.unwrapped, run.tokenizer, run.out / "adapter", cfg.policy, "dpo-adapter") \
+        if cfg.save_adapter else None
+    card = render_card(method="dpo", summary=f"Direct Preference Optimization ({cfg.loss} loss, β = {cfg.beta})",
+                       base=cfg.policy, data=cfg.data, rows=run.stats["pairs"], unit="pairs",
+                       config=dataclasses.asdict(cfg), metrics=metrics, model_dir=target,
+                       adapter_dir=adapter)
+    manifest = {"kind": "dpo-policy", "base": cfg.policy, "data": cfg.data, "loss": cfg.loss, "beta": cfg.beta,
+                "steps": step, "lora_merged": cfg.lora}
+    return save_model(run.unwrapped, run.tokenizer, target, manifest, card)

@@ -188,8 +188,9 @@ def resolve_source(spec: str, flag: str) -> Source:
 
 
 def model_dir(name: str, flag: str) -> Path:
-    """An alias, a model directory, or an sft / rlhf run directory (its model/ or policy/) -> the model dir."""
-    from toolkit.models import EMBEDDED, resolve
+    """An alias, a model or PEFT adapter directory, or an sft / rlhf run directory (its model/ or policy/) -> the
+    model dir."""
+    from toolkit.models import ADAPTER_CONFIG, EMBEDDED, resolve
 
     if name in EMBEDDED:
         return resolve(name)
@@ -198,23 +199,24 @@ def model_dir(name: str, flag: str) -> Path:
         raise UserError(f"{flag} '{name}' is neither an embedded alias ({', '.join(EMBEDDED)}), a model or run "
                         "directory, nor a server (openai:MODEL with --base-url)")
     for candidate in (path, path / "policy", path / "model"):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or (candidate / ADAPTER_CONFIG).is_file():
             return candidate
-    raise UserError(f"{flag} '{name}' is not a model: no config.json in it, nor in its policy/ (an rlhf run) or "
-                    "model/ (an sft run)")
+    raise UserError(f"{flag} '{name}' is not a model: no config.json (nor {ADAPTER_CONFIG}) in it, nor in its "
+                    "policy/ (an rlhf run) or model/ (an sft run)")
 
 
 def causal_lm_context(path: Path, flag: str) -> int:
-    """The model's context in tokens, after checking (config only, no weights) that it is a causal LM."""
+    """The model's context in tokens, after checking (config only, no weights) that it is a causal LM (an
+    adapter's: its base's)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from toolkit.models import load_errors, one_line
+    from toolkit.models import config_dir, load_errors, one_line
 
-    if (path / "reward_head.safetensors").is_file():
+    if (path / "reward_config.json").is_file():
         raise UserError(f"{flag} '{path}' is a reward model (train-reward), not a policy: pass it as --reward")
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(config_dir(path), trust_remote_code=False)
     except load_errors() as err:
         raise UserError(f"{flag} '{path}': cannot read config.json: {one_line(err)}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:

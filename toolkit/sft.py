@@ -1,10 +1,11 @@
 """`llamakit sft`: supervised fine-tuning of the actor on conversations, loss on assistant tokens only.
 
-Rows (JSONL or JSON): llamakit `{"messages": [{role, content}, ...]}`, ShareGPT `{"conversations":
-[{from, value}, ...]}`, Alpaca `{"instruction", "input", "output"}`, ChatLLaMA actor `{"user_input",
-"completion"}`, or `{"prompt", "response"|"completion"}`. Each conversation goes through the model's
-own chat template; the tokens each assistant turn adds (its text and end-of-turn token) are the only
-labels. A plain torch loop under Accelerate (DDP / bf16 / gradient accumulation), LoRA through peft.
+Rows (JSONL, JSON, Parquet or a `datasets` directory): llamakit / OpenAI `{"messages": [{role, content}, ...]}`,
+ShareGPT `{"conversations": [{from, value}, ...]}`, Alpaca `{"instruction", "input", "output"}`, ChatLLaMA actor
+`{"user_input", "completion"}`, or TRL `{"prompt", "completion"}` (messages or text; loss on the completion).
+Each conversation goes through the model's own chat template; the tokens each assistant turn adds (its text and
+end-of-turn token) are the only labels, but for turns with OpenAI's `weight: 0`. A plain torch loop under
+Accelerate (DDP / bf16 / gradient accumulation), LoRA through peft.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from toolkit.errors import UserError
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.rows import row_to_messages
+from toolkit.training.trackers import REPORT_TO
 
 if TYPE_CHECKING:
     import torch
@@ -34,9 +36,10 @@ MODEL_DIR = "model"  # a checkpoint's save_pretrained directory (the LoRA adapte
 
 # ---- tokenization with the assistant-only mask ---------------------------------------------------------------
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]],
+def tokenize_conversation(tokenizer, messages: list[dict[str, Any]],
                           eos_ids: set[int] | None = None) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): labels equal input_ids on assistant tokens and IGNORE everywhere else.
+    """(input_ids, labels): labels equal input_ids on assistant tokens (but a turn with weight 0) and IGNORE
+    everywhere else.
 
     An assistant turn's tokens are what rendering messages[:i+1] adds to messages[:i] + the generation
     prompt, cut after its first end-of-turn token (trailing newlines of the template are not learned).
@@ -47,7 +50,7 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]],
     input_ids = encode_chat(tokenizer, messages, add_generation_prompt=False)
     labels = [IGNORE] * len(input_ids)
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight") == 0:  # OpenAI's weight 0: shown, not learned
             continue
         prefix = encode_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else []
         upto = encode_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
@@ -72,15 +75,15 @@ class Example:
 
 def load_examples(path: str, tokenizer, max_length: int, system_prompt: str = "",
                   limit: int = 0) -> tuple[list[Example], dict[str, int]]:
-    from toolkit.io import read_rows
+    from toolkit.io import located_rows
 
-    rows = read_rows(path)
+    rows = located_rows(path)
     if limit:
         rows = rows[:limit]
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     examples, truncated, dropped = [], 0, 0
-    for n, row in enumerate(rows, 1):
-        messages = row_to_messages(row, path, n)
+    for row, loc in rows:
+        messages = row_to_messages(row, loc["file"], loc.get("line"))
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
         input_ids, labels = tokenize_conversation(tokenizer, messages, eos)
@@ -167,6 +170,8 @@ class SFTConfig:
     lora_r: int = _f(16, "LoRA rank.", min=1)
     lora_alpha: int = _f(32, "LoRA α.", min=1)
     lora_target: str = _f("all-linear", "LoRA target modules: all-linear or a comma list.", nonempty=True)
+    save_adapter: bool = _f(False, "Also write OUT/adapter: the LoRA adapter alone (PEFT), on the base model it "
+                            "names (needs --lora).")
     bf16: bool = _f(False, "bfloat16 autocast.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory).")
     seed: int = _f(0, "Seed for shuffling and initialisation.", min=0, max=SEED_MAX)
@@ -174,10 +179,15 @@ class SFTConfig:
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (0 = all).", min=0)
     resume: bool = _f(False, "Continue from the last checkpoint in --out.")
     overwrite: bool = _f(False, "Replace an earlier sft run in --out (never a directory llamakit did not write).")
+    report_to: str = _f("none", "Experiment tracker, offline by default: tensorboard (OUT/runs), wandb (OUT/wandb), "
+                        "mlflow (OUT/mlruns).", choices=REPORT_TO)
 
     def validate(self) -> None:
         """Raise UserError naming the flag of a field outside its range (the CLI checks at parse time)."""
         check_ranges(self)
+        if self.save_adapter and not self.lora:
+            raise UserError("--save-adapter needs --lora (without LoRA no adapter is trained; the whole model is "
+                            "saved either way)")
 
 
 @dataclass
@@ -217,7 +227,7 @@ def train_sft(cfg: SFTConfig) -> SFTResult:
 
     cfg.validate()
     run = _set_up(cfg)
-    log = RunLog(run.out, run.accelerator.is_main_process)
+    log = RunLog(run.out, run.accelerator.is_main_process, tracker=run.accelerator)
     t_run = time.perf_counter()
     step = run.start
     try:
@@ -249,10 +259,11 @@ def _set_up(cfg: SFTConfig) -> _Run:
     from toolkit.training.model import make_trainable
     from toolkit.training.runlog import drop_rows_after
     from toolkit.training.schedule import warmup_linear
+    from toolkit.training.trackers import start_tracking
 
-    accelerator = make_accelerator(cfg.bf16)
-    is_main = accelerator.is_main_process
     out = Path(cfg.out)
+    accelerator = make_accelerator(cfg.bf16, cfg.report_to, out)
+    is_main = accelerator.is_main_process
     claim_run_dir(out, "sft-run", resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
 
@@ -284,6 +295,7 @@ def _set_up(cfg: SFTConfig) -> _Run:
         drop_rows_after(out / "metrics.jsonl", start)
     if is_main:
         start_run_dir(out, "sft-run", overwrite=cfg.overwrite)
+    start_tracking(accelerator, cfg.report_to, out, "llamakit-sft", cfg)  # before the run's first row
     accelerator.wait_for_everyone()
     return _Run(cfg, accelerator, out, tokenizer, examples, stats, model, unwrapped, optimizer, scheduler,
                 steps_per_epoch, total, start)
@@ -367,8 +379,8 @@ def _finish(run: _Run, log: RunLog, step: int, t_run: float) -> SFTResult:
     model_dir = None
     history = log.history
     if run.accelerator.is_main_process:
-        model_dir = _save_model(run.unwrapped, run.tokenizer, out / "model", cfg, step)
         history = read_existing(out / "metrics.jsonl")
+        model_dir = _save_model(run, out / "model", step, history[-1] if history else {})
         plot_curves(history, out / "curves.png", (Curve("loss", "loss (assistant tokens)"),), title="llamakit sft")
         write_json(out / "run.json", {"config": dataclasses.asdict(cfg), "steps": step, "data": stats,
                                       "seconds": time.perf_counter() - t_run,
@@ -388,14 +400,16 @@ def _checkpoint(accelerator, out: Path, step: int, model, optimizer, scheduler, 
                     keep=cfg.keep_checkpoints)
 
 
-def _save_model(model, tokenizer, target: Path, cfg: SFTConfig, step: int) -> Path:
-    from toolkit.io import atomic_dir, write_json
+def _save_model(run: _Run, target: Path, step: int, final: dict[str, Any]) -> Path:
+    """OUT/adapter (--save-adapter) before the merge, then the merged model with its manifest and model card."""
+    from toolkit.model_card import render_card
+    from toolkit.training.export import save_adapter, save_model
 
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    with atomic_dir(target, "sft-model", overwrite=True) as tmp:  # inside this run's own --out
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "llamakit-manifest.json", {"kind": "sft-model", "base": cfg.model, "data": cfg.data,
-                                                    "steps": step, "lora_merged": cfg.lora})
-    return target
+    cfg = run.cfg
+    adapter = save_adapter(run.unwrapped, run.tokenizer, run.out / "adapter", cfg.model, "sft-adapter") \
+        if cfg.save_adapter else None
+    card = render_card(method="sft", summary="Supervised fine-tuning (loss on assistant tokens only)", base=cfg.model,
+                       data=cfg.data, rows=run.stats["rows"], unit="conversations", config=dataclasses.asdict(cfg),
+                       metrics=final, model_dir=target, adapter_dir=adapter)
+    return save_model(run.unwrapped, run.tokenizer, target, {"kind": "sft-model", "base": cfg.model, "data": cfg.data,
+                                                             "steps": step, "lora_merged": cfg.lora}, card)

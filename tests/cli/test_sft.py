@@ -165,3 +165,39 @@ def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tiny_llama_di
     for a, b in zip(full.history, resumed.history, strict=True):
         for key in ("loss", "lr", "tokens", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_weight_zero_turns_get_no_loss(tiny_llama):
+    _, tok = tiny_llama
+    messages = [{"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Bad answer.", "weight": 0},
+                {"role": "user", "content": "Again?"},
+                {"role": "assistant", "content": "Good answer.", "weight": 1}]
+    ids, labels = tokenize_conversation(tok, messages)
+    learned, _ = spans(ids, labels)
+    assert [tok.decode(s) for s in learned] == ["Good answer.<|im_end|>"]
+    bad = tok("Bad answer.", add_special_tokens=False).input_ids
+    start = next(i for i in range(len(ids)) if ids[i:i + len(bad)] == bad)
+    assert labels[start:start + len(bad)] == [IGNORE] * len(bad)
+
+
+def test_prompt_completion_rows_and_parquet_data(tiny_llama, tmp_path):
+    """TRL prompt-completion rows: loss on the completion only; Parquet and datasets dirs read like JSONL."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, tok = tiny_llama
+    rows = [{"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Earlier."},
+                        {"role": "user", "content": "Now?"}],
+             "completion": [{"role": "assistant", "content": "Learned."}]},
+            {"prompt": "\n\nHuman: Plain?\n\nAssistant:", "completion": " Yes."}]
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows[:1]).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, stats = load_examples(str(tmp_path / "d.jsonl"), tok, max_length=256)
+    assert stats["examples"] == 2
+    assert [tok.decode(s) for s in spans(examples[0].input_ids, examples[0].labels)[0]] == ["Learned.<|im_end|>"]
+    assert [tok.decode(s) for s in spans(examples[1].input_ids, examples[1].labels)[0]] == ["Yes.<|im_end|>"]
+    for path in (tmp_path / "d.parquet", tmp_path / "ds"):
+        assert load_examples(str(path), tok, max_length=256)[0] == examples[:1]

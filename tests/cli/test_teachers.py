@@ -115,3 +115,21 @@ def test_openai_without_key_or_base_url(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(UserError, match="OPENAI_API_KEY"):
         make_teacher("openai:gpt-4o-mini")
+
+
+def test_hf_teacher_on_a_peft_adapter_dir(tiny_llama_dir, tmp_path):
+    """`hf:ADAPTER_DIR` (adapter_config.json + adapter_model.safetensors, as TRL writes): the teacher's first-token
+    log-probs are base + adapter's as plain peft computes them."""
+    import torch
+    from support.adapters import peft_logits, save_tiny_adapter
+
+    from toolkit.chat_format import encode_chat
+
+    adapter = save_tiny_adapter(tiny_llama_dir, tmp_path / "adapter")
+    teacher = make_teacher(f"hf:{adapter}")
+    assert isinstance(teacher, HFTeacher)
+    reply = chat(teacher, max_tokens=1, temperature=0, logprobs=True, top_logprobs=5)
+    top = torch.log_softmax(peft_logits(tiny_llama_dir, adapter, encode_chat(teacher.engine.tokenizer, MESSAGES))[-1],
+                            -1).topk(5)
+    assert [lp for _, lp in reply.logprobs[0]] == pytest.approx(top.values.tolist(), abs=1e-5)
+    assert [t for t, _ in reply.logprobs[0]] == [teacher.engine.tokenizer.decode([i]) for i in top.indices.tolist()]

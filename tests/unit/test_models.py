@@ -193,3 +193,153 @@ def test_load_causal_lm_reports_broken_weights(tmp_path, tiny_llama_dir):
     (tmp_path / "model.safetensors").write_bytes(b"garbage, not safetensors")
     with pytest.raises(UserError, match="cannot load a causal LM"):
         load_causal_lm(tmp_path)
+
+
+# ---------------------------------------------------------------- PEFT adapter directories
+
+PROMPT = "Name three colours of the rainbow."
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_llama_dir):
+    from support.adapters import save_tiny_adapter
+
+    return save_tiny_adapter(tiny_llama_dir, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+def write_adapter_config(adapter, out, base: str):
+    """A copy of `adapter` whose adapter_config.json names `base`."""
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+    return out
+
+
+def test_an_adapter_dir_loads_as_its_base_plus_the_adapter_merged(adapter_dir, tiny_llama_dir):
+    from support.adapters import logits_of, peft_logits
+
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_llama_dir)
+    assert resolve(adapter_dir) == adapter_dir
+    model, tokenizer = load_causal_lm(adapter_dir)
+    assert not model.training
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged: a plain model
+    ids = tokenizer(PROMPT).input_ids
+    expected = peft_logits(tiny_llama_dir, adapter_dir, ids)
+    torch.testing.assert_close(logits_of(model, ids), expected, atol=1e-5, rtol=0)
+    base, _ = load_causal_lm(tiny_llama_dir)
+    assert (logits_of(base, ids) - expected).abs().max() > 1e-2  # the adapter does change the model
+    # no tokenizer in the adapter dir: the base's
+    assert tokenizer(PROMPT).input_ids == load_tokenizer(tiny_llama_dir)(PROMPT).input_ids
+
+
+def test_an_adapter_dir_with_its_own_tokenizer_uses_it(adapter_dir, tiny_llama_dir, tmp_path):
+    adapter = write_adapter_config(adapter_dir, tmp_path / "with-tokenizer", str(tiny_llama_dir))
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    tokenizer.model_max_length = 77
+    tokenizer.save_pretrained(adapter)
+    assert load_tokenizer(adapter).model_max_length == 77
+    assert load_tokenizer(tiny_llama_dir).model_max_length != 77
+    assert load_causal_lm(adapter)[1].model_max_length == 77
+
+
+def test_an_adapter_on_an_embedded_alias_resolves_to_the_alias_dir(adapter_dir, tmp_path):
+    adapter = write_adapter_config(adapter_dir, tmp_path / "on-alias", "smollm2-135m")
+    assert models.adapter_base(adapter) == resolve("smollm2-135m")
+
+
+def test_an_adapter_on_a_hub_id_in_the_local_hub_cache(adapter_dir, tiny_llama_dir, tmp_path, monkeypatch):
+    """A TRL adapter names its base by Hub id: found in the Hugging Face cache as the Hub client lays it out."""
+    import huggingface_hub.constants
+    from support.adapters import logits_of, peft_logits
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-llama" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in tiny_llama_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (cache / "models--acme--tiny-llama" / "refs").mkdir()
+    (cache / "models--acme--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    adapter = write_adapter_config(adapter_dir, tmp_path / "on-hub-id", "acme/tiny-llama")
+    assert models.adapter_base(adapter) == snapshot
+    model, tokenizer = load_causal_lm(adapter)
+    ids = tokenizer(PROMPT).input_ids
+    torch.testing.assert_close(logits_of(model, ids), peft_logits(tiny_llama_dir, adapter_dir, ids), atol=1e-5, rtol=0)
+
+
+def test_an_adapter_on_a_hub_id_not_downloaded_is_one_line(adapter_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    adapter = write_adapter_config(adapter_dir, tmp_path / "on-missing", "meta-llama/Llama-2-7b-hf")
+    for load in (load_causal_lm, load_tokenizer):
+        with pytest.raises(UserError) as err:
+            load(adapter)
+        message = str(err.value)
+        assert "\n" not in message and "meta-llama/Llama-2-7b-hf" in message and "download" in message
+        assert str(adapter) in message
+
+
+def test_an_adapter_whose_base_dir_is_gone(adapter_dir, tmp_path):
+    adapter = write_adapter_config(adapter_dir, tmp_path / "orphan", str(tmp_path / "deleted-base"))
+    with pytest.raises(UserError, match="deleted-base") as err:
+        load_causal_lm(adapter)
+    assert str(adapter) in str(err.value)
+
+
+def test_an_adapter_on_another_adapter_stacks_both(adapter_dir, tiny_llama_dir, tmp_path):
+    """sft --lora --save-adapter on an adapter: the new adapter's base is the first one, merged."""
+    from peft import PeftModel
+    from support.adapters import logits_of, save_tiny_adapter
+
+    merged_dir = tmp_path / "merged"
+    first, tokenizer = load_causal_lm(adapter_dir)
+    first.save_pretrained(merged_dir)
+    second = save_tiny_adapter(merged_dir, tmp_path / "second", seed=1)
+    config = json.loads((second / "adapter_config.json").read_text())
+    (second / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(adapter_dir)}))
+    ids = tokenizer(PROMPT).input_ids
+    expected = logits_of(PeftModel.from_pretrained(first, second), ids)
+    torch.testing.assert_close(logits_of(load_causal_lm(second)[0], ids), expected, atol=1e-5, rtol=0)
+
+
+def test_an_adapter_that_does_not_fit_its_base_is_one_line(adapter_dir, tmp_path):
+    other = save_tiny_llama(tmp_path / "wider", hidden=32, heads=2)
+    adapter = write_adapter_config(adapter_dir, tmp_path / "misfit", str(other))
+    with pytest.raises(UserError, match="cannot apply the adapter") as err:
+        load_causal_lm(adapter)
+    assert "\n" not in str(err.value)
+
+
+def test_an_adapter_with_pickled_weights_only_is_refused(adapter_dir, tiny_llama_dir, tmp_path):
+    adapter = write_adapter_config(adapter_dir, tmp_path / "bin-only", str(tiny_llama_dir))
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(UserError, match="pickled weights are not loaded"):
+        load_causal_lm(adapter)
+
+
+def test_an_adapter_trained_with_added_tokens_grows_its_base(tiny_llama_dir, tmp_path):
+    """TRL's chat-format set-up adds tokens and trains the embeddings with the adapter (modules_to_save)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from support.adapters import logits_of
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(tiny_llama_dir)
+    tokenizer.add_tokens(["<tool>", "</tool>"], special_tokens=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    adapter = tmp_path / "adapter"
+    get_peft_model(model, config).save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    loaded, loaded_tokenizer = load_causal_lm(adapter)
+    ids = loaded_tokenizer("<tool>hi</tool>").input_ids
+    assert {len(loaded_tokenizer) - 2, len(loaded_tokenizer) - 1} <= set(ids)  # the added tokens are used
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    base.resize_token_embeddings(len(tokenizer))
+    expected = logits_of(PeftModel.from_pretrained(base, adapter), ids)
+    torch.testing.assert_close(logits_of(loaded, ids), expected, atol=1e-5, rtol=0)

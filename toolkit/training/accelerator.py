@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from toolkit.training.trackers import accelerator_kwargs
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 
-def make_accelerator(bf16: bool) -> Accelerator:
+def make_accelerator(bf16: bool, report_to: str = "none", out: Path = Path(".")) -> Accelerator:
     """Accelerate on whatever is there. Without a GPU it must be told `cpu=True`, or processes started by
     torchrun each believe they are alone instead of forming gloo DDP ranks.
 
@@ -21,14 +24,18 @@ def make_accelerator(bf16: bool) -> Accelerator:
     Accelerate is told (and it allows a change under DeepSpeed).
 
     Gradient accumulation is the trainers' own too (`gradient_sync`): num_steps=1 keeps `backward` from
-    dividing the loss again, even when `accelerate launch --gradient_accumulation_steps` sets it."""
+    dividing the loss again, even when `accelerate launch --gradient_accumulation_steps` sets it.
+
+    `report_to` names the experiment tracker (toolkit/training/trackers.py) logging under `out`: its package
+    is checked here, first, before the run touches anything."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType, GradientAccumulationPlugin
 
+    tracking = accelerator_kwargs(report_to, out)
     cpu = not torch.cuda.is_available()
     deepspeed = PartialState(cpu=cpu).distributed_type == DistributedType.DEEPSPEED
     return Accelerator(mixed_precision="bf16" if bf16 and deepspeed else "no", cpu=cpu,
-                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1), **tracking)
 
 
 def autocast(accelerator: Accelerator, bf16: bool) -> torch.autocast:

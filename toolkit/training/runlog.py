@@ -1,5 +1,5 @@
-"""A run's outputs: metrics.jsonl, samples.jsonl (when the trainer has samples), optional TensorBoard, and
-curves.png (a panel per curve)."""
+"""A run's outputs: metrics.jsonl, samples.jsonl (when the trainer has samples), the experiment tracker's
+(--report-to), and curves.png (a panel per curve)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from toolkit.errors import UserError
+from toolkit.training.trackers import stop_tracking
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def drop_rows_after(path: Path, step: int) -> None:
@@ -28,35 +31,27 @@ class RunLog:
     """Main-process writer of metrics (and samples); the other ranks get a no-op instance that only keeps
     `history`, the rows this process logged."""
 
-    def __init__(self, out: Path, enabled: bool, report_to: str = "none", samples: bool = False):
+    def __init__(self, out: Path, enabled: bool, samples: bool = False, tracker: Accelerator | None = None):
         from toolkit.io import RowWriter
 
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
-        self._tb = None
+        self.tracker = tracker  # its trackers (--report-to, started by trackers.start_tracking) get each row too
         self.samples = None
         if not enabled:
             return
         self.metrics = RowWriter(out / "metrics.jsonl")
         if samples:
             self.samples = RowWriter(out / "samples.jsonl")
-        if report_to == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--report-to tensorboard needs the tensorboard package "
-                                "(pip install tensorboard)") from None
-            self._tb = SummaryWriter(str(out / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:
         self.history.append(row)
         if not self.enabled:
             return
         self.metrics.write(row)
-        if self._tb is not None:
-            for key, value in row.items():
-                if isinstance(value, int | float) and key != "step":
-                    self._tb.add_scalar(key, value, row["step"])
+        if self.tracker is not None:
+            scalars = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+            self.tracker.log({k: v for k, v in scalars.items() if k != "step"}, step=row["step"])
 
     def log_samples(self, rows: Sequence[dict[str, Any]]) -> None:
         if self.samples is not None:
@@ -64,13 +59,13 @@ class RunLog:
                 self.samples.write(row)
 
     def close(self) -> None:
+        if self.tracker is not None:
+            stop_tracking(self.tracker)
         if not self.enabled:
             return
         self.metrics.close()
         if self.samples is not None:
             self.samples.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 @dataclass(frozen=True)
