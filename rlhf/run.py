@@ -28,7 +28,7 @@ from toolkit.models import load_causal_lm, load_tokenizer
 from toolkit.training.accelerator import make_accelerator
 from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from toolkit.training.export import save_adapter, save_model
-from toolkit.training.model import add_lora, disable_dropout
+from toolkit.training.model import add_lora, base_dtype, disable_dropout
 from toolkit.training.runlog import Curve, RunLog, drop_rows_after, plot_curves
 from toolkit.training.trackers import start_tracking
 
@@ -113,7 +113,7 @@ def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
 
 def _load_models(cfg: PPOConfig, longest_prompt: int) -> tuple[ActorCritic, torch.nn.Module | None, Any]:
     """(actor: LM + value head or critic, frozen π_ref or None under LoRA, tokenizer)."""
-    lm, tokenizer = load_causal_lm(cfg.policy)
+    lm, tokenizer = load_causal_lm(cfg.policy, dtype=base_dtype(bf16=cfg.bf16, lora=cfg.lora))
     disable_dropout(lm)
     ref_lm = None if cfg.lora else frozen_copy(lm)  # with LoRA, π_ref = the adapter switched off
     if cfg.lora:

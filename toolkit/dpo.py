@@ -307,7 +307,7 @@ def _set_up(cfg: DPOConfig) -> _Run:
     from toolkit.io import claim_run_dir, start_run_dir
     from toolkit.models import load_causal_lm, load_tokenizer
     from toolkit.training.accelerator import make_accelerator
-    from toolkit.training.model import make_trainable
+    from toolkit.training.model import base_dtype, make_trainable
     from toolkit.training.runlog import drop_rows_after
     from toolkit.training.schedule import warmup_linear
     from toolkit.training.trackers import start_tracking
@@ -322,7 +322,7 @@ def _set_up(cfg: DPOConfig) -> _Run:
     eval_pairs = load_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.max_prompt_length)[0] if cfg.eval_data \
         else []
     _warn_truncated(accelerator, stats, cfg)
-    model, tokenizer = load_causal_lm(cfg.policy)
+    model, tokenizer = load_causal_lm(cfg.policy, dtype=base_dtype(bf16=cfg.bf16, lora=cfg.lora))
     reference = None if cfg.lora else _frozen_copy(model, accelerator.device)
     model = make_trainable(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                            lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)

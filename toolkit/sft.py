@@ -256,7 +256,7 @@ def _set_up(cfg: SFTConfig) -> _Run:
     from toolkit.io import claim_run_dir, start_run_dir
     from toolkit.models import load_causal_lm, load_tokenizer
     from toolkit.training.accelerator import make_accelerator
-    from toolkit.training.model import make_trainable
+    from toolkit.training.model import base_dtype, make_trainable
     from toolkit.training.runlog import drop_rows_after
     from toolkit.training.schedule import warmup_linear
     from toolkit.training.trackers import start_tracking
@@ -269,7 +269,7 @@ def _set_up(cfg: SFTConfig) -> _Run:
 
     tokenizer = load_tokenizer(cfg.model)  # data errors surface before the model loads
     examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt, cfg.limit)
-    model, tokenizer = load_causal_lm(cfg.model)
+    model, tokenizer = load_causal_lm(cfg.model, dtype=base_dtype(bf16=cfg.bf16, lora=cfg.lora))
     if cfg.packing:
         examples = pack(examples, cfg.max_length)
     if stats["truncated"] and is_main:

@@ -201,3 +201,20 @@ def test_prompt_completion_rows_and_parquet_data(tiny_llama, tmp_path):
     assert [tok.decode(s) for s in spans(examples[1].input_ids, examples[1].labels)[0]] == ["Yes.<|im_end|>"]
     for path in (tmp_path / "d.parquet", tmp_path / "ds"):
         assert load_examples(str(path), tok, max_length=256)[0] == examples[:1]
+
+
+def test_bf16_lora_trains_on_a_bfloat16_base(tiny_llama_dir, tmp_path):
+    """--bf16 with --lora: the frozen base in bfloat16 (half the memory, as TRL/peft load it), adapters in fp32;
+    the merged model is saved in bfloat16. Without --lora the weights stay fp32 (master weights under autocast)."""
+    from safetensors.torch import load_file
+
+    for lora, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        out = tmp_path / f"run-{lora}"
+        run_cli("sft", "--data", FIXTURES / "alpaca-24.json", "--model", tiny_llama_dir, "--out", out,
+                "--max-steps", "1", "--batch-size", "2", "--max-length", "64", "--bf16",
+                *(["--lora", "--save-adapter"] if lora else []), check=True)
+        weights = load_file(str(out / "model" / "model.safetensors"))
+        assert {t.dtype for t in weights.values()} == {dtype}, lora
+        if lora:
+            adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+            assert {t.dtype for t in adapter.values()} == {torch.float32}

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from toolkit.errors import UserError
 
 DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def base_dtype(*, bf16: bool, lora: bool) -> torch.dtype | None:
+    """The dtype to load a policy in: under --bf16 a LoRA run's frozen base is bfloat16 (half the memory; peft
+    keeps the adapters in fp32), as TRL and peft load it; fully trained weights stay fp32 master weights under
+    bf16 autocast. None: the loader's default (fp32)."""
+    return torch.bfloat16 if bf16 and lora else None
 
 
 def disable_dropout(model: nn.Module) -> None:
