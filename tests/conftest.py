@@ -33,3 +33,15 @@ def tiny_server(tiny_llama_dir):
                                                    "--max-n", "4", "--served-name", "tiny"),
                         env={"LLAMAKIT_TEST_KEY": API_KEY}) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread, and far faster than on two when other processes share the
+    CPU; a module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,12 +29,7 @@ RLHF_TINY = ("--steps", "1", "--batch-size", "2", "--num-minibatches", "1", "--p
 DPO_TINY = ("--max-length", "48", "--max-prompt-length", "24", "--batch-size", "2", "--learning-rate", "1e-2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,7 @@ from toolkit.eval_policy import (
 TINY = ("--max-new-tokens", "12", "--batch-size", "8")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is as fast, and steady on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from toolkit.generation import Completion, SamplingParams, _filter_logits, _samp
 TEXTS = ("Hello there, how are you today?", "Hi", "The quick brown fox jumps over the lazy dog, again and again.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when other processes share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

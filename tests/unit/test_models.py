@@ -17,13 +17,7 @@ from toolkit import models
 from toolkit.errors import UserError
 from toolkit.models import load_causal_lm, load_tokenizer, resolve
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- aliases
