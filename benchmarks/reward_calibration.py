@@ -41,7 +41,8 @@ def folds(n: int, k: int, seed: int) -> list[list[int]]:
 
 
 def reward_diffs(directory: Path, pairs) -> list[float]:
-    from toolkit.reward.model import TextEncoder, load_trained, score_texts
+    from toolkit.reward.model import TextEncoder, score_texts
+    from toolkit.reward.store import load_trained
 
     net, tokenizer, settings = load_trained(directory, "cpu")
     encoder = TextEncoder(tokenizer, settings.max_length, settings.append_eos)

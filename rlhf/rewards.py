@@ -19,7 +19,8 @@ RewardFn = Callable[..., Sequence[float]]
 
 
 def make_reward_fn(spec: str, prompts: Sequence[TokenizedPrompt] = (), file: str | None = None) -> RewardFn:
-    """`rules:NAMES` -> rule scorers; a directory -> the reward model trained by `train-reward`.
+    """`rules:NAMES` -> rule scorers; a directory -> its reward model (train-reward's, or any
+    `*ForSequenceClassification` with num_labels 1: toolkit/reward/store.py).
 
     Rules that read the prompt's row check every row of `prompts` now (read from `file`): a row they
     cannot score stops the run before the model loads."""

@@ -44,9 +44,13 @@ def test_a_second_train_reward_onto_the_same_out_refuses_without_overwrite(train
 
 def test_train_reward_writes_a_complete_directory(trained):
     out, metrics = trained
-    for name in ("config.json", "model.safetensors", "reward_head.safetensors", "reward_config.json",
-                 "tokenizer.json", "calibration.json", "metrics.json", "reliability.png", "loss.png", "README.md"):
+    for name in ("config.json", "model.safetensors", "reward_config.json", "tokenizer.json", "calibration.json",
+                 "metrics.json", "reliability.png", "loss.png", "README.md"):
         assert (out / name).is_file(), name
+    # A standard transformers reward model (issue 18): the head is the classifier's own weights.
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and config["id2label"] == {"0": "reward"}
+    assert not (out / "reward_head.safetensors").exists()
     assert not list(out.parent.glob(".rm.tmp-*"))  # the temp dir was renamed into place
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["method"] == "temperature" and calibration["temperature"] > 0
@@ -62,6 +66,8 @@ def test_train_reward_writes_a_complete_directory(trained):
     assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     card = (out / "README.md").read_text()
     assert "| raw |" in card and "reliability.png" in card
+    assert f'`BertForSequenceClassification` giving the same raw reward r: `AutoModelForSequenceClassification.' \
+           f'from_pretrained("{out}")' in card
 
 
 def test_eval_reward_json_and_plot(trained, tmp_path):

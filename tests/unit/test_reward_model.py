@@ -1,4 +1,4 @@
-"""The reward read-out (last real token from the attention mask, pad == EOS), truncation, save/load, the API."""
+"""The reward read-out (a causal model's last real token, an encoder's [CLS]), truncation, save/load, the API."""
 
 from __future__ import annotations
 
@@ -34,40 +34,40 @@ def test_last_token_index_left_and_right_padding():
     assert position_ids_from_mask(left)[0].tolist() == [0, 0, 0, 1, 2]
 
 
-def test_llama_tokenizer_pads_with_eos_and_gets_eos_appended(llama_rm):
-    _, tokenizer = llama_rm
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the case that trips pad-id-based read-outs
+def test_llama_reward_model_pads_with_its_own_token_and_gets_eos_appended(llama_rm, tiny_llama_dir):
+    from toolkit.models import load_tokenizer
+
+    model, tokenizer = llama_rm
+    backbone = load_tokenizer(tiny_llama_dir)
+    assert backbone.pad_token_id == backbone.eos_token_id  # the case that trips pad-id-based read-outs
+    assert tokenizer.pad_token_id == tokenizer.unk_token_id != tokenizer.eos_token_id
+    assert model.model.config.pad_token_id == tokenizer.pad_token_id
     assert wants_eos(tokenizer)
     ids, _ = TextEncoder(tokenizer, 64, True).encode(["Hello there"])
     assert ids[0][-1] == tokenizer.eos_token_id
 
 
-def test_reward_is_read_at_the_last_real_token_with_pad_equal_eos(llama_rm):
+def test_reward_is_read_at_the_last_real_token_whichever_side_is_padded(llama_rm):
     model, tokenizer = llama_rm
     encoder = TextEncoder(tokenizer, 64, True)
     texts = ["\n\nHuman: hi\n\nAssistant: hello, how can I help you today?", "\n\nHuman: hi\n\nAssistant: no"]
     ids, _ = encoder.encode(texts)
-    eos = tokenizer.eos_token_id
     with torch.no_grad():
         alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in ids]
         for side in ("right", "left"):
-            input_ids, mask = pad(ids, tokenizer.pad_token_id, side)
-            assert (input_ids[mask == 0] == eos).all()  # padding is EOS, the same id as the real last token
-            batched = model(input_ids, mask).tolist()
+            batched = model(*pad(ids, tokenizer.pad_token_id, side)).tolist()
             assert batched == pytest.approx(alone, abs=1e-4), side
-        # What a pad-id-based read-out would take for the short text (the first EOS) is another position:
-        # with EOS inside a text, "first pad token − 1" points before the real end.
-        input_ids, mask = pad(ids, tokenizer.pad_token_id, "right")
-        first_eos = int((input_ids[1] == eos).nonzero()[0])
-        assert first_eos - 1 != int(last_token_index(mask)[1])
+        # ... and it is the head at the EOS that ends the text, not at the token before it.
+        hidden = model.model.model(input_ids=torch.tensor([ids[1]])).last_hidden_state[0]
+        assert alone[1] == pytest.approx(model.model.score(hidden[-1]).item(), abs=1e-5)
+        assert alone[1] != pytest.approx(model.model.score(hidden[-2]).item(), abs=1e-5)
 
 
 def test_reward_changes_when_only_the_last_token_changes(llama_rm):
     model, tokenizer = llama_rm
     a = tokenizer("The answer is yes", add_special_tokens=False).input_ids
     b = a[:-1] + [tokenizer("no", add_special_tokens=False).input_ids[0]]
-    input_ids, mask = pad([a + [tokenizer.eos_token_id], b + [tokenizer.eos_token_id, 7, 7]], 0)
-    mask[1, -2:] = 0
+    input_ids, mask = pad([a + [tokenizer.eos_token_id], b + [tokenizer.eos_token_id]], tokenizer.pad_token_id)
     with torch.no_grad():
         r = model(input_ids, mask)
     assert r[0] != r[1]
@@ -140,14 +140,15 @@ def test_missing_or_foreign_calibration_is_a_clear_error(trained_llama_rm, tiny_
     from safetensors.torch import load_file, save_file
 
     from toolkit.reward import load_reward_model
-    from toolkit.reward.model import HEAD_FILE
 
     out, _ = trained_llama_rm
     changed = tmp_path / "changed"
     shutil.copytree(out, changed)
-    # Other weights under the same calibration.json (e.g. a re-trained head copied over): refused.
-    head = load_file(str(changed / HEAD_FILE))
-    save_file({k: v + 0.01 for k, v in head.items()}, str(changed / HEAD_FILE))
+    # Other weights under the same calibration.json (e.g. a re-trained model copied over): refused. Only the head
+    # changes here, so the weight file keeps its size.
+    weights = load_file(str(changed / "model.safetensors"))
+    weights["score.weight"] += 0.01
+    save_file(weights, str(changed / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match="calibration.json: field 'fingerprint': fitted on other weights"):
         load_reward_model(str(changed))
     (changed / "calibration.json").unlink()
@@ -187,7 +188,7 @@ def test_shared_prefix_forward_matches_two_full_forwards(tiny_llama_dir):
 
     torch.manual_seed(0)
     model, tokenizer, _ = new_reward_model(str(tiny_llama_dir))
-    assert is_causal(model.backbone.config)
+    assert is_causal(model.model.config) and model.shares_prefix
     encoder = TextEncoder(tokenizer, 40, True)
     prompt = "\n\nHuman: what is the capital of France, and why is it famous?\n\nAssistant:"
     chosen = [prompt + " Paris, for the Eiffel tower.", "\n\nHuman: hi\n\nAssistant: hello there, friend",
@@ -210,7 +211,7 @@ def test_shared_prefix_forward_matches_two_full_forwards(tiny_llama_dir):
             input_ids, mask = pad(ids[0::2] + ids[1::2], tokenizer.pad_token_id)
             r_c, r_r = model(input_ids, mask).chunk(2)
         (-torch.nn.functional.logsigmoid(r_c - r_r).mean()).backward()
-        grads.append((r_c.detach(), r_r.detach(), model.backbone.layers[0].self_attn.q_proj.weight.grad.clone()))
+        grads.append((r_c.detach(), r_r.detach(), model.model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5) and torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
     assert torch.allclose(grads[0][2], grads[1][2], atol=1e-6, rtol=1e-4)
 
@@ -241,10 +242,11 @@ def test_shared_prefix_is_used_in_training_and_not_for_encoders(tiny_llama_dir, 
     assert runs[True]["loss_history"][0] == pytest.approx(runs[False]["loss_history"][0], abs=1e-4)
 
 
-def test_an_encoder_reads_its_reward_at_cls_whichever_side_is_padded():
+def test_an_encoder_reads_its_reward_through_its_pooler_and_classifier_at_cls():
+    """What BertForSequenceClassification computes (dropout off): classifier(pooler(h[CLS])), right-padded."""
     torch.manual_seed(0)
     model, tokenizer, _ = new_reward_model("minilm-l6")
-    assert model.read_at == "first"
+    assert model.read_at == "first" and not model.shares_prefix
     model.eval()
     encoder = TextEncoder(tokenizer, 64, wants_eos(tokenizer))
     ids, _ = encoder.encode(["\n\nHuman: hi\n\nAssistant: hello, how can I help you today?",
@@ -252,8 +254,7 @@ def test_an_encoder_reads_its_reward_at_cls_whichever_side_is_padded():
     assert all(seq[0] == tokenizer.cls_token_id for seq in ids)
     with torch.no_grad():
         alone = [model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)).item() for s in ids]
-        for side in ("right", "left"):
-            batched = model(*pad(ids, tokenizer.pad_token_id, side)).tolist()
-            assert batched == pytest.approx(alone, abs=1e-4), side
-        hidden = model.backbone(input_ids=torch.tensor([ids[0]])).last_hidden_state
-        assert alone[0] == pytest.approx(model.head(hidden[0, 0]).item(), abs=1e-5)
+        assert model(*pad(ids, tokenizer.pad_token_id)).tolist() == pytest.approx(alone, abs=1e-4)
+        bert = model.model.bert
+        hidden = bert(input_ids=torch.tensor([ids[0]])).last_hidden_state
+        assert alone[0] == pytest.approx(model.model.classifier(bert.pooler(hidden)).item(), abs=1e-5)

@@ -71,7 +71,8 @@ def _f(value) -> str:
               help="One JSON object: accuracy, ece, brier, nll, auc, n, ties (calibrated) and `raw` with the same.")
 @config_option
 def eval_reward_cmd(model_dir, data, format, batch_size, plot, threads, as_json):  # noqa: A002 - the flag's name
-    """Accuracy, ECE, Brier, NLL and AUC of a reward model on pairs, raw and calibrated."""
+    """Accuracy, ECE, Brier, NLL and AUC of a reward model on pairs, raw and calibrated. MODEL_DIR: a train-reward
+    output or any *ForSequenceClassification directory with num_labels 1."""
     from toolkit.console import emit_json, summary_table
     from toolkit.reward.evaluate import evaluate
 

@@ -9,19 +9,18 @@ from toolkit.errors import UserError
 
 
 class RewardModel:
-    """A trained, calibrated reward model. It tokenizes text itself (its tokenizer may differ from the policy's)."""
+    """A calibrated reward model (train-reward's, or any sequence classifier with one label: toolkit/reward/store.py).
+    It tokenizes text itself (its tokenizer may differ from the policy's)."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu"):
-        from toolkit.reward import calibrate as cal
-        from toolkit.reward.model import HEAD_FILE, TextEncoder, fingerprint, load_trained
+        from toolkit.reward.model import TextEncoder
+        from toolkit.reward.store import load_trained, read_calibration
 
         self.path = Path(path)
         self.device = device
-        if not (self.path / HEAD_FILE).is_file():
-            raise UserError(f"not a reward model made by `llamakit train-reward` (no {HEAD_FILE})",
-                            file=str(self.path))
-        # Checked first: rewards from an uncalibrated or mismatched dir would be silently off.
-        self.calibration = cal.read(self.path, fingerprint(self.path))
+        # Checked first, from config and JSON alone: a directory that is no reward model fails in a second, and
+        # rewards from a mismatched calibration would be silently off.
+        self.calibration = read_calibration(self.path)
         self.net, self.tokenizer, self.settings = load_trained(self.path, device)
         self.encoder = TextEncoder(self.tokenizer, self.settings.max_length, self.settings.append_eos)
 
@@ -64,5 +63,6 @@ class RewardModel:
 
 
 def load_reward_model(path: str, device: str = "cpu") -> RewardModel:
-    """Load a directory written by `llamakit train-reward` (weights + calibration.json)."""
+    """Load a directory written by `llamakit train-reward` (weights + calibration.json), or any
+    `*ForSequenceClassification` directory with num_labels 1 (uncalibrated: rewards used raw, with a warning)."""
     return RewardModel(path, device)

@@ -120,6 +120,12 @@ def fit(diffs: list[float], method: str, *, reward_mean: float, reward_std: floa
     return calibration
 
 
+def identity(fingerprint: str) -> Calibration:
+    """No calibration: score = r and P(a ≻ b) = σ(r_a − r_b), for a reward model nobody has calibrated yet."""
+    return Calibration(method="temperature", temperature=1.0, reward_mean=0.0, reward_std=1.0, n_pairs=0, data="",
+                       fingerprint=fingerprint)
+
+
 def write(calibration: Calibration, directory: str | os.PathLike) -> Path:
     from toolkit.io import write_json
 

@@ -11,7 +11,9 @@ def _num(value: Any) -> str:
     return "—" if value is None else str(value)
 
 
-def render(cfg, metrics: dict[str, Any], calibration) -> str:
+def render(cfg, metrics: dict[str, Any], calibration, *, architecture: str, eos: str | None) -> str:
+    """The card of a reward model saved as a transformers `architecture` whose texts end with `eos` (None: as the
+    tokenizer ends them)."""
     import jinja2
 
     from toolkit.resources import template_path
@@ -34,4 +36,5 @@ def render(cfg, metrics: dict[str, Any], calibration) -> str:
         metric_rows=rows, method=calibration.method, temperature=_num(calibration.temperature),
         temperature_ml=_num(calibration.temperature_ml), prior_sd=_num(calibration.prior_sd),
         reward_mean=_num(calibration.reward_mean), reward_std=_num(calibration.reward_std),
-        has_reliability=calibration.n_pairs > 0, warnings=metrics.get("warnings") or [])
+        has_reliability=calibration.n_pairs > 0, warnings=metrics.get("warnings") or [], architecture=architecture,
+        eos=eos)

@@ -1,4 +1,4 @@
-"""`eval-reward` and `calibrate`: metrics of a trained reward model on any pair file, and refitting T."""
+"""`eval-reward` and `calibrate`: metrics of a reward model on any pair file, and refitting T."""
 
 from __future__ import annotations
 
@@ -23,16 +23,20 @@ def _pairs(data: str, fmt: str):
 def _diffs(directory: str | os.PathLike, pairs, batch_size: int, device: str, check_calibration: bool):
     from toolkit.console import progress
     from toolkit.reward import calibrate as cal
-    from toolkit.reward.model import TextEncoder, fingerprint, load_trained, score_texts
+    from toolkit.reward.model import TextEncoder, score_texts
+    from toolkit.reward.store import fingerprint, load_trained, read_calibration, reward_dir_kind
 
+    # Before the weights are loaded: a dir that is no reward model, or a missing or foreign calibration.json,
+    # fails in a second.
+    reward_dir_kind(directory)
     existing = None
-    if check_calibration or (Path(directory) / cal.CALIBRATION_FILE).is_file():
-        # Before the weights are loaded: a missing or foreign calibration.json fails in a second.
+    if check_calibration:
+        existing = read_calibration(directory)
+    elif (Path(directory) / cal.CALIBRATION_FILE).is_file():
         try:
-            existing = cal.read(directory, _fingerprint(directory, fingerprint))
+            existing = cal.read(directory, fingerprint(directory))
         except UserError:
-            if check_calibration:
-                raise
+            pass  # refitted now; only its training statistics would have been kept
     net, tokenizer, settings = load_trained(directory, device)
     encoder = TextEncoder(tokenizer, settings.max_length, settings.append_eos)
     texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
@@ -40,14 +44,6 @@ def _diffs(directory: str | os.PathLike, pairs, batch_size: int, device: str, ch
     with progress(transient=True) as bar:
         rewards = score_texts(net, encoder, texts, batch_size, device, progress=bar)
     return rewards, existing, n_cut
-
-
-def _fingerprint(directory, fingerprint) -> str:
-    from toolkit.reward.model import HEAD_FILE
-
-    if not (Path(directory) / HEAD_FILE).is_file():
-        raise UserError(f"not a reward model made by `llamakit train-reward` (no {HEAD_FILE})", file=str(directory))
-    return fingerprint(directory)
 
 
 def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batch_size: int = 32,
@@ -80,7 +76,7 @@ def recalibrate(directory: str | os.PathLike, data: str, *, method: str = "tempe
 
     from toolkit.reward import calibrate as cal
     from toolkit.reward.metrics import raw_probabilities
-    from toolkit.reward.model import fingerprint
+    from toolkit.reward.store import fingerprint
 
     pairs = _pairs(data, fmt)
     rewards, existing, _ = _diffs(directory, pairs, batch_size, device, check_calibration=False)

@@ -1,22 +1,19 @@
-"""The reward model: any Hugging Face backbone + a linear head read at the last real token.
+"""The reward model: a transformers `*ForSequenceClassification` model with one label; r(x) is its logit.
 
-    r(x) = w · h_T(x) + b,   T = the last position whose attention mask is 1
+The model's own head decides where the reward is read, so a directory llamakit writes gives the same rewards in
+plain transformers (and TRL):
+- an encoder (BERT, MiniLM): its classifier on the pooled first token, [CLS]; texts are right-padded, as encoder
+  tokenizers pad them;
+- a causal LM (LLaMA, Qwen ...): the `score` projection at the last token that is not `pad_token_id`.
 
-T comes from the attention mask, never from `pad_token_id`: LLaMA tokenizers pad with EOS, and the
-EOS we append is the token to read. Left and right padding give the same T (and the same position
-ids), so a batch can be padded either way.
-
-A trained reward model directory holds the backbone (`config.json`, `*.safetensors`, tokenizer), the
-head (`reward_head.safetensors`), `reward_config.json` (how texts were encoded), and `calibration.json`.
+llamakit appends EOS to a causal model's texts (the read-out token is then the same for every text), and
+LLaMA-family tokenizers often pad with EOS: transformers would then read the token before it. So a new causal
+reward model gets a pad token of its own (the tokenizer's unk, else an added `<|pad|>`), and left or right
+padding give the same reward. Training's shared-prefix forward reads that same position from the attention mask.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
-import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +23,8 @@ from torch import nn
 from toolkit.errors import UserError
 from toolkit.training.model import add_lora, disable_dropout
 
-HEAD_FILE = "reward_head.safetensors"
-SETTINGS_FILE = "reward_config.json"
-FORMAT_VERSION = 1
+PAD_TOKEN = "<|pad|>"
+LABEL = "reward"  # id2label of the one output
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -50,49 +46,50 @@ def default_read_at(config) -> str:
 
 
 class RewardNet(nn.Module):
-    def __init__(self, backbone: nn.Module, hidden_size: int, read_at: str = "last"):
+    """A `*ForSequenceClassification` model (num_labels 1) as a reward: one float per text."""
+
+    def __init__(self, model: nn.Module):
         super().__init__()
-        if read_at not in ("last", "first"):
-            raise ValueError(f"read_at must be 'last' or 'first', got {read_at!r}")
-        self.backbone = backbone
-        self.read_at = read_at
-        self.head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.model = model
+
+    @property
+    def read_at(self) -> str:
+        """Where the model's head reads ("last" or "first"), recorded in reward_config.json for the reader."""
+        return default_read_at(self.model.config)
+
+    @property
+    def shares_prefix(self) -> bool:
+        """Can a pair's shared dialogue run once? A causal LM whose head is a `score` projection of one token."""
+        return is_causal(self.model.config) and isinstance(getattr(self.model, "score", None), nn.Linear)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 suffix_ids: torch.Tensor | None = None, suffix_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One reward per row of `input_ids`; or, given suffixes (a causal backbone only), `input_ids` are
-        shared prefixes (left-padded) and each is continued by two suffixes (rows 2i and 2i + 1 of
-        `suffix_ids`, right-padded): one reward per suffix. A keyword form of one `forward`, not a second
-        method, so that DDP's forward hooks see both."""
+        """One reward per row of right-padded `input_ids`: the model's own forward, so exactly what transformers
+        gives. Or, given suffixes (shares_prefix only), `input_ids` are shared prefixes (left-padded) and each
+        is continued by two suffixes (rows 2i and 2i + 1 of `suffix_ids`, right-padded): one reward per
+        suffix. A keyword form of one `forward`, not a second method, so that DDP's forward hooks see both."""
         if suffix_ids is not None:
             return self._shared_prefix_forward(input_ids, attention_mask, suffix_ids, suffix_mask)
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids_from_mask(attention_mask))
-        return self._read(out.last_hidden_state, attention_mask)
-
-    def _read(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        if self.read_at == "first":  # an encoder's [CLS]: the first real token, whichever side is padded
-            picked = hidden[rows, attention_mask.long().argmax(-1)]
-        else:
-            picked = hidden[rows, last_token_index(attention_mask)]
-        return self.head(picked.to(self.head.weight.dtype)).squeeze(-1).float()
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
 
     def _shared_prefix_forward(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
                                suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
         # A causal token sees only what precedes it, so the prefix's keys and values are the same under either
-        # answer: compute them once and run both answers on that cache (gradients flow through it).
-        out = self.backbone(input_ids=prefix_ids, attention_mask=prefix_mask,
-                            position_ids=position_ids_from_mask(prefix_mask), use_cache=True)
+        # answer: compute them once and run both answers on that cache (gradients flow through it). The head
+        # reads the last real token, found from the mask: the one transformers finds as the last non-pad token.
+        base = self.model.base_model
+        out = base(input_ids=prefix_ids, attention_mask=prefix_mask,
+                   position_ids=position_ids_from_mask(prefix_mask), use_cache=True)
         cache = out.past_key_values
         cache.batch_repeat_interleave(2)
         full_mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1)
         positions = position_ids_from_mask(full_mask)[:, prefix_ids.shape[1]:]
-        out = self.backbone(input_ids=suffix_ids, attention_mask=full_mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True)
-        return self._read(out.last_hidden_state, suffix_mask)
+        out = base(input_ids=suffix_ids, attention_mask=full_mask, position_ids=positions,
+                   past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state
+        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(suffix_mask)]
+        head = self.model.score
+        return head(picked.to(head.weight.dtype)).squeeze(-1).float()
 
 
 def is_causal(config) -> bool:
@@ -128,22 +125,6 @@ def shared_prefix_batch(chosen: list[list[int]], rejected: list[list[int]], pad_
     if min_saving is not None and prefix_mask.numel() + suffix_mask.numel() > (1 - min_saving) * plain:
         return None
     return prefix_ids, prefix_mask, suffix_ids, suffix_mask
-
-
-@dataclass
-class RewardSettings:
-    """How texts become token ids; saved as reward_config.json so scoring matches training exactly."""
-
-    backbone: str
-    max_length: int = 256
-    append_eos: bool = False
-    text_format: str = "hh"  # data.join: "\n\nHuman: {prompt}\n\nAssistant: {response}"
-    truncation: str = "left"  # keep the end of the dialogue, where the answer is
-    objective: str = "bradley-terry"
-    lora: bool = False
-    read_at: str = "last"  # the token the reward is read at: "last" (causal LMs) or "first" (encoders, [CLS])
-    format_version: int = FORMAT_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TextEncoder:
@@ -235,37 +216,46 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
     return ids, mask
 
 
-def _quiet() -> None:
+def quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
 
 
-def _load_backbone(path: Path, dtype: torch.dtype, gradient_checkpointing: bool = False) -> nn.Module:
-    from transformers import AutoConfig, AutoModel
+def load_sequence_classifier(path: Path, gradient_checkpointing: bool = False) -> nn.Module:
+    """`AutoModelForSequenceClassification` with one label from `path` (safetensors only), float32: a backbone
+    dir gets a fresh head, a reward-model dir its own."""
+    from transformers import AutoModelForSequenceClassification
 
     from toolkit.models import check_weights, load_errors, one_line
 
     use_safetensors = check_weights(path)
-    _quiet()
+    quiet_transformers()
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        kwargs: dict[str, Any] = {}
-        model_class = AutoModel._model_mapping.get(type(config), None)  # noqa: SLF001 - to read its __init__ only
-        if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
-            # The pooler reads [CLS]; unused here, and an unused parameter breaks DDP.
-            kwargs["add_pooling_layer"] = False
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=False,
-                                             use_safetensors=use_safetensors,
-                                             **kwargs)
-    except load_errors() as err:  # a truncated safetensors file too
-        raise UserError(f"cannot load a backbone from '{path}': {one_line(err)}") from None
-    if hasattr(backbone.config, "use_cache"):
-        backbone.config.use_cache = False
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, trust_remote_code=False, use_safetensors=use_safetensors)
+    except load_errors() as err:  # a truncated safetensors file, a model type with no classifier class
+        raise UserError(f"cannot load a sequence classifier from '{path}': {one_line(err)}") from None
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
     if gradient_checkpointing:
-        backbone.gradient_checkpointing_enable()
-    return backbone
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def own_pad_token(model: nn.Module, tokenizer) -> None:
+    """Give a causal reward model a pad token other than EOS (see the module docstring): the tokenizer's own
+    if it is not EOS, else unk, else an added `<|pad|>` (the embedding grows by a row when it has no room)."""
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != eos:
+        tokenizer.pad_token = tokenizer.unk_token
+        return
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tokenizer.pad_token_id >= model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(tokenizer.pad_token_id + 1, mean_resizing=False)
 
 
 def new_reward_model(backbone_name: str, *, lora: bool = False, lora_r: int = 16, lora_alpha: int | None = None,
@@ -276,70 +266,21 @@ def new_reward_model(backbone_name: str, *, lora: bool = False, lora_r: int = 16
     path = resolve(backbone_name)
     check_weights(path)  # before the tokenizer: a pickled-only dir fails fast
     tokenizer = load_tokenizer(path)
-    backbone = _load_backbone(path, torch.float32, gradient_checkpointing)
-    disable_dropout(backbone)
-    if lora:
-        backbone = add_lora(backbone, lora_r, lora_alpha)  # α = 2r unless given
-    hidden = backbone.config.hidden_size
-    return RewardNet(backbone, hidden, default_read_at(backbone.config)), tokenizer, path
-
-
-def save_reward_model(model: RewardNet, tokenizer, settings: RewardSettings, out: Path) -> None:
-    """Write weights (LoRA merged in), tokenizer and reward_config.json into `out`."""
-    from safetensors.torch import save_file
-
-    backbone = model.backbone
-    if hasattr(backbone, "merge_and_unload"):
-        backbone = backbone.merge_and_unload()
-    backbone.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in model.head.state_dict().items()},
-              str(out / HEAD_FILE))
-    (out / SETTINGS_FILE).write_text(json.dumps(asdict(settings), indent=2) + "\n", encoding="utf-8")
-
-
-def fingerprint(directory: str | os.PathLike) -> str:
-    """Identifies the weights a calibration was fitted on: the head's bytes (tiny; it differs for every
-    training run) and the sizes of the backbone weight files."""
-    directory = Path(directory)
-    digest = hashlib.sha256((directory / HEAD_FILE).read_bytes())
-    for weights in sorted(directory.glob("*.safetensors")):
-        if weights.name != HEAD_FILE:
-            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
-    return digest.hexdigest()[:16]
-
-
-def load_trained(directory: str | os.PathLike, device: str = "cpu") -> tuple[RewardNet, Any, RewardSettings]:
-    """A reward model written by `train-reward`, in eval mode."""
-    from safetensors.torch import load_file
-
-    from toolkit.models import load_tokenizer
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError("no such reward-model directory", file=str(directory))
-    settings_file = directory / SETTINGS_FILE
-    if not settings_file.is_file() or not (directory / HEAD_FILE).is_file():
-        raise UserError(f"not a reward model made by `llamakit train-reward` (no {SETTINGS_FILE} / {HEAD_FILE})",
-                        file=str(directory))
-    try:
-        raw = json.loads(settings_file.read_text(encoding="utf-8"))
-        settings = RewardSettings(**raw)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"unreadable reward settings: {err}", file=str(settings_file)) from None
-    if settings.format_version > FORMAT_VERSION:
-        raise UserError(f"written by a newer llamakit (format {settings.format_version})", file=str(settings_file))
-    tokenizer = load_tokenizer(directory)
-    backbone = _load_backbone(directory, torch.float32)
-    model = RewardNet(backbone, backbone.config.hidden_size, settings.read_at)
-    model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
-    return model.to(device).eval(), tokenizer, settings
+    model = load_sequence_classifier(path, gradient_checkpointing)
+    if is_causal(model.config):
+        own_pad_token(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.id2label, model.config.label2id = {0: LABEL}, {LABEL: 0}
+    disable_dropout(model)
+    if lora:  # on the transformer only: the head is trained whole
+        setattr(model, model.base_model_prefix, add_lora(model.base_model, lora_r, lora_alpha))  # α = 2r unless given
+    return RewardNet(model), tokenizer, path
 
 
 @torch.inference_mode()
-def score_texts(model: RewardNet, encoder: TextEncoder, texts: list[str], batch_size: int = 16,
+def score_texts(model: nn.Module, encoder: TextEncoder, texts: list[str], batch_size: int = 16,
                 device: str | torch.device = "cpu", progress=None) -> list[float]:
-    """Raw rewards of `texts`, batched by length (little padding), in the input order."""
+    """Raw rewards of `texts`, batched by length (little padding) and right-padded, in the input order."""
     if not texts:
         return []
     ids, _ = encoder.encode(texts)

@@ -27,6 +27,7 @@ from toolkit.options import flag_field as _f
 from toolkit.reward.constants import METHODS, TEMPERATURE_PRIOR_SD
 from toolkit.reward.data import FORMATS, PreferenceData, load_preferences, pairs_from_scored, split
 from toolkit.rows import Pair, Scored
+from toolkit.training.trackers import REPORT_TO, move_tracked, staging_dir, start_tracking, stop_tracking
 
 OBJECTIVES = ("bradley-terry", "regression")
 MIN_CALIBRATION_PAIRS = 50
@@ -75,6 +76,8 @@ class TrainConfig:
     eval_batch_size: int = 32  # pairs per forward when scoring held-out pairs (--batch-size of calibrate)
     overwrite: bool = _f(False, "Replace an earlier reward model in --out (a directory llamakit did not write is "
                          "never replaced).", negatable=False)
+    report_to: str = _f("none", "Experiment tracker, offline by default: tensorboard (OUT/runs), wandb (OUT/wandb), "
+                        "mlflow (OUT/mlruns); beside --out until the model is written.", choices=REPORT_TO)
     show_progress: bool = True
 
     def validate(self) -> None:
@@ -231,7 +234,10 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     claim_output_dir(cfg.out, "reward-model", overwrite=cfg.overwrite)
     ensure_writable_dir(Path(cfg.out).parent)
     run = _set_up(cfg, train_pairs, train_scored, warnings)
-    log = _train(cfg, run, heldout)
+    try:
+        log = _train(cfg, run, heldout)
+    finally:
+        stop_tracking(run.accelerator)
     run.accelerator.wait_for_everyone()
     model = run.accelerator.unwrap_model(run.model).eval()
     if not run.accelerator.is_main_process:
@@ -249,11 +255,11 @@ def _set_up(cfg: TrainConfig, train_pairs: list[Pair], train_scored: list[Scored
     from accelerate.utils import set_seed
 
     from toolkit.console import console
-    from toolkit.reward.model import TextEncoder, is_causal, new_reward_model, wants_eos
+    from toolkit.reward.model import TextEncoder, new_reward_model, wants_eos
     from toolkit.training.accelerator import make_accelerator
     from toolkit.training.schedule import warmup_linear
 
-    accelerator = make_accelerator(cfg.bf16)
+    accelerator = make_accelerator(cfg.bf16, cfg.report_to, staging_dir(Path(cfg.out)))
     set_seed(cfg.seed)
     model, tokenizer, backbone_path = new_reward_model(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r,
                                                        gradient_checkpointing=cfg.gradient_checkpointing)
@@ -266,8 +272,7 @@ def _set_up(cfg: TrainConfig, train_pairs: list[Pair], train_scored: list[Scored
         margins = [p.margin if cfg.use_margin else 0.0 for p in train_pairs]
     # Causal backbones only: an encoder's prefix tokens attend to the answer, so nothing can be shared there.
     # A gradient-checkpointed backbone drops its KV cache, which the shared-prefix forward runs on.
-    shared = (not regression and cfg.shared_prefix and not cfg.gradient_checkpointing
-              and is_causal(model.backbone.config))
+    shared = not regression and cfg.shared_prefix and not cfg.gradient_checkpointing and model.shares_prefix
     ids, n_cut = encoder.encode_pairs(texts[0::2], texts[1::2]) if shared else encoder.encode(texts)
     if n_cut:
         warnings.append(f"{n_cut} of {len(texts)} training texts were longer than --max-length {cfg.max_length} "
@@ -285,6 +290,7 @@ def _set_up(cfg: TrainConfig, train_pairs: list[Pair], train_scored: list[Scored
     # this process's optimizer steps.
     scheduler = warmup_linear(optimizer, total_steps, int(cfg.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
+    start_tracking(accelerator, cfg.report_to, staging_dir(Path(cfg.out)), "llamakit-reward", cfg)
     return _Run(accelerator=accelerator, model=model, tokenizer=tokenizer, backbone_path=backbone_path,
                 encoder=encoder, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
                 batches_per_epoch=batches_per_epoch, texts=texts, ids=ids, lengths=lengths, targets=targets,
@@ -329,12 +335,14 @@ def _train(cfg: TrainConfig, run: _Run, heldout: list[Pair]) -> _Log:
                 if last:
                     log.step += 1
                     log.history.append((log.step, sum(micro_losses) / len(micro_losses)))
+                    run.accelerator.log({"loss": log.history[-1][1]}, step=log.step)
                     micro_losses = []
                     show(log.step, _status(cfg, epoch, log.recent))
             log.seconds += time.perf_counter() - started
             if heldout and run.accelerator.is_main_process:
                 log.heldout_rewards, nll = _evaluate(cfg, run, heldout)
                 log.eval_points.append((log.step, nll))
+                run.accelerator.log({"eval/nll": nll}, step=log.step)
             if log.step >= run.total_steps:
                 break
     return log
@@ -439,7 +447,7 @@ def _save(cfg: TrainConfig, run: _Run, log: _Log, model, data: dict[str, Any], h
     from toolkit.io import atomic_dir, write_json
     from toolkit.reward import calibrate as cal
     from toolkit.reward import card
-    from toolkit.reward.model import RewardSettings, fingerprint, save_reward_model
+    from toolkit.reward.store import RewardSettings, fingerprint, save_reward_model
 
     mean, std = _reward_stats(cfg, run, model)
     diffs = [c - r for c, r in log.heldout_rewards] if log.heldout_rewards else []
@@ -469,7 +477,10 @@ def _save(cfg: TrainConfig, run: _Run, log: _Log, model, data: dict[str, Any], h
         }
         write_json(tmp / "metrics.json", cal.json_safe(metrics))
         _plot(cfg, log, diffs, calibration, tmp)
-        (tmp / "README.md").write_text(card.render(cfg, metrics, calibration), encoding="utf-8")
+        eos = run.tokenizer.eos_token if run.encoder.append_eos else None
+        (tmp / "README.md").write_text(card.render(cfg, metrics, calibration, architecture=type(model.model).__name__,
+                                                   eos=eos), encoding="utf-8")
+        move_tracked(staging_dir(Path(cfg.out)), tmp)
     return metrics, calibration
 
 
