@@ -161,10 +161,14 @@ class Stages:
             proc = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, env=env)
             running.append((name, command, stdout_json, proc, time.perf_counter(), stdout, stderr))
         failed = []
-        for name, command, stdout_json, proc, start, stdout, stderr in running:
-            # wait4: this child's own peak resident memory (getrusage(RUSAGE_CHILDREN) would give the largest of
-            # all children so far); ru_maxrss is in KiB on Linux
-            _, status, usage = os.wait4(proc.pid, 0)
+        by_pid = {job[3].pid: job for job in running}
+        while by_pid:
+            # whichever stage ends first: its own wall time, and (wait4) its own peak resident memory
+            # (getrusage(RUSAGE_CHILDREN) would give the largest of all children so far); ru_maxrss is in KiB
+            pid, status, usage = os.wait4(-1, 0)
+            if pid not in by_pid:
+                continue
+            name, command, stdout_json, proc, start, stdout, stderr = by_pid.pop(pid)
             proc.returncode = code = os.waitstatus_to_exitcode(status)
             seconds = time.perf_counter() - start
             stdout.close()
