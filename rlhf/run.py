@@ -25,7 +25,7 @@ from toolkit.errors import UserError
 from toolkit.io import claim_run_dir, read_existing, start_run_dir, write_json
 from toolkit.model_card import render_card
 from toolkit.models import load_causal_lm, load_tokenizer
-from toolkit.training.accelerator import make_accelerator
+from toolkit.training.accelerator import configure_deepspeed, make_accelerator
 from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from toolkit.training.export import save_adapter, save_model
 from toolkit.training.model import add_lora, base_dtype, disable_dropout
@@ -95,6 +95,8 @@ def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
 
     optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    configure_deepspeed(accelerator, cfg.minibatch_size // cfg.gradient_accumulation_steps, cfg.max_grad_norm,
+                        causal_lm(actor.lm).config.hidden_size)
     prepared, optimizer = accelerator.prepare(actor, optimizer)
     unwrapped: ActorCritic = accelerator.unwrap_model(prepared)
     if ref_lm is not None:

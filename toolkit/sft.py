@@ -255,7 +255,7 @@ def _set_up(cfg: SFTConfig) -> _Run:
     from toolkit.console import console
     from toolkit.io import claim_run_dir, start_run_dir
     from toolkit.models import load_causal_lm, load_tokenizer
-    from toolkit.training.accelerator import make_accelerator
+    from toolkit.training.accelerator import configure_deepspeed, make_accelerator
     from toolkit.training.model import base_dtype, make_trainable
     from toolkit.training.runlog import drop_rows_after
     from toolkit.training.schedule import warmup_linear
@@ -287,6 +287,7 @@ def _set_up(cfg: SFTConfig) -> _Run:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
     scheduler = warmup_linear(optimizer, total, int(cfg.warmup_ratio * total))
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -373,14 +374,16 @@ def _finish(run: _Run, log: RunLog, step: int, t_run: float) -> SFTResult:
     """Save the (merged) model, plot the curves, write run.json and print the summary (main process)."""
     from toolkit.console import summary_table
     from toolkit.io import read_existing, write_json
+    from toolkit.training.accelerator import gathered_weights
     from toolkit.training.runlog import Curve, plot_curves
 
     cfg, out, stats = run.cfg, run.out, run.stats
     model_dir = None
-    history = log.history
+    history = read_existing(out / "metrics.jsonl") if run.accelerator.is_main_process else log.history
+    with gathered_weights(run.accelerator, run.unwrapped):  # every process: ZeRO-3 gathers the weights to save
+        if run.accelerator.is_main_process:
+            model_dir = _save_model(run, out / "model", step, history[-1] if history else {})
     if run.accelerator.is_main_process:
-        history = read_existing(out / "metrics.jsonl")
-        model_dir = _save_model(run, out / "model", step, history[-1] if history else {})
         plot_curves(history, out / "curves.png", (Curve("loss", "loss (assistant tokens)"),), title="llamakit sft")
         write_json(out / "run.json", {"config": dataclasses.asdict(cfg), "steps": step, "data": stats,
                                       "seconds": time.perf_counter() - t_run,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,14 +30,56 @@ def make_accelerator(bf16: bool, report_to: str = "none", out: Path = Path("."))
 
     `report_to` names the experiment tracker (toolkit/training/trackers.py) logging under `out`: its package
     is checked here, first, before the run touches anything."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, GradientAccumulationPlugin
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, parse_flag_from_env
 
     tracking = accelerator_kwargs(report_to, out)
-    cpu = not torch.cuda.is_available()
-    deepspeed = PartialState(cpu=cpu).distributed_type == DistributedType.DEEPSPEED
-    return Accelerator(mixed_precision="bf16" if bf16 and deepspeed else "no", cpu=cpu,
-                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1), **tracking)
+    if not torch.cuda.is_available():
+        # DeepSpeed, once installed, is imported by Accelerate even for DDP and logs on stdout (kept for --json)
+        # that it fell back to the CPU; named, it picks the CPU silently
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # what `accelerate launch` with a DeepSpeed config sets; `cpu=True` would silently turn it into plain DDP
+    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    cpu = not torch.cuda.is_available() and not deepspeed
+    # DeepSpeed on its CPU accelerator: Accelerate names no backend, and each rank would believe it is alone
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not torch.cuda.is_available() else []
+    # DeepSpeed print()s its CPU op builds while it starts: stdout is kept for --json
+    with contextlib.redirect_stdout(sys.stderr):
+        return Accelerator(mixed_precision="bf16" if bf16 and deepspeed else "no", cpu=cpu, kwargs_handlers=handlers,
+                           gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1), **tracking)
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_grad_norm: float,
+                        hidden_size: int | None = None) -> None:
+    """Fill the DeepSpeed config's "auto" batch and clipping values before `prepare` (Accelerate takes them
+    from a dataloader, which llamakit's trainers do not prepare); nothing without DeepSpeed. Accumulation
+    stays 1 in DeepSpeed's eyes: `gradient_sync` tells the engine which micro-batch ends the step.
+    `hidden_size` sizes ZeRO's "auto" buckets (Accelerate's formulas) for a model without a `config`."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    zero = ds.get("zero_optimization", {})
+    if hidden_size is not None:
+        for key, size in (("reduce_bucket_size", hidden_size * hidden_size),
+                          ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+                          ("stage3_param_persistence_threshold", 10 * hidden_size)):
+            if zero.get(key) == "auto":
+                zero[key] = size
+    ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = max_grad_norm  # the engine clips (0: off); clip_grad_norm_ reads back its norm
+
+
+def gathered_weights(accelerator: Accelerator, model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Every process enters it: under ZeRO-3 each holds a shard of every weight, and inside this the whole
+    weights are back (read-only) so the main process can save or merge them; nothing otherwise."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed  # only under DeepSpeed, which the optional extra installs
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def autocast(accelerator: Accelerator, bf16: bool) -> torch.autocast:
@@ -51,4 +95,16 @@ def gradient_sync(accelerator: Accelerator, model: torch.nn.Module,
     """Wrap each micro-batch's forward and backward: gradients add up locally, and DDP all-reduces them
     once, in the backward of the optimizer step's last micro-batch. Each micro-batch's loss must already be
     scaled to its share of the step (e.g. divided by the number of micro-batches)."""
+    if accelerator.state.deepspeed_plugin is not None:
+        # the engine steps in `backward` whenever Accelerate says gradients sync (ZeRO has no no_sync)
+        return _sync_gradients(accelerator, last)
     return contextlib.nullcontext() if last else accelerator.no_sync(model)
+
+
+@contextlib.contextmanager
+def _sync_gradients(accelerator: Accelerator, sync: bool):
+    accelerator.gradient_state._set_sync_gradients(sync)
+    try:
+        yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import UserError
+from toolkit.training.accelerator import gathered_weights
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -83,19 +84,20 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, model: nn.Mo
     from toolkit.io import atomic_dir, write_json
 
     states = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
-    if accelerator.is_main_process:
-        with atomic_dir(checkpoint_dir(out, step), "checkpoint", overwrite=True) as tmp:
-            model.save_pretrained(tmp / weights, safe_serialization=True)
-            for name, tensor_dict in (tensors or {}).items():
-                save_file(tensor_dict, str(tmp / f"{name}.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(states, tmp / "rng.pt")
-            write_json(tmp / "state.json", {"step": step, **state})
-            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-            write_json(tmp / MANIFEST, {"step": step, "files": files})
-        if keep > 0:
-            for old in list_checkpoints(out)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    with gathered_weights(accelerator, model):  # every process: ZeRO-3 gathers the weights to save
+        if accelerator.is_main_process:
+            with atomic_dir(checkpoint_dir(out, step), "checkpoint", overwrite=True) as tmp:
+                model.save_pretrained(tmp / weights, safe_serialization=True)
+                for name, tensor_dict in (tensors or {}).items():
+                    save_file(tensor_dict, str(tmp / f"{name}.safetensors"))
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(states, tmp / "rng.pt")
+                write_json(tmp / "state.json", {"step": step, **state})
+                files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+                write_json(tmp / MANIFEST, {"step": step, "files": files})
+            if keep > 0:
+                for old in list_checkpoints(out)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
