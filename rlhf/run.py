@@ -25,7 +25,7 @@ from toolkit.errors import UserError
 from toolkit.io import claim_run_dir, read_existing, start_run_dir, write_json
 from toolkit.model_card import render_card
 from toolkit.models import load_causal_lm, load_tokenizer
-from toolkit.training.accelerator import configure_deepspeed, make_accelerator
+from toolkit.training.accelerator import configure_deepspeed, gathered_weights, make_accelerator
 from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from toolkit.training.export import save_adapter, save_model
 from toolkit.training.model import add_lora, base_dtype, disable_dropout
@@ -194,10 +194,12 @@ def nan_error(run: Run, step: int, epoch: int, minibatch: int) -> UserError:
 def finish_run(run: Run, last_saved: int, update_stats: dict[str, torch.Tensor]) -> TrainResult:
     """Final policy as a plain Hugging Face directory (LoRA merged), curves, run.json and the summary table."""
     cfg, policy_dir, history = run.cfg, None, run.log.history
+    with gathered_weights(run.accelerator, run.unwrapped):  # every process: ZeRO-3 gathers the weights to save
+        if run.accelerator.is_main_process:
+            history = read_existing(run.out / "metrics.jsonl")
+            policy_dir = _save_policy(run, run.out / "policy", last_saved, history[-1] if history else {})
     if run.accelerator.is_main_process:
-        history = read_existing(run.out / "metrics.jsonl")
         final = history[-1] if history else {}
-        policy_dir = _save_policy(run, run.out / "policy", last_saved, final)
         plot_curves(history, run.out / "curves.png", CURVES, title=f"llamakit rlhf · {cfg.policy} · {cfg.reward}")
         write_json(run.out / "run.json", {"config": cfg.to_dict(), "steps_done": last_saved,
                                           "seconds": time.perf_counter() - run.started_at,

@@ -54,20 +54,24 @@ def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_pat
     assert model.get_input_embeddings().weight.shape == start["model.embed_tokens.weight"].shape
 
 
-def test_ppo_under_deepspeed_zero2(tiny_llama_dir, tmp_path):
+# ZeRO-3 with LoRA, as the 33B/65B presets run it (its final policy was saved as empty shards before);
+# ZeRO-3 without LoRA does not run yet: the frozen reference copy is partitioned too (transformers loads under
+# zero.Init once a DeepSpeed plugin exists) and would need its own DeepSpeed inference engine, as TRL builds
+@pytest.mark.parametrize("stage, lora", [(2, []), (3, ["--lora"])])
+def test_ppo_under_deepspeed(stage, lora, tiny_llama_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
     out = tmp_path / "ppo"
-    proc = launch("deepspeed-zero2.yaml", out, "rlhf", "--policy", tiny_llama_dir, "--reward", "rules:length",
+    proc = launch(f"deepspeed-zero{stage}.yaml", out, "rlhf", "--policy", tiny_llama_dir, "--reward", "rules:length",
                   "--prompts", FIXTURES / "prompts-alpaca-32.jsonl", "--steps", "2", "--batch-size", "4",
                   "--num-minibatches", "2", "--gradient-accumulation-steps", "2", "--ppo-epochs", "1",
-                  "--max-new-tokens", "8")
+                  "--max-new-tokens", "8", *lora)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2, proc.stdout
     optimizer = torch.load(out / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=False)
-    assert int(optimizer["zero_stage"]) == 2 and optimizer["partition_count"] == [2]
+    assert int(optimizer["zero_stage"]) == stage and optimizer["partition_count"] in (2, [2])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["loss/policy_avg"] == r["loss/policy_avg"] for r in rows)
     start = load_file(tiny_llama_dir / "model.safetensors")
