@@ -4,31 +4,21 @@ random LLaMA and the fixtures; then checks on its JSON line and on the files it 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support.cli import ROOT
+from support.cli import ROOT, one_json_line, run_tiny_benchmark
 
 SCRIPT = ROOT / "benchmarks" / "method_comparison.py"
 METHODS = ("base", "best_of_4", "ppo_rm", "dpo", "grpo", "rloo")
 TRAINED = ("ppo_rm", "dpo", "grpo", "rloo")
 
 
-def run_benchmark(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--threads", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("methods") / "run"
-    proc = run_benchmark(out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, proc.stdout  # one JSON line on stdout, progress on stderr
-    return out, json.loads(lines[0])
+    return out, one_json_line(run_tiny_benchmark(SCRIPT, out))
 
 
 def test_one_entry_per_method_with_the_five_figures(tiny_run):

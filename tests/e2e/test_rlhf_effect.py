@@ -8,33 +8,22 @@ so it only recomputes the results).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support.cli import ROOT
+from support.cli import ROOT, one_json_line, run_tiny_benchmark
 
 SCRIPT = ROOT / "benchmarks" / "rlhf_effect.py"
 STAGES = {"constraints_train", "constraints_heldout", "preferences", "train_reward", "ppo_rm", "ppo_rules",
           "eval_rm", "eval_rules"}
 
 
-def run_benchmark(out: Path) -> subprocess.CompletedProcess:
-    # One torch thread for the stages that run alone too (the two that run at once always get one): the tiny
-    # model gains nothing from a second, and on a busy 2-core machine OpenMP threads spin against the others.
-    return subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--threads", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("rlhf-effect") / "run"
-    proc = run_benchmark(out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, proc.stdout  # one JSON line on stdout, progress on stderr
-    return out, json.loads(lines[0])
+    return out, one_json_line(run_tiny_benchmark(SCRIPT, out))
 
 
 def rows(path: Path) -> list[dict]:
@@ -89,7 +78,7 @@ def test_heldout_prompts_never_reach_training(tiny_run):
 
 def test_rerun_skips_finished_stages(tiny_run):
     out, first = tiny_run
-    proc = run_benchmark(out)
+    proc = run_tiny_benchmark(SCRIPT, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("skipped") == len(STAGES)
     again = json.loads(proc.stdout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -75,3 +76,19 @@ def kill_when(argv: list[str], ready: Callable[[], bool], limit: float = 120) ->
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         proc.stderr.close()
+
+
+def run_tiny_benchmark(script: Path, out: Path) -> subprocess.CompletedProcess:
+    """A benchmarks/ script in its --tiny mode (tiny random LLaMA, the fixtures) keeping its work in `out`. One
+    torch thread for the stages that run alone too (those run side by side always get one): the tiny model gains
+    nothing from a second, and on a busy 2-core machine OpenMP threads spin against the others."""
+    return subprocess.run([sys.executable, str(script), "--tiny", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def one_json_line(proc: subprocess.CompletedProcess) -> dict:
+    """The result a benchmark prints: exit 0 and exactly one JSON line on stdout (progress goes to stderr)."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,10 +33,6 @@ def make_accelerator(bf16: bool, report_to: str = "none", out: Path = Path("."))
     from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, parse_flag_from_env
 
     tracking = accelerator_kwargs(report_to, out)
-    if not torch.cuda.is_available():
-        # DeepSpeed, once installed, is imported by Accelerate even for DDP and logs on stdout (kept for --json)
-        # that it fell back to the CPU; named, it picks the CPU silently
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # what `accelerate launch` with a DeepSpeed config sets; `cpu=True` would silently turn it into plain DDP
     deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
     cpu = not torch.cuda.is_available() and not deepspeed
