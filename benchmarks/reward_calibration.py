@@ -34,19 +34,36 @@ sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
 
 
+def setting_value(text: str):
+    """A --set value as its type: 2 → int, 2e-4 / inf → float, true / false → bool, else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def folds(n: int, k: int, seed: int) -> list[list[int]]:
     order = list(range(n))
     random.Random(seed).shuffle(order)
     return [order[i::k] for i in range(k)]
 
 
-def reward_diffs(directory: Path, pairs) -> list[float]:
+def reward_diffs(directory: Path, pairs, members: bool = False) -> list:
+    """r_c − r_r per pair; with `members`, an ensemble's list of member differences per pair."""
     from toolkit.reward.model import TextEncoder, score_texts
     from toolkit.reward.store import load_trained
 
     net, tokenizer, settings = load_trained(directory, "cpu")
     encoder = TextEncoder(tokenizer, settings.max_length, settings.append_eos)
-    rewards = score_texts(net, encoder, [t for p in pairs for t in (p.chosen_text, p.rejected_text)], 32, "cpu")
+    texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
+    rewards = score_texts(net, encoder, texts, 32, "cpu", members=members)
+    if members:
+        return [[c - r for c, r in zip(rc, rr, strict=True)] for rc, rr in zip(rewards[0::2], rewards[1::2],
+                                                                                strict=True)]
     return [c - r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)]
 
 
@@ -75,9 +92,12 @@ def train_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
         cfg = TrainConfig(data=str(train_file), out=str(out), seed=args.seed, show_progress=False, **overrides)
         result = train_reward(cfg)
         _, calibration_pairs = split(train_pairs, read(out).n_pairs / len(train_pairs), cfg.seed)
+        test_pairs = [pairs[i] for i in test_ids]
         fold = {"fold": k, "train_pairs": result.metrics["train"]["pairs"], "test_ids": test_ids,
-                "test_diffs": reward_diffs(out, [pairs[i] for i in test_ids]),
-                "heldout_diffs": reward_diffs(out, calibration_pairs)}
+                "test_diffs": reward_diffs(out, test_pairs), "heldout_diffs": reward_diffs(out, calibration_pairs),
+                "seconds": result.metrics["train"]["seconds_all_models"]}
+        if cfg.ensemble > 1:
+            fold["test_member_diffs"] = reward_diffs(out, test_pairs, members=True)
         (where / f"fold-{k}.json").write_text(json.dumps(fold))
         saved.append(fold)
     return saved
@@ -112,7 +132,8 @@ def main() -> None:
     overrides = {}
     for item in args.overrides:
         key, _, value = item.partition("=")
-        overrides[key] = type(getattr(defaults, key))(value)  # AttributeError names a setting that is not one
+        getattr(defaults, key)  # AttributeError names a setting that is not one
+        overrides[key] = setting_value(value)
     settings = TrainConfig(data="", out="", **overrides)
     started = time.perf_counter()
     pairs = load_preferences(args.data).pairs[:args.max_pairs]
@@ -124,8 +145,14 @@ def main() -> None:
             where.mkdir(parents=True, exist_ok=True)
             saved = train_folds(args, pairs, overrides, where)
     n = sum(len(f["test_ids"]) for f in saved)
-    p_raw, p_cal, per_fold = np.zeros(n), np.zeros(n), []
+    p_raw, p_cal, p_cross, per_fold = np.zeros(n), np.zeros(n), np.zeros(n), []
     for k, f in enumerate(saved):
+        # Cross-fitting as `--calibration-folds` does it, from the same runs: T fitted on the out-of-fold
+        # differences of the OTHER folds' models (~80% of the file, by models trained on 80% of it, as fold k's was).
+        others = [d for j, g in enumerate(saved) if j != k for d in g["test_diffs"]]
+        crossfit = cal.fit(others, settings.calibration, reward_mean=0.0, reward_std=1.0, data="", fingerprint="",
+                           prior_sd=settings.temperature_prior_sd)
+        p_cross[f["test_ids"]] = crossfit.probabilities(f["test_diffs"])
         # The same fit train-reward makes at the end of training, on the same held-out differences.
         calibration = cal.fit(f["heldout_diffs"], settings.calibration, reward_mean=0.0, reward_std=1.0, data="",
                               fingerprint="", prior_sd=settings.temperature_prior_sd)
@@ -134,13 +161,14 @@ def main() -> None:
         per_fold.append({"fold": k, "calibration_pairs": len(f["heldout_diffs"]),
                          "temperature": round(calibration.temperature, 3),
                          "temperature_ml": round(calibration.temperature_ml, 3),
+                         "temperature_crossfit": round(crossfit.temperature, 3),
                          "test_temperature": round(cal.fit_temperature(f["test_diffs"]), 3),
                          "test_accuracy": round(pair_metrics(p_raw[f["test_ids"]])["accuracy"], 4)})
         print(json.dumps(per_fold[-1]), file=sys.stderr, flush=True)
     if args.plot:
         from toolkit.reward.plots import reliability_diagram
 
-        reliability_diagram({"raw": p_raw, settings.calibration: p_cal}, args.plot,
+        reliability_diagram({"raw": p_raw, settings.calibration: p_cal, "cross-fitted": p_cross}, args.plot,
                             title=f"{len(saved)}-fold out-of-fold pairs (n={n})")
 
     def rounded(metrics: dict) -> dict:
@@ -150,9 +178,12 @@ def main() -> None:
     print(json.dumps({
         "pairs": n, "folds": len(saved), "settings": overrides or "defaults",
         "raw": rounded(pair_metrics(p_raw)), "calibrated": rounded(pair_metrics(p_cal)),
+        "calibrated_crossfit": rounded(pair_metrics(p_cross)),
         "ece_noise_median": round(noise["median"], 4), "ece_noise_p90": round(noise["p90"], 4),
         "temperatures": [f["temperature"] for f in per_fold],
         "temperatures_ml": [f["temperature_ml"] for f in per_fold],
+        "temperatures_crossfit": [f["temperature_crossfit"] for f in per_fold],
+        "train_seconds": [f.get("seconds") for f in saved],
         "test_temperatures": [f["test_temperature"] for f in per_fold],
         "test_accuracies": [f["test_accuracy"] for f in per_fold],
         "shorter_wins": round(shorter_wins(pairs), 4), "seconds": round(time.perf_counter() - started, 1)}))

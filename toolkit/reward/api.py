@@ -25,6 +25,11 @@ class RewardModel:
         self.encoder = TextEncoder(self.tokenizer, self.settings.max_length, self.settings.append_eos)
 
     @property
+    def ensemble_size(self) -> int:
+        """Members of a reward ensemble (train-reward --ensemble K); 1 for a single model."""
+        return max(1, len(self.settings.ensemble_offsets))
+
+    @property
     def temperature(self) -> float:
         return self.calibration.temperature
 
@@ -53,6 +58,20 @@ class RewardModel:
         """(r − mean) / T: centred on the training data's rewards, in calibrated log-odds units, so that
         σ(score_a − score_b) is the calibrated probability that response a is preferred to response b."""
         return self.calibration.normalize(self.raw_scores(prompts, responses, batch_size)).tolist()
+
+    def score_with_spread(self, prompts: list[str], responses: list[str],
+                          batch_size: int = 16) -> tuple[list[float], list[float]]:
+        """(score, spread) per response, both in calibrated units: `score` as above, `spread` the standard deviation
+        of an ensemble's members around it (how far to trust the score; 0 for a single model)."""
+        if self.ensemble_size == 1:
+            return self.score(prompts, responses, batch_size), [0.0] * len(responses)
+        from toolkit.reward.ensemble import mean_and_spread
+        from toolkit.reward.model import score_texts
+
+        per_member = score_texts(self.net, self.encoder, self.texts(prompts, responses), batch_size, self.device,
+                                 members=True)
+        mean, spread = mean_and_spread(per_member)
+        return self.calibration.normalize(mean).tolist(), (spread / self.calibration.temperature).tolist()
 
     def preference_probabilities(self, prompts: list[str], chosen: list[str], rejected: list[str],
                                  batch_size: int = 16) -> list[float]:

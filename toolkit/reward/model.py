@@ -279,13 +279,15 @@ def new_reward_model(backbone_name: str, *, lora: bool = False, lora_r: int = 16
 
 @torch.inference_mode()
 def score_texts(model: nn.Module, encoder: TextEncoder, texts: list[str], batch_size: int = 16,
-                device: str | torch.device = "cpu", progress=None) -> list[float]:
-    """Raw rewards of `texts`, batched by length (little padding) and right-padded, in the input order."""
+                device: str | torch.device = "cpu", progress=None, members: bool = False) -> list:
+    """Raw rewards of `texts`, batched by length (little padding) and right-padded, in the input order; with
+    `members`, an ensemble's (toolkit/reward/ensemble.py) list of member rewards per text instead."""
     if not texts:
         return []
+    forward = model.member_rewards if members else model
     ids, _ = encoder.encode(texts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    rewards = [0.0] * len(ids)
+    rewards: list = [0.0] * len(ids)
     pad_id = encoder.tokenizer.pad_token_id
     was_training = model.training
     model.eval()
@@ -293,7 +295,7 @@ def score_texts(model: nn.Module, encoder: TextEncoder, texts: list[str], batch_
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         input_ids, mask = pad([ids[i] for i in chunk], pad_id)
-        values = model(input_ids.to(device), mask.to(device)).tolist()
+        values = forward(input_ids.to(device), mask.to(device)).tolist()
         for i, value in zip(chunk, values, strict=True):
             rewards[i] = value
         if task is not None:

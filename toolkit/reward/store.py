@@ -26,6 +26,7 @@ from toolkit.errors import UserError
 from toolkit.reward import legacy
 from toolkit.reward.calibrate import CALIBRATION_FILE, Calibration, identity
 from toolkit.reward.calibrate import read as read_calibration_file
+from toolkit.reward.ensemble import MEMBERS_DIR, EnsembleNet
 from toolkit.reward.model import RewardNet, default_read_at, load_sequence_classifier, wants_eos
 
 SETTINGS_FILE = "reward_config.json"
@@ -46,6 +47,7 @@ class RewardSettings:
     lora: bool = False
     read_at: str = "last"  # where the head reads: "last" (causal LMs) or "first" (encoders, [CLS])
     format_version: int = FORMAT_VERSION
+    ensemble_offsets: list[float] = field(default_factory=list)  # one per member of an ensemble (ensemble.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,6 +89,7 @@ def _config(directory: Path):
 
 def save_reward_model(model: RewardNet, tokenizer, settings: RewardSettings, out: Path) -> None:
     """Write the sequence classifier (LoRA merged in), its tokenizer and reward_config.json into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
     classifier = model.model
     if hasattr(classifier.base_model, "merge_and_unload"):
         setattr(classifier, classifier.base_model_prefix, classifier.base_model.merge_and_unload())
@@ -110,8 +113,10 @@ def fingerprint(directory: str | os.PathLike) -> str:
         raise UserError(f"transformers has no sequence classifier for model_type '{config.model_type}'",
                         file=str(directory)) from None
     digest = hashlib.sha256()
-    for weights in sorted(directory.glob("*.safetensors")):
-        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    # An ensemble's members count too: a calibration is fitted on their mean.
+    members = sorted(directory.glob(f"{MEMBERS_DIR}/*/*.safetensors"), key=lambda p: (int(p.parent.name), p.name))
+    for weights in sorted(directory.glob("*.safetensors")) + members:
+        digest.update(f"{weights.relative_to(directory).as_posix()}:{weights.stat().st_size}".encode())
         try:
             for tensor in _tensors_outside(weights, base):
                 digest.update(tensor)
@@ -149,7 +154,18 @@ def load_trained(directory: str | os.PathLike, device: str = "cpu") -> tuple[nn.
         _agree_on_pad(model, tokenizer)
         net = RewardNet(model)
         settings = settings or _inferred_settings(directory, model.config, tokenizer)
+        if settings.ensemble_offsets:
+            net = EnsembleNet([net] + [_member(directory, m) for m in range(1, len(settings.ensemble_offsets))],
+                              settings.ensemble_offsets)
     return net.to(device).eval(), tokenizer, settings
+
+
+def _member(directory: Path, index: int) -> RewardNet:
+    path = directory / MEMBERS_DIR / str(index)
+    if not (path / "config.json").is_file():
+        raise UserError(f"ensemble member {index} is missing ({path})", file=str(directory))
+    model = load_sequence_classifier(path)
+    return RewardNet(model)
 
 
 def _read_settings(directory: Path) -> RewardSettings:

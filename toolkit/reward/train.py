@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,13 @@ class TrainConfig:
     shared_prefix: bool = _f(True, "Causal backbones (LLaMA): run a pair's shared dialogue once and both answers on "
                              "its cache.")
     calibration: str = _f("temperature", choices=METHODS)
+    calibration_folds: int = _f(0, "Cross-fit the calibration (K ≥ 2): K fold models score the pairs they did not "
+                                "train on, the calibrator is fitted on all of them, and the model then trains on "
+                                "every pair. (K + 1)× the training time; 0: calibrate on the --eval-split share.",
+                                min=0)
+    ensemble: int = _f(1, "Members of a reward ensemble, seeds --seed, --seed + 1 …: its reward is their mean, "
+                       "their spread the uncertainty (eval-reward, rlhf --reward-uncertainty-penalty). "
+                       "K× the training and scoring time.", min=1)
     temperature_prior_sd: float = _f(TEMPERATURE_PRIOR_SD, "Spread of the prior on log T: T moves away from 1 only "
                                      "as far as the held-out pairs show (a few hundred pairs pin T down loosely); inf "
                                      "for plain maximum likelihood.", min=0, min_open=True, inf=True)
@@ -88,6 +96,12 @@ class TrainConfig:
             raise UserError(f"unknown --objective '{self.objective}' (one of {', '.join(OBJECTIVES)})")
         if self.calibration not in METHODS:
             raise UserError(f"unknown --calibration '{self.calibration}' ({' or '.join(METHODS)})")
+        if self.calibration_folds == 1:
+            raise UserError("--calibration-folds must be 0 (off) or at least 2")
+        if self.calibration_folds and (self.eval_data or self.objective == "regression"):
+            raise UserError("--calibration-folds cross-fits on the training pairs: not with "
+                            + ("--eval-data (calibrate on those instead)" if self.eval_data
+                               else "--objective regression"))
 
 
 @dataclass
@@ -119,6 +133,16 @@ class _Run:
     margins: list[float]  # pairs: each pair's margin (0 without --margin)
     shared: bool  # pairs run their shared dialogue once (model.shared_prefix_batch)
     n_cut: int  # texts cut to --max-length
+    tag: str = ""  # which model of the run this is ("member 2/3", "fold 1/5"): progress label, tracker prefix
+
+
+@dataclass
+class _Fitted:
+    """One trained model of the run: its set-up, what its loop counted, and the unwrapped model (eval mode)."""
+
+    run: _Run
+    log: _Log
+    model: Any
 
 
 @dataclass
@@ -175,7 +199,12 @@ def _load(cfg: TrainConfig, warnings: list[str]) -> tuple[list[Pair], list[Score
         raise UserError("--objective regression needs scored rows (user_input / completion / score)",
                         file=cfg.data)
     heldout_scored: list[Scored] = []
-    if cfg.eval_data:
+    if cfg.calibration_folds:
+        # Cross-fitting: every pair trains the final model, and every pair is scored by a fold model.
+        _require_pairs(data, cfg.calibration_folds)
+        heldout, train_scored, where = [], [], f"{cfg.calibration_folds}-fold cross-fitting over {cfg.data}"
+        train_pairs = data.pairs or pairs_from_scored(data.scored)
+    elif cfg.eval_data:
         held = load_preferences(cfg.eval_data, cfg.format)
         heldout = held.pairs or pairs_from_scored(held.scored)
         train_pairs, train_scored, where = data.pairs, data.scored, cfg.eval_data
@@ -207,7 +236,7 @@ def _load(cfg: TrainConfig, warnings: list[str]) -> tuple[list[Pair], list[Score
             raise UserError(f"needs at least 2 scored rows to train on, got {len(train_scored)}", file=cfg.data)
     elif len(train_pairs) < 1 or (not cfg.eval_data and len(data.pairs) < 2):
         _require_pairs(data, 2)
-    if not heldout:
+    if not heldout and not cfg.calibration_folds:
         warnings.append("no held-out pairs to calibrate on: temperature left at 1 "
                         "(give --eval-data with pairs, or scored rows with several answers per prompt)")
     elif len(heldout) < MIN_CALIBRATION_PAIRS:
@@ -233,33 +262,74 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     # An unwritable --out, or one holding something this run would replace, fails now, not after training.
     claim_output_dir(cfg.out, "reward-model", overwrite=cfg.overwrite)
     ensure_writable_dir(Path(cfg.out).parent)
-    run = _set_up(cfg, train_pairs, train_scored, warnings)
+    from toolkit.training.accelerator import make_accelerator
+
+    accelerator = make_accelerator(cfg.bf16, cfg.report_to, staging_dir(Path(cfg.out)))
+    start_tracking(accelerator, cfg.report_to, staging_dir(Path(cfg.out)), "llamakit-reward", cfg)
+    started = time.perf_counter()
     try:
-        log = _train(cfg, run, heldout)
+        crossfit = _cross_fit(cfg, accelerator, train_pairs, warnings) if cfg.calibration_folds else None
+        members = [_fit(replace(cfg, seed=cfg.seed + m), accelerator, train_pairs, train_scored, heldout, warnings,
+                        tag=f"member {m + 1}/{cfg.ensemble}" if cfg.ensemble > 1 else "",
+                        first=m == 0 and crossfit is None)
+                   for m in range(cfg.ensemble)]
     finally:
-        stop_tracking(run.accelerator)
-    run.accelerator.wait_for_everyone()
-    model = run.accelerator.unwrap_model(run.model).eval()
-    if not run.accelerator.is_main_process:
+        stop_tracking(accelerator)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
         return TrainResult(Path(cfg.out), {}, None, warnings)
-    data = {"data": cfg.data, "format": fmt, "pairs": len(train_pairs), "scored_rows": len(train_scored)}
-    metrics, calibration = _save(cfg, run, log, model, data, heldout_from, warnings)
+    data = {"data": cfg.data, "format": fmt, "pairs": len(train_pairs), "scored_rows": len(train_scored),
+            "seconds_all_models": round(time.perf_counter() - started, 2)}
+    metrics, calibration = _save(cfg, members, crossfit, data, heldout_from, warnings)
     return TrainResult(Path(cfg.out), metrics, calibration, warnings)
+
+
+def _fit(cfg: TrainConfig, accelerator, train_pairs: list[Pair], train_scored: list[Scored], heldout: list[Pair],
+         warnings: list[str], tag: str = "", first: bool = True) -> _Fitted:
+    """Set up and train one model of the run (seeded by cfg.seed) on these items, scoring `heldout` after each
+    epoch."""
+    run = _set_up(cfg, accelerator, train_pairs, train_scored, warnings, tag, first)
+    log = _train(cfg, run, heldout)
+    return _Fitted(run, log, accelerator.unwrap_model(run.model).eval())
+
+
+def _cross_fit(cfg: TrainConfig, accelerator, pairs: list[Pair], warnings: list[str]) -> list[float]:
+    """Out-of-fold reward differences of every pair (toolkit/reward/crossfit.py), from fold models trained as
+    the final model is (an ensemble of as many members when --ensemble > 1)."""
+    from toolkit.reward.crossfit import out_of_fold, prompt_folds
+
+    folds = prompt_folds([p.prompt for p in pairs], cfg.calibration_folds, cfg.seed)
+    done = []
+
+    def fit_and_score(train_ids: list[int], test_ids: list[int]) -> list[float]:
+        done.append(len(done) + 1)
+        train, test = [pairs[i] for i in train_ids], [pairs[i] for i in test_ids]
+        fold_diffs = []
+        for m in range(cfg.ensemble):
+            fitted = _fit(replace(cfg, seed=cfg.seed + m), accelerator, train, [], test, warnings,
+                          tag=f"fold {done[-1]}/{len(folds)}" + (f" member {m + 1}" if cfg.ensemble > 1 else ""),
+                          first=len(done) == 1 and m == 0)
+            # Rank 0 scored the fold; the other ranks only train and save nothing.
+            fold_diffs.append([c - r for c, r in fitted.log.heldout_rewards or [(0.0, 0.0)] * len(test)])
+            accelerator.free_memory()  # the fold model is done with: let it go before the next one
+        return [sum(d) / len(d) for d in zip(*fold_diffs, strict=True)]
+
+    return out_of_fold(len(pairs), folds, fit_and_score)
 
 
 # ---- set-up -----------------------------------------------------------------------------------------------
 
-def _set_up(cfg: TrainConfig, train_pairs: list[Pair], train_scored: list[Scored], warnings: list[str]) -> _Run:
-    """Accelerator, seed, backbone and head, the training texts tokenized once, AdamW and its schedule."""
+def _set_up(cfg: TrainConfig, accelerator, train_pairs: list[Pair], train_scored: list[Scored], warnings: list[str],
+            tag: str = "", first: bool = True) -> _Run:
+    """Seed, backbone and head, the training texts tokenized once, AdamW and its schedule; the run's warnings
+    are shown when its `first` model is set up."""
     import torch
     from accelerate.utils import set_seed
 
     from toolkit.console import console
     from toolkit.reward.model import TextEncoder, new_reward_model, wants_eos
-    from toolkit.training.accelerator import make_accelerator
     from toolkit.training.schedule import warmup_linear
 
-    accelerator = make_accelerator(cfg.bf16, cfg.report_to, staging_dir(Path(cfg.out)))
     set_seed(cfg.seed)
     model, tokenizer, backbone_path = new_reward_model(cfg.model, lora=cfg.lora, lora_r=cfg.lora_r,
                                                        gradient_checkpointing=cfg.gradient_checkpointing)
@@ -274,10 +344,10 @@ def _set_up(cfg: TrainConfig, train_pairs: list[Pair], train_scored: list[Scored
     # A gradient-checkpointed backbone drops its KV cache, which the shared-prefix forward runs on.
     shared = not regression and cfg.shared_prefix and not cfg.gradient_checkpointing and model.shares_prefix
     ids, n_cut = encoder.encode_pairs(texts[0::2], texts[1::2]) if shared else encoder.encode(texts)
-    if n_cut:
+    if n_cut and first:
         warnings.append(f"{n_cut} of {len(texts)} training texts were longer than --max-length {cfg.max_length} "
                         "tokens and were cut from the left (their final answer is kept)")
-    if accelerator.is_main_process and cfg.show_progress:  # now, not after minutes of training
+    if first and accelerator.is_main_process and cfg.show_progress:  # now, not after minutes of training
         for w in warnings:
             console.print(f"[yellow]warning:[/] {w}")
     per_item = 1 if regression else 2
@@ -290,11 +360,10 @@ def _set_up(cfg: TrainConfig, train_pairs: list[Pair], train_scored: list[Scored
     # this process's optimizer steps.
     scheduler = warmup_linear(optimizer, total_steps, int(cfg.warmup_ratio * total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
-    start_tracking(accelerator, cfg.report_to, staging_dir(Path(cfg.out)), "llamakit-reward", cfg)
     return _Run(accelerator=accelerator, model=model, tokenizer=tokenizer, backbone_path=backbone_path,
                 encoder=encoder, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
                 batches_per_epoch=batches_per_epoch, texts=texts, ids=ids, lengths=lengths, targets=targets,
-                margins=margins, shared=shared, n_cut=n_cut)
+                margins=margins, shared=shared, n_cut=n_cut, tag=tag)
 
 
 def _step_counts(cfg: TrainConfig, n_items: int, world: int) -> tuple[int, int]:
@@ -315,7 +384,10 @@ def _train(cfg: TrainConfig, run: _Run, heldout: list[Pair]) -> _Log:
     log = _Log()
     world, rank = run.accelerator.num_processes, run.accelerator.process_index
     run.model.train()
-    with _progress_bar(cfg.show_progress and run.accelerator.is_main_process, run.total_steps) as show:
+    # The models of an ensemble or of cross-fitting log under their own names ("fold_2_5/loss").
+    prefix = re.sub(r"\W+", "_", run.tag).strip("_") + "/" if run.tag else ""
+    label = f"train-reward {run.tag}".strip()
+    with _progress_bar(cfg.show_progress and run.accelerator.is_main_process, run.total_steps, label) as show:
         for epoch in range(cfg.epochs):
             batches = length_grouped_batches(run.lengths, cfg.batch_size, cfg.seed * 1000 + epoch,
                                              cfg.group_by_length)
@@ -335,21 +407,21 @@ def _train(cfg: TrainConfig, run: _Run, heldout: list[Pair]) -> _Log:
                 if last:
                     log.step += 1
                     log.history.append((log.step, sum(micro_losses) / len(micro_losses)))
-                    run.accelerator.log({"loss": log.history[-1][1]}, step=log.step)
+                    run.accelerator.log({f"{prefix}loss": log.history[-1][1]}, step=log.step)
                     micro_losses = []
                     show(log.step, _status(cfg, epoch, log.recent))
             log.seconds += time.perf_counter() - started
             if heldout and run.accelerator.is_main_process:
                 log.heldout_rewards, nll = _evaluate(cfg, run, heldout)
                 log.eval_points.append((log.step, nll))
-                run.accelerator.log({"eval/nll": nll}, step=log.step)
+                run.accelerator.log({f"{prefix}eval/nll": nll}, step=log.step)
             if log.step >= run.total_steps:
                 break
     return log
 
 
 @contextlib.contextmanager
-def _progress_bar(visible: bool, total: int) -> Iterator[Callable[[int, str], None]]:
+def _progress_bar(visible: bool, total: int, label: str) -> Iterator[Callable[[int, str], None]]:
     """show(step, status): a progress bar's update, or nothing when it is not `visible`."""
     if not visible:
         yield lambda step, status: None
@@ -357,7 +429,7 @@ def _progress_bar(visible: bool, total: int) -> Iterator[Callable[[int, str], No
     from toolkit.console import progress
 
     with progress(transient=False) as bar:
-        task = bar.add_task("train-reward", total=total, status="")
+        task = bar.add_task(label, total=total, status="")
         yield lambda step, status: bar.update(task, completed=step, status=status)
 
 
@@ -440,41 +512,31 @@ def _score_pairs(cfg: TrainConfig, run: _Run, model, pairs: list[Pair]) -> list[
 
 # ---- after training: statistics, calibration, the directory -----------------------------------------------
 
-def _save(cfg: TrainConfig, run: _Run, log: _Log, model, data: dict[str, Any], heldout_from: str,
-          warnings: list[str]) -> tuple[dict[str, Any], Any]:
-    """Calibrate on the held-out pairs and write the model, calibration.json, metrics.json, the plots and the
-    card into --out at once. Returns (metrics, calibration)."""
+def _save(cfg: TrainConfig, members: list[_Fitted], crossfit: list[float] | None, data: dict[str, Any],
+          heldout_from: str, warnings: list[str]) -> tuple[dict[str, Any], Any]:
+    """Calibrate (on the out-of-fold differences when cross-fitted, else on the held-out pairs) and write the
+    model (and an ensemble's other members), calibration.json, metrics.json, the plots and the card into --out
+    at once. Returns (metrics, calibration)."""
     from toolkit.io import atomic_dir, write_json
     from toolkit.reward import calibrate as cal
     from toolkit.reward import card
+    from toolkit.reward.ensemble import MEMBERS_DIR
     from toolkit.reward.store import RewardSettings, fingerprint, save_reward_model
 
-    mean, std = _reward_stats(cfg, run, model)
-    diffs = [c - r for c, r in log.heldout_rewards] if log.heldout_rewards else []
+    run, log, model = members[0].run, members[0].log, members[0].model
+    mean, std, offsets = _reward_stats(cfg, run, [m.model for m in members])
+    diffs = crossfit if crossfit is not None else _heldout_diffs(members)
     settings = RewardSettings(backbone=str(cfg.model), max_length=cfg.max_length, append_eos=run.encoder.append_eos,
                               objective=cfg.objective, lora=cfg.lora, read_at=model.read_at)
-    pairs_per_s = log.items_seen / log.seconds if log.seconds else 0.0
     with atomic_dir(cfg.out, "reward-model", overwrite=cfg.overwrite) as tmp:
-        save_reward_model(model, run.tokenizer, settings, tmp)
+        save_reward_model(model, run.tokenizer, replace(settings, ensemble_offsets=offsets if len(members) > 1
+                                                        else []), tmp)
+        for m, member in enumerate(members[1:], start=1):  # each a reward-model directory of its own
+            save_reward_model(member.model, run.tokenizer, settings, tmp / MEMBERS_DIR / str(m))
         calibration = cal.fit(diffs, cfg.calibration, reward_mean=mean, reward_std=std, data=heldout_from,
                               fingerprint=fingerprint(tmp), prior_sd=cfg.temperature_prior_sd)
         cal.write(calibration, tmp)
-        metrics = {
-            "heldout": calibration.metrics,
-            "heldout_data": heldout_from,
-            "train": {**data, "texts_cut": run.n_cut, "shared_prefix": run.shared,
-                      "tokens_forwarded": log.tokens_forwarded, "optimizer_steps": log.step,
-                      "items_seen": log.items_seen, "seconds": round(log.seconds, 2),
-                      "pairs_per_s": round(pairs_per_s, 3),
-                      "final_loss": log.history[-1][1] if log.history else None,
-                      "loss_history": [round(v, 5) for _, v in log.history]},
-            "calibration": {"method": calibration.method, "temperature": calibration.temperature,
-                            "temperature_ml": calibration.temperature_ml, "prior_sd": cfg.temperature_prior_sd,
-                            "reward_mean": mean, "reward_std": std},
-            "settings": {k: v for k, v in asdict(cfg).items() if k != "show_progress"},
-            "backbone_path": str(run.backbone_path),
-            "warnings": warnings,
-        }
+        metrics = _metrics(cfg, members, data, calibration, heldout_from, warnings, offsets)
         write_json(tmp / "metrics.json", cal.json_safe(metrics))
         _plot(cfg, log, diffs, calibration, tmp)
         eos = run.tokenizer.eos_token if run.encoder.append_eos else None
@@ -484,18 +546,59 @@ def _save(cfg: TrainConfig, run: _Run, log: _Log, model, data: dict[str, Any], h
     return metrics, calibration
 
 
-def _reward_stats(cfg: TrainConfig, run: _Run, model) -> tuple[float, float]:
-    """Mean and std of the raw reward on (a sample of) the training texts: the PPO loop's centring and scale."""
+def _heldout_diffs(members: list[_Fitted]) -> list[float]:
+    """r_c − r_r of each held-out pair under the ensemble's mean (the offsets cancel in a difference)."""
+    per_member = [[c - r for c, r in m.log.heldout_rewards] for m in members if m.log.heldout_rewards]
+    return [sum(d) / len(d) for d in zip(*per_member, strict=True)] if per_member else []
+
+
+def _metrics(cfg: TrainConfig, members: list[_Fitted], data: dict[str, Any], calibration, heldout_from: str,
+             warnings: list[str], offsets: list[float]) -> dict[str, Any]:
+    run, log = members[0].run, members[0].log
+    pairs_per_s = log.items_seen / log.seconds if log.seconds else 0.0
+    metrics = {
+        "heldout": calibration.metrics,
+        "heldout_data": heldout_from,
+        "train": {**data, "texts_cut": run.n_cut, "shared_prefix": run.shared,
+                  "tokens_forwarded": log.tokens_forwarded, "optimizer_steps": log.step,
+                  "items_seen": log.items_seen, "seconds": round(log.seconds, 2),
+                  "pairs_per_s": round(pairs_per_s, 3),
+                  "final_loss": log.history[-1][1] if log.history else None,
+                  "loss_history": [round(v, 5) for _, v in log.history]},
+        "calibration": {"method": calibration.method, "temperature": calibration.temperature,
+                        "temperature_ml": calibration.temperature_ml, "prior_sd": cfg.temperature_prior_sd,
+                        "reward_mean": calibration.reward_mean, "reward_std": calibration.reward_std,
+                        "pairs": calibration.n_pairs, "cross_fitting_folds": cfg.calibration_folds},
+        "settings": {k: v for k, v in asdict(cfg).items() if k != "show_progress"},
+        "backbone_path": str(run.backbone_path),
+        "warnings": warnings,
+    }
+    if len(members) > 1:
+        metrics["ensemble"] = {"members": len(members), "offsets": offsets,
+                               "seeds": [cfg.seed + i for i in range(len(members))],
+                               "final_losses": [m.log.history[-1][1] if m.log.history else None for m in members],
+                               "seconds": [round(m.log.seconds, 2) for m in members]}
+    return metrics
+
+
+def _reward_stats(cfg: TrainConfig, run: _Run, models: list) -> tuple[float, float, list[float]]:
+    """Mean and std of the (ensemble's) raw reward on a sample of the training texts, the PPO loop's centring
+    and scale, and each member's offset onto member 0's scale (toolkit/reward/ensemble.py)."""
+    from toolkit.reward.ensemble import offsets_from_means
     from toolkit.reward.model import score_texts
     from toolkit.training.accelerator import autocast
 
     rng = random.Random(cfg.seed)
     sample = rng.sample(run.texts, min(STATS_TEXTS, len(run.texts)))
     with autocast(run.accelerator, cfg.bf16):
-        rewards = score_texts(model, run.encoder, sample, cfg.eval_batch_size, run.accelerator.device)
+        per_model = [score_texts(model, run.encoder, sample, cfg.eval_batch_size, run.accelerator.device)
+                     for model in models]
+    offsets = offsets_from_means([sum(r) / len(r) for r in per_model])
+    rewards = [sum(r - o for r, o in zip(column, offsets, strict=True)) / len(models)
+               for column in zip(*per_model, strict=True)]
     mean = sum(rewards) / len(rewards)
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards) - 1)) or 1.0
-    return mean, std
+    return mean, std, offsets
 
 
 def _plot(cfg: TrainConfig, log: _Log, diffs: list[float], calibration, out: Path) -> None:

@@ -1,0 +1,114 @@
+"""train-reward --ensemble K and --calibration-folds K on the tiny LLaMA: what is written, what is scored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit.errors import UserError
+from toolkit.reward.train import TrainConfig, train_reward
+
+PROMPTS = ["How do I bake bread?", "hi", "Tell me how to pick a lock."]
+RESPONSES = ["Mix flour, water, yeast; bake at 230 C.", "hello", "I would rather not help with that."]
+
+
+def _config(tiny_llama_dir, out, **overrides) -> TrainConfig:
+    from support.cli import FIXTURES
+
+    settings = dict(data=str(FIXTURES / "hh-harmless-200.jsonl"), out=str(out), model=str(tiny_llama_dir),
+                    max_length=48, batch_size=16, epochs=1, max_steps=2, learning_rate=1e-3, show_progress=False)
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def ensemble_rm(tiny_llama_dir, tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ensemble") / "rm"
+    result = train_reward(_config(tiny_llama_dir, out, ensemble=2, calibration_folds=2))
+    yield out, result
+    torch.set_num_threads(threads)
+
+
+def _plain_rewards(directory, texts: list[str]) -> list[float]:
+    """A member's raw rewards through plain transformers, the way a TRL user would read them."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    with torch.no_grad():
+        return [model(**tokenizer(t + tokenizer.eos_token, return_tensors="pt")).logits[0, 0].item() for t in texts]
+
+
+def test_cross_fitted_calibration_sees_every_pair_and_the_model_trains_on_all(ensemble_rm):
+    out, result = ensemble_rm
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["n_pairs"] == 200 and "2-fold cross-fitting" in calibration["data"]
+    assert result.metrics["train"]["pairs"] == 200  # no held-out split taken from the training data
+    assert result.metrics["calibration"]["pairs"] == 200
+    card = (out / "README.md").read_text()
+    assert "| 200 — 2-fold cross-fitting over" in card
+
+
+def test_each_member_is_a_reward_model_of_its_own_and_the_ensemble_scores_their_mean(ensemble_rm):
+    from toolkit.reward import load_reward_model
+
+    out, result = ensemble_rm
+    settings = json.loads((out / "reward_config.json").read_text())
+    offsets = settings["ensemble_offsets"]
+    assert len(offsets) == 2 and offsets[0] == 0.0
+    assert result.metrics["ensemble"]["members"] == 2 and (out / "members" / "1" / "config.json").is_file()
+
+    rm = load_reward_model(str(out))
+    assert rm.ensemble_size == 2
+    texts = rm.texts(PROMPTS, RESPONSES)
+    members = np.array([_plain_rewards(out, texts), _plain_rewards(out / "members" / "1", texts)]).T - offsets
+    scores, spreads = rm.score_with_spread(PROMPTS, RESPONSES)
+    expected = (members.mean(axis=1) - rm.reward_mean) / rm.temperature
+    assert scores == pytest.approx(expected.tolist(), abs=1e-4)
+    assert spreads == pytest.approx((members.std(axis=1) / rm.temperature).tolist(), abs=1e-4)
+    assert min(spreads) > 0  # different seeds disagree
+    assert rm.score(PROMPTS, RESPONSES) == pytest.approx(scores, abs=1e-5)
+
+
+def test_a_changed_member_invalidates_the_calibration(ensemble_rm, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from toolkit.reward import load_reward_model
+
+    out, _ = ensemble_rm
+    copy = tmp_path / "rm"
+    shutil.copytree(out, copy)
+    weights = copy / "members" / "1" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["score.weight"] = tensors["score.weight"] + 1.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(UserError, match="fitted on other weights"):
+        load_reward_model(str(copy))
+
+
+def test_a_single_model_has_no_spread(tiny_llama_dir, tmp_path):
+    from toolkit.reward import load_reward_model
+
+    torch.set_num_threads(1)
+    train_reward(_config(tiny_llama_dir, tmp_path / "rm", eval_split=0.3, max_steps=1))
+    rm = load_reward_model(str(tmp_path / "rm"))
+    scores, spreads = rm.score_with_spread(PROMPTS, RESPONSES)
+    assert rm.ensemble_size == 1 and spreads == [0.0] * 3
+    assert scores == pytest.approx(rm.score(PROMPTS, RESPONSES), abs=1e-6)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"calibration_folds": 1}, "0 \\(off\\) or at least 2"),
+    ({"calibration_folds": 2, "objective": "regression"}, "not with --objective regression"),
+    ({"calibration_folds": 2, "eval_data": "x.jsonl"}, "not with --eval-data"),
+])
+def test_cross_fitting_settings_that_cannot_work_are_refused(tiny_llama_dir, tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message):
+        train_reward(_config(tiny_llama_dir, tmp_path / "rm", **overrides))
+    assert not (tmp_path / "rm").exists()
