@@ -140,3 +140,28 @@ def test_eval_reward_without_calibration_is_one_line(trained, tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "no calibration.json" in proc.stderr and "llamakit calibrate" in proc.stderr
+
+
+def test_eval_reward_accuracy_by_confidence_and_coverage_plot(trained, tmp_path):
+    """Issue 20: when to trust a verdict. Accuracy per confidence decile and on the most confident pairs."""
+    out, _ = trained
+    small = hh_slice(tmp_path / "pairs.jsonl", 150, 175)
+    png = tmp_path / "plots" / "coverage.png"
+    rc, stdout, stderr = cli("eval-reward", out, "--data", small, "--json", "--coverage-plot", png)
+    assert rc == 0, stderr
+    result = json.loads(stdout)
+    groups = result["by_confidence"]
+    assert len(groups) == 10 and sum(g["n"] for g in groups) == result["n"] == 25
+    assert all(0.5 <= g["confidence_min"] <= g["mean_confidence"] <= g["confidence_max"] <= 1 for g in groups)
+    assert [g["confidence_max"] for g in groups] == sorted(g["confidence_max"] for g in groups)
+    selective = result["selective"]
+    assert selective["by"] == "confidence" and set(selective["accuracy_at_coverage"]) == {"0.5", "0.8", "1.0"}
+    assert selective["accuracy_at_coverage"]["1.0"] == result["accuracy"]
+    assert result["coverage_plot"] == str(png) and png.read_bytes()[:4] == b"\x89PNG"
+    # The tables a user reads carry the same numbers.
+    rc, _, stderr = cli("eval-reward", out, "--data", small)
+    kept = selective["accuracy_at_coverage"]
+    assert rc == 0 and f"{kept['0.5']:.4f} / {kept['0.8']:.4f}" in stderr  # the 50% / 80% row
+    assert "accuracy by confidence decile" in stderr
+    top = groups[-1]
+    assert f"n {top['n']}, accuracy {top['accuracy']:.4f}" in stderr

@@ -66,18 +66,22 @@ def _f(value) -> str:
 @field_option(TrainConfig, "format", help="")
 @EVAL_BATCH_SIZE
 @click.option("--plot", default=None, type=NonEmptyPath(dir_okay=False), help="Write a reliability diagram PNG here.")
+@click.option("--coverage-plot", default=None, type=NonEmptyPath(dir_okay=False),
+              help="Write a PNG of the accuracy on the most confident pairs against the fraction kept.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads.")
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON object: accuracy, ece, brier, nll, auc, n, ties (calibrated) and `raw` with the same.")
+              help="One JSON object: accuracy, ece, brier, nll, auc, n, ties (calibrated) and `raw` with the same, "
+                   "by_confidence (accuracy per confidence decile), selective (accuracy on the most confident pairs).")
 @config_option
-def eval_reward_cmd(model_dir, data, format, batch_size, plot, threads, as_json):  # noqa: A002 - the flag's name
+def eval_reward_cmd(model_dir, data, format, batch_size, plot, coverage_plot, threads,  # noqa: A002 - the flag's name
+                    as_json):
     """Accuracy, ECE, Brier, NLL and AUC of a reward model on pairs, raw and calibrated. MODEL_DIR: a train-reward
     output or any *ForSequenceClassification directory with num_labels 1."""
     from toolkit.console import emit_json, summary_table
     from toolkit.reward.evaluate import evaluate
 
     _threads(threads)
-    result = evaluate(model_dir, data, fmt=format, batch_size=batch_size, plot=plot)
+    result = evaluate(model_dir, data, fmt=format, batch_size=batch_size, plot=plot, coverage_plot=coverage_plot)
     if as_json:
         from toolkit.reward.calibrate import json_safe
 
@@ -90,9 +94,17 @@ def eval_reward_cmd(model_dir, data, format, batch_size, plot, threads, as_json)
     noise = result["ece_noise"]
     rows.append(("ECE from sampling noise alone", f"median {_f(noise['median'])}, 90% {_f(noise['p90'])} "
                  f"(a perfectly calibrated model on {result['n']} pairs)"))
+    kept = result["selective"]["accuracy_at_coverage"]
+    rows.append(("accuracy, 50% / 80% most confident", f"{_f(kept['0.5'])} / {_f(kept['0.8'])}"))
     if plot:
         rows.append(("reliability diagram", plot))
+    if coverage_plot:
+        rows.append(("coverage plot", coverage_plot))
     summary_table(f"eval-reward {data}", rows)
+    summary_table("accuracy by confidence decile", [
+        (f"confidence {g['confidence_min']:.3f}–{g['confidence_max']:.3f}",
+         f"n {g['n']}, accuracy {_f(g['accuracy'])}")
+        for g in result["by_confidence"]])
 
 
 @click.command("calibrate")

@@ -47,9 +47,18 @@ def _diffs(directory: str | os.PathLike, pairs, batch_size: int, device: str, ch
 
 
 def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batch_size: int = 32,
-             device: str = "cpu", plot: str | None = None) -> dict[str, Any]:
-    """Calibrated metrics at the top level, raw ones under "raw" (keys: accuracy, ece, brier, nll, auc, n, ties)."""
-    from toolkit.reward.metrics import ece_noise, pair_metrics, raw_probabilities
+             device: str = "cpu", plot: str | None = None, coverage_plot: str | None = None) -> dict[str, Any]:
+    """Calibrated metrics at the top level, raw ones under "raw" (keys: accuracy, ece, brier, nll, auc, n, ties);
+    "by_confidence" and "selective" say how far the calibrated verdicts can be trusted as confidence varies."""
+    from toolkit.reward.metrics import (
+        accuracy_by_confidence,
+        confidence,
+        ece_noise,
+        pair_correct,
+        pair_metrics,
+        raw_probabilities,
+        selective_accuracy,
+    )
 
     pairs = _pairs(data, fmt)
     rewards, calibration, n_cut = _diffs(directory, pairs, batch_size, device, check_calibration=True)
@@ -58,6 +67,10 @@ def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batc
     result: dict[str, Any] = {**pair_metrics(p_cal), "raw": pair_metrics(p_raw), "method": calibration.method,
                               "temperature": calibration.temperature, "texts_cut": n_cut, "data": data,
                               "model": str(directory), "ece_noise": ece_noise(p_cal)}
+    correct, uncertainty = pair_correct(p_cal), -confidence(p_cal)
+    result["by_confidence"] = accuracy_by_confidence(p_cal)
+    result["selective"] = {"by": "confidence", "accuracy_at_coverage": {
+        f"{c:.1f}": selective_accuracy(correct, uncertainty, c) for c in (0.5, 0.8, 1.0)}}
     if plot:
         from toolkit.reward.plots import reliability_diagram
 
@@ -65,6 +78,13 @@ def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batc
         reliability_diagram({"raw": p_raw, calibration.method: p_cal}, plot,
                             title=f"{Path(data).name} (n={len(diffs)})")
         result["plot"] = plot
+    if coverage_plot:
+        from toolkit.reward.plots import coverage_plot as plot_coverage
+
+        Path(coverage_plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_coverage({"confidence": (correct, uncertainty)}, coverage_plot,
+                      title=f"{Path(data).name} (n={len(diffs)})")
+        result["coverage_plot"] = coverage_plot
     return result
 
 

@@ -9,6 +9,9 @@ symmetric reading Brier, NLL and ECE equal those of the usual one-sided form, an
     Brier     mean (1 − p)²
     NLL       mean −log p
     AUC       ROC AUC of the 2N symmetric predictions
+
+When to trust a verdict: accuracy per confidence group, and selective accuracy, the accuracy on the
+fraction (coverage) of pairs whose uncertainty is lowest.
 """
 
 from __future__ import annotations
@@ -131,6 +134,56 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def raw_probabilities(diffs: Sequence[float]) -> np.ndarray:
     """P(chosen ≻ rejected) = σ(r_c − r_r), the model's own, uncalibrated reading."""
     return sigmoid(np.asarray(diffs, dtype=np.float64))
+
+
+def pair_correct(p: Sequence[float]) -> np.ndarray:
+    """Each pair's accuracy credit: 1 when p > 1/2, ½ for a tie, 0 below (their mean is `accuracy`)."""
+    p = np.asarray(p, dtype=np.float64)
+    return np.where(p > 0.5, 1.0, np.where(p == 0.5, 0.5, 0.0))
+
+
+def confidence(p: Sequence[float]) -> np.ndarray:
+    """max(p, 1 − p): the probability a model gives to whichever side it picks."""
+    p = np.asarray(p, dtype=np.float64)
+    return np.maximum(p, 1.0 - p)
+
+
+def accuracy_by_confidence(p: Sequence[float], groups: int = 10) -> list[dict[str, float | int]]:
+    """Pairs sorted by confidence and cut into `groups` groups of (near) equal count, least confident first.
+
+    Equal counts rather than equal-width bins: calibrated confidences bunch up, and an accuracy is only worth
+    reading when its group has pairs in it."""
+    p = np.asarray(p, dtype=np.float64)
+    if len(p) == 0:
+        return []
+    conf, correct = confidence(p), pair_correct(p)
+    order = np.argsort(conf, kind="stable")
+    out: list[dict[str, float | int]] = []
+    for i, idx in enumerate(np.array_split(order, min(groups, len(p)))):
+        out.append({"group": i, "n": len(idx), "confidence_min": float(conf[idx].min()),
+                    "confidence_max": float(conf[idx].max()), "mean_confidence": float(conf[idx].mean()),
+                    "accuracy": float(correct[idx].mean())})
+    return out
+
+
+def selective_accuracy(correct: Sequence[float], uncertainty: Sequence[float], coverage: float) -> float:
+    """Mean `correct` over the ceil(coverage · n) pairs of lowest `uncertainty` (ties keep input order).
+
+    `uncertainty` is anything where lower means "trust this verdict more": −confidence for one model,
+    the spread of an ensemble's reward differences for several."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    correct = np.asarray(correct, dtype=np.float64)
+    # Rounded first: 0.55 · 100 is 55.00000000000001 in floating point, and must keep 55 pairs, not 56.
+    keep = max(1, math.ceil(round(coverage * len(correct), 9)))
+    order = np.argsort(np.asarray(uncertainty, dtype=np.float64), kind="stable")
+    return float(correct[order[:keep]].mean())
+
+
+def coverage_curve(correct: Sequence[float], uncertainty: Sequence[float],
+                   points: int = 20) -> list[tuple[float, float]]:
+    """(coverage, selective accuracy) at coverage 1/points, 2/points, ..., 1."""
+    return [(k / points, selective_accuracy(correct, uncertainty, k / points)) for k in range(1, points + 1)]
 
 
 def fmt(metrics: dict[str, float | int]) -> str:

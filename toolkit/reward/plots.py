@@ -1,5 +1,5 @@
-"""The reliability diagram (before/after calibration), a PNG a user opens. The training curve is
-toolkit.training.runlog.plot_curves."""
+"""The reliability diagram (before/after calibration) and the coverage curve, PNGs a user opens. The training
+curve is toolkit.training.runlog.plot_curves."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from toolkit.reward.metrics import N_BINS, pair_metrics, reliability, symmetric
+from toolkit.reward.metrics import N_BINS, coverage_curve, pair_metrics, reliability, symmetric
 
 
 def _pyplot():
@@ -39,6 +39,32 @@ def reliability_diagram(curves: dict[str, Sequence[float]], path: str | os.PathL
     ax.legend(loc="upper left", fontsize=8)
     hist.set_xlabel("predicted probability")
     hist.set_ylabel("count")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def coverage_plot(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike,
+                  title: str = "") -> None:
+    """Selective accuracy against coverage, one line per {label: (correct, uncertainty)}: how accurate the
+    verdicts are when only the least uncertain fraction of pairs is kept. Dashed: accuracy on all pairs."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    overall: dict[float, str] = {}  # accuracy on all pairs -> colour of the first curve with it
+    for (label, (correct, uncertainty)), marker in zip(curves.items(), "os^v", strict=False):
+        points = coverage_curve(correct, uncertainty)
+        (line,) = ax.plot([c for c, _ in points], [a for _, a in points], marker=marker, markersize=3, label=label)
+        overall.setdefault(float(np.mean(correct)), line.get_color())
+    for accuracy, colour in overall.items():
+        # Curves scored on the same verdicts share one line; grey when there is only one.
+        ax.axhline(accuracy, linestyle="--", linewidth=1, color=colour if len(overall) > 1 else "0.5",
+                   label=f"all pairs: {accuracy:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("coverage (fraction of pairs kept, least uncertain first)")
+    ax.set_ylabel("accuracy on the pairs kept")
+    ax.set_title(title or "Selective accuracy")
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
