@@ -112,3 +112,26 @@ def test_cross_fitting_settings_that_cannot_work_are_refused(tiny_llama_dir, tmp
     with pytest.raises(UserError, match=message):
         train_reward(_config(tiny_llama_dir, tmp_path / "rm", **overrides))
     assert not (tmp_path / "rm").exists()
+
+
+def test_eval_reward_of_an_ensemble_reports_its_members_and_their_disagreement(ensemble_rm, tmp_path):
+    from toolkit.reward import load_reward_model
+    from toolkit.reward.evaluate import evaluate
+
+    out, _ = ensemble_rm
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in
+            zip(PROMPTS, RESPONSES, ["no", "go away", "Sure, here is how to pick it."], strict=True)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = evaluate(out, str(data), coverage_plot=str(tmp_path / "coverage.png"))
+
+    rm = load_reward_model(str(out))
+    chosen, rejected = rm.texts(PROMPTS, RESPONSES), rm.texts(PROMPTS, [row["rejected"] for row in rows])
+    diffs = np.array([np.subtract(_plain_rewards(d, chosen), _plain_rewards(d, rejected))
+                      for d in (out, out / "members" / "1")]).T  # (pairs, members)
+    ensemble = result["ensemble"]
+    assert ensemble["members"] == 2
+    assert ensemble["member_accuracies"] == pytest.approx((diffs > 0).mean(axis=0).tolist())
+    assert ensemble["mean_disagreement"] == pytest.approx(float(diffs.std(axis=1).mean() / rm.temperature), abs=1e-4)
+    assert ensemble["selective"]["accuracy_at_coverage"]["1.0"] == pytest.approx(result["accuracy"])
+    assert (tmp_path / "coverage.png").stat().st_size > 0

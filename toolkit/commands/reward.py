@@ -96,6 +96,11 @@ def eval_reward_cmd(model_dir, data, format, batch_size, plot, coverage_plot, th
                  f"(a perfectly calibrated model on {result['n']} pairs)"))
     kept = result["selective"]["accuracy_at_coverage"]
     rows.append(("accuracy, 50% / 80% most confident", f"{_f(kept['0.5'])} / {_f(kept['0.8'])}"))
+    if "ensemble" in result:
+        ensemble = result["ensemble"]
+        agreed = ensemble["selective"]["accuracy_at_coverage"]
+        rows.append((f"each of the {ensemble['members']} members", " / ".join(map(_f, ensemble["member_accuracies"]))))
+        rows.append(("accuracy, 50% / 80% least disagreement", f"{_f(agreed['0.5'])} / {_f(agreed['0.8'])}"))
     if plot:
         rows.append(("reliability diagram", plot))
     if coverage_plot:

@@ -21,8 +21,11 @@ def _pairs(data: str, fmt: str):
 
 
 def _diffs(directory: str | os.PathLike, pairs, batch_size: int, device: str, check_calibration: bool):
+    """(rewards of chosen_0, rejected_0, chosen_1 …, the calibration or None, texts cut, an ensemble's member
+    rewards per text or None)."""
     from toolkit.console import progress
     from toolkit.reward import calibrate as cal
+    from toolkit.reward.ensemble import EnsembleNet
     from toolkit.reward.model import TextEncoder, score_texts
     from toolkit.reward.store import fingerprint, load_trained, read_calibration, reward_dir_kind
 
@@ -41,9 +44,12 @@ def _diffs(directory: str | os.PathLike, pairs, batch_size: int, device: str, ch
     encoder = TextEncoder(tokenizer, settings.max_length, settings.append_eos)
     texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
     _, n_cut = encoder.encode(texts)
+    members = isinstance(net, EnsembleNet)
     with progress(transient=True) as bar:
-        rewards = score_texts(net, encoder, texts, batch_size, device, progress=bar)
-    return rewards, existing, n_cut
+        rewards = score_texts(net, encoder, texts, batch_size, device, progress=bar, members=members)
+    if members:  # one pass for both: the ensemble's reward is the mean of its members'
+        return [sum(r) / len(r) for r in rewards], existing, n_cut, rewards
+    return rewards, existing, n_cut, None
 
 
 def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batch_size: int = 32,
@@ -61,7 +67,7 @@ def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batc
     )
 
     pairs = _pairs(data, fmt)
-    rewards, calibration, n_cut = _diffs(directory, pairs, batch_size, device, check_calibration=True)
+    rewards, calibration, n_cut, member_rewards = _diffs(directory, pairs, batch_size, device, check_calibration=True)
     diffs = [c - r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)]
     p_raw, p_cal = raw_probabilities(diffs), calibration.probabilities(diffs)
     result: dict[str, Any] = {**pair_metrics(p_cal), "raw": pair_metrics(p_raw), "method": calibration.method,
@@ -71,6 +77,10 @@ def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batc
     result["by_confidence"] = accuracy_by_confidence(p_cal)
     result["selective"] = {"by": "confidence", "accuracy_at_coverage": {
         f"{c:.1f}": selective_accuracy(correct, uncertainty, c) for c in (0.5, 0.8, 1.0)}}
+    curves = {"confidence": (correct, uncertainty)}
+    if member_rewards is not None:
+        result["ensemble"], disagreement = _ensemble_report(member_rewards, correct, calibration.temperature)
+        curves["ensemble disagreement"] = (correct, disagreement)
     if plot:
         from toolkit.reward.plots import reliability_diagram
 
@@ -82,7 +92,7 @@ def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batc
         from toolkit.reward.plots import coverage_plot as plot_coverage
 
         Path(coverage_plot).parent.mkdir(parents=True, exist_ok=True)
-        plot_coverage({"confidence": (correct, uncertainty)}, coverage_plot,
+        plot_coverage(curves, coverage_plot,
                       title=f"{Path(data).name} (n={len(diffs)})")
         result["coverage_plot"] = coverage_plot
     return result
@@ -99,7 +109,7 @@ def recalibrate(directory: str | os.PathLike, data: str, *, method: str = "tempe
     from toolkit.reward.store import fingerprint
 
     pairs = _pairs(data, fmt)
-    rewards, existing, _ = _diffs(directory, pairs, batch_size, device, check_calibration=False)
+    rewards, existing, _, _ = _diffs(directory, pairs, batch_size, device, check_calibration=False)
     if existing is not None:
         mean, std = existing.reward_mean, existing.reward_std
     else:
@@ -115,3 +125,21 @@ def recalibrate(directory: str | os.PathLike, data: str, *, method: str = "tempe
     reliability_diagram({"raw": raw_probabilities(diffs), method: calibration.probabilities(diffs)},
                         plot or Path(directory) / "reliability.png", title=f"{Path(data).name} (n={len(diffs)})")
     return calibration, existing is not None
+
+
+def _ensemble_report(member_rewards: list[list[float]], correct, temperature: float):
+    """An ensemble's members on these pairs (each one's accuracy, how much they disagree) and its selective
+    accuracy when the pairs its members disagree on most are set aside; and the per-pair disagreement."""
+    import numpy as np
+
+    from toolkit.reward.ensemble import pair_disagreement
+    from toolkit.reward.metrics import pair_correct, raw_probabilities, selective_accuracy
+
+    chosen, rejected = np.asarray(member_rewards[0::2]), np.asarray(member_rewards[1::2])
+    disagreement = pair_disagreement(chosen, rejected) / temperature
+    diffs = chosen - rejected
+    member_accuracy = [float(pair_correct(raw_probabilities(diffs[:, m])).mean()) for m in range(diffs.shape[1])]
+    return {"members": diffs.shape[1], "member_accuracies": member_accuracy,
+            "mean_disagreement": float(disagreement.mean()),
+            "selective": {"by": "disagreement", "accuracy_at_coverage": {
+                f"{c:.1f}": selective_accuracy(correct, disagreement, c) for c in (0.5, 0.8, 1.0)}}}, disagreement
