@@ -66,6 +66,9 @@ class PPOConfig:
     whiten_rewards: bool = _f(False, "Whiten the per-token rewards before GAE.")
     missing_eos_penalty: float = _f(1.0, "Subtracted from the score of a response that hit the budget without EOS.",
                                      min=0)
+    reward_uncertainty_penalty: float = _f(0.0, "λ: with an ensemble reward model (train-reward --ensemble K), the "
+                                           "score is the members' mean − λ·their variance (uncertainty-weighted "
+                                           "optimisation, Coste et al. 2023); 0 = the mean.", min=0)
     # --- KL ------------------------------------------------------------------------------------------
     kl_coef: float = _f(0.05, "β of the per-token k1 KL penalty (the start value when adaptive).", min=0)
     adaptive_kl: bool = _f(False, "Adapt β towards kl_target (Ziegler et al. 2019).")
@@ -118,6 +121,8 @@ class PPOConfig:
         if self.save_adapter and not self.lora:
             bad("save_adapter", "needs --lora (without LoRA no adapter is trained; the whole policy is saved either "
                 "way)")
+        if self.reward_uncertainty_penalty and self.reward.startswith("rules"):
+            bad("reward_uncertainty_penalty", "needs an ensemble reward model (train-reward --ensemble K), not rules")
         if self.algo == "ppo" and self.kl_in == "loss":
             bad("kl_in", "loss needs --algo grpo or rloo (PPO puts the KL in the reward)")
         if self.algo != "ppo":

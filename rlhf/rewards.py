@@ -18,9 +18,12 @@ from toolkit.errors import UserError
 RewardFn = Callable[..., Sequence[float]]
 
 
-def make_reward_fn(spec: str, prompts: Sequence[TokenizedPrompt] = (), file: str | None = None) -> RewardFn:
+def make_reward_fn(spec: str, prompts: Sequence[TokenizedPrompt] = (), file: str | None = None,
+                   uncertainty_penalty: float = 0.0) -> RewardFn:
     """`rules:NAMES` -> rule scorers; a directory -> its reward model (train-reward's, or any
-    `*ForSequenceClassification` with num_labels 1: toolkit/reward/store.py).
+    `*ForSequenceClassification` with num_labels 1: toolkit/reward/store.py). With `uncertainty_penalty` λ, an
+    ensemble reward model scores mean − λ·variance of its members, in calibrated units (Coste et al. 2023, UWO):
+    the policy gains less where the members disagree, which is where a proxy reward is easiest to exploit.
 
     Rules that read the prompt's row check every row of `prompts` now (read from `file`): a row they
     cannot score stops the run before the model loads."""
@@ -38,9 +41,15 @@ def make_reward_fn(spec: str, prompts: Sequence[TokenizedPrompt] = (), file: str
     except ImportError as err:
         raise UserError(f"reward models cannot be loaded in this install ({err}); use --reward rules:...") from None
     model = load_reward_model(spec)
+    if uncertainty_penalty and model.ensemble_size < 2:
+        raise UserError(f"--reward-uncertainty-penalty needs an ensemble reward model; {spec} is a single model "
+                        "(train one with `llamakit train-reward --ensemble K`)")
 
     def score(prompts: Sequence[str], responses: Sequence[str], finish_reasons: Sequence[str]) -> list[float]:
-        return list(model.score(list(prompts), list(responses)))
+        if not uncertainty_penalty:
+            return list(model.score(list(prompts), list(responses)))
+        means, spreads = model.score_with_spread(list(prompts), list(responses))
+        return [m - uncertainty_penalty * s * s for m, s in zip(means, spreads, strict=True)]
 
     return score
 

@@ -90,7 +90,7 @@ def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
     if n_truncated and is_main:
         console.print(f"[yellow]warning:[/] {n_truncated} prompt(s) longer than --max-prompt-tokens "
                       f"{cfg.max_prompt_tokens} were cut from the left")
-    reward_fn = reward_fn or make_reward_fn(cfg.reward, prompts, cfg.prompts)
+    reward_fn = reward_fn or make_reward_fn(cfg.reward, prompts, cfg.prompts, cfg.reward_uncertainty_penalty)
     actor, ref_lm, tokenizer = _load_models(cfg, max(len(p.ids) for p in prompts))
 
     optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=cfg.learning_rate,

@@ -135,3 +135,37 @@ def test_eval_reward_of_an_ensemble_reports_its_members_and_their_disagreement(e
     assert ensemble["mean_disagreement"] == pytest.approx(float(diffs.std(axis=1).mean() / rm.temperature), abs=1e-4)
     assert ensemble["selective"]["accuracy_at_coverage"]["1.0"] == pytest.approx(result["accuracy"])
     assert (tmp_path / "coverage.png").stat().st_size > 0
+
+
+def test_the_uncertainty_penalty_takes_lambda_times_the_members_variance(ensemble_rm):
+    from rlhf.rewards import make_reward_fn
+    from toolkit.reward import load_reward_model
+
+    out, _ = ensemble_rm
+    means, spreads = load_reward_model(str(out)).score_with_spread(PROMPTS, RESPONSES)
+    plain = make_reward_fn(str(out))(PROMPTS, RESPONSES, ["stop"] * 3)
+    penalised = make_reward_fn(str(out), uncertainty_penalty=4.0)(PROMPTS, RESPONSES, ["stop"] * 3)
+    assert plain == pytest.approx(means, abs=1e-5)
+    assert penalised == pytest.approx([m - 4.0 * s * s for m, s in zip(means, spreads, strict=True)], abs=1e-5)
+    assert all(p < m for p, m in zip(penalised, means, strict=True))
+
+
+def test_rlhf_runs_on_the_penalised_ensemble_and_refuses_what_has_no_spread(ensemble_rm, tiny_llama_dir, tmp_path):
+    from support.cli import FIXTURES
+
+    from rlhf.config import PPOConfig
+    from rlhf.rewards import make_reward_fn
+    from rlhf.trainer import train
+
+    out, _ = ensemble_rm
+    cfg = PPOConfig(policy=str(tiny_llama_dir), reward=str(out), prompts=str(FIXTURES / "prompts-alpaca-32.jsonl"),
+                    out=str(tmp_path / "ppo"), steps=1, batch_size=2, num_minibatches=1, ppo_epochs=1,
+                    max_new_tokens=4, reward_uncertainty_penalty=1.0, sample_every=0)
+    result = train(cfg)
+    assert (tmp_path / "ppo" / "policy" / "config.json").is_file() and result is not None
+    with pytest.raises(UserError, match="not rules"):
+        PPOConfig(prompts="p.jsonl", reward="rules:length", reward_uncertainty_penalty=1.0).validate()
+    single = tmp_path / "single"
+    train_reward(_config(tiny_llama_dir, single, eval_split=0.3, max_steps=1))
+    with pytest.raises(UserError, match="needs an ensemble reward model"):
+        make_reward_fn(str(single), uncertainty_penalty=1.0)
