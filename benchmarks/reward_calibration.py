@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "hh-harmless-dev.jsonl"
 
@@ -74,6 +76,40 @@ def shorter_wins(pairs) -> float:
                for p in pairs) / len(pairs)
 
 
+def trl_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
+    """TRL's RewardTrainer on the same folds (reward_vs_trl.py's child, in its peer venv): same backbone, epochs,
+    batch, lr, max length; TRL drops training pairs longer than max_length, as it does. No calibration."""
+    import subprocess
+
+    from reward_vs_trl import peer_python
+
+    from toolkit.models import resolve
+    from toolkit.reward.train import TrainConfig
+
+    defaults = TrainConfig(data="", out="")
+    lines = Path(args.data).read_text(encoding="utf-8").splitlines()
+    saved = []
+    for k, test_ids in enumerate(folds(len(pairs), args.folds, args.seed)):
+        held_out = set(test_ids)
+        files = {name: where / f"{name}-{k}.jsonl" for name in ("train", "test")}
+        files["train"].write_text("".join(lines[p.line - 1] + "\n" for i, p in enumerate(pairs) if i not in held_out))
+        files["test"].write_text("".join(lines[pairs[i].line - 1] + "\n" for i in test_ids))
+        diffs_file = where / f"trl-diffs-{k}.json"
+        started = time.perf_counter()
+        subprocess.run([peer_python(None), str(ROOT / "benchmarks" / "reward_vs_trl.py"), "--child", "trl",
+                        "--train", str(files["train"]), "--test", str(files["test"]),
+                        "--model-path", str(resolve(defaults.model)), "--max-length", str(defaults.max_length),
+                        "--batch-size", str(defaults.batch_size), "--epochs", str(defaults.epochs),
+                        "--learning-rate", str(defaults.learning_rate), "--warmup-ratio", str(defaults.warmup_ratio),
+                        "--threads", str(args.threads), "--seed", str(args.seed), "--diffs-out", str(diffs_file)],
+                       check=True, stdout=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        fold = {"fold": k, "test_ids": test_ids, "test_diffs": json.loads(diffs_file.read_text()), "heldout_diffs": [],
+                "seconds": round(time.perf_counter() - started, 1)}
+        (where / f"fold-{k}.json").write_text(json.dumps(fold))
+        saved.append(fold)
+    return saved
+
+
 def train_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
     """Train one default reward model per fold; per fold, the reward differences of its test pairs and of
     the held-out pairs its calibration was fitted on (also written to WHERE/fold-K.json)."""
@@ -113,6 +149,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="keep the per-fold reward differences here (fold-K.json)")
     parser.add_argument("--from", dest="from_dir", default=None,
                         help="no training: recompute from the fold-K.json files of an earlier --out run")
+    parser.add_argument("--peer", choices=["trl"], default=None,
+                        help="train TRL's RewardTrainer on the same folds instead (train-reward's default settings)")
     parser.add_argument("--plot", default=None, help="pooled reliability diagram (raw and calibrated) to this PNG")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a train-reward setting other than its default, e.g. --set epochs=2 (repeatable); "
@@ -143,7 +181,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             where = Path(args.out) if args.out else Path(tmp)
             where.mkdir(parents=True, exist_ok=True)
-            saved = train_folds(args, pairs, overrides, where)
+            saved = (trl_folds if args.peer == "trl" else train_folds)(args, pairs, overrides, where)
     n = sum(len(f["test_ids"]) for f in saved)
     p_raw, p_cal, p_cross, per_fold = np.zeros(n), np.zeros(n), np.zeros(n), []
     for k, f in enumerate(saved):
@@ -176,7 +214,7 @@ def main() -> None:
 
     noise = ece_noise(p_cal)
     print(json.dumps({
-        "pairs": n, "folds": len(saved), "settings": overrides or "defaults",
+        "pairs": n, "folds": len(saved), "settings": "trl" if args.peer else overrides or "defaults",
         "raw": rounded(pair_metrics(p_raw)), "calibrated": rounded(pair_metrics(p_cal)),
         "calibrated_crossfit": rounded(pair_metrics(p_cross)),
         "ece_noise_median": round(noise["median"], 4), "ece_noise_p90": round(noise["p90"], 4),

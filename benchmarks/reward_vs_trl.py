@@ -99,6 +99,8 @@ def run_trl(args) -> dict:
     pairs_done = min(kept * args.epochs, output.global_step * args.batch_size)
     model.eval()
     diffs = []
+    if args.diffs_out:  # the k-fold comparison (reward_calibration.py --peer trl) scores every test pair:
+        tokenizer.truncation_side = "left"  # keep each long text's final answer, as llamakit does
     with torch.inference_mode():
         for start in range(0, len(test), 32):
             chunk = test[start:start + 32]
@@ -106,6 +108,8 @@ def run_trl(args) -> dict:
             enc = tokenizer(texts, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
             scores = model(**enc).logits.squeeze(-1).tolist()
             diffs += [c - r for c, r in zip(scores[0::2], scores[1::2], strict=True)]
+    if args.diffs_out:
+        Path(args.diffs_out).write_text(json.dumps(diffs), encoding="utf-8")
     return {"pairs_per_s": pairs_done / runtime, "accuracy": accuracy(diffs), "pairs": kept,
             "steps": output.global_step, "train_seconds": runtime, "peak_rss_mb": peak_rss_mb(),
             "cpu_seconds": cpu_seconds(),
@@ -202,6 +206,7 @@ def main() -> None:
     parser.add_argument("--train", help=argparse.SUPPRESS)
     parser.add_argument("--test", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
+    parser.add_argument("--diffs-out", help=argparse.SUPPRESS)  # a trl child writes its test-pair differences here
     args = parser.parse_args()
     if args.learning_rate is None:
         from toolkit.reward.train import TrainConfig
