@@ -169,3 +169,11 @@ def test_rlhf_runs_on_the_penalised_ensemble_and_refuses_what_has_no_spread(ense
     train_reward(_config(tiny_llama_dir, single, eval_split=0.3, max_steps=1))
     with pytest.raises(UserError, match="needs an ensemble reward model"):
         make_reward_fn(str(single), uncertainty_penalty=1.0)
+
+
+def test_the_card_says_what_the_ensemble_and_the_calibration_are(ensemble_rm):
+    out, _ = ensemble_rm
+    card = (out / "README.md").read_text()
+    assert "| ensemble | 2 members (seeds 0–1)" in card and "`members/1`" in card
+    assert "rm.score_with_spread(" in card
+    assert "Out-of-fold: each pair scored by a fold model" in card

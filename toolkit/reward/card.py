@@ -37,4 +37,5 @@ def render(cfg, metrics: dict[str, Any], calibration, *, architecture: str, eos:
         temperature_ml=_num(calibration.temperature_ml), prior_sd=_num(calibration.prior_sd),
         reward_mean=_num(calibration.reward_mean), reward_std=_num(calibration.reward_std),
         has_reliability=calibration.n_pairs > 0, warnings=metrics.get("warnings") or [], architecture=architecture,
-        eos=eos)
+        eos=eos, members=cfg.ensemble, seeds=f"{cfg.seed}–{cfg.seed + cfg.ensemble - 1}",
+        crossfit=bool(cfg.calibration_folds))
