@@ -46,11 +46,14 @@ def train_reward_cmd(threads: int | None, as_json: bool, **settings) -> None:
         return
     raw, calibrated = heldout.get("raw", {}), heldout.get("calibrated", {})
     rows = [("output", str(result.out)), ("training pairs", result.metrics["train"]["pairs"]),
-            ("pairs / s", result.metrics["train"]["pairs_per_s"]), ("held-out pairs", raw.get("n", 0)),
+            ("pairs / s", result.metrics["train"]["pairs_per_s"]),
+            ("calibration pairs", f"{raw.get('n', 0)} ({result.metrics['heldout_data']})"),
             ("temperature T", result.calibration.temperature),
             ("T by plain max. likelihood", result.calibration.temperature_ml)]
     for key in ("accuracy", "ece", "brier", "nll", "auc"):
         rows.append((f"{key} raw → {result.calibration.method}", f"{_f(raw.get(key))} → {_f(calibrated.get(key))}"))
+    if "ensemble" in result.metrics:
+        rows.append(("ensemble members", result.metrics["ensemble"]["members"]))
     summary_table("train-reward", rows)
     console.print(f"model card: {result.out / 'README.md'}")
 
