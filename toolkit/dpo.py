@@ -306,7 +306,7 @@ def _set_up(cfg: DPOConfig) -> _Run:
 
     from toolkit.io import claim_run_dir, start_run_dir
     from toolkit.models import load_causal_lm, load_tokenizer
-    from toolkit.training.accelerator import make_accelerator
+    from toolkit.training.accelerator import configure_deepspeed, make_accelerator, zero_stage
     from toolkit.training.model import base_dtype, make_trainable
     from toolkit.training.runlog import drop_rows_after
     from toolkit.training.schedule import warmup_linear
@@ -314,6 +314,9 @@ def _set_up(cfg: DPOConfig) -> _Run:
 
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.bf16, cfg.report_to, out)
+    if zero_stage(accelerator) == 3 and not cfg.lora:
+        raise UserError("dpo under ZeRO-3 needs --lora (the frozen reference copy would be partitioned too and "
+                        "need a DeepSpeed engine of its own); or use the ZeRO-2 config")
     claim_run_dir(out, "dpo-run", resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
 
@@ -335,6 +338,7 @@ def _set_up(cfg: DPOConfig) -> _Run:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=0.0)
     scheduler = warmup_linear(optimizer, total, int(cfg.warmup_ratio * total))
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     run = _Run(cfg, accelerator, out, tokenizer, pairs, eval_pairs, stats, model, accelerator.unwrap_model(model),
                reference, optimizer, scheduler, steps_per_epoch, total, 0)
@@ -435,13 +439,24 @@ def _reference_forward(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch
             return concatenated_logps(run.unwrapped, batch, average)
 
 
+def _forward_share(accelerator: Accelerator, n: int) -> list[int]:
+    """Which of `n` pairs this process runs through a model outside training: its share, or all of them under
+    ZeRO-3, where every process must run the same forwards (shares of an odd `n` differ in batches). The
+    callers' results do not change: a table filled twice, or sums whose ratios are the means."""
+    from toolkit.training.accelerator import forwards_together
+
+    if forwards_together(accelerator):
+        return list(range(n))
+    return list(range(accelerator.process_index, n, accelerator.num_processes))
+
+
 def _all_ref_logps(run: _Run, pairs: list[PairTokens]) -> torch.Tensor:
     """[N, 2] reference log-probs of every pair: each process computes a share, all get the whole."""
     import torch
     from accelerate.utils import gather_object
 
-    rank, world = run.accelerator.process_index, run.accelerator.num_processes
-    mine = list(range(rank, len(pairs), world))
+    world = run.accelerator.num_processes
+    mine = _forward_share(run.accelerator, len(pairs))
     rows = []
     for i in range(0, len(mine), run.cfg.batch_size):
         indices = mine[i:i + run.cfg.batch_size]
@@ -512,7 +527,7 @@ def _evaluate(run: _Run) -> dict[str, float]:
     from toolkit.training.accelerator import autocast
 
     accelerator, cfg = run.accelerator, run.cfg
-    mine = list(range(accelerator.process_index, len(run.eval_pairs), accelerator.num_processes))
+    mine = _forward_share(accelerator, len(run.eval_pairs))
     sums = torch.zeros(len(PAIR_METRICS) + 1, device=accelerator.device)
     run.unwrapped.eval()
     for i in range(0, len(mine), cfg.batch_size):
@@ -534,15 +549,17 @@ def _finish(run: _Run, log: RunLog, step: int, t_run: float, eval_metrics: dict[
     """Save the (merged) policy, plot the curves, write run.json and print the summary (main process)."""
     from toolkit.console import summary_table
     from toolkit.io import read_existing, write_json
+    from toolkit.training.accelerator import gathered_weights
     from toolkit.training.runlog import Curve, plot_curves
 
     cfg, out, stats = run.cfg, run.out, run.stats
     policy_dir = None
-    history = log.history
+    history = read_existing(out / "metrics.jsonl") if run.accelerator.is_main_process else log.history
+    final = history[-1] if history else {}
+    with gathered_weights(run.accelerator, run.unwrapped):  # every process: ZeRO-3 gathers the weights to save
+        if run.accelerator.is_main_process:
+            policy_dir = _save_policy(run, out / "policy", step, {**final, **eval_metrics})
     if run.accelerator.is_main_process:
-        history = read_existing(out / "metrics.jsonl")
-        final = history[-1] if history else {}
-        policy_dir = _save_policy(run, out / "policy", step, {**final, **eval_metrics})
         plot_curves(history, out / "curves.png", [Curve(k, k, smooth=True) for k in CURVES],
                     title=f"llamakit dpo ({cfg.loss}, β={cfg.beta})")
         write_json(out / "run.json", {"config": dataclasses.asdict(cfg), "steps": step, "data": stats,

@@ -15,17 +15,18 @@ from support.cli import FIXTURES, ROOT, free_port
 pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed (make test installs it)")
 
 
-def launch(preset: str, out: Path, *args) -> subprocess.CompletedProcess:
+def launch(preset: str, out: Path, *args, processes: int = 2) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).with_name("accelerate")
     # DS_ACCELERATOR: the launcher itself would print DeepSpeed's "Setting accelerator to CPU" note on stdout
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
     env.pop("RANK", None)
     return subprocess.run([str(accelerate), "launch", "--config_file", f"templates/accelerate/{preset}",
-                           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "toolkit", *args,
-                           "--out", out, "--json"],
+                           "--num_processes", str(processes), "--main_process_port", str(free_port()), "-m", "toolkit",
+                           *args, "--out", out, "--json"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
+# Each 2-rank run costs 30-80 s: one case per mechanism and command.
 @pytest.mark.parametrize(("stage", "lora"), [(2, False), (3, False), (3, True)], ids=["zero2", "zero3", "zero3-lora"])
 def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_path, stage, lora):
     import torch
@@ -57,7 +58,7 @@ def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_pat
 # ZeRO-3 with LoRA, as the 33B/65B presets run it (its final policy was saved as empty shards before);
 # ZeRO-3 without LoRA does not run yet: the frozen reference copy is partitioned too (transformers loads under
 # zero.Init once a DeepSpeed plugin exists) and would need its own DeepSpeed inference engine, as TRL builds
-@pytest.mark.parametrize("stage, lora", [(2, []), (3, ["--lora"])])
+@pytest.mark.parametrize("stage, lora", [(3, ["--lora"])])  # ZeRO-2 is shown by sft and dpo
 def test_ppo_under_deepspeed(stage, lora, tiny_llama_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -78,3 +79,83 @@ def test_ppo_under_deepspeed(stage, lora, tiny_llama_dir, tmp_path):
     saved = load_file(out / "policy" / "model.safetensors")
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
     assert any(not torch.equal(saved[k], start[k]) for k in start)
+
+
+def assert_whole_and_trained(saved: dict, start: dict) -> None:
+    """The saved weights have the backbone's shapes (gathered, not ZeRO-3's (0,) shards) and moved from it."""
+    import torch
+
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
+    assert any(not torch.equal(saved[k], start[k]) for k in start)
+
+
+@pytest.mark.parametrize("stage", [3], ids=["zero3"])  # ZeRO-2 is shown by sft and dpo
+def test_train_reward_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_path, stage):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "rm"
+    proc = launch(f"deepspeed-zero{stage}.yaml", out, "train-reward", "--data", FIXTURES / "hh-harmless-200.jsonl",
+                  "--model", tiny_llama_dir, "--max-steps", "2", "--batch-size", "4", "--max-length", "48")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout
+    summary = json.loads(lines[0])
+    assert summary["train"]["optimizer_steps"] == 2
+    # every held-out pair was scored (all ranks take part in a ZeRO-3 forward), and calibrated on
+    assert summary["calibration"]["pairs"] == summary["heldout"]["raw"]["n"] == 20
+    # the ZeRO engine trained (not DDP in its place): as the optimizer DeepSpeed built reports itself
+    assert summary["train"]["zero"] == {"stage": stage, "partition_count": 2}
+    start = {k: v for k, v in load_file(tiny_llama_dir / "model.safetensors").items() if k.startswith("model.")}
+    saved = load_file(out / "model.safetensors")
+    assert saved["score.weight"].shape == (1, start["model.embed_tokens.weight"].shape[1])
+    assert_whole_and_trained({k: v for k, v in saved.items() if k != "score.weight"}, start)
+
+
+@pytest.mark.parametrize(("stage", "lora"), [(2, False), (3, True)], ids=["zero2", "zero3-lora"])
+def test_dpo_under_deepspeed_saves_a_whole_trained_policy(tiny_llama_dir, tmp_path, stage, lora):
+    import torch
+    from safetensors.torch import load_file
+
+    out, data = tmp_path / "dpo", FIXTURES / "hh-harmless-200.jsonl"
+    extra = []
+    if lora:  # and the forwards outside training: precomputed reference log-probs, held-out pairs (an odd
+        # number of them, so the ranks' shares differ: under ZeRO-3 every rank must run every forward)
+        lines = data.read_text().splitlines(keepends=True)
+        (tmp_path / "train.jsonl").write_text("".join(lines[:16]))
+        (tmp_path / "eval.jsonl").write_text("".join(lines[16:21]))
+        data, extra = tmp_path / "train.jsonl", ["--lora", "--precompute-ref", "--eval-data", tmp_path / "eval.jsonl"]
+    proc = launch(f"deepspeed-zero{stage}.yaml", out, "dpo", "--data", data, "--policy", tiny_llama_dir,
+                  "--max-steps", "2", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--max-length", "64",
+                  "--max-prompt-length", "32", "--learning-rate", "1e-3", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2, proc.stdout
+    optimizer = torch.load(out / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=False)
+    assert int(optimizer["zero_stage"]) == stage and optimizer["partition_count"] in (2, [2])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    if lora:
+        reference = load_file(out / "checkpoints" / "step-000002" / "reference.safetensors")["train"]
+        assert reference.shape == (16, 2) and bool((reference < 0).all())  # every pair's log-probs, both answers
+        held_out = json.loads((out / "run.json").read_text())["eval"]
+        assert 0 <= held_out["eval/rewards/accuracies"] <= 1 and held_out["eval/loss"] > 0
+    assert_whole_and_trained(load_file(out / "policy" / "model.safetensors"),
+                             load_file(tiny_llama_dir / "model.safetensors"))
+
+
+SEVERAL_MODELS = "--ensemble and --calibration-folds train several models in one run: not under DeepSpeed"
+
+
+# One rank is enough to show a refusal: it comes before any model is loaded or trained.
+@pytest.mark.parametrize(("command", "message"), [
+    (["dpo", "--data", FIXTURES / "hh-harmless-6.jsonl"], "dpo under ZeRO-3 needs --lora (the frozen reference"),
+    (["train-reward", "--data", FIXTURES / "hh-harmless-200.jsonl", "--ensemble", "2"], SEVERAL_MODELS),
+], ids=["dpo-zero3-full", "reward-ensemble"])  # --calibration-folds is refused by the same check
+def test_what_deepspeed_cannot_run_is_refused_up_front(tiny_llama_dir, tmp_path, command, message):
+    out = tmp_path / "out"
+    model = ["--policy" if command[0] == "dpo" else "--model", tiny_llama_dir]
+    proc = launch("deepspeed-zero3.yaml", out, *command, *model, processes=1)
+    # the rank's one-line error and its exit code 2 (a user error, not a crash), as the launcher reports them
+    assert proc.returncode != 0 and f"\nerror: {message}" in proc.stderr, proc.stderr[-3000:]
+    assert "failed (exitcode: 2)" in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()

@@ -262,9 +262,13 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     # An unwritable --out, or one holding something this run would replace, fails now, not after training.
     claim_output_dir(cfg.out, "reward-model", overwrite=cfg.overwrite)
     ensure_writable_dir(Path(cfg.out).parent)
-    from toolkit.training.accelerator import make_accelerator
+    from toolkit.training.accelerator import forwards_together, gathered_weights, make_accelerator
 
     accelerator = make_accelerator(cfg.bf16, cfg.report_to, staging_dir(Path(cfg.out)))
+    if accelerator.state.deepspeed_plugin is not None and (cfg.ensemble > 1 or cfg.calibration_folds):
+        # one DeepSpeed engine per run: Accelerate prepares one model under a DeepSpeed config
+        raise UserError("--ensemble and --calibration-folds train several models in one run: not under DeepSpeed "
+                        "(launch them without a DeepSpeed config)")
     start_tracking(accelerator, cfg.report_to, staging_dir(Path(cfg.out)), "llamakit-reward", cfg)
     started = time.perf_counter()
     try:
@@ -276,11 +280,15 @@ def train_reward(cfg: TrainConfig) -> TrainResult:
     finally:
         stop_tracking(accelerator)
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return TrainResult(Path(cfg.out), {}, None, warnings)
+    stats = _reward_stats(cfg, members[0].run, [m.model for m in members]) \
+        if accelerator.is_main_process or forwards_together(accelerator) else None
     data = {"data": cfg.data, "format": fmt, "pairs": len(train_pairs), "scored_rows": len(train_scored),
             "seconds_all_models": round(time.perf_counter() - started, 2)}
-    metrics, calibration = _save(cfg, members, crossfit, data, heldout_from, warnings)
+    metrics, calibration = {}, None  # what the other ranks return
+    with gathered_weights(accelerator, members[0].model):  # every process: ZeRO-3 gathers the weights to save
+        if accelerator.is_main_process:
+            metrics, calibration = _save(cfg, members, crossfit, data, heldout_from, warnings, stats)
+    accelerator.wait_for_everyone()
     return TrainResult(Path(cfg.out), metrics, calibration, warnings)
 
 
@@ -328,6 +336,7 @@ def _set_up(cfg: TrainConfig, accelerator, train_pairs: list[Pair], train_scored
 
     from toolkit.console import console
     from toolkit.reward.model import TextEncoder, new_reward_model, wants_eos
+    from toolkit.training.accelerator import configure_deepspeed
     from toolkit.training.schedule import warmup_linear
 
     set_seed(cfg.seed)
@@ -359,6 +368,7 @@ def _set_up(cfg: TrainConfig, accelerator, train_pairs: list[Pair], train_scored
     # Not prepared: Accelerate would step a prepared scheduler once per process, and total_steps counts
     # this process's optimizer steps.
     scheduler = warmup_linear(optimizer, total_steps, int(cfg.warmup_ratio * total_steps))
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm, model.model.config.hidden_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     return _Run(accelerator=accelerator, model=model, tokenizer=tokenizer, backbone_path=backbone_path,
                 encoder=encoder, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
@@ -381,6 +391,8 @@ def _step_counts(cfg: TrainConfig, n_items: int, world: int) -> tuple[int, int]:
 def _train(cfg: TrainConfig, run: _Run, heldout: list[Pair]) -> _Log:
     """Epochs of length-grouped micro-batches, an optimizer step every --grad-accum of them, and the held-out
     NLL after each epoch."""
+    from toolkit.training.accelerator import forwards_together
+
     log = _Log()
     world, rank = run.accelerator.num_processes, run.accelerator.process_index
     run.model.train()
@@ -411,7 +423,7 @@ def _train(cfg: TrainConfig, run: _Run, heldout: list[Pair]) -> _Log:
                     micro_losses = []
                     show(log.step, _status(cfg, epoch, log.recent))
             log.seconds += time.perf_counter() - started
-            if heldout and run.accelerator.is_main_process:
+            if heldout and (run.accelerator.is_main_process or forwards_together(run.accelerator)):
                 log.heldout_rewards, nll = _evaluate(cfg, run, heldout)
                 log.eval_points.append((log.step, nll))
                 run.accelerator.log({f"{prefix}eval/nll": nll}, step=log.step)
@@ -513,10 +525,12 @@ def _score_pairs(cfg: TrainConfig, run: _Run, model, pairs: list[Pair]) -> list[
 # ---- after training: statistics, calibration, the directory -----------------------------------------------
 
 def _save(cfg: TrainConfig, members: list[_Fitted], crossfit: list[float] | None, data: dict[str, Any],
-          heldout_from: str, warnings: list[str]) -> tuple[dict[str, Any], Any]:
+          heldout_from: str, warnings: list[str],
+          stats: tuple[float, float, list[float]]) -> tuple[dict[str, Any], Any]:
     """Calibrate (on the out-of-fold differences when cross-fitted, else on the held-out pairs) and write the
     model (and an ensemble's other members), calibration.json, metrics.json, the plots and the card into --out
-    at once. Returns (metrics, calibration)."""
+    at once; `stats` are the members' `_reward_stats`, which under ZeRO-3 every process computes together.
+    Returns (metrics, calibration)."""
     from toolkit.io import atomic_dir, write_json
     from toolkit.reward import calibrate as cal
     from toolkit.reward import card
@@ -524,7 +538,7 @@ def _save(cfg: TrainConfig, members: list[_Fitted], crossfit: list[float] | None
     from toolkit.reward.store import RewardSettings, fingerprint, save_reward_model
 
     run, log, model = members[0].run, members[0].log, members[0].model
-    mean, std, offsets = _reward_stats(cfg, run, [m.model for m in members])
+    mean, std, offsets = stats
     diffs = crossfit if crossfit is not None else _heldout_diffs(members)
     settings = RewardSettings(backbone=str(cfg.model), max_length=cfg.max_length, append_eos=run.encoder.append_eos,
                               objective=cfg.objective, lora=cfg.lora, read_at=model.read_at)
@@ -554,6 +568,8 @@ def _heldout_diffs(members: list[_Fitted]) -> list[float]:
 
 def _metrics(cfg: TrainConfig, members: list[_Fitted], data: dict[str, Any], calibration, heldout_from: str,
              warnings: list[str], offsets: list[float]) -> dict[str, Any]:
+    from toolkit.training.accelerator import zero_optimizer
+
     run, log = members[0].run, members[0].log
     pairs_per_s = log.items_seen / log.seconds if log.seconds else 0.0
     metrics = {
@@ -573,6 +589,9 @@ def _metrics(cfg: TrainConfig, members: list[_Fitted], data: dict[str, Any], cal
         "backbone_path": str(run.backbone_path),
         "warnings": warnings,
     }
+    zero = zero_optimizer(run.accelerator, run.optimizer)
+    if zero:  # under DeepSpeed: the ZeRO stage that trained, as its optimizer reports it
+        metrics["train"]["zero"] = zero
     if len(members) > 1:
         metrics["ensemble"] = {"members": len(members), "offsets": offsets,
                                "seeds": [cfg.seed + i for i in range(len(members))],

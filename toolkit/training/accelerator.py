@@ -66,6 +66,35 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch_size: int, max_gra
     ds["gradient_clipping"] = max_grad_norm  # the engine clips (0: off); clip_grad_norm_ reads back its norm
 
 
+def zero_stage(accelerator: Accelerator) -> int:
+    """The ZeRO stage of the DeepSpeed config this run was launched with; 0 without DeepSpeed."""
+    plugin = accelerator.state.deepspeed_plugin
+    return 0 if plugin is None else int(plugin.zero_stage)
+
+
+def forwards_together(accelerator: Accelerator) -> bool:
+    """Whether every process must run every forward, in step: under ZeRO-3 each layer's forward gathers its
+    weights' shards from all processes, so one process scoring alone (or fewer batches than another) hangs."""
+    return zero_stage(accelerator) == 3
+
+
+def zero_optimizer(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> dict[str, int] | None:
+    """{"stage", "partition_count"} as the ZeRO optimizer DeepSpeed built for a prepared `optimizer` reports
+    them (what its checkpoints record): proof that ZeRO, not plain DDP, stepped. None without one."""
+    if accelerator.state.deepspeed_plugin is None:
+        return None
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    zero = getattr(optimizer, "optimizer", None)  # inside Accelerate's wrapper
+    count = getattr(zero, "partition_count", None)
+    if count is None:  # DeepSpeed without ZeRO
+        return None
+    if isinstance(zero, DeepSpeedZeroOptimizer_Stage3):
+        return {"stage": 3, "partition_count": int(count)}
+    # stages 1 and 2 share one class, and count partitions per parameter group
+    return {"stage": 2 if zero.partition_gradients else 1, "partition_count": int(count[0])}
+
+
 def gathered_weights(accelerator: Accelerator, model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Every process enters it: under ZeRO-3 each holds a shard of every weight, and inside this the whole
     weights are back (read-only) so the main process can save or merge them; nothing otherwise."""
