@@ -139,6 +139,30 @@ def train_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
     return saved
 
 
+def selective(saved: list[dict], p_cal, n: int) -> tuple[dict, dict]:
+    """Accuracy on the 50% / 80% of pairs the model is surest of (calibrated confidence) and, for an ensemble,
+    on those its members agree on most; each member's pooled accuracy. And the curves for --coverage-plot."""
+    import numpy as np
+
+    from toolkit.reward.ensemble import pair_disagreement
+    from toolkit.reward.metrics import confidence, pair_correct, raw_probabilities, selective_accuracy
+
+    correct = pair_correct(p_cal)
+    curves = {"calibrated confidence": (correct, -confidence(p_cal))}
+    if all("test_member_diffs" in f for f in saved):
+        members = np.zeros((n, len(saved[0]["test_member_diffs"][0])))
+        for f in saved:
+            members[f["test_ids"]] = f["test_member_diffs"]
+        # pair_disagreement takes chosen and rejected rewards; the member differences are chosen − rejected
+        curves["ensemble disagreement"] = (correct, pair_disagreement(members, np.zeros_like(members)))
+    result = {label: {f"{c:.1f}": round(selective_accuracy(ok, unsure, c), 4) for c in (0.5, 0.8)}
+              for label, (ok, unsure) in curves.items()}
+    if len(curves) > 1:
+        result["member_accuracies"] = [round(float(pair_correct(raw_probabilities(members[:, m])).mean()), 4)
+                                       for m in range(members.shape[1])]
+    return result, curves
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -152,6 +176,8 @@ def main() -> None:
     parser.add_argument("--peer", choices=["trl"], default=None,
                         help="train TRL's RewardTrainer on the same folds instead (train-reward's default settings)")
     parser.add_argument("--plot", default=None, help="pooled reliability diagram (raw and calibrated) to this PNG")
+    parser.add_argument("--coverage-plot", default=None,
+                        help="accuracy on the pairs kept against the fraction kept (surest first) to this PNG")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a train-reward setting other than its default, e.g. --set epochs=2 (repeatable); "
                              "calibration and temperature_prior_sd also apply with --from")
@@ -209,6 +235,12 @@ def main() -> None:
         reliability_diagram({"raw": p_raw, settings.calibration: p_cal, "cross-fitted": p_cross}, args.plot,
                             title=f"{len(saved)}-fold out-of-fold pairs (n={n})")
 
+    kept, curves = selective(saved, p_cal, n)
+    if args.coverage_plot:
+        from toolkit.reward.plots import coverage_plot
+
+        coverage_plot(curves, args.coverage_plot, title=f"{len(saved)}-fold out-of-fold pairs (n={n})")
+
     def rounded(metrics: dict) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
@@ -216,7 +248,7 @@ def main() -> None:
     print(json.dumps({
         "pairs": n, "folds": len(saved), "settings": "trl" if args.peer else overrides or "defaults",
         "raw": rounded(pair_metrics(p_raw)), "calibrated": rounded(pair_metrics(p_cal)),
-        "calibrated_crossfit": rounded(pair_metrics(p_cross)),
+        "calibrated_crossfit": rounded(pair_metrics(p_cross)), "accuracy_of_surest": kept,
         "ece_noise_median": round(noise["median"], 4), "ece_noise_p90": round(noise["p90"], 4),
         "temperatures": [f["temperature"] for f in per_fold],
         "temperatures_ml": [f["temperature_ml"] for f in per_fold],
