@@ -26,7 +26,7 @@ from toolkit.io import claim_run_dir, read_existing, start_run_dir, write_json
 from toolkit.model_card import render_card
 from toolkit.models import load_causal_lm, load_tokenizer
 from toolkit.training.accelerator import configure_deepspeed, gathered_weights, make_accelerator
-from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from toolkit.training.checkpoint import deepspeed_engine, latest_checkpoint, load_checkpoint, save_checkpoint
 from toolkit.training.export import save_adapter, save_model
 from toolkit.training.model import add_lora, base_dtype, disable_dropout
 from toolkit.training.runlog import Curve, RunLog, drop_rows_after, plot_curves
@@ -142,10 +142,11 @@ def _resume(cfg: PPOConfig, out: Path, accelerator, actor: ActorCritic, optimize
         raise UserError(f"{checkpoint} has no value model (written by --algo grpo or rloo); resume it with "
                         "the same --algo", file=str(checkpoint))
     if checkpoint is not None:
+        engine = deepspeed_engine(accelerator)  # which restores the whole actor, value model included
         restored = load_checkpoint(checkpoint, actor.lm, optimizer, weights=POLICY_DIR,
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                   tensors=(VALUE_FILE,) if actor.has_values else ())
-        if actor.has_values:
+                                   tensors=(VALUE_FILE,) if actor.has_values and engine is None else (), engine=engine)
+        if restored.tensors:
             actor.load_value_state_dict(restored.tensors[VALUE_FILE])
         kl_ctl.load_state_dict(restored.state["kl_ctl"])
         start = restored.step

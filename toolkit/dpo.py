@@ -386,14 +386,15 @@ def _frozen_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Modul
 def _resume(run: _Run) -> int:
     """Restore the last checkpoint in --out, if any (with its precomputed reference log-probs); the step to
     continue from."""
-    from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint
+    from toolkit.training.checkpoint import deepspeed_engine, latest_checkpoint, load_checkpoint
 
     checkpoint = latest_checkpoint(run.out)
     if checkpoint is None:
         return 0
     tensors = (REFERENCE,) if run.cfg.precompute_ref and (checkpoint / f"{REFERENCE}.safetensors").is_file() else ()
     restored = load_checkpoint(checkpoint, run.unwrapped, run.optimizer, weights=MODEL_DIR, tensors=tensors,
-                               rank=run.accelerator.process_index, world_size=run.accelerator.num_processes)
+                               rank=run.accelerator.process_index, world_size=run.accelerator.num_processes,
+                               engine=deepspeed_engine(run.accelerator))
     run.scheduler.load_state_dict(restored.state["scheduler"])
     if tensors:
         run.ref_logps = {"train": restored.tensors[REFERENCE]["train"].to(run.accelerator.device)}

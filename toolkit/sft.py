@@ -305,13 +305,14 @@ def _set_up(cfg: SFTConfig) -> _Run:
 def _resume(accelerator: Accelerator, out: Path, unwrapped: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
     """Restore the last checkpoint in `out`, if any; the step to continue from."""
-    from toolkit.training.checkpoint import latest_checkpoint, load_checkpoint
+    from toolkit.training.checkpoint import deepspeed_engine, latest_checkpoint, load_checkpoint
 
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
         return 0
     restored = load_checkpoint(checkpoint, unwrapped, optimizer, weights=MODEL_DIR,
-                               rank=accelerator.process_index, world_size=accelerator.num_processes)
+                               rank=accelerator.process_index, world_size=accelerator.num_processes,
+                               engine=deepspeed_engine(accelerator))
     scheduler.load_state_dict(restored.state["scheduler"])
     return restored.step
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.cli import FIXTURES, ROOT, free_port
+from support.cli import FIXTURES, ROOT, cli, free_port
 
 pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed (make test installs it)")
 
@@ -26,24 +26,94 @@ def launch(preset: str, out: Path, *args, processes: int = 2) -> subprocess.Comp
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
-# Each 2-rank run costs 30-80 s: one case per mechanism and command.
-@pytest.mark.parametrize(("stage", "lora"), [(2, False), (3, False), (3, True)], ids=["zero2", "zero3", "zero3-lora"])
+def zero_shards(checkpoint: Path) -> list[dict]:
+    """Each rank's ZeRO optimizer state (its partition of the Adam moments and fp32 weights), rank by rank, as
+    DeepSpeed wrote them into the checkpoint."""
+    import torch
+
+    files = sorted((checkpoint / "deepspeed").rglob("*optim_states.pt"), key=lambda f: f.name)
+    return [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in files]
+
+
+def tensors_of(state) -> list:
+    """Every tensor in a nested state dict, in order: the moments, steps and fp32 partitions."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for key in sorted(state, key=str) for t in tensors_of(state[key])]
+    if isinstance(state, list | tuple):
+        return [t for item in state for t in tensors_of(item)]
+    return []
+
+
+def assert_close_states(resumed: list[dict], straight: list[dict]) -> None:
+    import torch
+
+    assert len(resumed) == len(straight) == 2
+    for a, b in zip(resumed, straight, strict=True):
+        ta, tb = tensors_of(a), tensors_of(b)
+        assert len(ta) == len(tb) > 0
+        assert all(torch.allclose(x.float(), y.float(), atol=1e-6, rtol=1e-4) for x, y in zip(ta, tb, strict=True))
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def stop_after_step_1_and_resume(preset: str, out: Path, args: list, final: str) -> tuple[list[dict], list[dict]]:
+    """Make `out`, a finished 2-step run that checkpointed every step, look stopped after step 1 (step 2's
+    checkpoint and the final `final/` gone), and --resume it: its metrics rows before and after. Step 2 again, from
+    each rank's own partition of step 1's weights and moments, leaves every rank's optimizer state as the run that
+    went straight through left it."""
+    import shutil
+
+    before, straight = rows(out), zero_shards(out / "checkpoints" / "step-000002")
+    shutil.rmtree(out / "checkpoints" / "step-000002")
+    shutil.rmtree(out / final)
+    proc = launch(preset, out, *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2, proc.stdout
+    after = rows(out)
+    assert [r["step"] for r in after] == [1, 2] and after[0] == before[0]  # step 1's row kept, not redone
+    assert_close_states(zero_shards(out / "checkpoints" / "step-000002"), straight)
+    return before, after
+
+
+def assert_close_weights(resumed: dict, straight: dict) -> None:
+    import torch
+
+    assert resumed.keys() == straight.keys()
+    assert all(torch.allclose(resumed[k], straight[k], atol=1e-6, rtol=1e-4) for k in straight)
+
+
+EVERY_STEP = ["--save-every", "1", "--keep-checkpoints", "0"]
+
+
+# Each 2-rank run costs 30-80 s: one case per mechanism and command (ZeRO-2, with its resume, is dpo's below).
+@pytest.mark.parametrize(("stage", "lora"), [(3, False), (3, True)], ids=["zero3", "zero3-lora"])
 def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_path, stage, lora):
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "sft"
-    proc = launch(f"deepspeed-zero{stage}.yaml", out, "sft", "--data", FIXTURES / "alpaca-24.json",
-                  "--model", tiny_llama_dir, "--max-steps", "2", "--batch-size", "2",
-                  "--gradient-accumulation-steps", "2", "--max-length", "64", *(["--lora"] if lora else []))
+    resume = stage == 3 and not lora  # the case that also resumes, after the weights and moments ZeRO-3 partitions
+    args = ["sft", "--data", FIXTURES / "alpaca-24.json", "--model", tiny_llama_dir, "--max-steps", "2",
+            "--batch-size", "2", "--gradient-accumulation-steps", "2", "--max-length", "64",
+            *(["--lora"] if lora else []), *(EVERY_STEP if resume else [])]
+    proc = launch(f"deepspeed-zero{stage}.yaml", out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout  # the --json summary alone: once, and no DeepSpeed chatter
     assert json.loads(lines[0])["steps"] == 2
-    # the ZeRO engine trained (not DDP in its place): its optimizer state is the stage's partitioned one
-    optimizer = torch.load(out / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=False)
-    assert int(optimizer["zero_stage"]) == stage and optimizer["partition_count"] in (2, [2])
+    # the ZeRO engine trained (not DDP in its place), and each rank wrote its own partition of the optimizer
+    shards = zero_shards(out / "checkpoints" / "step-000002")
+    assert [int(s["zero_stage"]) for s in shards] == [stage, stage]
+    assert all(s["partition_count"] in (2, [2]) for s in shards)
+    assert not all(torch.equal(a, b) for a, b in zip(*map(tensors_of, shards), strict=True))  # two partitions
     start = load_file(tiny_llama_dir / "model.safetensors")
     saved = load_file(out / "model" / "model.safetensors")
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}  # gathered, not shards
@@ -53,6 +123,21 @@ def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_pat
         assert {k: v.shape for k, v in checkpoint.items()} == {k: v.shape for k, v in start.items()}
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.get_input_embeddings().weight.shape == start["model.embed_tokens.weight"].shape
+    if not resume:
+        return
+    before, after = stop_after_step_1_and_resume("deepspeed-zero3.yaml", out, args, "model")
+    assert after[1]["loss"] == pytest.approx(before[1]["loss"], rel=1e-4)  # step 2 started from step 1's weights
+    assert_close_weights(load_file(out / "model" / "model.safetensors"), saved)
+    # resuming needs the same ZeRO stage (each rank's files are laid out for it): refused, nothing changed
+    stage_2 = launch("deepspeed-zero2.yaml", out, *args, "--resume", processes=1)
+    plain = cli(*args, "--out", out, "--resume")
+    assert stage_2.returncode != 0 and "failed (exitcode: 2)" in stage_2.stderr, stage_2.stderr[-3000:]
+    where = f"\nerror: {out / 'checkpoints' / 'step-000002'}: checkpoint was written under DeepSpeed ZeRO-3, this run"
+    refused = f"{where} has DeepSpeed ZeRO-2; resume it with templates/accelerate/deepspeed-zero3.yaml"
+    assert refused in stage_2.stderr, stage_2.stderr[-3000:]
+    assert plain[0] == 2 and (f"{where} has no DeepSpeed; resume it under `accelerate launch --config_file "
+                              "templates/accelerate/deepspeed-zero3.yaml`") in "\n" + plain[2], plain[2][-3000:]
+    assert rows(out) == after and (out / "model" / "model.safetensors").is_file()
 
 
 # ZeRO-3 with LoRA, as the 33B/65B presets run it (its final policy was saved as empty shards before);
@@ -64,21 +149,26 @@ def test_ppo_under_deepspeed(stage, lora, tiny_llama_dir, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "ppo"
-    proc = launch(f"deepspeed-zero{stage}.yaml", out, "rlhf", "--policy", tiny_llama_dir, "--reward", "rules:length",
-                  "--prompts", FIXTURES / "prompts-alpaca-32.jsonl", "--steps", "2", "--batch-size", "4",
-                  "--num-minibatches", "2", "--gradient-accumulation-steps", "2", "--ppo-epochs", "1",
-                  "--max-new-tokens", "8", *lora)
+    args = ["rlhf", "--policy", tiny_llama_dir, "--reward", "rules:length", "--prompts",
+            FIXTURES / "prompts-alpaca-32.jsonl", "--steps", "2", "--batch-size", "4", "--num-minibatches", "2",
+            "--gradient-accumulation-steps", "2", "--ppo-epochs", "1", "--max-new-tokens", "8", *lora, *EVERY_STEP]
+    proc = launch(f"deepspeed-zero{stage}.yaml", out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2, proc.stdout
-    optimizer = torch.load(out / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=False)
-    assert int(optimizer["zero_stage"]) == stage and optimizer["partition_count"] in (2, [2])
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["loss/policy_avg"] == r["loss/policy_avg"] for r in rows)
+    shards = zero_shards(out / "checkpoints" / "step-000002")
+    assert [int(s["zero_stage"]) for s in shards] == [stage, stage]
+    assert all(s["partition_count"] in (2, [2]) for s in shards)
+    assert [r["step"] for r in rows(out)] == [1, 2] and all(r["loss/policy_avg"] == r["loss/policy_avg"]
+                                                           for r in rows(out))
     start = load_file(tiny_llama_dir / "model.safetensors")
     saved = load_file(out / "policy" / "model.safetensors")
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
     assert any(not torch.equal(saved[k], start[k]) for k in start)
+    # stopped after step 1 and resumed (the value head comes back with the engine's partitions): as if straight on
+    before, after = stop_after_step_1_and_resume(f"deepspeed-zero{stage}.yaml", out, args, "policy")
+    assert after[1]["objective/scores"] == pytest.approx(before[1]["objective/scores"], rel=1e-4)
+    assert_close_weights(load_file(out / "policy" / "model.safetensors"), saved)
 
 
 def assert_whole_and_trained(saved: dict, start: dict) -> None:
@@ -113,7 +203,6 @@ def test_train_reward_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir
 
 @pytest.mark.parametrize(("stage", "lora"), [(2, False), (3, True)], ids=["zero2", "zero3-lora"])
 def test_dpo_under_deepspeed_saves_a_whole_trained_policy(tiny_llama_dir, tmp_path, stage, lora):
-    import torch
     from safetensors.torch import load_file
 
     out, data = tmp_path / "dpo", FIXTURES / "hh-harmless-200.jsonl"
@@ -124,23 +213,28 @@ def test_dpo_under_deepspeed_saves_a_whole_trained_policy(tiny_llama_dir, tmp_pa
         (tmp_path / "train.jsonl").write_text("".join(lines[:16]))
         (tmp_path / "eval.jsonl").write_text("".join(lines[16:21]))
         data, extra = tmp_path / "train.jsonl", ["--lora", "--precompute-ref", "--eval-data", tmp_path / "eval.jsonl"]
-    proc = launch(f"deepspeed-zero{stage}.yaml", out, "dpo", "--data", data, "--policy", tiny_llama_dir,
-                  "--max-steps", "2", "--batch-size", "2", "--gradient-accumulation-steps", "2", "--max-length", "64",
-                  "--max-prompt-length", "32", "--learning-rate", "1e-3", *extra)
+    args = ["dpo", "--data", data, "--policy", tiny_llama_dir, "--max-steps", "2", "--batch-size", "2",
+            "--gradient-accumulation-steps", "2", "--max-length", "64", "--max-prompt-length", "32",
+            "--learning-rate", "1e-3", *extra, *([] if lora else EVERY_STEP)]
+    proc = launch(f"deepspeed-zero{stage}.yaml", out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2, proc.stdout
-    optimizer = torch.load(out / "checkpoints" / "step-000002" / "optimizer.pt", weights_only=False)
-    assert int(optimizer["zero_stage"]) == stage and optimizer["partition_count"] in (2, [2])
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    shards = zero_shards(out / "checkpoints" / "step-000002")
+    assert [int(s["zero_stage"]) for s in shards] == [stage, stage]
+    assert all(s["partition_count"] in (2, [2]) for s in shards)
+    assert [r["step"] for r in rows(out)] == [1, 2] and all(r["loss"] == r["loss"] for r in rows(out))
     if lora:
         reference = load_file(out / "checkpoints" / "step-000002" / "reference.safetensors")["train"]
         assert reference.shape == (16, 2) and bool((reference < 0).all())  # every pair's log-probs, both answers
         held_out = json.loads((out / "run.json").read_text())["eval"]
         assert 0 <= held_out["eval/rewards/accuracies"] <= 1 and held_out["eval/loss"] > 0
-    assert_whole_and_trained(load_file(out / "policy" / "model.safetensors"),
-                             load_file(tiny_llama_dir / "model.safetensors"))
+    saved = load_file(out / "policy" / "model.safetensors")
+    assert_whole_and_trained(saved, load_file(tiny_llama_dir / "model.safetensors"))
+    if not lora:  # stopped after step 1 and resumed under ZeRO-2 (the moments and fp32 weights it partitions)
+        before, after = stop_after_step_1_and_resume(f"deepspeed-zero{stage}.yaml", out, args, "policy")
+        assert after[1]["loss"] == pytest.approx(before[1]["loss"], rel=1e-4)
+        assert_close_weights(load_file(out / "policy" / "model.safetensors"), saved)
 
 
 SEVERAL_MODELS = "--ensemble and --calibration-folds train several models in one run: not under DeepSpeed"

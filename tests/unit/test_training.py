@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,19 @@ def test_run_log_and_curves(tmp_path):
     png = plot_curves([*rows, {"step": 2, "heldout": 0.7}], tmp_path / "curves.png", (curve, Curve("loss", "raw")))
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert plot_curves([], tmp_path / "none.png", (curve,)) is None
+
+
+@pytest.mark.parametrize(("written", "now", "fix"), [
+    (0, 2, "resume it without DeepSpeed (no DeepSpeed accelerate config)"),
+    (3, 0, "resume it under `accelerate launch --config_file templates/accelerate/deepspeed-zero3.yaml`"),
+    (2, 3, "resume it with templates/accelerate/deepspeed-zero2.yaml"),
+])
+def test_a_checkpoint_laid_out_for_another_zero_stage_is_refused(tmp_path, written, now, fix):
+    # The 2-rank resume tests (tests/cli/test_deepspeed.py) launch ZeRO-3 → ZeRO-2 and ZeRO-3 → plain; this covers
+    # every direction of the check without launching DeepSpeed.
+    from toolkit.training.checkpoint import _check_layout
+
+    manifest = {"step": 1, "files": []} if written == 0 else {"step": 1, "files": [], "zero_stage": written}
+    _check_layout(tmp_path, manifest, written)  # the same layout: nothing to say
+    with pytest.raises(UserError, match=re.escape(fix)):
+        _check_layout(tmp_path, manifest, now)
