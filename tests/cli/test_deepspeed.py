@@ -92,7 +92,8 @@ def assert_close_weights(resumed: dict, straight: dict) -> None:
 EVERY_STEP = ["--save-every", "1", "--keep-checkpoints", "0"]
 
 
-# Each 2-rank run costs 30-80 s: one case per mechanism and command (ZeRO-2, with its resume, is dpo's below).
+# Each 2-rank run costs 30-80 s: one case per mechanism and command. Resume legs: dpo (ZeRO-2) and rlhf (ZeRO-3);
+# sft's ZeRO-3 resume (the same checkpoint code) ran equal to the straight run when it was built, at 140 s.
 @pytest.mark.parametrize(("stage", "lora"), [(3, False), (3, True)], ids=["zero3", "zero3-lora"])
 def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_path, stage, lora):
     import torch
@@ -100,10 +101,9 @@ def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_pat
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "sft"
-    resume = stage == 3 and not lora  # the case that also resumes, after the weights and moments ZeRO-3 partitions
     args = ["sft", "--data", FIXTURES / "alpaca-24.json", "--model", tiny_llama_dir, "--max-steps", "2",
             "--batch-size", "2", "--gradient-accumulation-steps", "2", "--max-length", "64",
-            *(["--lora"] if lora else []), *(EVERY_STEP if resume else [])]
+            *(["--lora"] if lora else [])]
     proc = launch(f"deepspeed-zero{stage}.yaml", out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -123,21 +123,16 @@ def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_pat
         assert {k: v.shape for k, v in checkpoint.items()} == {k: v.shape for k, v in start.items()}
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.get_input_embeddings().weight.shape == start["model.embed_tokens.weight"].shape
-    if not resume:
+    if lora:
         return
-    before, after = stop_after_step_1_and_resume("deepspeed-zero3.yaml", out, args, "model")
-    assert after[1]["loss"] == pytest.approx(before[1]["loss"], rel=1e-4)  # step 2 started from step 1's weights
-    assert_close_weights(load_file(out / "model" / "model.safetensors"), saved)
-    # resuming needs the same ZeRO stage (each rank's files are laid out for it): refused, nothing changed
-    stage_2 = launch("deepspeed-zero2.yaml", out, *args, "--resume", processes=1)
+    # resuming needs the same ZeRO stage (each rank's files are laid out for it): without DeepSpeed, refused, and
+    # nothing changed (every direction of the check: tests/unit/test_training.py)
+    before = rows(out)
     plain = cli(*args, "--out", out, "--resume")
-    assert stage_2.returncode != 0 and "failed (exitcode: 2)" in stage_2.stderr, stage_2.stderr[-3000:]
     where = f"\nerror: {out / 'checkpoints' / 'step-000002'}: checkpoint was written under DeepSpeed ZeRO-3, this run"
-    refused = f"{where} has DeepSpeed ZeRO-2; resume it with templates/accelerate/deepspeed-zero3.yaml"
-    assert refused in stage_2.stderr, stage_2.stderr[-3000:]
     assert plain[0] == 2 and (f"{where} has no DeepSpeed; resume it under `accelerate launch --config_file "
                               "templates/accelerate/deepspeed-zero3.yaml`") in "\n" + plain[2], plain[2][-3000:]
-    assert rows(out) == after and (out / "model" / "model.safetensors").is_file()
+    assert rows(out) == before and (out / "model" / "model.safetensors").is_file()
 
 
 # ZeRO-3 with LoRA, as the 33B/65B presets run it (its final policy was saved as empty shards before);

@@ -14,9 +14,10 @@ from support.tiny_models import save_tiny_llama
 
 from toolkit.plan import PlanConfig, estimate
 
-# (hidden, layers): 30M, 46M and 82M parameters with SmolLM2's 49k vocabulary. The estimate leaves out a
-# ~150-200 MB allocator/autograd workspace, which a smaller model would put near the 25% bound (h256/L4: -24%)
-SIZES = [(384, 6), (512, 8), (640, 10)]
+# (hidden, layers): 30M and 82M parameters with SmolLM2's 49k vocabulary (46M, (512, 8), sat between them and was
+# dropped for the suite's time). The estimate leaves out a ~150-200 MB allocator/autograd workspace, which a
+# smaller model would put near the 25% bound (h256/L4: -24%)
+SIZES = [(384, 6), (640, 10)]
 BATCH, LENGTH = 2, 256
 
 
@@ -40,8 +41,7 @@ def measured_delta(model: Path, data: Path, out: Path, lora: bool) -> int:
     return json.loads(proc.stdout.strip().splitlines()[-1])["delta_bytes"]
 
 
-@pytest.mark.parametrize("hidden, layers, lora", [(*SIZES[0], False), (*SIZES[1], False), (*SIZES[2], False),
-                                                  (*SIZES[2], True)])
+@pytest.mark.parametrize("hidden, layers, lora", [(*SIZES[0], False), (*SIZES[1], False), (*SIZES[1], True)])
 def test_estimate_within_25_percent_of_a_real_runs_peak(hidden, layers, lora, long_conversations, tmp_path):
     model = save_tiny_llama(tmp_path / "model", hidden=hidden, layers=layers, heads=hidden // 64)
     delta = measured_delta(model, long_conversations, tmp_path / "run", lora)
