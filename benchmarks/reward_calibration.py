@@ -139,22 +139,25 @@ def train_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
     return saved
 
 
-def selective(saved: list[dict], p_cal, n: int) -> tuple[dict, dict]:
+def selective(saved: list[dict], p_cal, covered) -> tuple[dict, dict]:
     """Accuracy on the 50% / 80% of pairs the model is surest of (calibrated confidence) and, for an ensemble,
     on those its members agree on most; each member's pooled accuracy. And the curves for --coverage-plot."""
     import numpy as np
 
-    from toolkit.reward.ensemble import pair_disagreement
+    from toolkit.reward.ensemble import pair_disagreement, relative_disagreement
     from toolkit.reward.metrics import confidence, pair_correct, raw_probabilities, selective_accuracy
 
     correct = pair_correct(p_cal)
     curves = {"calibrated confidence": (correct, -confidence(p_cal))}
     if all("test_member_diffs" in f for f in saved):
-        members = np.zeros((n, len(saved[0]["test_member_diffs"][0])))
+        members = np.zeros((int(covered.max()) + 1, len(saved[0]["test_member_diffs"][0])))
         for f in saved:
             members[f["test_ids"]] = f["test_member_diffs"]
-        # pair_disagreement takes chosen and rejected rewards; the member differences are chosen − rejected
-        curves["ensemble disagreement"] = (correct, pair_disagreement(members, np.zeros_like(members)))
+        members = members[covered]
+        # these take chosen and rejected rewards; the member differences are chosen − rejected already
+        curves["ensemble disagreement (std)"] = (correct, pair_disagreement(members, np.zeros_like(members)))
+        curves["ensemble relative disagreement (std / |mean|)"] = (
+            correct, relative_disagreement(members, np.zeros_like(members)))
     result = {label: {f"{c:.1f}": round(selective_accuracy(ok, unsure, c), 4) for c in (0.5, 0.8)}
               for label, (ok, unsure) in curves.items()}
     if len(curves) > 1:
@@ -208,8 +211,10 @@ def main() -> None:
             where = Path(args.out) if args.out else Path(tmp)
             where.mkdir(parents=True, exist_ok=True)
             saved = (trl_folds if args.peer == "trl" else train_folds)(args, pairs, overrides, where)
-    n = sum(len(f["test_ids"]) for f in saved)
-    p_raw, p_cal, p_cross, per_fold = np.zeros(n), np.zeros(n), np.zeros(n), []
+    # every pair of the file, or those of the folds a partial --from run finished (the same pairs for every recipe)
+    covered = np.array(sorted(i for f in saved for i in f["test_ids"]))
+    n = len(covered)
+    p_raw, p_cal, p_cross, per_fold = np.zeros(len(pairs)), np.zeros(len(pairs)), np.zeros(len(pairs)), []
     for k, f in enumerate(saved):
         # Cross-fitting as `--calibration-folds` does it, from the same runs: T fitted on the out-of-fold
         # differences of the OTHER folds' models (~80% of the file, by models trained on 80% of it, as fold k's was).
@@ -229,13 +234,14 @@ def main() -> None:
                          "test_temperature": round(cal.fit_temperature(f["test_diffs"]), 3),
                          "test_accuracy": round(pair_metrics(p_raw[f["test_ids"]])["accuracy"], 4)})
         print(json.dumps(per_fold[-1]), file=sys.stderr, flush=True)
+    p_raw, p_cal, p_cross = p_raw[covered], p_cal[covered], p_cross[covered]
     if args.plot:
         from toolkit.reward.plots import reliability_diagram
 
         reliability_diagram({"raw": p_raw, settings.calibration: p_cal, "cross-fitted": p_cross}, args.plot,
                             title=f"{len(saved)}-fold out-of-fold pairs (n={n})")
 
-    kept, curves = selective(saved, p_cal, n)
+    kept, curves = selective(saved, p_cal, covered)
     if args.coverage_plot:
         from toolkit.reward.plots import coverage_plot
 

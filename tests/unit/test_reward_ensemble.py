@@ -177,3 +177,20 @@ def test_the_card_says_what_the_ensemble_and_the_calibration_are(ensemble_rm):
     assert "| ensemble | 2 members (seeds 0–1)" in card and "`members/1`" in card
     assert "rm.score_with_spread(" in card
     assert "Out-of-fold: each pair scored by a fold model" in card
+
+
+def test_relative_disagreement_ranks_doubt_not_size():
+    from toolkit.reward.ensemble import pair_disagreement, relative_disagreement
+    from toolkit.reward.metrics import selective_accuracy
+
+    # (pairs, members) differences r_c − r_r: a large sure verdict, a small sure one, a split one, an even one
+    diffs = np.array([[4.0, 5.0, 6.0], [0.4, 0.5, 0.6], [1.0, -0.5, 0.5], [0.0, 0.0, 0.0]])
+    zeros = np.zeros_like(diffs)
+    std = np.sqrt(2 / 3)  # of 4, 5, 6 (population form); of 1, −0.5, 0.5 it is √(7/18), around a mean of 1/3
+    assert pair_disagreement(diffs, zeros).tolist() == pytest.approx([std, std / 10, np.sqrt(7 / 18), 0.0])
+    relative = relative_disagreement(diffs, zeros)
+    assert relative[:3].tolist() == pytest.approx([std / 5, std / 5, 3 * np.sqrt(7 / 18)]) and relative[3] == np.inf
+    # the plain std would set aside the large sure verdict first; the ratio sets aside the split one
+    correct = np.array([1.0, 1.0, 0.0, 0.5])
+    assert selective_accuracy(correct, relative, 0.5) == 1.0
+    assert selective_accuracy(correct, pair_disagreement(diffs, zeros), 0.5) == 0.75

@@ -103,7 +103,7 @@ def eval_reward_cmd(model_dir, data, format, batch_size, plot, coverage_plot, th
         ensemble = result["ensemble"]
         agreed = ensemble["selective"]["accuracy_at_coverage"]
         rows.append((f"each of the {ensemble['members']} members", " / ".join(map(_f, ensemble["member_accuracies"]))))
-        rows.append(("accuracy, 50% / 80% least disagreement", f"{_f(agreed['0.5'])} / {_f(agreed['0.8'])}"))
+        rows.append(("accuracy, 50% / 80% least relative disagreement", f"{_f(agreed['0.5'])} / {_f(agreed['0.8'])}"))
     if plot:
         rows.append(("reliability diagram", plot))
     if coverage_plot:

@@ -80,7 +80,7 @@ def evaluate(directory: str | os.PathLike, data: str, *, fmt: str = "auto", batc
     curves = {"confidence": (correct, uncertainty)}
     if member_rewards is not None:
         result["ensemble"], disagreement = _ensemble_report(member_rewards, correct, calibration.temperature)
-        curves["ensemble disagreement"] = (correct, disagreement)
+        curves["ensemble relative disagreement"] = (correct, disagreement)
     if plot:
         from toolkit.reward.plots import reliability_diagram
 
@@ -129,17 +129,19 @@ def recalibrate(directory: str | os.PathLike, data: str, *, method: str = "tempe
 
 def _ensemble_report(member_rewards: list[list[float]], correct, temperature: float):
     """An ensemble's members on these pairs (each one's accuracy, how much they disagree) and its selective
-    accuracy when the pairs its members disagree on most are set aside; and the per-pair disagreement."""
+    accuracy when the pairs its members doubt most (std / |mean| of their verdicts) are set aside; and that
+    per-pair relative disagreement."""
     import numpy as np
 
-    from toolkit.reward.ensemble import pair_disagreement
+    from toolkit.reward.ensemble import pair_disagreement, relative_disagreement
     from toolkit.reward.metrics import pair_correct, raw_probabilities, selective_accuracy
 
     chosen, rejected = np.asarray(member_rewards[0::2]), np.asarray(member_rewards[1::2])
-    disagreement = pair_disagreement(chosen, rejected) / temperature
+    relative = relative_disagreement(chosen, rejected)
     diffs = chosen - rejected
     member_accuracy = [float(pair_correct(raw_probabilities(diffs[:, m])).mean()) for m in range(diffs.shape[1])]
     return {"members": diffs.shape[1], "member_accuracies": member_accuracy,
-            "mean_disagreement": float(disagreement.mean()),
-            "selective": {"by": "disagreement", "accuracy_at_coverage": {
-                f"{c:.1f}": selective_accuracy(correct, disagreement, c) for c in (0.5, 0.8, 1.0)}}}, disagreement
+            "mean_disagreement": float((pair_disagreement(chosen, rejected) / temperature).mean()),
+            "selective": {"by": "relative disagreement (std / |mean| of the members' r_c − r_r)",
+                          "accuracy_at_coverage": {f"{c:.1f}": selective_accuracy(correct, relative, c)
+                                                   for c in (0.5, 0.8, 1.0)}}}, relative
