@@ -27,6 +27,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,11 +221,11 @@ def main() -> None:
         # differences of the OTHER folds' models (~80% of the file, by models trained on 80% of it, as fold k's was).
         others = [d for j, g in enumerate(saved) if j != k for d in g["test_diffs"]]
         crossfit = cal.fit(others, settings.calibration, reward_mean=0.0, reward_std=1.0, data="", fingerprint="",
-                           prior_sd=settings.temperature_prior_sd)
+                           prior_sd=replace(settings, calibration_folds=len(saved)).prior_sd)
         p_cross[f["test_ids"]] = crossfit.probabilities(f["test_diffs"])
         # The same fit train-reward makes at the end of training, on the same held-out differences.
         calibration = cal.fit(f["heldout_diffs"], settings.calibration, reward_mean=0.0, reward_std=1.0, data="",
-                              fingerprint="", prior_sd=settings.temperature_prior_sd)
+                              fingerprint="", prior_sd=settings.prior_sd)
         p_raw[f["test_ids"]] = raw_probabilities(f["test_diffs"])
         p_cal[f["test_ids"]] = calibration.probabilities(f["test_diffs"])
         per_fold.append({"fold": k, "calibration_pairs": len(f["heldout_diffs"]),

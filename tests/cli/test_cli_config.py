@@ -230,7 +230,9 @@ def test_shared_reward_flags_come_from_train_config():
         assert params["batch_size"].default == TrainConfig.eval_batch_size
     calibrate = {p.name: p for p in llamakit_group.commands["calibrate"].params}
     assert calibrate["calibration"].opts == ["--method", "--calibration"]
-    assert calibrate["temperature_prior_sd"].default == train["temperature_prior_sd"].default == TEMPERATURE_PRIOR_SD
+    # unset: the prior of a held-out split (calibrate's pairs are one), none for cross-fitting (TrainConfig.prior_sd)
+    assert calibrate["temperature_prior_sd"].default is train["temperature_prior_sd"].default is None
+    assert TrainConfig(data="d", out="o").prior_sd == TEMPERATURE_PRIOR_SD
 
 
 def test_grad_accum_is_a_second_spelling(tmp_path):

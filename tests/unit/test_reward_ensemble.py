@@ -194,3 +194,12 @@ def test_relative_disagreement_ranks_doubt_not_size():
     correct = np.array([1.0, 1.0, 0.0, 0.5])
     assert selective_accuracy(correct, relative, 0.5) == 1.0
     assert selective_accuracy(correct, pair_disagreement(diffs, zeros), 0.5) == 0.75
+
+
+def test_a_cross_fitted_calibration_is_plain_maximum_likelihood(ensemble_rm):
+    # ~1000 out-of-fold pairs decide T themselves; the prior is for a held-out split of a few hundred
+    out, _ = ensemble_rm
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["prior_sd"] is None  # inf, written as null (JSON has no inf)
+    assert calibration["temperature"] == pytest.approx(calibration["temperature_ml"], rel=1e-6)
+    assert "(plain maximum likelihood)" in (out / "README.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -9,6 +10,11 @@ def _num(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
     return "—" if value is None else str(value)
+
+
+def _prior(sd: float | None) -> str | None:
+    """The prior's spread for the card; None for plain maximum likelihood (no prior, or an infinitely wide one)."""
+    return None if sd is None or math.isinf(sd) else _num(sd)
 
 
 def render(cfg, metrics: dict[str, Any], calibration, *, architecture: str, eos: str | None) -> str:
@@ -34,7 +40,7 @@ def render(cfg, metrics: dict[str, Any], calibration, *, architecture: str, eos:
         warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, center_rewards=cfg.center_rewards,
         steps=train["optimizer_steps"], seconds=train["seconds"], pairs_per_s=train["pairs_per_s"],
         metric_rows=rows, method=calibration.method, temperature=_num(calibration.temperature),
-        temperature_ml=_num(calibration.temperature_ml), prior_sd=_num(calibration.prior_sd),
+        temperature_ml=_num(calibration.temperature_ml), prior_sd=_prior(calibration.prior_sd),
         reward_mean=_num(calibration.reward_mean), reward_std=_num(calibration.reward_std),
         has_reliability=calibration.n_pairs > 0, warnings=metrics.get("warnings") or [], architecture=architecture,
         eos=eos, members=cfg.ensemble, seeds=f"{cfg.seed}–{cfg.seed + cfg.ensemble - 1}",
