@@ -49,6 +49,7 @@ def test_cross_fitted_calibration_sees_every_pair_and_the_model_trains_on_all(en
     assert calibration["n_pairs"] == 200 and "2-fold cross-fitting" in calibration["data"]
     assert result.metrics["train"]["pairs"] == 200  # no held-out split taken from the training data
     assert result.metrics["calibration"]["pairs"] == 200
+    assert not [w for w in result.warnings if "held-out pairs" in w]  # it once warned of "only 0 held-out pairs"
     card = (out / "README.md").read_text()
     assert "| 200 — 2-fold cross-fitting over" in card
 

@@ -245,7 +245,9 @@ def _load(cfg: TrainConfig, warnings: list[str]) -> tuple[list[Pair], list[Score
             raise UserError(f"needs at least 2 scored rows to train on, got {len(train_scored)}", file=cfg.data)
     elif len(train_pairs) < 1 or (not cfg.eval_data and len(data.pairs) < 2):
         _require_pairs(data, 2)
-    if not heldout and not cfg.calibration_folds:
+    if cfg.calibration_folds:
+        pass  # the calibrator sees every pair, out of fold
+    elif not heldout:
         warnings.append("no held-out pairs to calibrate on: temperature left at 1 "
                         "(give --eval-data with pairs, or scored rows with several answers per prompt)")
     elif len(heldout) < MIN_CALIBRATION_PAIRS:
