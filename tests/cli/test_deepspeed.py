@@ -89,6 +89,18 @@ def assert_close_weights(resumed: dict, straight: dict) -> None:
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-6, rtol=1e-4) for k in straight)
 
 
+def launch_two_steps(stage: int, out: Path, args: list) -> None:
+    """Launch a 2-step run under ZeRO-`stage` on 2 ranks: its --json line alone on stdout, and each rank's own
+    partition of the optimizer in the last checkpoint (the ZeRO engine trained, not DDP in its place)."""
+    proc = launch(f"deepspeed-zero{stage}.yaml", out, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2, proc.stdout
+    shards = zero_shards(out / "checkpoints" / "step-000002")
+    assert [int(s["zero_stage"]) for s in shards] == [stage, stage]
+    assert all(s["partition_count"] in (2, [2]) for s in shards)
+
+
 EVERY_STEP = ["--save-every", "1", "--keep-checkpoints", "0"]
 
 
@@ -140,26 +152,17 @@ def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_pat
 # zero.Init once a DeepSpeed plugin exists) and would need its own DeepSpeed inference engine, as TRL builds
 @pytest.mark.parametrize("stage, lora", [(3, ["--lora"])])  # ZeRO-2 is shown by sft and dpo
 def test_ppo_under_deepspeed(stage, lora, tiny_llama_dir, tmp_path):
-    import torch
     from safetensors.torch import load_file
 
     out = tmp_path / "ppo"
     args = ["rlhf", "--policy", tiny_llama_dir, "--reward", "rules:length", "--prompts",
             FIXTURES / "prompts-alpaca-32.jsonl", "--steps", "2", "--batch-size", "4", "--num-minibatches", "2",
             "--gradient-accumulation-steps", "2", "--ppo-epochs", "1", "--max-new-tokens", "8", *lora, *EVERY_STEP]
-    proc = launch(f"deepspeed-zero{stage}.yaml", out, *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2, proc.stdout
-    shards = zero_shards(out / "checkpoints" / "step-000002")
-    assert [int(s["zero_stage"]) for s in shards] == [stage, stage]
-    assert all(s["partition_count"] in (2, [2]) for s in shards)
+    launch_two_steps(stage, out, args)
     assert [r["step"] for r in rows(out)] == [1, 2] and all(r["loss/policy_avg"] == r["loss/policy_avg"]
                                                            for r in rows(out))
-    start = load_file(tiny_llama_dir / "model.safetensors")
     saved = load_file(out / "policy" / "model.safetensors")
-    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in start.items()}
-    assert any(not torch.equal(saved[k], start[k]) for k in start)
+    assert_whole_and_trained(saved, load_file(tiny_llama_dir / "model.safetensors"))
     # stopped after step 1 and resumed (the value head comes back with the engine's partitions): as if straight on
     before, after = stop_after_step_1_and_resume(f"deepspeed-zero{stage}.yaml", out, args, "policy")
     assert after[1]["objective/scores"] == pytest.approx(before[1]["objective/scores"], rel=1e-4)
@@ -211,13 +214,7 @@ def test_dpo_under_deepspeed_saves_a_whole_trained_policy(tiny_llama_dir, tmp_pa
     args = ["dpo", "--data", data, "--policy", tiny_llama_dir, "--max-steps", "2", "--batch-size", "2",
             "--gradient-accumulation-steps", "2", "--max-length", "64", "--max-prompt-length", "32",
             "--learning-rate", "1e-3", *extra, *([] if lora else EVERY_STEP)]
-    proc = launch(f"deepspeed-zero{stage}.yaml", out, *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2, proc.stdout
-    shards = zero_shards(out / "checkpoints" / "step-000002")
-    assert [int(s["zero_stage"]) for s in shards] == [stage, stage]
-    assert all(s["partition_count"] in (2, [2]) for s in shards)
+    launch_two_steps(stage, out, args)
     assert [r["step"] for r in rows(out)] == [1, 2] and all(r["loss"] == r["loss"] for r in rows(out))
     if lora:
         reference = load_file(out / "checkpoints" / "step-000002" / "reference.safetensors")["train"]
