@@ -156,5 +156,12 @@ class PPOConfig:
             return self.kl_in
         return "loss" if self.algo == "grpo" else "reward"
 
+    @property
+    def logprobs_from_update(self) -> bool:
+        """grpo / rloo with one epoch of one minibatch and the KL in the loss: the policy does not move between
+        the rollout and the update's forward, so log π_old is that forward's log-probs, detached (ratio 1, as TRL
+        with num_iterations 1), and the rollout skips its own forward of the policy."""
+        return self.algo != "ppo" and self.ppo_epochs == 1 and self.num_minibatches == 1 and self.kl_mode == "loss"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -80,12 +80,22 @@ def per_token_rewards(*, scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
                       mask: torch.Tensor, contain_eos: torch.Tensor, kl_coef: float,
                       missing_eos_penalty: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return (rewards [B, R], k1 KL [B, R], scores after the no-EOS penalty [B])."""
-    kl = kl_k1(logprobs, ref_logprobs) * mask.to(logprobs.dtype)
-    scores = scores - missing_eos_penalty * (~contain_eos).to(scores.dtype)
+    kl = token_kl(logprobs, ref_logprobs, mask)
+    scores = penalise_missing_eos(scores, contain_eos, missing_eos_penalty)
     rewards = -kl_coef * kl
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += scores
     return rewards, kl, scores
+
+
+def token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k1 KL(π‖π_ref) on each answer token, 0 on padding ([B, R])."""
+    return kl_k1(logprobs, ref_logprobs) * mask.to(logprobs.dtype)
+
+
+def penalise_missing_eos(scores: torch.Tensor, contain_eos: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The scores minus `penalty` for each answer cut off before EOS."""
+    return scores - penalty * (~contain_eos).to(scores.dtype)
 
 
 def gae(*, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -175,10 +185,13 @@ def ppo_loss(*, logits: torch.Tensor, new_values: torch.Tensor, responses: torch
 
 def group_loss(*, logits: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
                ref_logprobs: torch.Tensor, advantages: torch.Tensor, cliprange: float, kl_coef: float,
-               ent_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               ent_coef: float,
+               new_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO / RLOO: L_pg + kl_coef · mean k3(π_new, π_ref) − ent_coef · entropy on one micro-batch (kl_coef 0
-    when the KL is in the reward), and the same statistics as `ppo_loss` (the value ones 0)."""
-    new_logprobs = logprobs_of(logits, responses)
+    when the KL is in the reward), and the same statistics as `ppo_loss` (the value ones 0). `new_logprobs`:
+    log π_new(responses) when the caller already took them from `logits`."""
+    if new_logprobs is None:
+        new_logprobs = logprobs_of(logits, responses)
     pg_loss, stats = policy_loss(new_logprobs=new_logprobs, logprobs=logprobs, advantages=advantages, mask=mask,
                                  cliprange=cliprange)
     loss = pg_loss

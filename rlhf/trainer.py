@@ -9,7 +9,8 @@ critic-free GRPO and RLOO on the same loop (`--algo`).
                      -> score each response (reward model or rules)
         2. rewards   r_t = −β·KL_t on every token; r_T += score − no-EOS penalty on the last real token
                      (grpo / rloo: one reward per answer, score − no-EOS penalty [− β·Σ_t KL_t with the KL
-                     in the reward])
+                     in the reward]; with one epoch of one minibatch and the KL in the loss, log π_old comes
+                     from the update's own forward instead of one more in step 1, as in TRL)
         3. GAE       advantages (γ, λ), returns = advantages + values; whiten advantages
                      (grpo / rloo: the group baseline instead, the same advantage on every token of the answer)
         4. update    ppo_epochs × minibatches: clipped policy loss + vf_coef · clipped value loss
@@ -32,8 +33,9 @@ from typing import Any
 
 import torch
 
+from rlhf import objective
 from rlhf.config import PPOConfig
-from rlhf.objective import gae, group_advantages, group_loss, kl_k3, masked_whiten, per_token_rewards, ppo_loss
+from rlhf.objective import gae, group_advantages, group_loss, masked_whiten, per_token_rewards, ppo_loss, token_kl
 from rlhf.policy import logprobs_of
 from rlhf.rewards import RewardFn, score_rollout
 from rlhf.rollout import Rollout, TokenizedPrompt, batch_indices, sample
@@ -84,11 +86,12 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 mask = experience.rollout.response_mask
 
                 # ---- 2. rewards: KL penalty on every token, score (minus the no-EOS penalty) on the last
-                rewards, kl, scores = per_token_rewards(
-                    scores=experience.raw_scores, logprobs=experience.logprobs,
-                    ref_logprobs=experience.ref_logprobs, mask=mask, contain_eos=experience.rollout.contain_eos,
-                    kl_coef=kl_ctl.value, missing_eos_penalty=cfg.missing_eos_penalty)
                 if cfg.algo == "ppo":
+                    rewards, _, scores = per_token_rewards(
+                        scores=experience.raw_scores, logprobs=experience.logprobs,
+                        ref_logprobs=experience.ref_logprobs, mask=mask,
+                        contain_eos=experience.rollout.contain_eos, kl_coef=kl_ctl.value,
+                        missing_eos_penalty=cfg.missing_eos_penalty)
                     if cfg.whiten_rewards:
                         rewards = masked_whiten(rewards, mask, shift_mean=False)
                     # ---- 3. GAE, whitened advantages -------------------------------------------------------
@@ -97,7 +100,11 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     if cfg.whiten_advantages:
                         advantages = masked_whiten(advantages, mask)
                 else:  # ---- 3. grpo / rloo: the group baseline, on every token of the answer -------------
-                    penalty = kl_ctl.value * kl.sum(1) if cfg.kl_mode == "reward" else 0.0
+                    scores = objective.penalise_missing_eos(experience.raw_scores,
+                                                            experience.rollout.contain_eos, cfg.missing_eos_penalty)
+                    penalty = 0.0
+                    if cfg.kl_mode == "reward":
+                        penalty = kl_ctl.value * token_kl(experience.logprobs, experience.ref_logprobs, mask).sum(1)
                     advantages = group_advantages(scores=scores - penalty, group_size=cfg.group_size,
                                                   method=cfg.algo)
                     advantages, returns = advantages[:, None] * mask.to(advantages.dtype), None
@@ -108,7 +115,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 update_stats = ppo_update(run, experience, advantages, returns, step)
                 t_update = time.perf_counter() - t1
 
-                # ---- 5. KL controller ------------------------------------------------------------------------
+                # ---- 5. KL controller (log π_old is complete only now with cfg.logprobs_from_update) ----------
+                kl = token_kl(experience.logprobs, experience.ref_logprobs, mask)
                 kl_coef = kl_ctl.value
                 kl_ctl.update(float(accelerator.reduce(kl.sum(1).mean(), "mean")), cfg.rollout_size * world)
 
@@ -144,9 +152,12 @@ def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
         rollout = sample(actor.lm, run.tokenizer, [p.ids for p in prompts], cfg.max_new_tokens, cfg.temperature,
                          cfg.top_p, cfg.top_k)
         responses, ctx = rollout.responses, rollout.context_length
-        logits, values = actor(rollout.query_responses, rollout.attention_mask, ctx, cfg.temperature)
-        logprobs = logprobs_of(logits, responses)
-        del logits
+        if cfg.logprobs_from_update:  # ppo_update fills them in
+            logprobs, values = torch.zeros(responses.shape, device=responses.device), None
+        else:
+            logits, values = actor(rollout.query_responses, rollout.attention_mask, ctx, cfg.temperature)
+            logprobs = logprobs_of(logits, responses)
+            del logits
         ref_logprobs = run.reference.logprobs(rollout.query_responses, rollout.attention_mask, ctx,
                                               cfg.temperature, responses)
     raw_scores = score_rollout(run.reward_fn, [p.text for p in prompts], rollout.responses_text,
@@ -181,11 +192,14 @@ def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, retur
                                                    cfg.temperature)
                     micro = (rows, response_columns)
                     if returns is None:  # grpo / rloo
+                        new_logprobs = logprobs_of(new_logits, rollout.responses[micro])
+                        if cfg.logprobs_from_update:
+                            experience.logprobs[micro] = new_logprobs.detach().float()
                         loss, stats = group_loss(
                             logits=new_logits, responses=rollout.responses[micro], mask=mask[micro],
                             logprobs=experience.logprobs[micro], ref_logprobs=experience.ref_logprobs[micro],
                             advantages=advantages[micro], cliprange=cfg.cliprange, kl_coef=kl_in_loss,
-                            ent_coef=cfg.ent_coef)
+                            ent_coef=cfg.ent_coef, new_logprobs=new_logprobs)
                     else:
                         loss, stats = ppo_loss(
                             logits=new_logits, new_values=new_values, responses=rollout.responses[micro],
@@ -222,7 +236,7 @@ def metrics_row(run: Run, step: int, experience: Experience, *, kl: torch.Tensor
     non_score_reward = -kl_coef * kl
     local = {
         "objective/kl": kl.sum(1).mean(),
-        "objective/kl_k3": kl_k3(experience.logprobs, experience.ref_logprobs).mul(maskf).sum(1).mean(),
+        "objective/kl_k3": objective.kl_k3(experience.logprobs, experience.ref_logprobs).mul(maskf).sum(1).mean(),
         "objective/entropy": (-experience.logprobs * maskf).sum(1).mean(),
         "objective/non_score_reward": non_score_reward.sum(1).mean(),
         "objective/rlhf_reward": scores.mean() + non_score_reward.sum(1).mean(),

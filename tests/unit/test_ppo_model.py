@@ -162,6 +162,31 @@ def test_critic_free_first_minibatch_is_on_policy_and_trains_no_value_model(tiny
     assert not actor.has_values and all(n.startswith("lm.") for n, _ in actor.named_parameters())
 
 
+def test_one_epoch_of_one_minibatch_takes_log_pi_old_from_the_update_and_trains_as_with_the_extra_forward(
+        tiny_llama_dir, tmp_path, monkeypatch):
+    forwards = []
+    actor_forward = ActorCritic.forward
+    monkeypatch.setattr(ActorCritic, "forward",
+                        lambda self, *a, **k: forwards.append(1) or actor_forward(self, *a, **k))
+    settings = dict(steps=2, algo="grpo", ppo_epochs=1, num_minibatches=1, learning_rate=3e-3, **GROUPS)
+    cfg = tiny_cfg(tiny_llama_dir, tmp_path / "reused", **settings)
+    assert cfg.logprobs_from_update
+    reused = train(cfg)
+    assert len(forwards) == 2  # one forward of the policy per step: the update's
+    assert (reused.update_stats["ratio_dev"] == 0).all()  # π_old is π_new detached: the ratio is exactly 1
+
+    monkeypatch.setattr(PPOConfig, "logprobs_from_update", property(lambda self: False))
+    forwards.clear()
+    extra = train(tiny_cfg(tiny_llama_dir, tmp_path / "extra", **settings))
+    assert len(forwards) == 4  # the rollout's forward and the update's
+    a, b = _metrics(tmp_path / "reused"), _metrics(tmp_path / "extra")
+    assert abs(a[1]["objective/kl"]) > 1e-2  # the policy moved in step 1
+    for key, value in b[1].items():
+        if key not in VOLATILE:
+            assert a[1][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    assert reused.step == extra.step == 2
+
+
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
