@@ -9,9 +9,11 @@ logits = β·((log π(c) − log π(r)) − (log π_ref(c) − log π_ref(r))),
     ipo       (logits/β − 1/(2β))²                            (log-probs averaged over answer tokens)
 
 where log π(x) sums the answer's token log-probs (prompt and padding masked). Chosen and rejected answers go
-through the model in one forward. The reference is the policy with its LoRA adapter switched off, or a frozen
-copy without LoRA; `--precompute-ref` computes its log-probs once before training. A plain torch loop under
-Accelerate (DDP / bf16 / gradient accumulation), as `sft`.
+through the model in one forward; where a batch saves ≥ 10% of token positions by it, each pair's prompt runs
+once and both answers run on its KV cache (`shared_prompt_batch`, as train-reward's shared prefix). The
+reference is the policy with its LoRA adapter switched off, or a frozen copy without LoRA; `--precompute-ref`
+computes its log-probs once before training. A plain torch loop under Accelerate (DDP / bf16 / gradient
+accumulation), as `sft`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ LOSSES = ("sigmoid", "ipo")
 # What each step logs per pair, averaged over the step's pairs (TRL's names); `loss` first.
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
+MIN_SAVING = 0.1  # the shared-prompt forward runs only where it saves this share of token positions (train-reward's)
 
 
 # ---- pairs into tokens ---------------------------------------------------------------------------------------
@@ -133,6 +136,42 @@ def collate(batch: list[PairTokens], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def shared_prompt_batch(batch: list[PairTokens], pad_id: int,
+                        min_saving: float | None = MIN_SAVING) -> dict[str, torch.Tensor] | None:
+    """The batch for the shared-prompt forward: each pair's prompt once (left-padded `prefix_ids`), then its
+    chosen and rejected rest (rows 2i and 2i + 1 of right-padded `suffix_ids`) with `suffix_labels` on the
+    answer tokens. A pair is cut where its answers part or the earlier answer starts, whichever comes first:
+    the prefix holds no scored token, so each answer's first token is predicted by the prefix's last position.
+    A pair that shares no token gets an all-padding prefix row. None when no pair shares a token, or when
+    the prefix saves less than `min_saving` of the plain batch's token positions: padding prefixes and
+    suffixes each to their own longest eats the saving when prompt lengths vary (None: share anyway)."""
+    import torch
+
+    from toolkit.reward.model import common_prefix_length, pad
+
+    cuts = [min(common_prefix_length(p.chosen, p.rejected), p.chosen_start, p.rejected_start) for p in batch]
+    if max(cuts) < 1:
+        return None
+    prefix_ids, prefix_mask = pad([p.chosen[:k] for p, k in zip(batch, cuts, strict=True)], pad_id, "left")
+    sides = [(ids[k:], start - k) for p, k in zip(batch, cuts, strict=True)
+             for ids, start in ((p.chosen, p.chosen_start), (p.rejected, p.rejected_start))]
+    suffix_ids, suffix_mask = pad([ids for ids, _ in sides], pad_id, "right")
+    plain = 2 * len(batch) * max(len(ids) for p in batch for ids in (p.chosen, p.rejected))
+    if min_saving is not None and prefix_mask.numel() + suffix_mask.numel() > (1 - min_saving) * plain:
+        return None
+    labels = torch.full_like(suffix_ids, IGNORE)
+    for i, (ids, start) in enumerate(sides):
+        labels[i, start:len(ids)] = suffix_ids[i, start:len(ids)]
+    return {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "suffix_ids": suffix_ids,
+            "suffix_mask": suffix_mask, "suffix_labels": labels}
+
+
+def collate_pairs(batch: list[PairTokens], pad_id: int, share: bool) -> dict[str, torch.Tensor]:
+    """What `concatenated_logps` takes: the shared-prompt batch where sharing is on and pays, else `collate`'s."""
+    shared = shared_prompt_batch(batch, pad_id) if share else None
+    return shared if shared is not None else collate(batch, pad_id)
+
+
 # ---- the maths -------------------------------------------------------------------------------------------------
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
@@ -147,11 +186,15 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     return total / (targets != IGNORE).sum(-1).clamp(min=1) if average else total
 
 
-def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                       average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) sequence log-probs of a collated batch, in one forward. The vocabulary projection
-    runs only from the position before the earliest answer token on (`logits_to_keep`): prompt positions
-    predict nothing that is scored, and their [rows, positions, vocabulary] logits are the largest tensor."""
+def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False,
+                       prefix_model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) sequence log-probs of a batch from `collate_pairs`: a shared-prompt batch (see
+    `_shared_prompt_logps`; `prefix_model`, default `model`, runs its prompts), or a plain one in one forward.
+    The vocabulary projection runs only from the position before the earliest answer token on
+    (`logits_to_keep`): prompt positions predict nothing that is scored, and their [rows, positions,
+    vocabulary] logits are the largest tensor."""
+    if "prefix_ids" in batch:
+        return _shared_prompt_logps(model, prefix_model if prefix_model is not None else model, batch, average)
     labels = batch["labels"]
     first_answer = int((labels != IGNORE).float().argmax(-1).min())
     keep = labels.shape[1] - max(first_answer - 1, 0)
@@ -160,6 +203,41 @@ def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     logps = sequence_logps(logits, labels[:, labels.shape[1] - keep:], average)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
+
+
+def _shared_prompt_logps(model: torch.nn.Module, prefix_model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                         average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal token sees only what precedes it, so a pair's prompt has the same keys and values under either
+    answer: the prompts run once (left-padded, positions from the mask, only the last position's logits),
+    both answers run on their cache (gradients flow through it), and the prompt's last logits predict each
+    suffix's token 0. Under DDP `prefix_model` is the unwrapped module and `model` the wrapped one: DDP then
+    sees one forward, and the one backward reaches every parameter once."""
+    import torch
+    from transformers import DynamicCache
+
+    from toolkit.generation import cache_kwarg
+    from toolkit.reward.model import position_ids_from_mask
+
+    prefix_mask, suffix_mask = batch["prefix_mask"], batch["suffix_mask"]
+    cache = DynamicCache()
+    on_cache = {cache_kwarg(prefix_model): cache}
+    prefix = prefix_model(input_ids=batch["prefix_ids"], attention_mask=prefix_mask, use_cache=True,
+                          position_ids=position_ids_from_mask(prefix_mask), logits_to_keep=1, **on_cache)
+    cache.batch_repeat_interleave(2)
+    full_mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1)
+    positions = position_ids_from_mask(full_mask)[:, prefix_mask.shape[1]:]
+    # Column 0 stands for the prompt's last position; as in the plain forward, logits start one before the
+    # earliest scored token.
+    labels = torch.nn.functional.pad(batch["suffix_labels"], (1, 0), value=IGNORE)
+    width = labels.shape[1] - 1  # the suffixes'
+    first_answer = int((labels != IGNORE).float().argmax(-1).min())
+    keep = labels.shape[1] - max(first_answer - 1, 0)
+    logits = model(input_ids=batch["suffix_ids"], attention_mask=full_mask, position_ids=positions,
+                   use_cache=True, logits_to_keep=min(keep, width), **on_cache).logits
+    if keep > width:
+        logits = torch.cat([prefix.logits.repeat_interleave(2, dim=0).to(logits.dtype), logits], dim=1)
+    logps = sequence_logps(logits, labels[:, labels.shape[1] - keep:], average)
+    return logps[0::2], logps[1::2]
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -215,6 +293,8 @@ class DPOConfig:
                             "names (needs --lora).")
     bf16: bool = _f(False, "bfloat16 autocast.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory).")
+    shared_prefix: bool = _f(True, "Run a pair's shared prompt once and both answers on its cache (where it saves "
+                             "≥ 10% of token positions; not with --gradient-checkpointing or DeepSpeed).")
     precompute_ref: bool = _f(False, "Compute the reference log-probs once before training (no reference "
                                      "forward per step; without --lora the reference copy is then freed).")
     seed: int = _f(0, "Seed for shuffling and initialisation.", min=0, max=SEED_MAX)
@@ -268,6 +348,8 @@ class _Run:
     total: int  # optimizer steps in the whole run
     start: int  # optimizer steps already done (a resumed run)
     ref_logps: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # "train"/"eval": [N, 2]
+    shared: bool = False  # batches may take the shared-prompt forward (`collate_pairs`)
+    shared_batches: int = 0  # this process's training micro-batches that took it, in this run
 
 
 def train_dpo(cfg: DPOConfig) -> DPOResult:
@@ -342,6 +424,10 @@ def _set_up(cfg: DPOConfig) -> _Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     run = _Run(cfg, accelerator, out, tokenizer, pairs, eval_pairs, stats, model, accelerator.unwrap_model(model),
                reference, optimizer, scheduler, steps_per_epoch, total, 0)
+    # A gradient-checkpointed model drops the KV cache the shared prompt is kept in. DeepSpeed's engine is not
+    # split into a prompt and an answer forward (and under ZeRO-3 every process must run the same forwards,
+    # which a per-batch choice between one and two cannot promise).
+    run.shared = cfg.shared_prefix and not cfg.gradient_checkpointing and accelerator.state.deepspeed_plugin is None
     if cfg.resume:
         run.start = _resume(run)
         if accelerator.is_main_process:
@@ -413,7 +499,8 @@ def _step_indices(run: _Run, step: int) -> list[list[int]]:
 
 def _batch(run: _Run, pairs: list[PairTokens], indices: list[int]) -> dict[str, torch.Tensor]:
     pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
-    return {k: v.to(run.accelerator.device) for k, v in collate([pairs[i] for i in indices], pad_id).items()}
+    tensors = collate_pairs([pairs[i] for i in indices], pad_id, run.shared)
+    return {k: v.to(run.accelerator.device) for k, v in tensors.items()}
 
 
 def _reference_logps(run: _Run, split: str, indices: list[int],
@@ -484,9 +571,10 @@ def _optimizer_step(run: _Run, micro: list[list[int]], step: int) -> tuple[dict[
     sums = torch.zeros(len(PAIR_METRICS) + 1, device=accelerator.device)  # + the pair count
     for g, indices in enumerate(micro):
         batch = _batch(run, run.pairs, indices)
+        run.shared_batches += "prefix_ids" in batch
         ref_chosen, ref_rejected = _reference_logps(run, "train", indices, batch)
         with gradient_sync(accelerator, run.model, g == len(micro) - 1), autocast(accelerator, cfg.bf16):
-            chosen, rejected = concatenated_logps(run.model, batch, average=cfg.loss == "ipo")
+            chosen, rejected = concatenated_logps(run.model, batch, cfg.loss == "ipo", prefix_model=run.unwrapped)
             metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss, cfg.label_smoothing)
             loss = metrics["loss"].sum() / n_pairs
             if not torch.isfinite(loss):
@@ -565,7 +653,8 @@ def _finish(run: _Run, log: RunLog, step: int, t_run: float, eval_metrics: dict[
                     title=f"llamakit dpo ({cfg.loss}, β={cfg.beta})")
         write_json(out / "run.json", {"config": dataclasses.asdict(cfg), "steps": step, "data": stats,
                                       "seconds": time.perf_counter() - t_run,
-                                      "world_size": run.accelerator.num_processes, "final": final,
+                                      "world_size": run.accelerator.num_processes, "shared_prefix": run.shared,
+                                      "shared_prefix_batches": run.shared_batches, "final": final,
                                       "eval": eval_metrics})
         summary_table("dpo", {"pairs": stats["pairs"], "steps": step, "loss (last)": final.get("loss"),
                               "accuracy (last)": final.get("rewards/accuracies"),

@@ -98,5 +98,6 @@ def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path):
     rows = _rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]  # one writer: rank 0
     assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
-    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["shared_prefix_batches"] == 2  # prompts once: DDP sees the split forward
     assert (out / "policy" / "model.safetensors").is_file()
