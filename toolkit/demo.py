@@ -4,16 +4,19 @@ serve (teacher) → instructions → conversations → preferences → sft → t
 constraints slice: constraints (verifiable instructions from seed tasks no other stage reads) → rlhf-constraints
 (PPO from the SFT model on the checker, `rules:constraints`) → eval-policy (before → after on held-out
 instructions, the report's headline) → report.
-Each stage is a `llamakit ...` subprocess; a finished stage leaves `stages/NAME.json` (its command,
-seconds and result), so running the demo again resumes after the last finished stage.
+Each stage is a `llamakit ...` command run in this process (`invoke`: one start-up, where a subprocess per stage
+paid the ~7 s import of torch and transformers eleven times); a finished stage leaves `stages/NAME.json` (its
+command, seconds and result), so running the demo again resumes after the last finished stage.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
 import json
-import subprocess
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,8 @@ from toolkit.console import console
 from toolkit.errors import EXIT_ROWS_FAILED, UserError
 from toolkit.io import read_existing, write_json
 from toolkit.resources import template_path
+
+Invoke = Callable[[list[str]], int | None]  # runs `llamakit ARGS` in this process; its exit code (None: 0)
 
 COMPARE_PROMPTS = (
     "Give me three tips for a good night's sleep.",
@@ -204,7 +209,7 @@ def _cached(name: str, run: Path) -> dict | None:
     return done
 
 
-def _run_stage(name: str, args: list[str], run: Path) -> dict:
+def _run_stage(name: str, args: list[str], run: Path, invoke: Invoke) -> dict:
     done = _cached(name, run)
     if done is not None:
         return done
@@ -212,14 +217,21 @@ def _run_stage(name: str, args: list[str], run: Path) -> dict:
     console.rule(f"[bold]{name}")
     start = time.perf_counter()
     log = run / "logs" / f"{name}.log"
-    proc = subprocess.run([sys.executable, "-m", "toolkit", *args, "--json"], stdout=subprocess.PIPE, text=True)
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = invoke([*args, "--json"]) or 0
+    except UserError as err:
+        raise UserError(f"stage '{name}' failed: {err}; command: llamakit {' '.join(args)}") from None
+    finally:
+        log.write_text(stdout.getvalue())
+        gc.collect()  # the stage's models, before the next stage loads its own
     seconds = time.perf_counter() - start
-    log.write_text(proc.stdout)
-    if proc.returncode == EXIT_ROWS_FAILED:  # a data stage with a few failed rows: the rest is usable
+    if code == EXIT_ROWS_FAILED:  # a data stage with a few failed rows: the rest is usable
         console.print(f"[yellow]{name}: some rows failed (see {log}); the demo goes on with the rows that are done[/]")
-    elif proc.returncode != 0:
-        raise UserError(f"stage '{name}' failed (exit {proc.returncode}); command: llamakit {' '.join(args)}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    elif code != 0:
+        raise UserError(f"stage '{name}' failed (exit {code}); command: llamakit {' '.join(args)}")
+    lines = [line for line in stdout.getvalue().splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {}
     done = {"stage": name, "command": ["llamakit", *args], "seconds": round(seconds, 1), "result": result}
     write_json(marker, done)
@@ -280,9 +292,9 @@ def _generate_compare(run: Path, sizes: Sizes, model: str) -> dict:
     return done
 
 
-def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "smollm2-135m",
+def run_demo(invoke: Invoke, out: str | Path = "runs/demo", fast: bool = False, model: str = "smollm2-135m",
              reward_model: str = "minilm-l6") -> Path:
-    """Run (or resume) every stage; return the report path."""
+    """Run (or resume) every stage through `invoke`; return the report path."""
     import os
 
     from toolkit.report import write_report
@@ -304,10 +316,10 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "sm
                             env={"LLAMAKIT_DEMO_KEY": key}, log_file=run / "logs" / "serve.log") as server:
             console.print(f"[green]✓ serve[/]         {server.model} at {server.url} (the teacher, via openai)")
             commands = _stage_commands(run, sizes, server.url, model, reward_model)
-            _run_stage("instructions", commands["instructions"], run)
+            _run_stage("instructions", commands["instructions"], run, invoke)
             console.print(f"[dim]prompt pool: {_prompt_pool(run, sizes)} prompts (new instructions + seed tasks)[/]")
             for name in data_stages[1:]:
-                _run_stage(name, commands[name], run)
+                _run_stage(name, commands[name], run, invoke)
     else:  # no teacher needed: say so per stage rather than skip silently
         for name in data_stages:
             _cached(name, run)
@@ -315,14 +327,14 @@ def run_demo(out: str | Path = "runs/demo", fast: bool = False, model: str = "sm
     pairs = _reward_pairs(run, sizes)
     console.print(f"[dim]reward data: {pairs} pairs (synthetic + {sizes.hh_pairs} HH)[/]")
     for name in ("sft", "train-reward", "rlhf"):
-        _run_stage(name, commands[name], run)
+        _run_stage(name, commands[name], run, invoke)
     _generate_compare(run, sizes, model)
     _constraint_instructions(run, sizes)
-    _run_stage("constraints", commands["constraints"], run)
+    _run_stage("constraints", commands["constraints"], run, invoke)
     n_train, n_heldout = _split_constraint_prompts(run)
     console.print(f"[dim]constraints slice: {n_train} train and {n_heldout} held-out instructions[/]")
     for name in ("rlhf-constraints", "eval-policy"):
-        _run_stage(name, commands[name], run)
+        _run_stage(name, commands[name], run, invoke)
     report = write_report(run)
     console.print(f"[bold green]demo finished[/] in {time.perf_counter() - total:.0f} s — report: {report}")
     return report

@@ -116,6 +116,23 @@ def test_demo_again_resumes_from_the_finished_stages(demo_run, demo_models, tmp_
     assert png.stat().st_size > 50_000  # a rendered page with tables and plots, not a blank one
 
 
+@DEMO_TIMEOUT
+def test_a_failing_stage_is_one_line_with_its_reason_and_the_finished_stages_stay(demo_run, demo_models, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    (run / "stages" / "eval-policy.json").unlink()
+    (run / "ppo-constraints" / "policy" / "config.json").unlink()  # the stage's input is no longer a model
+    failed = run_demo(run, demo_models)
+    assert failed.returncode == 2
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage 'eval-policy' failed: POLICY") and "is not a model" in last, last
+    assert "; command: llamakit eval-policy " in last
+    assert len(list((run / "stages").glob("*.json"))) == len(STAGES) - 1  # the finished stages are kept
+    assert not (run / "stages" / "eval-policy.json").exists()
+
+
 def test_init_writes_configs_that_load_against_their_commands(tmp_path):
     result = run_cli("init", tmp_path / "pipe")
     assert result.returncode == 0, result.stderr

@@ -24,7 +24,12 @@ def demo_cmd(out, fast, model, reward_model):
     from toolkit.demo import run_demo
 
     note_output(f"finished stages are kept in {out}", "run the same command again to go on after the last one")
-    run_demo(out, fast=fast, model=model, reward_model=reward_model)
+    root = click.get_current_context().find_root().command
+
+    def invoke(args: list[str]) -> int | None:
+        return root.main(args=args, prog_name="llamakit", standalone_mode=False)
+
+    run_demo(invoke, out, fast=fast, model=model, reward_model=reward_model)
 
 
 @click.command("report")
