@@ -21,8 +21,8 @@ reference and policy log-probs, advantages, the policy forward and backward and 
 mean over steps 2..N (step 1 pays one-off warm-up). Model loading, prompt tokenization, the final save and
 process start are outside. speedup = TRL s/step / llamakit s/step. Peak RSS = the child's own ru_maxrss.
 Metric: the mean reward of the last --metric-steps steps' answers (llamakit objective/raw_scores, TRL reward).
-Not matched: the prompt order (each side shuffles with its own seeded sampler) and the sampling RNG; llamakit
-computes the rollout log-probs in an extra forward where TRL, with one iteration, reuses the detached ones.
+Not matched: the prompt order (each side shuffles with its own seeded sampler) and the sampling RNG. Both take
+log π_old from the update's own forward, detached (one iteration, one minibatch).
 Prints ONE JSON line.
 """
 
