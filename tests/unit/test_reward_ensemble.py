@@ -93,6 +93,19 @@ def test_a_changed_member_invalidates_the_calibration(ensemble_rm, tmp_path):
         load_reward_model(str(copy))
 
 
+def test_a_missing_member_is_named_not_taken_for_other_weights(ensemble_rm, tmp_path):
+    import shutil
+
+    from toolkit.reward import load_reward_model
+
+    out, _ = ensemble_rm
+    copy = tmp_path / "rm"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "members" / "1")
+    with pytest.raises(UserError, match=r"ensemble member 1 of 2 is missing: .*members/1 .*train-reward --ensemble 2"):
+        load_reward_model(str(copy))
+
+
 def test_a_single_model_has_no_spread(tiny_llama_dir, tmp_path):
     from toolkit.reward import load_reward_model
 

@@ -113,7 +113,11 @@ def fingerprint(directory: str | os.PathLike) -> str:
         raise UserError(f"transformers has no sequence classifier for model_type '{config.model_type}'",
                         file=str(directory)) from None
     digest = hashlib.sha256()
-    # An ensemble's members count too: a calibration is fitted on their mean.
+    # An ensemble's members count too: a calibration is fitted on their mean. A member that is gone is said as
+    # such, not as "other weights" with a hint to recalibrate that cannot help.
+    if (directory / SETTINGS_FILE).is_file():
+        for index in range(1, len(_read_settings(directory).ensemble_offsets)):
+            _member_path(directory, index)
     members = sorted(directory.glob(f"{MEMBERS_DIR}/*/*.safetensors"), key=lambda p: (int(p.parent.name), p.name))
     for weights in sorted(directory.glob("*.safetensors")) + members:
         digest.update(f"{weights.relative_to(directory).as_posix()}:{weights.stat().st_size}".encode())
@@ -161,11 +165,16 @@ def load_trained(directory: str | os.PathLike, device: str = "cpu") -> tuple[nn.
 
 
 def _member(directory: Path, index: int) -> RewardNet:
+    return RewardNet(load_sequence_classifier(_member_path(directory, index)))
+
+
+def _member_path(directory: Path, index: int) -> Path:
     path = directory / MEMBERS_DIR / str(index)
-    if not (path / "config.json").is_file():
-        raise UserError(f"ensemble member {index} is missing ({path})", file=str(directory))
-    model = load_sequence_classifier(path)
-    return RewardNet(model)
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        members = len(_read_settings(directory).ensemble_offsets)
+        raise UserError(f"ensemble member {index} of {members} is missing: {path} (retrain with `llamakit "
+                        f"train-reward --ensemble {members}`, or restore the directory)", file=str(directory))
+    return path
 
 
 def _read_settings(directory: Path) -> RewardSettings:
