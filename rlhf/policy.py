@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -118,10 +119,13 @@ class ActorCritic(nn.Module):
 
 
 class Reference:
-    """π_ref: the LoRA adapter switched off, or a frozen copy of the starting weights."""
+    """π_ref: the LoRA adapter switched off, or a frozen copy of the starting weights. `gathered(module)`: the
+    context in which a partitioned frozen copy (DeepSpeed ZeRO-3, outside any engine) has its whole weights."""
 
-    def __init__(self, actor: ActorCritic, frozen_lm: nn.Module | None):
+    def __init__(self, actor: ActorCritic, frozen_lm: nn.Module | None,
+                 gathered: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None):
         self.actor, self.frozen_lm = actor, frozen_lm
+        self.gathered = gathered or (lambda _module: contextlib.nullcontext())
         if frozen_lm is None and not hasattr(actor.lm, "disable_adapter"):
             raise ValueError("a reference needs a frozen copy unless the actor is a LoRA (peft) model")
 
@@ -129,16 +133,19 @@ class Reference:
     def logprobs(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
                  temperature: float, responses: torch.Tensor) -> torch.Tensor:
         lm = self.frozen_lm if self.frozen_lm is not None else self.actor.lm
-        ctx = self.actor.lm.disable_adapter() if self.frozen_lm is None else contextlib.nullcontext()
+        ctx = self.actor.lm.disable_adapter() if self.frozen_lm is None else self.gathered(lm)
         with ctx:
             hidden = response_hidden(lm, query_responses, attention_mask, context_length)
             return logprobs_of(response_logits(lm, hidden, temperature), responses)
 
 
 def frozen_copy(lm: nn.Module) -> nn.Module:
-    ref = copy.deepcopy(lm)
-    ref.requires_grad_(False)
-    return ref.eval()
+    return frozen(copy.deepcopy(lm))
+
+
+def frozen(lm: nn.Module) -> nn.Module:
+    lm.requires_grad_(False)
+    return lm.eval()
 
 
 def load_critic(spec: str, reward: str, policy_tokenizer) -> Critic:

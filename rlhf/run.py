@@ -16,7 +16,7 @@ import torch
 
 from rlhf.config import PPOConfig
 from rlhf.objective import AdaptiveKLController, FixedKLController, make_kl_controller
-from rlhf.policy import ActorCritic, Reference, causal_lm, frozen_copy, load_critic
+from rlhf.policy import ActorCritic, Reference, causal_lm, frozen, frozen_copy, load_critic
 from rlhf.rewards import RewardFn, make_reward_fn
 from rlhf.rollout import TokenizedPrompt, load_prompts
 from toolkit.chat_format import context_length as model_context_length
@@ -25,7 +25,7 @@ from toolkit.errors import UserError
 from toolkit.io import claim_run_dir, read_existing, start_run_dir, write_json
 from toolkit.model_card import render_card
 from toolkit.models import load_causal_lm, load_tokenizer
-from toolkit.training.accelerator import configure_deepspeed, gathered_weights, make_accelerator
+from toolkit.training.accelerator import configure_deepspeed, gathered_weights, make_accelerator, zero_stage
 from toolkit.training.checkpoint import deepspeed_engine, latest_checkpoint, load_checkpoint, save_checkpoint
 from toolkit.training.export import save_adapter, save_model
 from toolkit.training.model import add_lora, base_dtype, disable_dropout
@@ -91,7 +91,7 @@ def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
         console.print(f"[yellow]warning:[/] {n_truncated} prompt(s) longer than --max-prompt-tokens "
                       f"{cfg.max_prompt_tokens} were cut from the left")
     reward_fn = reward_fn or make_reward_fn(cfg.reward, prompts, cfg.prompts, cfg.reward_uncertainty_penalty)
-    actor, ref_lm, tokenizer = _load_models(cfg, max(len(p.ids) for p in prompts))
+    actor, ref_lm, tokenizer = _load_models(cfg, max(len(p.ids) for p in prompts), zero_stage(accelerator) == 3)
 
     optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -109,15 +109,22 @@ def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
     start_tracking(accelerator, cfg.report_to, out, "llamakit-rlhf", cfg)  # before the run's first row
     accelerator.wait_for_everyone()
     return Run(cfg, accelerator, out, prompts, reward_fn, tokenizer, prepared, unwrapped, optimizer,
-               Reference(unwrapped, ref_lm), kl_ctl, RunLog(out, is_main, samples=True, tracker=accelerator),
+               Reference(unwrapped, ref_lm, lambda module: gathered_weights(accelerator, module)), kl_ctl,
+               RunLog(out, is_main, samples=True, tracker=accelerator),
                start)
 
 
-def _load_models(cfg: PPOConfig, longest_prompt: int) -> tuple[ActorCritic, torch.nn.Module | None, Any]:
-    """(actor: LM + value head or critic, frozen π_ref or None under LoRA, tokenizer)."""
-    lm, tokenizer = load_causal_lm(cfg.policy, dtype=base_dtype(bf16=cfg.bf16, lora=cfg.lora))
+def _load_models(cfg: PPOConfig, longest_prompt: int,
+                 partitioned: bool) -> tuple[ActorCritic, torch.nn.Module | None, Any]:
+    """(actor: LM + value head or critic, frozen π_ref or None under LoRA, tokenizer). `partitioned`: ZeRO-3
+    loads every model in shards (zero.Init); a copy of those would share their gather hooks, so π_ref is
+    loaded again from disk, in shards of its own (`Reference` gathers them for each forward)."""
+    dtype = base_dtype(bf16=cfg.bf16, lora=cfg.lora)
+    lm, tokenizer = load_causal_lm(cfg.policy, dtype=dtype)
     disable_dropout(lm)
-    ref_lm = None if cfg.lora else frozen_copy(lm)  # with LoRA, π_ref = the adapter switched off
+    ref_lm = None  # with LoRA, π_ref = the adapter switched off
+    if not cfg.lora:
+        ref_lm = frozen(load_causal_lm(cfg.policy, dtype=dtype)[0]) if partitioned else frozen_copy(lm)
     if cfg.lora:
         lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target, task_type="CAUSAL_LM")
     if cfg.gradient_checkpointing:

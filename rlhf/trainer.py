@@ -147,10 +147,12 @@ def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
     """Step 1: generate one response per prompt, then log π, V (with a value model), log π_ref on it, and
     score it."""
     cfg, actor = run.cfg, run.unwrapped
-    with torch.no_grad(), autocast(run.accelerator, cfg.bf16), _gathered(run.accelerator, actor.lm,
-                                                                         cfg.gather_for_generation):
-        rollout = sample(actor.lm, run.tokenizer, [p.ids for p in prompts], cfg.max_new_tokens, cfg.temperature,
-                         cfg.top_p, cfg.top_k)
+    with torch.no_grad(), autocast(run.accelerator, cfg.bf16):
+        # the gather ends with generation: ZeRO-3's own hooks then fetch for the forwards below (a forward of a
+        # trainable, gathered ZeRO-3 model leaves its weights in flight where the gather would re-partition them)
+        with _gathered(run.accelerator, actor.lm, cfg.gather_for_generation):
+            rollout = sample(actor.lm, run.tokenizer, [p.ids for p in prompts], cfg.max_new_tokens,
+                             cfg.temperature, cfg.top_p, cfg.top_k)
         responses, ctx = rollout.responses, rollout.context_length
         if cfg.logprobs_from_update:  # ppo_update fills them in
             logprobs, values = torch.zeros(responses.shape, device=responses.device), None

@@ -396,9 +396,6 @@ def _set_up(cfg: DPOConfig) -> _Run:
 
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.bf16, cfg.report_to, out)
-    if zero_stage(accelerator) == 3 and not cfg.lora:
-        raise UserError("dpo under ZeRO-3 needs --lora (the frozen reference copy would be partitioned too and "
-                        "need a DeepSpeed engine of its own); or use the ZeRO-2 config")
     claim_run_dir(out, "dpo-run", resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
 
@@ -407,8 +404,13 @@ def _set_up(cfg: DPOConfig) -> _Run:
     eval_pairs = load_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.max_prompt_length)[0] if cfg.eval_data \
         else []
     _warn_truncated(accelerator, stats, cfg)
-    model, tokenizer = load_causal_lm(cfg.policy, dtype=base_dtype(bf16=cfg.bf16, lora=cfg.lora))
-    reference = None if cfg.lora else _frozen_copy(model, accelerator.device)
+    dtype = base_dtype(bf16=cfg.bf16, lora=cfg.lora)
+    model, tokenizer = load_causal_lm(cfg.policy, dtype=dtype)
+    reference = None  # with LoRA: the adapter switched off
+    if not cfg.lora:  # under ZeRO-3 both load in shards (zero.Init); a copy would gather the policy's, not its own
+        partitioned = zero_stage(accelerator) == 3
+        reference = _frozen(load_causal_lm(cfg.policy, dtype=dtype)[0] if partitioned else copy.deepcopy(model),
+                            accelerator.device)
     model = make_trainable(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                            lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
 
@@ -459,11 +461,11 @@ def _warn_truncated(accelerator: Accelerator, stats: dict[str, int], cfg: DPOCon
                       f"--max-length {cfg.max_length}")
 
 
-def _frozen_copy(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def _frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """The reference without LoRA: the loaded policy as it is, never trained."""
     from toolkit.training.model import disable_dropout
 
-    reference = copy.deepcopy(model).to(device).eval()
+    reference = model.to(device).eval()
     reference.requires_grad_(False)
     disable_dropout(reference)
     return reference
@@ -517,12 +519,13 @@ def _reference_forward(run: _Run, batch: dict[str, torch.Tensor]) -> tuple[torch
     """The reference's (chosen, rejected) log-probs: the frozen copy, or the policy with its adapter off."""
     import torch
 
-    from toolkit.training.accelerator import autocast
+    from toolkit.training.accelerator import autocast, gathered_weights
 
     average = run.cfg.loss == "ipo"
     with torch.no_grad(), autocast(run.accelerator, run.cfg.bf16):
         if run.reference is not None:
-            return concatenated_logps(run.reference, batch, average)
+            with gathered_weights(run.accelerator, run.reference):  # its ZeRO-3 shards, outside any engine
+                return concatenated_logps(run.reference, batch, average)
         with run.unwrapped.disable_adapter():
             return concatenated_logps(run.unwrapped, batch, average)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -147,17 +148,19 @@ def test_sft_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir, tmp_pat
     assert rows(out) == before and (out / "model" / "model.safetensors").is_file()
 
 
-# ZeRO-3 with LoRA, as the 33B/65B presets run it (its final policy was saved as empty shards before);
-# ZeRO-3 without LoRA does not run yet: the frozen reference copy is partitioned too (transformers loads under
-# zero.Init once a DeepSpeed plugin exists) and would need its own DeepSpeed inference engine, as TRL builds
+def ppo_args(policy: Path, *extra) -> list:
+    return ["rlhf", "--policy", policy, "--reward", "rules:length", "--prompts", FIXTURES / "prompts-alpaca-32.jsonl",
+            "--steps", "2", "--batch-size", "4", "--num-minibatches", "2", "--gradient-accumulation-steps", "2",
+            "--ppo-epochs", "1", "--max-new-tokens", "8", *extra, *EVERY_STEP]
+
+
+# ZeRO-3 with LoRA, as the 33B/65B presets run it (its final policy was saved as empty shards before)
 @pytest.mark.parametrize("stage, lora", [(3, ["--lora"])])  # ZeRO-2 is shown by sft and dpo
 def test_ppo_under_deepspeed(stage, lora, tiny_llama_dir, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "ppo"
-    args = ["rlhf", "--policy", tiny_llama_dir, "--reward", "rules:length", "--prompts",
-            FIXTURES / "prompts-alpaca-32.jsonl", "--steps", "2", "--batch-size", "4", "--num-minibatches", "2",
-            "--gradient-accumulation-steps", "2", "--ppo-epochs", "1", "--max-new-tokens", "8", *lora, *EVERY_STEP]
+    args = ppo_args(tiny_llama_dir, *lora)
     launch_two_steps(stage, out, args)
     assert [r["step"] for r in rows(out)] == [1, 2] and all(r["loss/policy_avg"] == r["loss/policy_avg"]
                                                            for r in rows(out))
@@ -167,6 +170,20 @@ def test_ppo_under_deepspeed(stage, lora, tiny_llama_dir, tmp_path):
     before, after = stop_after_step_1_and_resume(f"deepspeed-zero{stage}.yaml", out, args, "policy")
     assert after[1]["objective/scores"] == pytest.approx(before[1]["objective/scores"], rel=1e-4)
     assert_close_weights(load_file(out / "policy" / "model.safetensors"), saved)
+
+
+def test_ppo_full_fine_tune_under_zero3_has_a_reference_in_shards_of_its_own(tiny_llama_dir, tmp_path):
+    """Without LoRA π_ref is a frozen model: under ZeRO-3 transformers loads it in shards too (zero.Init), and a
+    copy of the sharded policy would gather the policy's weights, not its own. It was an empty embedding at step 1."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ppo"
+    launch_two_steps(3, out, ppo_args(tiny_llama_dir))
+    first, second = rows(out)
+    assert first["objective/kl"] == 0.0  # step 1: π = π_ref, token by token (the reference is the start weights)
+    assert second["objective/kl"] != 0.0 and first["val/sampling_logprob_gap"] < 1e-4
+    assert_whole_and_trained(load_file(out / "policy" / "model.safetensors"),
+                             load_file(tiny_llama_dir / "model.safetensors"))
 
 
 def assert_whole_and_trained(saved: dict, start: dict) -> None:
@@ -199,7 +216,8 @@ def test_train_reward_under_deepspeed_saves_a_whole_trained_model(tiny_llama_dir
     assert_whole_and_trained({k: v for k, v in saved.items() if k != "score.weight"}, start)
 
 
-@pytest.mark.parametrize(("stage", "lora"), [(2, False), (3, True)], ids=["zero2", "zero3-lora"])
+# zero3: the frozen reference loads in ZeRO-3 shards of its own (a copy of the policy's gathered the policy's)
+@pytest.mark.parametrize(("stage", "lora"), [(2, False), (3, False), (3, True)], ids=["zero2", "zero3", "zero3-lora"])
 def test_dpo_under_deepspeed_saves_a_whole_trained_policy(tiny_llama_dir, tmp_path, stage, lora):
     from safetensors.torch import load_file
 
@@ -216,6 +234,8 @@ def test_dpo_under_deepspeed_saves_a_whole_trained_policy(tiny_llama_dir, tmp_pa
             "--learning-rate", "1e-3", *extra, *([] if lora else EVERY_STEP)]
     launch_two_steps(stage, out, args)
     assert [r["step"] for r in rows(out)] == [1, 2] and all(r["loss"] == r["loss"] for r in rows(out))
+    if not lora:  # step 1, before any update: π = π_ref on every pair, so the loss is ln 2 (the reference is right)
+        assert rows(out)[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     if lora:
         reference = load_file(out / "checkpoints" / "step-000002" / "reference.safetensors")["train"]
         assert reference.shape == (16, 2) and bool((reference < 0).all())  # every pair's log-probs, both answers
@@ -223,7 +243,7 @@ def test_dpo_under_deepspeed_saves_a_whole_trained_policy(tiny_llama_dir, tmp_pa
         assert 0 <= held_out["eval/rewards/accuracies"] <= 1 and held_out["eval/loss"] > 0
     saved = load_file(out / "policy" / "model.safetensors")
     assert_whole_and_trained(saved, load_file(tiny_llama_dir / "model.safetensors"))
-    if not lora:  # stopped after step 1 and resumed under ZeRO-2 (the moments and fp32 weights it partitions)
+    if stage == 2:  # stopped after step 1 and resumed under ZeRO-2 (the moments and fp32 weights it partitions)
         before, after = stop_after_step_1_and_resume(f"deepspeed-zero{stage}.yaml", out, args, "policy")
         assert after[1]["loss"] == pytest.approx(before[1]["loss"], rel=1e-4)
         assert_close_weights(load_file(out / "policy" / "model.safetensors"), saved)
@@ -234,9 +254,8 @@ SEVERAL_MODELS = "--ensemble and --calibration-folds train several models in one
 
 # One rank is enough to show a refusal: it comes before any model is loaded or trained.
 @pytest.mark.parametrize(("command", "message"), [
-    (["dpo", "--data", FIXTURES / "hh-harmless-6.jsonl"], "dpo under ZeRO-3 needs --lora (the frozen reference"),
     (["train-reward", "--data", FIXTURES / "hh-harmless-200.jsonl", "--ensemble", "2"], SEVERAL_MODELS),
-], ids=["dpo-zero3-full", "reward-ensemble"])  # --calibration-folds is refused by the same check
+], ids=["reward-ensemble"])  # --calibration-folds is refused by the same check
 def test_what_deepspeed_cannot_run_is_refused_up_front(tiny_llama_dir, tmp_path, command, message):
     out = tmp_path / "out"
     model = ["--policy" if command[0] == "dpo" else "--model", tiny_llama_dir]
