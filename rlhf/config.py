@@ -163,5 +163,11 @@ class PPOConfig:
         with num_iterations 1), and the rollout skips its own forward of the policy."""
         return self.algo != "ppo" and self.ppo_epochs == 1 and self.num_minibatches == 1 and self.kl_mode == "loss"
 
+    @property
+    def shares_group_prompts(self) -> bool:
+        """grpo / rloo: a group's K answers follow one prompt, which then runs once per forward over whole groups
+        (rlhf.policy.response_hidden); not with gradient checkpointing, which drops the cache the answers run on."""
+        return self.algo != "ppo" and not self.gradient_checkpointing
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

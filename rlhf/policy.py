@@ -37,12 +37,39 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_hidden(lm: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
-                    context_length: int) -> torch.Tensor:
-    """Last hidden states at the positions that predict the response tokens: [B, R, H]."""
+                    context_length: int, group_size: int = 1) -> torch.Tensor:
+    """Last hidden states at the positions that predict the response tokens: [B, R, H]. `group_size` K > 1:
+    rows iK … iK + K − 1 answer one prompt (same left-padded query), which then runs once (`_grouped_hidden`)."""
     decoder = causal_lm(lm).get_decoder()
+    if group_size > 1:
+        return _grouped_hidden(decoder, query_responses, attention_mask, context_length, group_size)
     out = decoder(input_ids=query_responses, attention_mask=attention_mask,
                   position_ids=position_ids_for(attention_mask), use_cache=False)
     return out.last_hidden_state[:, context_length - 1:-1]
+
+
+def _grouped_hidden(decoder: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
+                    context_length: int, group_size: int) -> torch.Tensor:
+    # A causal token sees only what precedes it, so a prompt's keys and values are the same under each of its K
+    # answers: the prompts run once, the answers on their cache (gradients flow through it). The prompt's last
+    # position predicts response token 0; response tokens 0 … R − 2 predict the rest.
+    from transformers import DynamicCache
+
+    from toolkit.generation import cache_kwarg
+
+    prompt_mask = attention_mask[::group_size, :context_length]
+    cache = DynamicCache()
+    on_cache = {cache_kwarg(decoder): cache}
+    prompts = decoder(input_ids=query_responses[::group_size, :context_length], attention_mask=prompt_mask,
+                      position_ids=position_ids_for(prompt_mask), use_cache=True, **on_cache)
+    first = prompts.last_hidden_state[:, -1:].repeat_interleave(group_size, dim=0)
+    if query_responses.shape[1] - context_length < 2:
+        return first
+    cache.batch_repeat_interleave(group_size)
+    mask = attention_mask[:, :-1]
+    answers = decoder(input_ids=query_responses[:, context_length:-1], attention_mask=mask,
+                      position_ids=position_ids_for(mask)[:, context_length:], use_cache=True, **on_cache)
+    return torch.cat([first, answers.last_hidden_state], dim=1)
 
 
 def response_logits(lm: nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -96,10 +123,10 @@ class ActorCritic(nn.Module):
         return self.v_head is not None or self.critic is not None
 
     def forward(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                temperature: float, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(temperature-scaled logits [B, R, V], values [B, R] or None without a value model) for the
-        response positions."""
-        hidden = response_hidden(self.lm, query_responses, attention_mask, context_length)
+        response positions; `group_size` as `response_hidden` (one forward, so DDP's hooks see both passes)."""
+        hidden = response_hidden(self.lm, query_responses, attention_mask, context_length, group_size)
         logits = response_logits(self.lm, hidden, temperature)
         if self.v_head is not None:
             values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
@@ -131,11 +158,11 @@ class Reference:
 
     @torch.no_grad()
     def logprobs(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                 temperature: float, responses: torch.Tensor) -> torch.Tensor:
+                 temperature: float, responses: torch.Tensor, group_size: int = 1) -> torch.Tensor:
         lm = self.frozen_lm if self.frozen_lm is not None else self.actor.lm
         ctx = self.actor.lm.disable_adapter() if self.frozen_lm is None else self.gathered(lm)
         with ctx:
-            hidden = response_hidden(lm, query_responses, attention_mask, context_length)
+            hidden = response_hidden(lm, query_responses, attention_mask, context_length, group_size)
             return logprobs_of(response_logits(lm, hidden, temperature), responses)
 
 

@@ -153,15 +153,15 @@ def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
         with _gathered(run.accelerator, actor.lm, cfg.gather_for_generation):
             rollout = sample(actor.lm, run.tokenizer, [p.ids for p in prompts], cfg.max_new_tokens,
                              cfg.temperature, cfg.top_p, cfg.top_k)
-        responses, ctx = rollout.responses, rollout.context_length
+        responses, ctx, group = rollout.responses, rollout.context_length, _prompt_group(run)
         if cfg.logprobs_from_update:  # ppo_update fills them in
             logprobs, values = torch.zeros(responses.shape, device=responses.device), None
         else:
-            logits, values = actor(rollout.query_responses, rollout.attention_mask, ctx, cfg.temperature)
+            logits, values = actor(rollout.query_responses, rollout.attention_mask, ctx, cfg.temperature, group)
             logprobs = logprobs_of(logits, responses)
             del logits
         ref_logprobs = run.reference.logprobs(rollout.query_responses, rollout.attention_mask, ctx,
-                                              cfg.temperature, responses)
+                                              cfg.temperature, responses, group)
     raw_scores = score_rollout(run.reward_fn, [p.text for p in prompts], rollout.responses_text,
                                rollout.finish_reasons, run.accelerator.device, [p.context for p in prompts])
     if values is not None:
@@ -180,18 +180,22 @@ def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, retur
     mask = rollout.response_mask
     kl_in_loss = run.kl_ctl.value if cfg.kl_mode == "loss" else 0.0  # β of the k3 term (grpo / rloo)
     update_stats = {k: torch.zeros(epochs, minibatches, accumulation) for k in STAT_NAMES}
+    # A micro-batch of the whole rollout holds whole groups: in order, each group's prompt runs once.
+    group = _prompt_group(run) if minibatches == accumulation == 1 else 1
     for epoch in range(epochs):
         order = torch.randperm(cfg.rollout_size)
         for m in range(minibatches):
             minibatch = order[m * cfg.minibatch_size:(m + 1) * cfg.minibatch_size]
             for g in range(accumulation):
                 rows = minibatch[g * micro_size:(g + 1) * micro_size].to(accelerator.device)
+                if group > 1:
+                    rows = rows.sort().values
                 columns, response_columns, context_length = _trim(rows, rollout.attention_mask, mask,
                                                                   rollout.context_length)
                 with gradient_sync(accelerator, actor, g == accumulation - 1), autocast(accelerator, cfg.bf16):
                     new_logits, new_values = actor(rollout.query_responses[rows, columns],
                                                    rollout.attention_mask[rows, columns], context_length,
-                                                   cfg.temperature)
+                                                   cfg.temperature, group)
                     micro = (rows, response_columns)
                     if returns is None:  # grpo / rloo
                         new_logprobs = logprobs_of(new_logits, rollout.responses[micro])
@@ -219,6 +223,13 @@ def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, retur
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
     return update_stats
+
+
+def _prompt_group(run: Run) -> int:
+    """K where each prompt's K answers lie on consecutive rows and its prompt may run once per forward; else 1.
+    Not under DeepSpeed: ZeRO-3 fetches each layer per call, and the grouped forward calls each layer twice."""
+    shares = run.cfg.shares_group_prompts and run.accelerator.state.deepspeed_plugin is None
+    return run.cfg.group_size if shares else 1
 
 
 def _trim(rows: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,

@@ -76,6 +76,41 @@ def test_sampling_logprobs_equal_a_fresh_forward_pass_with_left_padding(tiny_lla
     assert (forward_logprobs(lm, rollout, 1.0)[real] - rollout.sample_logprobs[real]).abs().max() > 1e-3
 
 
+def test_a_group_s_prompt_runs_once_with_the_same_logits_and_gradients(tiny_llama_dir):
+    lm, tok = load_causal_lm(tiny_llama_dir)
+    eos_prone(lm, tok)
+    lm = add_lora(lm, 4, 8, "all-linear", task_type="CAUSAL_LM")
+    with torch.no_grad():  # a trained adapter: B ≠ 0, so A's gradients are not 0 either
+        for name, param in lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    ids = [i for i in prompt_ids(tok) for _ in range(3)]  # K = 3 answers to each prompt, as a group's rows lie
+    for seed in range(20):
+        torch.manual_seed(seed)
+        rollout = sample(lm, tok, ids, max_new_tokens=10, temperature=0.7)
+        if rollout.response_mask.sum(1).min() < 10:  # right padding after an early EOS is exercised
+            break
+    else:
+        pytest.fail("no batch with a row that stopped early")
+    args = (rollout.query_responses, rollout.attention_mask, rollout.context_length, 0.7)
+    actor = ActorCritic(lm, value_head=False)
+    results = []
+    for group_size in (1, 3):
+        actor.zero_grad()
+        logits, _ = actor(*args, group_size=group_size)
+        picked = logprobs_of(logits, rollout.responses) * rollout.response_mask
+        picked.sum().backward()
+        results.append((picked.detach(), {n: p.grad.clone() for n, p in actor.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (grouped, grouped_grads) = results
+    torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=1e-5)
+    assert plain_grads and all(grad.abs().max() > 0 for grad in plain_grads.values())
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grouped_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    reference = Reference(actor, None)
+    torch.testing.assert_close(reference.logprobs(*args, rollout.responses, group_size=3),
+                               reference.logprobs(*args, rollout.responses), atol=1e-5, rtol=1e-5)
+
+
 def _train_steps(actor: ActorCritic, rollout, n: int = 3, lr: float = 1e-2) -> None:
     optimizer = torch.optim.Adam([p for p in actor.parameters() if p.requires_grad], lr=lr)
     for _ in range(n):
@@ -185,6 +220,22 @@ def test_one_epoch_of_one_minibatch_takes_log_pi_old_from_the_update_and_trains_
         if key not in VOLATILE:
             assert a[1][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
     assert reused.step == extra.step == 2
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])  # rloo: the KL in the reward, so the rollout's forward runs too
+def test_running_each_group_s_prompt_once_trains_as_running_every_row(tiny_llama_dir, tmp_path, monkeypatch, algo):
+    settings = dict(steps=2, algo=algo, ppo_epochs=1, num_minibatches=1, learning_rate=3e-3, batch_size=2,
+                    group_size=3)
+    shared = tiny_cfg(tiny_llama_dir, tmp_path / "shared", **settings)
+    assert shared.shares_group_prompts
+    train(shared)
+    monkeypatch.setattr(PPOConfig, "shares_group_prompts", property(lambda self: False))
+    train(tiny_cfg(tiny_llama_dir, tmp_path / "rows", **settings))
+    a, b = _metrics(tmp_path / "shared"), _metrics(tmp_path / "rows")
+    assert abs(b[1]["objective/kl"]) > 1e-2  # the policy moved in step 1
+    for key, value in b[1].items():
+        if key not in VOLATILE:
+            assert a[1][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
 
 
 def _metrics(out: Path) -> list[dict]:
