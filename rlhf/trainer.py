@@ -33,9 +33,18 @@ from typing import Any
 
 import torch
 
-from rlhf import objective
 from rlhf.config import PPOConfig
-from rlhf.objective import gae, group_advantages, group_loss, masked_whiten, per_token_rewards, ppo_loss, token_kl
+from rlhf.objective import (
+    gae,
+    group_advantages,
+    group_loss,
+    kl_k3,
+    masked_whiten,
+    penalise_missing_eos,
+    per_token_rewards,
+    ppo_loss,
+    token_kl,
+)
 from rlhf.policy import logprobs_of
 from rlhf.rewards import RewardFn, score_rollout
 from rlhf.rollout import Rollout, TokenizedPrompt, batch_indices, sample
@@ -100,8 +109,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                     if cfg.whiten_advantages:
                         advantages = masked_whiten(advantages, mask)
                 else:  # ---- 3. grpo / rloo: the group baseline, on every token of the answer -------------
-                    scores = objective.penalise_missing_eos(experience.raw_scores,
-                                                            experience.rollout.contain_eos, cfg.missing_eos_penalty)
+                    scores = penalise_missing_eos(experience.raw_scores, experience.rollout.contain_eos,
+                                                  cfg.missing_eos_penalty)
                     penalty = 0.0
                     if cfg.kl_mode == "reward":
                         penalty = kl_ctl.value * token_kl(experience.logprobs, experience.ref_logprobs, mask).sum(1)
@@ -249,7 +258,7 @@ def metrics_row(run: Run, step: int, experience: Experience, *, kl: torch.Tensor
     non_score_reward = -kl_coef * kl
     local = {
         "objective/kl": kl.sum(1).mean(),
-        "objective/kl_k3": objective.kl_k3(experience.logprobs, experience.ref_logprobs).mul(maskf).sum(1).mean(),
+        "objective/kl_k3": kl_k3(experience.logprobs, experience.ref_logprobs).mul(maskf).sum(1).mean(),
         "objective/entropy": (-experience.logprobs * maskf).sum(1).mean(),
         "objective/non_score_reward": non_score_reward.sum(1).mean(),
         "objective/rlhf_reward": scores.mean() + non_score_reward.sum(1).mean(),
