@@ -267,7 +267,12 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
 
     rows = [i for i, p in enumerate(params) if p.max_new_tokens > 0]  # original index of each batch row
     if rows:
-        input_ids, attention_mask = (t.to(device) for t in left_pad([prompts[i] for i in rows], pad_id))
+        # Rows that share a prompt (n > 1, GRPO's K answers) prefill it once; the first step copies its cache,
+        # logits and mask to each of them.
+        distinct: dict[tuple[int, ...], int] = {}
+        spread = [distinct.setdefault(tuple(prompts[i]), len(distinct)) for i in rows]
+        spread = torch.tensor(spread, device=device) if len(distinct) < len(rows) else None
+        input_ids, attention_mask = (t.to(device) for t in left_pad(list(distinct), pad_id))
         temperature = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
         top_p = torch.tensor([params[i].top_p for i in rows], device=device, dtype=torch.float32)
         top_k = torch.tensor([params[i].top_k for i in rows], device=device, dtype=torch.long)
@@ -286,6 +291,10 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **{cache_arg: cache})
         raw = out.logits[:, -1, :].float()
+        if spread is not None:
+            raw, attention_mask, position_ids = raw[spread], attention_mask[spread], position_ids[spread]
+            cache.batch_select_indices(spread)
+            spread = None
         logits = adjust.before_temperature(raw)
         greedy = temperature <= 0
         scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]

@@ -151,6 +151,28 @@ def test_a_seed_gives_the_same_text_whatever_the_batch(lively, prompts):
     assert alone.text == in_batch.text
 
 
+def test_rows_that_share_a_prompt_prefill_it_once_and_sample_as_if_alone(lively, prompts):
+    """n answers to one prompt (GRPO's group, an n > 1 request): the prompt runs once through the model, and
+    every row samples what it samples alone with its seed (the copied cache, logits and mask are its own)."""
+    model, tokenizer = lively
+    batch = [prompts[2], prompts[0], prompts[2], prompts[2], prompts[0]]
+    params = [SamplingParams(max_new_tokens=n, temperature=0.9, seed=s) for n, s in
+              zip((10, 7, 12, 3, 9), range(5), strict=True)]
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _, __, kwargs: widths.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        shared = generate(model, tokenizer, batch, params)
+    finally:
+        hook.remove()
+    assert widths[0] == (2, len(prompts[2]))  # the two distinct prompts, once each
+    assert widths[1] == (5, 1)  # then every row decodes on its copy of the cache
+    for got, alone in zip(shared, one_by_one(model, tokenizer, batch, params), strict=True):
+        assert got.token_ids == alone.token_ids
+        assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+    assert len({tuple(c.token_ids) for c in shared}) == 5
+
+
 def test_different_seeds_differ_and_unseeded_rows_vary(lively, prompts):
     model, tokenizer = lively
     texts = {generate(model, tokenizer, [prompts[0]], [SamplingParams(max_new_tokens=8, seed=s)])[0].text
