@@ -43,16 +43,15 @@ from benchmarks.rlhf_effect import (  # noqa: E402 - after the path set-up, as a
 )
 from benchmarks.rlhf_effect import (  # noqa: E402
     Data,
-    Stages,
     _loadavg,
     _r,
     common_arguments,
     leaked,
-    log,
     prepare,
     read_jsonl,
     sizes,
 )
+from benchmarks.stages import Stages, log  # noqa: E402
 
 TRAINED = ("ppo_rm", "dpo", "grpo", "rloo")
 METHODS = ("base", "best_of_4", *TRAINED)

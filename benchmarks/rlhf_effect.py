@@ -1,7 +1,7 @@
 """Does the pipeline make a model better? Verifiable instruction following, before and after RLHF.
 
 On Alpaca instructions split by instruction into train and held-out (held-out never reaches any training
-step), every stage runs through the real CLI (`python -m toolkit ...`), as a user would run it:
+step), every stage runs through the real CLI (`llamakit ...` in a process of its own, benchmarks/stages.py):
 
   1. constraints   `generate-data constraints` on both splits (IFEval-style, checked by code: the gold)
   2. preferences   `generate-data preferences` on train: K answers per prompt from the policy itself,
@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.stages import Stages, log  # noqa: E402 - after the path set-up, as a script
 
 SHARED_ALPACA = ROOT.parent / "shared" / "data" / "alpaca-5000.json"
 FIXTURE_ALPACA = ROOT / "tests" / "fixtures" / "alpaca-24.json"
@@ -62,10 +63,6 @@ MODES: dict[str, dict[str, Any]] = {
     "full": {"train": 160, "heldout": 400, "candidates": 4, "pref_tokens": 48, "steps": 16, "batch_size": 16,
              "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
 }
-
-
-def log(message: str) -> None:
-    print(f"[rlhf-effect {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -116,78 +113,6 @@ def leaked(heldout_file: Path, train_file: Path, training_inputs: list[Path]) ->
     for path in training_inputs:
         bad += sum(train.get(row["prompt"], next(iter(held), "")) in held for row in read_jsonl(path))
     return bad
-
-
-# ------------------------------------------------------------------------------------------ stages
-
-
-class Stages:
-    """Runs CLI stages as subprocesses; a stage is done when its marker exists (then it is skipped)."""
-
-    def done(self, name: str) -> bool:
-        return (self.out / f".done-{name}").is_file()
-
-    def __init__(self, out: Path, threads: int):
-        self.out, self.threads = out, threads
-        self.timings_file, self.rss_file = out / "timings.json", out / "peak-rss-mb.json"
-        self.seconds: dict[str, float] = (json.loads(self.timings_file.read_text())
-                                          if self.timings_file.is_file() else {})
-        self.peak_rss_mb: dict[str, float] = (json.loads(self.rss_file.read_text())
-                                              if self.rss_file.is_file() else {})
-
-    def run(self, name: str, args: list[Any], stdout_json: Path | None = None) -> None:
-        self.run_together([(name, args, stdout_json)])
-
-    def run_together(self, jobs: list[tuple[str, list[Any], Path | None]]) -> None:
-        """Start the jobs not done yet at once (one torch thread each; a lone job gets `self.threads`,
-        0 = torch's default)."""
-        running = []
-        pending = [job for job in jobs if not self.done(job[0])]
-        # two stages at once share the 2 cores: one torch thread each (OpenMP threads spin against each other)
-        threads = 1 if len(pending) > 1 else self.threads
-        for name, args, stdout_json in jobs:
-            if self.done(name):
-                log(f"{name}: done before ({self.seconds.get(name, 0):.0f} s), skipped")
-                continue
-            command = [sys.executable, "-m", "toolkit", *map(str, args)]
-            log(f"{name}: {' '.join(command[1:])}")
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if threads:
-                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-            # stdout/stderr to files: a pipe nobody reads would block a chatty child
-            logs = self.out / "logs"
-            logs.mkdir(exist_ok=True)
-            stdout, stderr = (open(logs / f"{name}.{part}", "w", encoding="utf-8") for part in ("out", "err"))
-            proc = subprocess.Popen(command, cwd=ROOT, stdout=stdout, stderr=stderr, env=env)
-            running.append((name, command, stdout_json, proc, time.perf_counter(), stdout, stderr))
-        failed = []
-        by_pid = {job[3].pid: job for job in running}
-        while by_pid:
-            # whichever stage ends first: its own wall time, and (wait4) its own peak resident memory
-            # (getrusage(RUSAGE_CHILDREN) would give the largest of all children so far); ru_maxrss is in KiB
-            pid, status, usage = os.wait4(-1, 0)
-            if pid not in by_pid:
-                continue
-            name, command, stdout_json, proc, start, stdout, stderr = by_pid.pop(pid)
-            proc.returncode = code = os.waitstatus_to_exitcode(status)
-            seconds = time.perf_counter() - start
-            stdout.close()
-            stderr.close()
-            if code != 0:
-                sys.stderr.write((self.out / "logs" / f"{name}.err").read_text(encoding="utf-8")[-4000:])
-                failed.append(f"stage {name} failed (exit {code}): {' '.join(command[1:])}")
-                continue
-            if stdout_json is not None:
-                lines = (self.out / "logs" / f"{name}.out").read_text(encoding="utf-8").strip().splitlines()
-                stdout_json.write_text(lines[-1] + "\n", encoding="utf-8")
-            self.seconds[name] = round(seconds, 1)
-            self.peak_rss_mb[name] = round(usage.ru_maxrss / 1024, 1)
-            self.timings_file.write_text(json.dumps(self.seconds, indent=1))
-            self.rss_file.write_text(json.dumps(self.peak_rss_mb, indent=1))
-            (self.out / f".done-{name}").touch()
-            log(f"{name}: {seconds:.0f} s")
-        if failed:
-            raise SystemExit("\n".join(failed))
 
 
 # ------------------------------------------------------------------------------------------ analysis
