@@ -16,7 +16,7 @@ sees). Prints ONE JSON line {"base": {...}, "best_of_4": {...}, "ppo_rm": {...},
 "rloo": {...}, ...}, each {"gold", "kl", "mean_length", "seconds", "peak_rss_mb"}: held-out gold (mean share of
 a prompt's constraints met, one answer per prompt), KL(policy ‖ base) in nats per answer (eval-policy's
 sampled estimate; best-of-N: the bound log N − (N−1)/N), mean answer length in words, and the training stage's
-wall time and peak resident memory (its own process, os.wait4). `gold_change` gives each method's paired
+wall time and peak resident memory (its own process, benchmarks/stages.py). `gold_change` gives each method's paired
 change over the base on the same prompts with its 95% interval.
 
     .venv/bin/python benchmarks/method_comparison.py --out /tmp/methods --plot docs/method-comparison.png
