@@ -23,17 +23,13 @@ import torch
 from torch import nn
 
 from toolkit.errors import UserError
+from toolkit.prefix_cache import position_ids_from_mask, shared_prefix_forward
 from toolkit.training.model import disable_dropout
 
 
 def causal_lm(lm: nn.Module) -> nn.Module:
     """The transformers *ForCausalLM inside a peft model (LoRA layers stay injected and active)."""
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-
-
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on each row's first real token (left padding)."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def response_hidden(lm: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
@@ -44,31 +40,23 @@ def response_hidden(lm: nn.Module, query_responses: torch.Tensor, attention_mask
     if group_size > 1:
         return _grouped_hidden(decoder, query_responses, attention_mask, context_length, group_size)
     out = decoder(input_ids=query_responses, attention_mask=attention_mask,
-                  position_ids=position_ids_for(attention_mask), use_cache=False)
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state[:, context_length - 1:-1]
 
 
 def _grouped_hidden(decoder: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,
                     context_length: int, group_size: int) -> torch.Tensor:
-    # A causal token sees only what precedes it, so a prompt's keys and values are the same under each of its K
-    # answers: the prompts run once, the answers on their cache (gradients flow through it). The prompt's last
-    # position predicts response token 0; response tokens 0 … R − 2 predict the rest.
-    from transformers import DynamicCache
-
-    from toolkit.generation import cache_kwarg
-
+    # Each group's prompt runs once, its K answers on its cache (toolkit.prefix_cache). The prompt's last position
+    # predicts response token 0; response tokens 0 … R − 2 predict the rest.
+    prompt_ids = query_responses[::group_size, :context_length]
     prompt_mask = attention_mask[::group_size, :context_length]
-    cache = DynamicCache()
-    on_cache = {cache_kwarg(decoder): cache}
-    prompts = decoder(input_ids=query_responses[::group_size, :context_length], attention_mask=prompt_mask,
-                      position_ids=position_ids_for(prompt_mask), use_cache=True, **on_cache)
-    first = prompts.last_hidden_state[:, -1:].repeat_interleave(group_size, dim=0)
     if query_responses.shape[1] - context_length < 2:
-        return first
-    cache.batch_repeat_interleave(group_size)
-    mask = attention_mask[:, :-1]
-    answers = decoder(input_ids=query_responses[:, context_length:-1], attention_mask=mask,
-                      position_ids=position_ids_for(mask)[:, context_length:], use_cache=True, **on_cache)
+        prompts = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
+                          position_ids=position_ids_from_mask(prompt_mask), use_cache=False)
+        return prompts.last_hidden_state[:, -1:].repeat_interleave(group_size, dim=0)
+    prompts, answers = shared_prefix_forward(decoder, prompt_ids, prompt_mask, query_responses[:, context_length:-1],
+                                             attention_mask[:, context_length:-1], group_size)
+    first = prompts.last_hidden_state[:, -1:].repeat_interleave(group_size, dim=0)
     return torch.cat([first, answers.last_hidden_state], dim=1)
 
 
@@ -98,7 +86,7 @@ class Critic(nn.Module):
 
     def forward(self, query_responses: torch.Tensor, attention_mask: torch.Tensor,
                 context_length: int) -> torch.Tensor:
-        kwargs = {"position_ids": position_ids_for(attention_mask)} if self._positions else {}
+        kwargs = {"position_ids": position_ids_from_mask(attention_mask)} if self._positions else {}
         hidden = self.backbone(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
                                **kwargs).last_hidden_state
         return self.head(hidden[:, context_length - 1:-1]).squeeze(-1).float()

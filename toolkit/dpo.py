@@ -213,27 +213,20 @@ def _shared_prompt_logps(model: torch.nn.Module, prefix_model: torch.nn.Module, 
     suffix's token 0. Under DDP `prefix_model` is the unwrapped module and `model` the wrapped one: DDP then
     sees one forward, and the one backward reaches every parameter once."""
     import torch
-    from transformers import DynamicCache
 
-    from toolkit.generation import cache_kwarg
-    from toolkit.reward.model import position_ids_from_mask
+    from toolkit.prefix_cache import shared_prefix_forward
 
-    prefix_mask, suffix_mask = batch["prefix_mask"], batch["suffix_mask"]
-    cache = DynamicCache()
-    on_cache = {cache_kwarg(prefix_model): cache}
-    prefix = prefix_model(input_ids=batch["prefix_ids"], attention_mask=prefix_mask, use_cache=True,
-                          position_ids=position_ids_from_mask(prefix_mask), logits_to_keep=1, **on_cache)
-    cache.batch_repeat_interleave(2)
-    full_mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1)
-    positions = position_ids_from_mask(full_mask)[:, prefix_mask.shape[1]:]
     # Column 0 stands for the prompt's last position; as in the plain forward, logits start one before the
     # earliest scored token.
     labels = torch.nn.functional.pad(batch["suffix_labels"], (1, 0), value=IGNORE)
     width = labels.shape[1] - 1  # the suffixes'
     first_answer = int((labels != IGNORE).float().argmax(-1).min())
     keep = labels.shape[1] - max(first_answer - 1, 0)
-    logits = model(input_ids=batch["suffix_ids"], attention_mask=full_mask, position_ids=positions,
-                   use_cache=True, logits_to_keep=min(keep, width), **on_cache).logits
+    prefix, suffix = shared_prefix_forward(model, batch["prefix_ids"], batch["prefix_mask"], batch["suffix_ids"],
+                                           batch["suffix_mask"], 2, prefix_model=prefix_model,
+                                           prefix_kwargs={"logits_to_keep": 1},
+                                           suffix_kwargs={"logits_to_keep": min(keep, width)})
+    logits = suffix.logits
     if keep > width:
         logits = torch.cat([prefix.logits.repeat_interleave(2, dim=0).to(logits.dtype), logits], dim=1)
     logps = sequence_logps(logits, labels[:, labels.shape[1] - keep:], average)

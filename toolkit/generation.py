@@ -8,7 +8,6 @@ drawn from.
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -98,12 +97,6 @@ def eos_token_ids(model, tokenizer) -> set[int]:
             continue
         ids.update(value if isinstance(value, list | tuple) else [value])
     return ids
-
-
-def cache_kwarg(model) -> str:
-    """Name of the KV-cache argument: transformers >= 5.24 calls it `cache`, older ones `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +232,13 @@ class _StopWatcher:
 
 
 @torch.no_grad()
+def _distinct(prompts: list[Sequence[int]], device) -> tuple[list[tuple[int, ...]], torch.Tensor | None]:
+    """The distinct prompts in order of first appearance, and each row's index among them (None: all distinct)."""
+    distinct: dict[tuple[int, ...], int] = {}
+    spread = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    return list(distinct), (torch.tensor(spread, device=device) if len(distinct) < len(prompts) else None)
+
+
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
              on_text: Callable[[int, str], None] | None = None,
              is_cancelled: Callable[[int], bool] | None = None) -> list[Completion]:
@@ -250,6 +250,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
     "cancelled".
     """
     from transformers import DynamicCache
+
+    from toolkit.prefix_cache import cache_kwarg, position_ids_from_mask
 
     if len(prompts) != len(params):
         raise ValueError("one SamplingParams per prompt")
@@ -269,10 +271,8 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
     if rows:
         # Rows that share a prompt (n > 1, GRPO's K answers) prefill it once; the first step copies its cache,
         # logits and mask to each of them.
-        distinct: dict[tuple[int, ...], int] = {}
-        spread = [distinct.setdefault(tuple(prompts[i]), len(distinct)) for i in rows]
-        spread = torch.tensor(spread, device=device) if len(distinct) < len(rows) else None
-        input_ids, attention_mask = (t.to(device) for t in left_pad(list(distinct), pad_id))
+        distinct, spread = _distinct([prompts[i] for i in rows], device)
+        step_ids, attention_mask = (t.to(device) for t in left_pad(distinct, pad_id))
         temperature = torch.tensor([params[i].temperature for i in rows], device=device, dtype=torch.float32)
         top_p = torch.tensor([params[i].top_p for i in rows], device=device, dtype=torch.float32)
         top_k = torch.tensor([params[i].top_k for i in rows], device=device, dtype=torch.long)
@@ -280,12 +280,10 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
         generators = {i: torch.Generator(device=device).manual_seed(params[i].seed)
                       for i in rows if params[i].seed is not None}
         adjust = _Adjustments([params[i] for i in rows], [prompts[i] for i in rows], device)
-        shared_generator = torch.Generator(device=device)
-        shared_generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+        shared_generator = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         cache = DynamicCache()
         cache_arg = cache_kwarg(model)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        step_ids = input_ids
+        position_ids = position_ids_from_mask(attention_mask)
 
     while rows:
         out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,

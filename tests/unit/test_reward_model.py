@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from toolkit.errors import UserError
+from toolkit.prefix_cache import position_ids_from_mask
 from toolkit.reward.model import (
     TextEncoder,
     last_token_index,
     new_reward_model,
     pad,
-    position_ids_from_mask,
     wants_eos,
 )
 

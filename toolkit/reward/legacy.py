@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from toolkit.errors import UserError
-from toolkit.reward.model import last_token_index, position_ids_from_mask, quiet_transformers
+from toolkit.prefix_cache import position_ids_from_mask
+from toolkit.reward.model import last_token_index, quiet_transformers
 
 HEAD_FILE = "reward_head.safetensors"
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from toolkit.errors import UserError
+from toolkit.prefix_cache import shared_prefix_forward
 from toolkit.training.model import add_lora, disable_dropout
 
 PAD_TOKEN = "<|pad|>"
@@ -31,11 +32,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Column of each row's last real token, for left or right padding (the largest masked-in position)."""
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
     return (positions * attention_mask.long()).argmax(-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """0, 1, 2 ... over real tokens only, so a left-padded row sees the same positions as a right-padded one."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def default_read_at(config) -> str:
@@ -74,18 +70,9 @@ class RewardNet(nn.Module):
 
     def _shared_prefix_forward(self, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
                                suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
-        # A causal token sees only what precedes it, so the prefix's keys and values are the same under either
-        # answer: compute them once and run both answers on that cache (gradients flow through it). The head
-        # reads the last real token, found from the mask: the one transformers finds as the last non-pad token.
-        base = self.model.base_model
-        out = base(input_ids=prefix_ids, attention_mask=prefix_mask,
-                   position_ids=position_ids_from_mask(prefix_mask), use_cache=True)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(2)
-        full_mask = torch.cat([prefix_mask.repeat_interleave(2, dim=0), suffix_mask], dim=1)
-        positions = position_ids_from_mask(full_mask)[:, prefix_ids.shape[1]:]
-        out = base(input_ids=suffix_ids, attention_mask=full_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True)
+        # The pair's prompt runs once, both answers on its cache (toolkit.prefix_cache). The head reads the last
+        # real token, found from the mask: the one transformers finds as the last non-pad token.
+        _, out = shared_prefix_forward(self.model.base_model, prefix_ids, prefix_mask, suffix_ids, suffix_mask, 2)
         hidden = out.last_hidden_state
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(suffix_mask)]
         head = self.model.score
