@@ -231,7 +231,6 @@ class _StopWatcher:
         return piece
 
 
-@torch.no_grad()
 def _distinct(prompts: list[Sequence[int]], device) -> tuple[list[tuple[int, ...]], torch.Tensor | None]:
     """The distinct prompts in order of first appearance, and each row's index among them (None: all distinct)."""
     distinct: dict[tuple[int, ...], int] = {}
@@ -239,6 +238,7 @@ def _distinct(prompts: list[Sequence[int]], device) -> tuple[list[tuple[int, ...
     return list(distinct), (torch.tensor(spread, device=device) if len(distinct) < len(prompts) else None)
 
 
+@torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
              on_text: Callable[[int, str], None] | None = None,
              is_cancelled: Callable[[int], bool] | None = None) -> list[Completion]:

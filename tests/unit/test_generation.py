@@ -158,15 +158,20 @@ def test_rows_that_share_a_prompt_prefill_it_once_and_sample_as_if_alone(lively,
     batch = [prompts[2], prompts[0], prompts[2], prompts[2], prompts[0]]
     params = [SamplingParams(max_new_tokens=n, temperature=0.9, seed=s) for n, s in
               zip((10, 7, 12, 3, 9), range(5), strict=True)]
-    widths = []
-    hook = model.register_forward_pre_hook(lambda _, __, kwargs: widths.append(kwargs["input_ids"].shape),
-                                           with_kwargs=True)
+    widths, graphs = [], []
+
+    def record(_, __, kwargs):
+        widths.append(kwargs["input_ids"].shape)
+        graphs.append(torch.is_grad_enabled())
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         shared = generate(model, tokenizer, batch, params)
     finally:
         hook.remove()
     assert widths[0] == (2, len(prompts[2]))  # the two distinct prompts, once each
     assert widths[1] == (5, 1)  # then every row decodes on its copy of the cache
+    assert not any(graphs)  # sampling builds no autograd graph
     for got, alone in zip(shared, one_by_one(model, tokenizer, batch, params), strict=True):
         assert got.token_ids == alone.token_ids
         assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
