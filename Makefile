@@ -39,9 +39,9 @@ demo: setup
 test: setup browser deepspeed-ops
 	$(BIN)/ruff check toolkit rlhf tests benchmarks
 	# Two workers, one torch thread each: the suite is mostly single-threaded start-up and waiting, so this
-	# cuts its wall time on 2 cores from ~9.5 to ~6 minutes (tests/README.md). --dist loadgroup: the e2e modules
-	# whose module fixture runs a whole pipeline keep their tests on one worker; the rest is spread test by test.
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadgroup -q -x --durations=15
+	# cuts its wall time on 2 cores from ~9.5 to ~6 minutes (tests/README.md). --dist loadscope: a module's tests
+	# stay on one worker, so its module fixture (a served model, a whole tiny benchmark run) is built once.
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadscope -q -x --durations=15
 
 lint: setup
 	$(BIN)/ruff check toolkit rlhf tests benchmarks

@@ -21,9 +21,6 @@ from toolkit.config import load_config
 from toolkit.demo import CONSTRAINT_MAX_CHARS
 from toolkit.io import read_existing
 
-# its module fixture runs a whole pipeline: all its tests on one xdist worker, so it runs once
-pytestmark = pytest.mark.xdist_group("demo")
-
 STAGES = ("instructions", "conversations", "preferences", "sft", "train-reward", "rlhf", "compare", "constraints",
           "rlhf-constraints", "eval-policy")
 # Setting up the module's demo run counts against the first test's timeout; on 2 busy cores it can take minutes.

@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 from support.cli import ROOT, one_json_line, run_tiny_benchmark
 
-# its module fixture runs a whole pipeline: all its tests on one xdist worker, so it runs once
-pytestmark = pytest.mark.xdist_group("method_comparison")
-
 SCRIPT = ROOT / "benchmarks" / "method_comparison.py"
 METHODS = ("base", "best_of_4", "ppo_rm", "dpo", "grpo", "rloo")
 TRAINED = ("ppo_rm", "dpo", "grpo", "rloo")

@@ -14,9 +14,6 @@ from pathlib import Path
 import pytest
 from support.cli import ROOT, one_json_line, run_tiny_benchmark
 
-# its module fixture runs a whole pipeline: all its tests on one xdist worker, so it runs once
-pytestmark = pytest.mark.xdist_group("rlhf_effect")
-
 SCRIPT = ROOT / "benchmarks" / "rlhf_effect.py"
 STAGES = {"constraints_train", "constraints_heldout", "preferences", "train_reward", "ppo_rm", "ppo_rules",
           "eval_rm", "eval_rules"}
