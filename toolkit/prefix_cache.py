@@ -8,6 +8,7 @@ gradients flow through the cache. Used by `train-reward` (pairs), `dpo` (pairs) 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -21,8 +22,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def cache_kwarg(model: nn.Module) -> str:
     """Name of the KV-cache argument: transformers >= 5.24 calls it `cache`, older ones `past_key_values`."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
@@ -39,12 +38,12 @@ def shared_prefix_forward(model: nn.Module, prefix_ids: torch.Tensor, prefix_mas
 
     prefix_model = model if prefix_model is None else prefix_model
     cache = DynamicCache()
+    on_cache = {cache_kwarg(prefix_model): cache}  # the wrapped `model` takes the same argument
     prefix = prefix_model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True,
-                          position_ids=position_ids_from_mask(prefix_mask),
-                          **{cache_kwarg(prefix_model): cache}, **(prefix_kwargs or {}))
+                          position_ids=position_ids_from_mask(prefix_mask), **on_cache, **(prefix_kwargs or {}))
     cache.batch_repeat_interleave(repeats)
     full_mask = torch.cat([prefix_mask.repeat_interleave(repeats, dim=0), suffix_mask], dim=1)
     suffix = model(input_ids=suffix_ids, attention_mask=full_mask, use_cache=True,
                    position_ids=position_ids_from_mask(full_mask)[:, prefix_mask.shape[1]:],
-                   **{cache_kwarg(prefix_model): cache}, **(suffix_kwargs or {}))
+                   **on_cache, **(suffix_kwargs or {}))
     return prefix, suffix
