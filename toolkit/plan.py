@@ -6,7 +6,12 @@ Every term is a count of numbers times their bytes; nothing is fitted. Sources:
   weights, 2 of 16-bit gradients and 12 of fp32 state (master weights, m, v) per parameter = 16; in plain fp32
   (torch autocast keeps fp32 weights) 4 + 4 + 8 = 16 as well. ZeRO-2 shards the optimizer states and the
   gradients over the GPUs, ZeRO-3 the weights too; `--offload` moves optimizer states (and with ZeRO-3 the
-  weights) to host memory.
+  weights) to host memory. What DeepSpeed's ZeRO optimizer holds per rank, from its estimators
+  (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_...`) and its code: the reduced gradient partition in
+  the weights' precision and an fp32 copy, fp32 master weights, m and v (2 + 4 + 4 + 8 bytes per parameter in bf16;
+  it keeps the master copy with fp32 weights too), plus the largest gradient whole until its bucket is reduced
+  (its `largest_layer_memory`). ZeRO-3 also keeps gathered weights from the forward for the backward, up to the
+  preset's `stage3_max_live_parameters`.
 - LoRA (Hu et al. 2021): r·(in + out) trainable numbers per adapted linear layer; the frozen base keeps only its
   weights (no gradients, no optimizer states). The reference policy is the adapter switched off: no copy.
 - activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", §4, counted for LLaMA's SwiGLU
@@ -21,8 +26,9 @@ Every term is a count of numbers times their bytes; nothing is fitted. Sources:
   under ZeRO-3 generation gathers the other GPUs' shards of the weights (TRL and OpenRLHF do the same), or one
   layer at a time with `gather_for_generation: false`.
 
-Checked against measured peaks on CPU (tests/cli/test_plan.py): the peak resident memory a real `llamakit sft`
-adds, for three LLaMA sizes, full and LoRA, lies within 25% of this estimate.
+Checked against measured peaks on CPU (tests/cli/test_plan_cli.py, benchmarks/plan_memory.py): the peak resident
+memory a real `llamakit sft` adds per rank, for LLaMA sizes of 30M and 82M parameters, full and LoRA, without
+DeepSpeed and under ZeRO-2 and ZeRO-3 on 2 ranks, lies within 25% of this estimate.
 """
 
 from __future__ import annotations
@@ -72,6 +78,11 @@ class Shape:
         block = sum(a * b for a, b in self.linear_shapes()) + 2 * self.hidden  # + two RMSNorm weights
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return self.layers * block + embeddings + self.hidden
+
+    @property
+    def largest_tensor(self) -> int:
+        """The embedding (or the LM head, its size): the biggest single weight, so the biggest single gradient."""
+        return max(self.vocab * self.hidden, *(a * b for a, b in self.linear_shapes()))
 
     def lora_parameters(self, r: int) -> int:
         """LoRA on every linear layer of every block ("all-linear", llamakit's default)."""
@@ -172,19 +183,46 @@ def model_states(shape: Shape, cfg: PlanConfig) -> dict[str, float]:
     n, shards = shape.parameters, cfg.gpus
     weight_bytes = 2 if cfg.bf16 else 4
     if cfg.lora:
-        trainable, frozen = shape.lora_parameters(cfg.lora_r), n
-        weights = frozen * weight_bytes + trainable * 4  # adapters stay fp32 (peft's default)
-        grads, optimizer = trainable * 4.0, trainable * 8.0  # fp32 gradients, AdamW m and v
+        trainable = shape.lora_parameters(cfg.lora_r)
+        weights = n * weight_bytes + trainable * 4.0  # adapters stay fp32 (peft's default)
+        grad_bytes = 4
     else:
-        weights = n * float(weight_bytes)
-        grads = n * float(weight_bytes)
-        optimizer = n * (12.0 if cfg.bf16 else 8.0)  # + fp32 master weights when the weights are 16-bit
-    if cfg.zero >= 2:
-        optimizer = 0.0 if cfg.offload else optimizer / shards
-        grads /= shards
+        trainable, weights, grad_bytes = n, n * float(weight_bytes), weight_bytes
+    if cfg.zero == 0:
+        grads = trainable * float(grad_bytes)
+        # AdamW m and v, + fp32 master weights when the trained weights are 16-bit
+        optimizer = trainable * (8.0 if grad_bytes == 4 else 12.0)
+    else:
+        # DeepSpeed's ZeRO optimizer keeps, per rank, the reduced gradient partition in the weights' precision and
+        # an fp32 copy of it, fp32 master weights, m and v: 2 + 4 + 4 + 8 bytes per trained parameter in bf16
+        # (estimate_zero2_model_states_mem_needs), and the fp32 master copy even when the weights are fp32
+        grads = trainable * float(grad_bytes) / shards + (0.0 if cfg.offload else trainable * 4.0 / shards)
+        # and each gradient is whole until its bucket is reduced: the largest one (DeepSpeed's largest_layer_memory)
+        largest = max(cfg.lora_r * max(a, b) for a, b in shape.linear_shapes()) if cfg.lora else shape.largest_tensor
+        grads += largest * float(grad_bytes)
+        optimizer = 0.0 if cfg.offload else trainable * 12.0 / shards
     if cfg.zero == 3:
         weights = 0.0 if cfg.offload else weights / shards
     return {"weights": weights, "gradients": grads, "optimizer": optimizer}
+
+
+def live_parameters() -> float:
+    """How many gathered parameters ZeRO-3 keeps per GPU before it releases any: `stage3_max_live_parameters` of
+    the shipped preset. With its `stage3_max_reuse_distance` as large, a weight the backward will use again stays
+    gathered from the forward until then, so a model of fewer parameters than this is whole on every GPU."""
+    from toolkit.resources import template_path
+
+    return float(json.loads(template_path("deepspeed/zero3.json").read_text())["zero_optimization"]
+                 ["stage3_max_live_parameters"])
+
+
+def gathered_weights(shape: Shape, cfg: PlanConfig) -> float:
+    """ZeRO-3's whole weights on a GPU beside its shard: those the forward keeps for the backward (up to
+    live_parameters), or all of them while rlhf generates with the policy gathered (else one layer at a time)."""
+    gathered = min(shape.parameters, live_parameters())
+    if cfg.stage == "rlhf" and cfg.gather_for_generation:
+        gathered = shape.parameters
+    return gathered * (2.0 if cfg.bf16 else 4.0)
 
 
 def frozen_copy(shape: Shape, cfg: PlanConfig) -> float:
@@ -218,6 +256,8 @@ def estimate(cfg: PlanConfig) -> Plan:
     shape = shape_of(cfg.model)
     plan = Plan(cfg, shape)
     plan.parts.update(model_states(shape, cfg))
+    if cfg.zero == 3:
+        plan.parts["gathered_weights"] = gathered_weights(shape, cfg)
     if cfg.stage == "sft":
         plan.parts["activations"] = activations(shape, cfg, cfg.batch_size, cfg.max_length, logits=True)
     elif cfg.stage == "train-reward":  # chosen and rejected; a scalar head, no vocabulary projection
@@ -237,10 +277,6 @@ def _rlhf_parts(plan: Plan, shape: Shape, cfg: PlanConfig) -> None:
     plan.parts["activations"] = activations(shape, cfg, rollouts, tokens, logits=True)
     plan.parts["rollout_kv_cache"] = kv_cache(shape, cfg, rollouts, tokens)
     plan.parts["reference"] = 0.0 if cfg.lora else frozen_copy(shape, cfg)
-    if cfg.zero == 3:  # the rest of the weights, gathered for generation (or one layer at a time)
-        full = shape.parameters * (2.0 if cfg.bf16 else 4.0)
-        plan.parts["generation_gather"] = (full - full / cfg.gpus if cfg.gather_for_generation
-                                           else full / shape.layers)
     if cfg.reward_model != "rules":
         plan.parts["reward_model"] = frozen_copy(shape_of(cfg.reward_model) if cfg.reward_model else shape, cfg)
     if cfg.algo == "ppo" and cfg.critic != "value-head":

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,43 +10,29 @@ import pytest
 from support.cli import ROOT, run_cli
 from support.tiny_models import save_tiny_llama
 
-from toolkit.plan import PlanConfig, estimate
-
-# (hidden, layers): 30M and 82M parameters with SmolLM2's 49k vocabulary (46M, (512, 8), sat between them and was
-# dropped for the suite's time). The estimate leaves out a ~150-200 MB allocator/autograd workspace, which a
-# smaller model would put near the 25% bound (h256/L4: -24%)
-SIZES = [(384, 6), (640, 10)]
-BATCH, LENGTH = 2, 256
+sys.path.insert(0, str(ROOT))
+from benchmarks.plan_memory import SIZES, estimated, long_conversations, measured_peak  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def long_conversations(tmp_path_factory) -> Path:
-    """Every row longer than LENGTH tokens: each batch is exactly BATCH × LENGTH, as the estimate assumes."""
-    path = tmp_path_factory.mktemp("plan-data") / "long.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Tell me about topic {i}."},
-                          {"role": "assistant", "content": " ".join(f"word{j}" for j in range(400))}]}
-            for i in range(8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+def conversations(tmp_path_factory) -> Path:
+    return long_conversations(tmp_path_factory.mktemp("plan-data") / "long.jsonl")
 
 
-def measured_delta(model: Path, data: Path, out: Path, lora: bool) -> int:
-    command = [sys.executable, str(ROOT / "tests" / "support" / "peak_memory.py"), str(model), str(data), str(out),
-               str(BATCH), str(LENGTH), *(["--lora"] if lora else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])["delta_bytes"]
-
-
-@pytest.mark.parametrize("hidden, layers, lora", [(*SIZES[0], False), (*SIZES[1], False), (*SIZES[1], True)])
-def test_estimate_within_25_percent_of_a_real_runs_peak(hidden, layers, lora, long_conversations, tmp_path):
+# The estimate leaves out a ~150-200 MB allocator/autograd workspace, which a smaller model than 30M would put near
+# the 25% bound (h256/L4: -24%). Under ZeRO-3 on 2 ranks (one case: 2 minutes of the suite) the estimate was -35%
+# before it counted what DeepSpeed keeps (its fp32 copies, the whole largest gradient, the gathered weights);
+# benchmarks/plan_memory.py measures ZeRO-2 and ZeRO-3, full and LoRA, at both sizes.
+@pytest.mark.parametrize("size, lora, zero", [("30M", False, 0), ("82M", False, 0), ("82M", True, 0),
+                                              ("82M", False, 3)], ids=["30M", "82M", "82M-lora", "82M-zero3"])
+def test_estimate_within_25_percent_of_a_real_runs_peak(size, lora, zero, conversations, tmp_path):
+    if zero:
+        pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed (make test installs it)")
+    hidden, layers = SIZES[size]
     model = save_tiny_llama(tmp_path / "model", hidden=hidden, layers=layers, heads=hidden // 64)
-    delta = measured_delta(model, long_conversations, tmp_path / "run", lora)
-    # CPU: fp32 weights (no bf16), no CUDA context
-    plan = estimate(PlanConfig(stage="sft", model=str(model), lora=lora, bf16=False, batch_size=BATCH,
-                               max_length=LENGTH, framework_gib=0))
-    assert abs(plan.total - delta) / delta < 0.25, (plan.parts, delta)
+    measured = measured_peak(model, conversations, tmp_path / "run", lora, zero)
+    plan = estimated(model, lora, zero)
+    assert abs(plan - measured) / measured < 0.25, (plan, measured)
 
 
 def test_plan_json_and_the_best_fit():

@@ -7,7 +7,18 @@ from dataclasses import replace
 import pytest
 
 from toolkit.errors import UserError
-from toolkit.plan import GIB, PRESETS, PlanConfig, Shape, best_fit, estimate, kv_cache, model_states, parse_memory
+from toolkit.plan import (
+    GIB,
+    PRESETS,
+    PlanConfig,
+    Shape,
+    best_fit,
+    estimate,
+    gathered_weights,
+    kv_cache,
+    model_states,
+    parse_memory,
+)
 
 TINY = Shape("tiny", layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=1000, tied_embeddings=True)
 
@@ -47,17 +58,33 @@ def test_kv_cache_equals_the_cache_transformers_fills():
     assert kv_cache(TINY, PlanConfig(bf16=False), sequences=3, tokens=10) == filled
 
 
-def test_zero_shards_what_the_paper_says():
+def test_zero_shards_what_the_paper_and_deepspeed_say():
     shape = PRESETS["llama-7b"]
     plain = model_states(shape, PlanConfig(gpus=4, zero=0))
     zero2 = model_states(shape, PlanConfig(gpus=4, zero=2))
     zero3 = model_states(shape, PlanConfig(gpus=4, zero=3))
-    n = shape.parameters
+    n, largest = shape.parameters, 32000 * 4096  # the embedding (and the untied LM head)
     assert plain == {"weights": 2 * n, "gradients": 2 * n, "optimizer": 12 * n}  # 16 bytes per parameter
-    assert zero2 == {"weights": 2 * n, "gradients": 2 * n / 4, "optimizer": 12 * n / 4}
-    assert zero3 == {"weights": 2 * n / 4, "gradients": 2 * n / 4, "optimizer": 12 * n / 4}
+    # DeepSpeed's estimate_zero2_model_states_mem_needs: 2n + 18n/gpus (bf16 gradient partition 2, its fp32 copy
+    # 4, fp32 master weights 4, m and v 8), plus the largest gradient whole before its bucket is reduced
+    assert zero2 == {"weights": 2 * n, "gradients": 6 * n / 4 + 2 * largest, "optimizer": 12 * n / 4}
+    assert zero3 == {**zero2, "weights": 2 * n / 4}
     offloaded = model_states(shape, PlanConfig(gpus=4, zero=3, offload=True))
-    assert offloaded["optimizer"] == 0 and offloaded["weights"] == 0
+    assert offloaded == {"weights": 0, "gradients": 2 * n / 4 + 2 * largest, "optimizer": 0}
+    # the fp32 master partition stays when the weights are fp32 themselves (the CPU runs)
+    assert model_states(shape, PlanConfig(gpus=4, zero=2, bf16=False))["optimizer"] == 12 * n / 4
+
+
+def test_zero3_keeps_up_to_the_presets_live_parameters_gathered():
+    big = PRESETS["llama-65b"]
+    assert estimate(PlanConfig(stage="sft", model="llama-65b", gpus=8, zero=3)).parts["gathered_weights"] == 2 * 1e9
+    assert "gathered_weights" not in estimate(PlanConfig(stage="sft", model="llama-65b", gpus=8, zero=2)).parts
+    # rlhf gathering the policy to generate holds all of it; layer by layer, what the backward keeps
+    rlhf = PlanConfig(stage="rlhf", model="llama-65b", gpus=8, zero=3, lora=True)
+    assert estimate(rlhf).parts["gathered_weights"] == 2 * big.parameters
+    assert estimate(replace(rlhf, gather_for_generation=False)).parts["gathered_weights"] == 2 * 1e9
+    # a model under the limit stays whole
+    assert gathered_weights(TINY, PlanConfig(stage="sft", gpus=8, zero=3)) == 2 * TINY.parameters
 
 
 def test_lora_keeps_no_gradients_or_optimizer_state_for_the_frozen_base():

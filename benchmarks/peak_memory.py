@@ -4,7 +4,9 @@ script in a fresh process, so nothing else has touched the heap. Prints one JSON
 `llamakit plan` estimates GPU memory, and on a GPU the save's copies (a merged LoRA model, serialisation buffers)
 are made in host memory; `with_save_bytes` is the whole run's peak, for the record.
 
-    python tests/support/peak_memory.py MODEL_DIR DATA OUT BATCH_SIZE MAX_LENGTH [--lora]
+    python benchmarks/peak_memory.py MODEL_DIR DATA OUT BATCH_SIZE MAX_LENGTH [--lora]
+
+Under `accelerate launch` (a DeepSpeed preset) each rank runs it and prints its own line.
 """
 
 from __future__ import annotations
