@@ -172,6 +172,26 @@ def test_ppo_under_deepspeed(stage, lora, tiny_llama_dir, tmp_path):
     assert_close_weights(load_file(out / "policy" / "model.safetensors"), saved)
 
 
+def test_grpo_under_zero2_trains_without_a_critic_and_resumes(tiny_llama_dir, tmp_path):
+    """The critic-free loop under ZeRO-2 (rlhf's ZeRO-2 path: PPO's cases are ZeRO-3): K answers per prompt, the
+    reference from the start weights, and a resume from each rank's partition as if the run went straight on."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "grpo"
+    args = ["rlhf", "--algo", "grpo", "--policy", tiny_llama_dir, "--reward", "rules:length", "--prompts",
+            FIXTURES / "prompts-alpaca-32.jsonl", "--steps", "2", "--batch-size", "2", "--group-size", "4",
+            "--num-minibatches", "2", "--max-new-tokens", "8", *EVERY_STEP]
+    launch_two_steps(2, out, args)
+    first, second = rows(out)
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-4) and first["loss/value_avg"] == 0.0  # no critic
+    assert first["objective/kl_k3"] == pytest.approx(0.0, abs=1e-6) and second["objective/kl_k3"] > 0
+    saved = load_file(out / "policy" / "model.safetensors")
+    assert_whole_and_trained(saved, load_file(tiny_llama_dir / "model.safetensors"))
+    before, after = stop_after_step_1_and_resume("deepspeed-zero2.yaml", out, args, "policy")
+    assert after[1]["loss/policy_avg"] == pytest.approx(before[1]["loss/policy_avg"], rel=1e-4, abs=1e-7)
+    assert_close_weights(load_file(out / "policy" / "model.safetensors"), saved)
+
+
 def test_ppo_full_fine_tune_under_zero3_has_a_reference_in_shards_of_its_own(tiny_llama_dir, tmp_path):
     """Without LoRA π_ref is a frozen model: under ZeRO-3 transformers loads it in shards too (zero.Init), and a
     copy of the sharded policy would gather the policy's weights, not its own. It was an empty embedding at step 1."""
