@@ -6,7 +6,7 @@ parameters (SmolLM2's 49k vocabulary), full fine-tuning and LoRA.
     .venv/bin/python benchmarks/plan_memory.py --quick    # the 82M model only, full fine-tuning (3 runs)
 
 Each run: 2 steps, batch 2 × 256 tokens (every row longer, so each batch is whole), fp32, 1 torch thread per
-process. Measured: what the run adds to a process's resident memory at its training peak (benchmarks/peak_memory.py;
+process, glibc's mmap threshold fixed at 64 KiB (see measured_peak). Measured: what the run adds to a process's resident memory at its training peak (benchmarks/peak_memory.py;
 the highest of the ranks). Estimated: `llamakit plan --stage sft` with the same model, batch, length, ZeRO stage
 and number of ranks, fp32, and no CUDA context (framework 0). error = estimated / measured − 1.
 Prints a table on stderr and ONE JSON line: {"cases": [{"model", "parameters", "zero", "lora", "measured_mib",
@@ -57,7 +57,11 @@ def measured_peak(model: Path, data: Path, out: Path, lora: bool, zero: int) -> 
     """Bytes a real 2-step `sft` adds at its training peak: one process, or the highest of 2 ZeRO ranks."""
     script = [str(ROOT / "benchmarks" / "peak_memory.py"), str(model), str(data), str(out), str(BATCH), str(LENGTH),
               *(["--lora"] if lora else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # glibc's malloc keeps freed memory of its growing mmap threshold in the heap: the peak would then hold
+    # whatever it kept (here 1135 to 1311 MiB for one LoRA run, 20 % apart), not the tensors the estimate counts
+    # (on a GPU the caching allocator's share is the estimate's framework term). A fixed threshold gives every
+    # tensor over 64 KiB its own mapping, returned when it is freed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "65536"}
     if zero:
         env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
         env.pop("RANK", None)

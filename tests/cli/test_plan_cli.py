@@ -19,20 +19,22 @@ def conversations(tmp_path_factory) -> Path:
     return long_conversations(tmp_path_factory.mktemp("plan-data") / "long.jsonl")
 
 
-# The estimate leaves out a ~150-200 MB allocator/autograd workspace, which a smaller model than 30M would put near
-# the 25% bound (h256/L4: -24%). Under ZeRO-3 on 2 ranks (one case: 2 minutes of the suite) the estimate was -35%
-# before it counted what DeepSpeed keeps (its fp32 copies, the whole largest gradient, the gathered weights);
-# benchmarks/plan_memory.py measures ZeRO-2 and ZeRO-3, full and LoRA, at both sizes.
-@pytest.mark.parametrize("size, lora, zero", [("30M", False, 0), ("82M", False, 0), ("82M", True, 0),
-                                              ("82M", False, 3)], ids=["30M", "82M", "82M-lora", "82M-zero3"])
-def test_estimate_within_25_percent_of_a_real_runs_peak(size, lora, zero, conversations, tmp_path):
+# Peaks measured with glibc's mmap threshold fixed (benchmarks/plan_memory.py says why): at 82M the estimate
+# came within 7% of every run, ZeRO-0/2/3, full and LoRA; at 30M it is 10-24% under, a ~130-190 MiB
+# allocator/autograd workspace it leaves out weighing more there. Under ZeRO-3 it was 25% (82M) and 32% (30M)
+# under before it counted what DeepSpeed keeps (its fp32 copies, the whole largest gradient, the gathered weights).
+# One ZeRO case (2 ranks: a minute of the suite); the benchmark measures the twelve.
+@pytest.mark.parametrize("size, lora, zero, bound", [("30M", False, 0, 0.25), ("82M", False, 0, 0.15),
+                                                     ("82M", True, 0, 0.15), ("82M", False, 3, 0.15)],
+                         ids=["30M", "82M", "82M-lora", "82M-zero3"])
+def test_estimate_close_to_a_real_runs_peak(size, lora, zero, bound, conversations, tmp_path):
     if zero:
         pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed (make test installs it)")
     hidden, layers = SIZES[size]
     model = save_tiny_llama(tmp_path / "model", hidden=hidden, layers=layers, heads=hidden // 64)
     measured = measured_peak(model, conversations, tmp_path / "run", lora, zero)
     plan = estimated(model, lora, zero)
-    assert abs(plan - measured) / measured < 0.25, (plan, measured)
+    assert abs(plan - measured) / measured < bound, (plan, measured)
 
 
 def test_plan_json_and_the_best_fit():
