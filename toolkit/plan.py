@@ -28,7 +28,7 @@ Every term is a count of numbers times their bytes; nothing is fitted. Sources:
 
 Checked against measured peaks on CPU (tests/cli/test_plan_cli.py, benchmarks/plan_memory.py): the peak resident
 memory a real `llamakit sft` adds per rank, for LLaMA sizes of 30M and 82M parameters, full and LoRA, without
-DeepSpeed and under ZeRO-2 and ZeRO-3 on 2 ranks, lies within 25% of this estimate.
+DeepSpeed and under ZeRO-2 and ZeRO-3 on 2 ranks: within 7% at 82M, 10-24% under at 30M (docs/plan-memory.md).
 """
 
 from __future__ import annotations
@@ -218,7 +218,8 @@ def live_parameters() -> float:
 
 def gathered_weights(shape: Shape, cfg: PlanConfig) -> float:
     """ZeRO-3's whole weights on a GPU beside its shard: those the forward keeps for the backward (up to
-    live_parameters), or all of them while rlhf generates with the policy gathered (else one layer at a time)."""
+    live_parameters), or all of them while rlhf generates with the policy gathered (layer by layer, it gathers no
+    more than the backward keeps)."""
     gathered = min(shape.parameters, live_parameters())
     if cfg.stage == "rlhf" and cfg.gather_for_generation:
         gathered = shape.parameters
