@@ -6,9 +6,10 @@ parameters (SmolLM2's 49k vocabulary), full fine-tuning and LoRA.
     .venv/bin/python benchmarks/plan_memory.py --quick    # the 82M model only, full fine-tuning (3 runs)
 
 Each run: 2 steps, batch 2 × 256 tokens (every row longer, so each batch is whole), fp32, 1 torch thread per
-process, glibc's mmap threshold fixed at 64 KiB (see measured_peak). Measured: what the run adds to a process's resident memory at its training peak (benchmarks/peak_memory.py;
-the highest of the ranks). Estimated: `llamakit plan --stage sft` with the same model, batch, length, ZeRO stage
-and number of ranks, fp32, and no CUDA context (framework 0). error = estimated / measured − 1.
+process, glibc's mmap threshold fixed at 64 KiB (see measured_peak). Measured: what the run adds to a process's
+resident memory at its training peak (benchmarks/peak_memory.py; the highest of the ranks). Estimated: `llamakit
+plan --stage sft` with the same model, batch, length, ZeRO stage and number of ranks, fp32, and no CUDA context
+(framework 0). error = estimated / measured − 1.
 Prints a table on stderr and ONE JSON line: {"cases": [{"model", "parameters", "zero", "lora", "measured_mib",
 "estimated_mib", "error"}], "worst_error"}.
 """

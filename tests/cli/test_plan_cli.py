@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 from support.cli import ROOT, run_cli
-from support.tiny_models import save_tiny_llama
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.plan_memory import SIZES, estimated, long_conversations, measured_peak  # noqa: E402
+from benchmarks.plan_memory import estimated, long_conversations, measured_peak, random_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +29,7 @@ def conversations(tmp_path_factory) -> Path:
 def test_estimate_close_to_a_real_runs_peak(size, lora, zero, bound, conversations, tmp_path):
     if zero:
         pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed (make test installs it)")
-    hidden, layers = SIZES[size]
-    model = save_tiny_llama(tmp_path / "model", hidden=hidden, layers=layers, heads=hidden // 64)
+    model = random_llama(tmp_path / "model", size)
     measured = measured_peak(model, conversations, tmp_path / "run", lora, zero)
     plan = estimated(model, lora, zero)
     assert abs(plan - measured) / measured < bound, (plan, measured)
