@@ -1,9 +1,10 @@
 """`llamakit plan`'s estimate against the peak memory of real `llamakit sft` runs on this CPU: without DeepSpeed
-(one process) and under the shipped ZeRO-2 / ZeRO-3 presets on 2 ranks, for random LLaMAs of 30M and 82M
-parameters (SmolLM2's 49k vocabulary), full fine-tuning and LoRA.
+(one process) and under the shipped ZeRO-2 / ZeRO-3 presets on 2 ranks, for random LLaMAs of 30M, 82M
+and 176M parameters (SmolLM2's 49k vocabulary), full fine-tuning and LoRA.
 
-    .venv/bin/python benchmarks/plan_memory.py            # 12 runs, ~15 min on 2 cores
-    .venv/bin/python benchmarks/plan_memory.py --quick    # the 82M model only, full fine-tuning (3 runs)
+    .venv/bin/python benchmarks/plan_memory.py                # 18 runs
+    .venv/bin/python benchmarks/plan_memory.py --size 176M    # one size's 6 runs
+    .venv/bin/python benchmarks/plan_memory.py --quick        # the 82M model only, full fine-tuning (3 runs)
 
 Each run: 2 steps, batch 2 × 256 tokens (every row longer, so each batch is whole), fp32, 1 torch thread per
 process, glibc's mmap threshold fixed at 64 KiB (see measured_peak). Measured: what the run adds to a process's
@@ -26,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SIZES = {"30M": (384, 6), "82M": (640, 10)}
+SIZES = {"30M": (384, 6), "82M": (640, 10), "176M": (1024, 12)}
 BATCH, LENGTH = 2, 256
 MIB = 2**20
 
@@ -90,11 +91,12 @@ def estimated(model: Path, lora: bool, zero: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the 82M model, full fine-tuning only")
+    parser.add_argument("--size", action="append", choices=list(SIZES), help="only these sizes (repeatable)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from toolkit.plan import shape_of
 
-    cases = [(size, zero, lora) for size in (["82M"] if args.quick else SIZES) for lora in
+    cases = [(size, zero, lora) for size in (["82M"] if args.quick else args.size or SIZES) for lora in
              ([False] if args.quick else [False, True]) for zero in (0, 2, 3)]
     results = []
     with tempfile.TemporaryDirectory(prefix="plan-memory-") as tmp:
