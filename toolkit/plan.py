@@ -27,12 +27,14 @@ Every term is a count of numbers times their bytes; nothing is fitted. Sources:
   layer at a time with `gather_for_generation: false`.
 
 Checked against measured peaks on CPU (tests/cli/test_plan_cli.py, benchmarks/plan_memory.py): the peak resident
-memory a real `llamakit sft` adds per rank, for LLaMA sizes of 30M and 82M parameters, full and LoRA, without
-DeepSpeed and under ZeRO-2 and ZeRO-3 on 2 ranks: within 7% at 82M, 10-24% under at 30M (docs/plan-memory.md).
+memory a real `llamakit sft` adds per rank, for LLaMA sizes of 30M, 82M and 176M parameters, full and LoRA,
+without DeepSpeed and under ZeRO-2 and ZeRO-3 on 2 ranks: within 7% at 82M, 2-14% over at 176M, 10-24% under at
+30M (docs/plan-memory.md).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -206,6 +208,7 @@ def model_states(shape: Shape, cfg: PlanConfig) -> dict[str, float]:
     return {"weights": weights, "gradients": grads, "optimizer": optimizer}
 
 
+@functools.cache  # the best fit estimates every candidate; the preset is read once
 def live_parameters() -> float:
     """How many gathered parameters ZeRO-3 keeps per GPU before it releases any: `stage3_max_live_parameters` of
     the shipped preset. With its `stage3_max_reuse_distance` as large, a weight the backward will use again stays
