@@ -117,7 +117,7 @@ class Stages:
                 if stdout_json is not None:
                     lines = (logs / f"{name}.out").read_text(encoding="utf-8").strip().splitlines()
                     stdout_json.write_text(lines[-1] + "\n", encoding="utf-8")
-                self.seconds[name] = round(seconds, 1)
+                self.seconds[name] = round(seconds, 3)  # ms: a fast stage (constraints: ~0.05 s) is not 0
                 self.peak_rss_mb[name] = round(int((logs / f"{name}.rss").read_text()) / 1024, 1)  # ru_maxrss: KiB
                 self.timings_file.write_text(json.dumps(self.seconds, indent=1))
                 self.rss_file.write_text(json.dumps(self.peak_rss_mb, indent=1))
