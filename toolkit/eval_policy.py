@@ -556,6 +556,10 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     for name, source in sources.items():  # every prompt checked against every local context before any work
         if source.local:
             tokenizers[name], ids[name] = encode_prompts(source, cfg, "POLICY" if name == "policy" else "--baseline")
+    if tokenizers:  # a local model generates on the CPU
+        from toolkit.training.accelerator import warn_if_bf16_is_slow
+
+        warn_if_bf16_is_slow(cfg.bf16, "cpu")
     why_no_kl = kl_unavailable(sources["policy"], sources.get("baseline"), tokenizers)
     rm = load_reward(cfg)
     rows = [(p, j) for p in prompts for j in range(cfg.samples)]

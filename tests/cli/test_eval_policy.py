@@ -220,6 +220,17 @@ def test_out_holds_the_reports_and_refuses_to_be_replaced_without_overwrite(agai
     assert (out / "answers.jsonl").read_bytes() == before
 
 
+def test_bf16_on_a_cpu_without_bf16_units_warns_once_and_still_answers(tiny_llama_dir, prompts, monkeypatch):
+    from toolkit.training import accelerator
+
+    monkeypatch.setattr(accelerator, "cpu_has_bf16_units", lambda: False)
+    rc, stdout, err = cli("eval-policy", tiny_llama_dir, "--prompts", prompts, *TINY, "--limit", "1", "--bf16",
+                          "--json")
+    assert rc == 0, err
+    assert err.count("--bf16 on a CPU without bfloat16 units") == 1
+    assert json.loads(stdout)["bf16"] is True
+
+
 def test_a_perturbed_policy_from_its_run_dir_has_kl_and_reward_means(perturbed_run, tiny_llama_dir, prompts, tiny_rm,
                                                                      work):
     out = work / "perturbed"

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from toolkit.errors import UserError
-from toolkit.training.accelerator import autocast, make_accelerator
+from toolkit.training import accelerator as accelerator_module
+from toolkit.training.accelerator import autocast, make_accelerator, warn_if_bf16_is_slow
 from toolkit.training.checkpoint import (
     MANIFEST,
     latest_checkpoint,
@@ -71,6 +72,21 @@ class _Attention(nn.Module):
     def __init__(self):
         super().__init__()
         self.attention_dropout = 0.1  # read as a float by LLaMA-style attention, not an nn.Dropout
+
+
+@pytest.mark.parametrize(("bf16", "device", "has_units", "warned"), [
+    (True, "cpu", False, True), (True, "cpu", True, False), (False, "cpu", False, False),
+    (True, "cuda", False, False)])
+def test_bf16_on_a_cpu_without_bf16_units_is_warned_of(monkeypatch, capsys, bf16, device, has_units, warned):
+    monkeypatch.setattr(accelerator_module, "cpu_has_bf16_units", lambda: has_units)
+    warn_if_bf16_is_slow(bf16, device)
+    err = capsys.readouterr().err
+    assert ("warning: --bf16 on a CPU without bfloat16 units" in err) == warned
+    assert "drop --bf16" in err if warned else err == ""
+
+
+def test_cpu_bf16_units_are_read_from_onednn():
+    assert accelerator_module.cpu_has_bf16_units() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_disable_dropout_reaches_modules_attention_and_config():
