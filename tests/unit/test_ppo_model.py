@@ -224,7 +224,7 @@ def test_one_epoch_of_one_minibatch_takes_log_pi_old_from_the_update_and_trains_
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])  # rloo: the KL in the reward, so the rollout's forward runs too
 def test_running_each_group_s_prompt_once_trains_as_running_every_row(tiny_llama_dir, tmp_path, monkeypatch, algo):
-    settings = dict(steps=2, algo=algo, ppo_epochs=1, num_minibatches=1, learning_rate=3e-3, batch_size=2,
+    settings = dict(steps=1, algo=algo, ppo_epochs=1, num_minibatches=1, learning_rate=3e-3, batch_size=2,
                     group_size=3)
     shared = tiny_cfg(tiny_llama_dir, tmp_path / "shared", **settings)
     assert shared.shares_group_prompts
@@ -232,10 +232,22 @@ def test_running_each_group_s_prompt_once_trains_as_running_every_row(tiny_llama
     monkeypatch.setattr(PPOConfig, "shares_group_prompts", property(lambda self: False))
     train(tiny_cfg(tiny_llama_dir, tmp_path / "rows", **settings))
     a, b = _metrics(tmp_path / "shared"), _metrics(tmp_path / "rows")
-    assert abs(b[1]["objective/kl"]) > 1e-2  # the policy moved in step 1
-    for key, value in b[1].items():
+    for key, value in b[0].items():  # the rollout: same answers, scores, log-probs and KL
         if key not in VOLATILE:
-            assert a[1][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+            assert a[0][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    # the update: the same step, up to rounding (here ~1e-6 of it). Later steps are not compared: on some CPUs
+    # that rounding sends step 2's sampling down another path and the two runs part
+    start = _weights(tiny_llama_dir)
+    step_shared, step_rows = (_weights(tmp_path / run / "policy") - start for run in ("shared", "rows"))
+    assert step_rows.norm() > 0.1  # the policy moved
+    assert (step_shared - step_rows).norm() < 1e-4 * step_rows.norm()
+
+
+def _weights(model_dir: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    weights = load_file(next(Path(model_dir).glob("*.safetensors")))
+    return torch.cat([weights[name].flatten().float() for name in sorted(weights)])
 
 
 def _metrics(out: Path) -> list[dict]:
