@@ -71,7 +71,10 @@ def test_kill_9_then_resume_gives_the_metrics_of_an_uninterrupted_run(tiny_llama
     assert after[:2] == [r for r in before if r["step"] <= 2]  # rows up to the checkpoint kept as written
     for got, want in zip(after, expected, strict=True):
         for key in METRICS:
-            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (got["step"], key)
+            if got["step"] == 1 and key == "rewards/accuracies":
+                continue  # the policy is the reference: the margins it counts are rounding noise, either sign
+            # abs: β times a few ulps of a summed log-prob (~-260 here), as the precomputed reference rounds
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (got["step"], key)
     assert (out / "policy" / "config.json").is_file()
 
 
