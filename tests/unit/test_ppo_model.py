@@ -246,7 +246,7 @@ def test_running_each_group_s_prompt_once_trains_as_running_every_row(tiny_llama
 def _weights(model_dir: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    weights = load_file(next(Path(model_dir).glob("*.safetensors")))
+    weights = load_file(model_dir / "model.safetensors")
     return torch.cat([weights[name].flatten().float() for name in sorted(weights)])
 
 
