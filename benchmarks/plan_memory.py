@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def measured_peak(model: Path, data: Path, out: Path, lora: bool, zero: int) -> 
     proc = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"delta_bytes"')]
+    # found anywhere, not line by line: the two ranks share the pipe and one's newline can land after the other's line
+    lines = [json.loads(found) for found in re.findall(r'\{"delta_bytes"[^{}]*\}', proc.stdout)]
     if len(lines) != (2 if zero else 1):
         raise RuntimeError(f"expected a line per rank, got {proc.stdout[-2000:]}")
     return max(line["delta_bytes"] for line in lines)
