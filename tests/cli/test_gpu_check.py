@@ -27,12 +27,18 @@ def test_without_a_gpu_one_line_and_exit_0(tmp_path):
     assert json.loads(line) == {"gpu": None, "skipped": "no CUDA device here: run this on a machine with a GPU"}
 
 
-def test_cpu_smoke_runs_the_ppo_path_and_the_plan_estimate(tmp_path):
-    proc = run("--cpu-smoke", tmp_path=tmp_path)
+def test_cpu_smoke_runs_ppo_grpo_and_dpo_and_the_plan_estimates(tmp_path):
+    saved = tmp_path / "line.json"
+    proc = run("--cpu-smoke", "--json-out", str(saved), tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads(saved.read_text()) == result
     tiny = result["tiny"]
-    assert tiny["steps"] == 1 and tiny["seconds_per_step"] > 0 and tiny["rollout_tokens_per_s"] > 0
-    assert tiny["plan_estimate_gib"] > 0 and tiny["peak_gpu_gib"] is None
+    assert set(tiny) == {"ppo", "grpo", "dpo"}
+    for method, measured in tiny.items():
+        assert measured["steps"] == 1 and measured["seconds_per_step"] > 0, method
+        assert measured["plan_estimate_gib"] > 0 and measured["peak_gpu_gib"] is None, method
+        assert (tmp_path / "work" / f"{method}-tiny" / "policy" / "config.json").is_file(), method
+    assert tiny["ppo"]["rollout_tokens_per_s"] > 0 and tiny["grpo"]["rollout_tokens_per_s"] > 0
+    assert tiny["dpo"]["loss_last"] > 0
     assert "skipped" in result["zero3_1b"]
-    assert (tmp_path / "work" / "ppo-tiny" / "policy" / "config.json").is_file()
