@@ -22,7 +22,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -382,6 +382,7 @@ def _set_up(cfg: DPOConfig) -> _Run:
     from toolkit.io import claim_run_dir, start_run_dir
     from toolkit.models import load_causal_lm, load_tokenizer
     from toolkit.training.accelerator import configure_deepspeed, make_accelerator, zero_stage
+    from toolkit.training.batches import examples_read
     from toolkit.training.model import base_dtype, make_trainable
     from toolkit.training.runlog import drop_rows_after
     from toolkit.training.schedule import warmup_linear
@@ -428,11 +429,14 @@ def _set_up(cfg: DPOConfig) -> _Run:
         if accelerator.is_main_process:
             drop_rows_after(out / "metrics.jsonl", run.start)
     if cfg.precompute_ref:
-        # The train pairs' come from the checkpoint when resuming; held-out pairs may change between runs.
-        ref_train = run.ref_logps.get("train")
-        run.ref_logps = {"train": ref_train if ref_train is not None else _all_ref_logps(run, pairs)}
+        # Only the pairs the steps still to run will read (a run shorter than an epoch reads fewer than all); a
+        # resumed run's come from its checkpoint. Held-out pairs may change between runs: all of them, anew.
+        read = examples_read(len(pairs), start=run.start, stop=total, steps_per_epoch=steps_per_epoch,
+                             batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps,
+                             world_size=accelerator.num_processes, seed=cfg.seed)
+        run.ref_logps = {"train": _fill_ref_logps(run, pairs, read, run.ref_logps.get("train"))}
         if eval_pairs:
-            run.ref_logps["eval"] = _all_ref_logps(run, eval_pairs)
+            run.ref_logps["eval"] = _fill_ref_logps(run, eval_pairs, range(len(eval_pairs)))
         run.reference = None  # its log-probs are all there: the copy's memory goes back
     if accelerator.is_main_process:
         start_run_dir(out, "dpo-run", overwrite=cfg.overwrite)
@@ -534,24 +538,39 @@ def _forward_share(accelerator: Accelerator, n: int) -> list[int]:
     return list(range(accelerator.process_index, n, accelerator.num_processes))
 
 
-def _all_ref_logps(run: _Run, pairs: list[PairTokens]) -> torch.Tensor:
-    """[N, 2] reference log-probs of every pair: each process computes a share, all get the whole."""
+def _fill_ref_logps(run: _Run, pairs: list[PairTokens], wanted: Iterable[int],
+                    table: torch.Tensor | None = None) -> torch.Tensor:
+    """The [N, 2] reference log-probs `table` (NaN where never computed; a new one when None) with every `wanted`
+    pair's filled in: each process computes a share of those missing, all get the whole."""
     import torch
     from accelerate.utils import gather_object
 
+    from toolkit.training.progress import count_bar
+
+    table = torch.full((len(pairs), 2), float("nan")) if table is None else table.cpu().clone()
+    missing = [j for j in wanted if bool(torch.isnan(table[j, 0]))]
     world = run.accelerator.num_processes
-    mine = _forward_share(run.accelerator, len(pairs))
+    # The table is filled by index, so the pass may take the pairs in any order: by length, batches pad less.
+    mine = sorted((missing[k] for k in _forward_share(run.accelerator, len(missing))),
+                  key=lambda j: _lengths(pairs[j]))
     rows = []
-    for i in range(0, len(mine), run.cfg.batch_size):
-        indices = mine[i:i + run.cfg.batch_size]
-        chosen, rejected = _reference_forward(run, _batch(run, pairs, indices))
-        rows += [(j, float(c), float(r)) for j, c, r in zip(indices, chosen, rejected, strict=True)]
+    with count_bar("reference log-probs", len(mine), run.accelerator.is_main_process) as advance:
+        for i in range(0, len(mine), run.cfg.batch_size):
+            indices = mine[i:i + run.cfg.batch_size]
+            chosen, rejected = _reference_forward(run, _batch(run, pairs, indices))
+            rows += [(j, float(c), float(r)) for j, c, r in zip(indices, chosen, rejected, strict=True)]
+            advance(len(indices))
     if world > 1:
         rows = gather_object(rows)
-    table = torch.zeros((len(pairs), 2), dtype=torch.float32)
     for j, c, r in rows:
         table[j] = torch.tensor([c, r])
     return table.to(run.accelerator.device)
+
+
+def _lengths(pair: PairTokens) -> tuple[int, int]:
+    """(prompt, longer answer) in tokens: what a shared-prompt batch pads to."""
+    prompt = min(pair.chosen_start, pair.rejected_start)
+    return prompt, max(len(pair.chosen), len(pair.rejected)) - prompt
 
 
 def _optimizer_step(run: _Run, micro: list[list[int]], step: int) -> tuple[dict[str, float], float]:

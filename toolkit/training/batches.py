@@ -23,3 +23,20 @@ def step_micro_batches(n: int, *, step: int, steps_per_epoch: int, batch_size: i
     epoch, index = divmod(step, steps_per_epoch)
     first = (index * world_size + rank) * accumulation
     return epoch_batches(n, batch_size, epoch, seed)[first:first + accumulation]
+
+
+def examples_read(n: int, *, start: int, stop: int, steps_per_epoch: int, batch_size: int, accumulation: int,
+                  world_size: int, seed: int) -> list[int]:
+    """The indices (sorted) that some process trains on in optimizer steps start..stop-1: all of them once the
+    steps span an epoch, fewer for a shorter run."""
+    read: set[int] = set()
+    per_step = world_size * accumulation  # batches an optimizer step takes from its epoch's list
+    step = start
+    while step < stop and len(read) < n:
+        epoch, index = divmod(step, steps_per_epoch)
+        end = min(stop, (epoch + 1) * steps_per_epoch)  # this epoch's last step in range, plus one
+        for batch in epoch_batches(n, batch_size, epoch, seed)[index * per_step:(end - epoch * steps_per_epoch)
+                                                                 * per_step]:
+            read.update(batch)
+        step = end
+    return sorted(read)

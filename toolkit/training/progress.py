@@ -18,3 +18,17 @@ def loss_bar(name: str, total: int, start: int, enabled: bool) -> Iterator[Calla
         task = bar.add_task(name, total=total, status="")
         bar.update(task, completed=start)
         yield lambda step, loss: bar.update(task, completed=step, status=f"loss {loss:.4f}")
+
+
+@contextlib.contextmanager
+def count_bar(name: str, total: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """Yields `advance(n)` for a pass over `total` items that is not a training step (gone when done); a no-op
+    where `enabled` is false."""
+    from toolkit.console import progress
+
+    if not enabled:
+        yield lambda n: None
+        return
+    with progress(transient=True) as bar:
+        task = bar.add_task(name, total=total, status="")
+        yield lambda n: bar.update(task, advance=n)
