@@ -288,8 +288,9 @@ class DPOConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory).")
     shared_prefix: bool = _f(True, "Run a pair's shared prompt once and both answers on its cache (where it saves "
                              "≥ 10% of token positions; not with --gradient-checkpointing or DeepSpeed).")
-    precompute_ref: bool = _f(False, "Compute the reference log-probs once before training (no reference "
-                                     "forward per step; without --lora the reference copy is then freed).")
+    precompute_ref: bool = _f(False, "Compute the reference log-probs once before training, of the pairs the "
+                                     "steps will read (no reference forward per step; without --lora the "
+                                     "reference copy is then freed).")
     seed: int = _f(0, "Seed for shuffling and initialisation.", min=0, max=SEED_MAX)
     save_every: int = _f(0, "Checkpoint every N optimizer steps (0 = only at the end).", min=0)
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (0 = all).", min=0)
@@ -340,7 +341,8 @@ class _Run:
     steps_per_epoch: int
     total: int  # optimizer steps in the whole run
     start: int  # optimizer steps already done (a resumed run)
-    ref_logps: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # "train"/"eval": [N, 2]
+    # "train"/"eval": [N, 2], NaN for a pair no step reads
+    ref_logps: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     shared: bool = False  # batches may take the shared-prompt forward (`collate_pairs`)
     shared_batches: int = 0  # this process's training micro-batches that took it, in this run
 
