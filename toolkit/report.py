@@ -187,7 +187,9 @@ def _headline_section(run: Path, stages: list[dict]) -> Section | None:
     blocks = [Block("text", f"{summary['prompts']} held-out instructions (no training stage saw them), one answer "
                             f"each at temperature {summary['temperature']}, at most {summary['max_new_tokens']} "
                             f"tokens. Before: {before.get('model', '?')}. After: {steps} PPO steps on the checker "
-                            f"(rules:constraints) from it. Win rate: 95% Wilson interval, ties count ½."),
+                            f"(rules:constraints) from it. Win rate: 95% Wilson interval, ties count ½. A run "
+                            f"this small shows the pipeline end to end; it is too short and too few prompts to "
+                            f"measure what training does to a model (docs/method-comparison.md does)."),
               Block("table", header=["held-out", "before", "after", "change"], rows=rows)]
     families = after.get("per_family") or {}
     if families:
