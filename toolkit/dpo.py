@@ -550,7 +550,8 @@ def _fill_ref_logps(run: _Run, pairs: list[PairTokens], wanted: Iterable[int],
     from toolkit.training.progress import count_bar
 
     table = torch.full((len(pairs), 2), float("nan")) if table is None else table.cpu().clone()
-    missing = [j for j in wanted if bool(torch.isnan(table[j, 0]))]
+    unknown = torch.isnan(table[:, 0]).tolist()
+    missing = [j for j in wanted if unknown[j]]
     world = run.accelerator.num_processes
     # The table is filled by index, so the pass may take the pairs in any order: by length, batches pad less.
     mine = sorted((missing[k] for k in _forward_share(run.accelerator, len(missing))),

@@ -33,10 +33,10 @@ def examples_read(n: int, *, start: int, stop: int, steps_per_epoch: int, batch_
     per_step = world_size * accumulation  # batches an optimizer step takes from its epoch's list
     step = start
     while step < stop and len(read) < n:
-        epoch, index = divmod(step, steps_per_epoch)
+        epoch, first = divmod(step, steps_per_epoch)
         end = min(stop, (epoch + 1) * steps_per_epoch)  # this epoch's last step in range, plus one
-        for batch in epoch_batches(n, batch_size, epoch, seed)[index * per_step:(end - epoch * steps_per_epoch)
-                                                                 * per_step]:
+        last = end - epoch * steps_per_epoch
+        for batch in epoch_batches(n, batch_size, epoch, seed)[first * per_step:last * per_step]:
             read.update(batch)
         step = end
     return sorted(read)
