@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -23,11 +24,44 @@ from rich.table import Table
 console = Console(stderr=True)
 
 
+LOG_EVERY_S = 60.0  # a progress line in a log file (stderr not a terminal) at most this often
+
+
+class _LoggedProgress(Progress):
+    """A bar that draws nothing where stderr is a file (rich redraws terminals only), so a run under nohup or a
+    scheduler prints one plain line per task at most every LOG_EVERY_S instead: name, done/total, elapsed, ETA."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._logged_at: dict[Any, float] = {}
+
+    def update(self, task_id: Any, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id: Any, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id: Any) -> None:
+        now = time.monotonic()
+        if now - self._logged_at.setdefault(task_id, now) < LOG_EVERY_S:
+            return
+        self._logged_at[task_id] = now
+        task = next(t for t in self.tasks if t.id == task_id)
+        done = f"{task.completed:g}/{task.total:g}" if task.total is not None else f"{task.completed:g}"
+        left = f", ~{task.time_remaining:.0f} s left" if task.time_remaining is not None else ""
+        status = f"  {task.fields['status']}" if task.fields.get("status") else ""
+        self.console.print(f"{task.description}: {done} after {task.elapsed or 0:.0f} s{left}{status}",
+                           markup=False, highlight=False)
+
+
 def progress(transient: bool = False) -> Progress:
     """The one progress-bar style every long-running command uses."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
-                    console=console, transient=transient)
+    kind = Progress if console.is_terminal else _LoggedProgress
+    return kind(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                console=console, transient=transient)
 
 
 def is_main_rank() -> bool:
