@@ -126,7 +126,8 @@ def train_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
         train_pairs = [p for i, p in enumerate(pairs) if i not in held_out]
         train_file.write_text("".join(lines[p.line - 1] + "\n" for p in train_pairs), encoding="utf-8")
         out = where / f"rm-{k}"
-        cfg = TrainConfig(data=str(train_file), out=str(out), seed=args.seed, show_progress=False, **overrides)
+        # `--set seed=N` draws another model on the same folds (seed noise); else the folds' seed trains too
+        cfg = TrainConfig(data=str(train_file), out=str(out), show_progress=False, **{"seed": args.seed, **overrides})
         result = train_reward(cfg)
         _, calibration_pairs = split(train_pairs, read(out).n_pairs / len(train_pairs), cfg.seed)
         test_pairs = [pairs[i] for i in test_ids]
@@ -172,7 +173,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--max-pairs", type=int, default=None, help="use only the first N pairs (quick runs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the folds, and the training seed unless --set seed=N (another model, same folds)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="keep the per-fold reward differences here (fold-K.json)")
     parser.add_argument("--from", dest="from_dir", default=None,
