@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.paired import paired_points  # noqa: E402
 from benchmarks.rlhf_effect import (  # noqa: E402 - after the path set-up, as a script
     MODES as EFFECT_MODES,
 )
@@ -113,13 +113,7 @@ def answers_by_prompt(path: Path, side: str) -> dict[str, float]:
 def paired_change(policy: dict[str, float], base: dict[str, float]) -> dict[str, Any]:
     """POLICY − BASE gold over the prompts both answered: mean of the paired differences and its normal 95%
     interval, in points (× 100)."""
-    diffs = [100 * (policy[k] - base[k]) for k in policy if k in base]
-    n = len(diffs)
-    if n < 2:
-        return {"points": None, "ci95": None, "n": n}
-    m = sum(diffs) / n
-    half = 1.96 * math.sqrt(sum((d - m) ** 2 for d in diffs) / (n - 1) / n)
-    return {"points": round(m, 1), "ci95": [round(m - half, 1), round(m + half, 1)], "n": n}
+    return paired_points([100 * (policy[k] - base[k]) for k in policy if k in base])
 
 
 def summarize(out: Path, stages: Stages) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

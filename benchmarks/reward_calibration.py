@@ -181,6 +181,9 @@ def main() -> None:
                         help="no training: recompute from the fold-K.json files of an earlier --out run")
     parser.add_argument("--peer", choices=["trl"], default=None,
                         help="train TRL's RewardTrainer on the same folds instead (train-reward's default settings)")
+    parser.add_argument("--against", default=None, metavar="DIR",
+                        help="the fold-K.json files of another recipe on the same folds: the accuracy change on the "
+                             "pairs both predicted, paired (same pair, both models), with its 95%% interval")
     parser.add_argument("--plot", default=None, help="pooled reliability diagram (raw and calibrated) to this PNG")
     parser.add_argument("--coverage-plot", default=None,
                         help="accuracy on the pairs kept against the fraction kept (surest first) to this PNG")
@@ -193,9 +196,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from benchmarks.paired import paired_points
     from toolkit.reward import calibrate as cal
     from toolkit.reward.data import load_preferences
-    from toolkit.reward.metrics import ece_noise, pair_metrics, raw_probabilities
+    from toolkit.reward.metrics import ece_noise, pair_correct, pair_metrics, raw_probabilities
     from toolkit.reward.train import TrainConfig
 
     defaults = TrainConfig(data="", out="")
@@ -254,6 +258,16 @@ def main() -> None:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
     noise = ece_noise(p_cal)
+    against = None
+    if args.against:
+        other = np.full(len(pairs), np.nan)
+        for f in (json.loads(p.read_text()) for p in sorted(Path(args.against).glob("fold-*.json"))):
+            other[f["test_ids"]] = pair_correct(raw_probabilities(f["test_diffs"]))
+        both = ~np.isnan(other[covered])
+        # a temperature never flips a verdict, so raw and calibrated accuracy are the same
+        gain = 100 * (pair_correct(p_raw[both]) - other[covered][both])
+        against = {"dir": args.against, **paired_points(gain.tolist()),
+                   "better": int((gain > 0).sum()), "worse": int((gain < 0).sum())}
     print(json.dumps({
         "pairs": n, "folds": len(saved), "settings": "trl" if args.peer else overrides or "defaults",
         "raw": rounded(pair_metrics(p_raw)), "calibrated": rounded(pair_metrics(p_cal)),
@@ -265,6 +279,7 @@ def main() -> None:
         "train_seconds": [f.get("seconds") for f in saved],
         "test_temperatures": [f["test_temperature"] for f in per_fold],
         "test_accuracies": [f["test_accuracy"] for f in per_fold],
+        **({"against": against} if against else {}),
         "shorter_wins": round(shorter_wins(pairs), 4), "seconds": round(time.perf_counter() - started, 1)}))
 
 

@@ -43,7 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.stages import Stages, log  # noqa: E402 - after the path set-up, as a script
+from benchmarks.paired import paired_points  # noqa: E402 - after the path set-up, as a script
+from benchmarks.stages import Stages, log  # noqa: E402
 
 SHARED_ALPACA = ROOT.parent / "shared" / "data" / "alpaca-5000.json"
 FIXTURE_ALPACA = ROOT / "tests" / "fixtures" / "alpaca-24.json"
@@ -166,13 +167,7 @@ def gold_change(answers: Path) -> dict[str, Any]:
     sides: dict[str, dict[str, float]] = {}
     for row in read_jsonl(answers):
         sides.setdefault(f"{row['prompt_id']}/{row['sample']}", {})[row["policy"]] = row["scores"]["scorer"]
-    diffs = [100 * (s["policy"] - s["baseline"]) for s in sides.values() if len(s) == 2]
-    n = len(diffs)
-    if n < 2:
-        return {"points": None, "ci95": None, "n": n}
-    m = sum(diffs) / n
-    half = 1.96 * (sum((d - m) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
-    return {"points": round(m, 1), "ci95": [round(m - half, 1), round(m + half, 1)], "n": n}
+    return paired_points([100 * (s["policy"] - s["baseline"]) for s in sides.values() if len(s) == 2])
 
 
 def per_family(base: dict[str, Any], rm: dict[str, Any], rules: dict[str, Any]) -> dict[str, dict[str, Any]]:
