@@ -111,6 +111,11 @@ def trl_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
     return saved
 
 
+def read_folds(where: str) -> list[dict]:
+    """The fold-K.json files an earlier --out run kept, in fold order."""
+    return [json.loads(p.read_text()) for p in sorted(Path(where).glob("fold-*.json"))]
+
+
 def train_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
     """Train one default reward model per fold; per fold, the reward differences of its test pairs and of
     the held-out pairs its calibration was fitted on (also written to WHERE/fold-K.json)."""
@@ -212,7 +217,7 @@ def main() -> None:
     started = time.perf_counter()
     pairs = load_preferences(args.data).pairs[:args.max_pairs]
     if args.from_dir:
-        saved = [json.loads(p.read_text()) for p in sorted(Path(args.from_dir).glob("fold-*.json"))]
+        saved = read_folds(args.from_dir)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             where = Path(args.out) if args.out else Path(tmp)
@@ -261,7 +266,7 @@ def main() -> None:
     against = None
     if args.against:
         other = np.full(len(pairs), np.nan)
-        for f in (json.loads(p.read_text()) for p in sorted(Path(args.against).glob("fold-*.json"))):
+        for f in read_folds(args.against):
             other[f["test_ids"]] = pair_correct(raw_probabilities(f["test_diffs"]))
         both = ~np.isnan(other[covered])
         # a temperature never flips a verdict, so raw and calibrated accuracy are the same
