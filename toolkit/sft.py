@@ -73,17 +73,25 @@ class Example:
     starts: list[int] = field(default_factory=lambda: [0])  # where each packed conversation begins
 
 
-def load_examples(path: str, tokenizer, max_length: int, system_prompt: str = "",
-                  limit: int = 0) -> tuple[list[Example], dict[str, int]]:
+def load_examples(path: str, tokenizer, max_length: int, system_prompt: str = "", limit: int = 0,
+                  skip_bad_rows: bool = False) -> tuple[list[Example], dict[str, Any]]:
+    """The rows of `path` tokenized for training; stats count rows, examples, truncated and dropped ones, and with
+    `skip_bad_rows` list the one-line error of each row that was set aside (else the first one stops the run)."""
     from toolkit.io import located_rows
 
     rows = located_rows(path)
     if limit:
         rows = rows[:limit]
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    examples, truncated, dropped = [], 0, 0
+    examples, truncated, dropped, bad_rows = [], 0, 0, []
     for row, loc in rows:
-        messages = row_to_messages(row, loc["file"], loc.get("line"))
+        try:
+            messages = row_to_messages(row, loc["file"], loc.get("line"))
+        except UserError as error:
+            if not skip_bad_rows:
+                raise UserError(f"{error} (--skip-bad-rows sets such rows aside and trains on the rest)") from None
+            bad_rows.append(str(error))
+            continue
         if system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system_prompt}, *messages]
         input_ids, labels = tokenize_conversation(tokenizer, messages, eos)
@@ -94,8 +102,10 @@ def load_examples(path: str, tokenizer, max_length: int, system_prompt: str = ""
             continue
         examples.append(Example(input_ids, labels))
     if not examples:
-        raise UserError(f"no row has assistant tokens within --max-length {max_length}", file=path)
-    return examples, {"rows": len(rows), "examples": len(examples), "truncated": truncated, "dropped": dropped}
+        raise UserError(f"no row has assistant tokens within --max-length {max_length}"
+                        + (f" ({len(bad_rows)} bad row(s) set aside)" if bad_rows else ""), file=path)
+    return examples, {"rows": len(rows), "examples": len(examples), "truncated": truncated, "dropped": dropped,
+                      "bad_rows": bad_rows}
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
@@ -166,6 +176,9 @@ class SFTConfig:
     packing: bool = _f(False, "Pack several conversations into each sequence (block-diagonal attention).")
     system_prompt: str = _f("", "System message put before every conversation that has none.")
     limit: int = _f(0, "Use only the first N rows (0 = all).", min=0)
+    skip_bad_rows: bool = _f(False, "Set aside rows that do not parse (an empty answer, a missing field), each named "
+                             "in a warning, and train on the rest (else the first one stops the run).",
+                             negatable=False)
     lora: bool = _f(False, "Train a LoRA adapter (merged into the saved model at the end).")
     lora_r: int = _f(16, "LoRA rank.", min=1)
     lora_alpha: int = _f(32, "LoRA α.", min=1)
@@ -196,7 +209,7 @@ class SFTResult:
     model_dir: Path | None
     steps: int
     history: list[dict[str, Any]]
-    data_stats: dict[str, int]
+    data_stats: dict[str, Any]
 
 
 @dataclass
@@ -208,7 +221,7 @@ class _Run:
     out: Path
     tokenizer: Any
     examples: list[Example]
-    stats: dict[str, int]
+    stats: dict[str, Any]
     model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped when distributed)
     unwrapped: torch.nn.Module  # what checkpoints and the final save see
     optimizer: torch.optim.Optimizer
@@ -251,6 +264,7 @@ def _set_up(cfg: SFTConfig) -> _Run:
     """Accelerator, run directory, data, model, optimizer and schedule, restored from the last checkpoint
     when resuming; every process returns here together."""
     import torch
+    from rich.markup import escape
 
     from toolkit.console import console
     from toolkit.io import claim_run_dir, start_run_dir
@@ -268,7 +282,8 @@ def _set_up(cfg: SFTConfig) -> _Run:
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)  # data errors surface before the model loads
-    examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt, cfg.limit)
+    examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt, cfg.limit,
+                                    cfg.skip_bad_rows)
     model, tokenizer = load_causal_lm(cfg.model, dtype=base_dtype(bf16=cfg.bf16, lora=cfg.lora))
     if cfg.packing:
         examples = pack(examples, cfg.max_length)
@@ -276,6 +291,11 @@ def _set_up(cfg: SFTConfig) -> _Run:
         console.print(f"[yellow]warning:[/] {stats['truncated']} conversation(s) cut to --max-length {cfg.max_length}")
     if stats["dropped"] and is_main:
         console.print(f"[yellow]warning:[/] {stats['dropped']} row(s) had no assistant tokens left and were skipped")
+    if stats["bad_rows"] and is_main:
+        shown = stats["bad_rows"][:5]
+        more = f" (and {len(stats['bad_rows']) - len(shown)} more)" if len(stats["bad_rows"]) > len(shown) else ""
+        console.print(f"[yellow]warning:[/] {len(stats['bad_rows'])} bad row(s) set aside{more}: "
+                      + escape("; ".join(shown)), highlight=False, soft_wrap=True)
     model = make_trainable(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                            lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
 

@@ -136,8 +136,32 @@ def test_sft_cli_bad_row_names_file_and_row(tiny_llama_dir, tmp_path):
                     + json.dumps({"messages": [{"role": "robot", "content": "a"}]}) + "\n")
     proc = run_cli("sft", "--data", data, "--model", tiny_llama_dir, "--out", tmp_path / "out")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {data}:2: ")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {data}:2: ") and last.endswith("(--skip-bad-rows sets such rows aside and "
+                                                                  "trains on the rest)")
     assert "Traceback" not in proc.stderr
+
+
+def test_skip_bad_rows_trains_on_the_rest_and_names_each_row_set_aside(tiny_llama, tiny_llama_dir, tmp_path):
+    """An Alpaca file with an empty answer (../shared/data/alpaca-5000.json has one): --skip-bad-rows trains on
+    the good rows, and the warning and run.json name every row it set aside."""
+    _, tok = tiny_llama
+    rows = json.loads((FIXTURES / "alpaca-24.json").read_text())[:6]
+    rows[2]["output"], rows[4]["output"] = "", "   "
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows))
+    with pytest.raises(UserError, match=r"\(row 3\): field 'output': empty text"):
+        load_examples(str(data), tok, max_length=256)
+    examples, stats = load_examples(str(data), tok, max_length=256, skip_bad_rows=True)
+    assert stats["examples"] == len(examples) == 4
+    assert [bad.split(": ")[0] for bad in stats["bad_rows"]] == [f"{data} (row 3)", f"{data} (row 5)"]
+
+    out = tmp_path / "out"
+    code, _, err = cli("sft", "--data", data, "--model", tiny_llama_dir, "--out", out, "--max-steps", "1",
+                       "--batch-size", "2", "--max-length", "64", "--skip-bad-rows")
+    assert code == 0, err
+    assert f"2 bad row(s) set aside: {data} (row 3): field 'output': empty text; {data} (row 5)" in err
+    assert json.loads((out / "run.json").read_text())["data"]["examples"] == 4
 
 
 def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tiny_llama_dir, tmp_path, monkeypatch):
