@@ -78,8 +78,9 @@ def shorter_wins(pairs) -> float:
 
 
 def trl_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
-    """TRL's RewardTrainer on the same folds (reward_vs_trl.py's child, in its peer venv): same backbone, epochs,
-    batch, lr, max length; TRL drops training pairs longer than max_length, as it does. No calibration."""
+    """TRL's RewardTrainer on the same folds (reward_vs_trl.py's child, in its peer venv): train-reward's backbone,
+    epochs, batch, lr, warm-up, max length and seed (its defaults, or --set); TRL drops training pairs longer than
+    max_length, as it does. No calibration."""
     import subprocess
 
     from reward_vs_trl import peer_python
@@ -87,7 +88,7 @@ def trl_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
     from toolkit.models import resolve
     from toolkit.reward.train import TrainConfig
 
-    defaults = TrainConfig(data="", out="")
+    settings = TrainConfig(data="", out="", **{"seed": args.seed, **overrides})
     lines = Path(args.data).read_text(encoding="utf-8").splitlines()
     saved = []
     for k, test_ids in enumerate(folds(len(pairs), args.folds, args.seed)):
@@ -99,10 +100,10 @@ def trl_folds(args, pairs, overrides: dict, where: Path) -> list[dict]:
         started = time.perf_counter()
         subprocess.run([peer_python(None), str(ROOT / "benchmarks" / "reward_vs_trl.py"), "--child", "trl",
                         "--train", str(files["train"]), "--test", str(files["test"]),
-                        "--model-path", str(resolve(defaults.model)), "--max-length", str(defaults.max_length),
-                        "--batch-size", str(defaults.batch_size), "--epochs", str(defaults.epochs),
-                        "--learning-rate", str(defaults.learning_rate), "--warmup-ratio", str(defaults.warmup_ratio),
-                        "--threads", str(args.threads), "--seed", str(args.seed), "--diffs-out", str(diffs_file)],
+                        "--model-path", str(resolve(settings.model)), "--max-length", str(settings.max_length),
+                        "--batch-size", str(settings.batch_size), "--epochs", str(settings.epochs),
+                        "--learning-rate", str(settings.learning_rate), "--warmup-ratio", str(settings.warmup_ratio),
+                        "--threads", str(args.threads), "--seed", str(settings.seed), "--diffs-out", str(diffs_file)],
                        check=True, stdout=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         fold = {"fold": k, "test_ids": test_ids, "test_diffs": json.loads(diffs_file.read_text()), "heldout_diffs": [],
                 "seconds": round(time.perf_counter() - started, 1)}
@@ -185,7 +186,8 @@ def main() -> None:
     parser.add_argument("--from", dest="from_dir", default=None,
                         help="no training: recompute from the fold-K.json files of an earlier --out run")
     parser.add_argument("--peer", choices=["trl"], default=None,
-                        help="train TRL's RewardTrainer on the same folds instead (train-reward's default settings)")
+                        help="train TRL's RewardTrainer on the same folds instead, with train-reward's settings (its "
+                             "defaults, or --set backbone, epochs, batch, lr, warm-up, max length, seed)")
     parser.add_argument("--against", default=None, metavar="DIR",
                         help="the fold-K.json files of another recipe on the same folds: the accuracy change on the "
                              "pairs both predicted, paired (same pair, both models), with its 95%% interval")
@@ -274,7 +276,8 @@ def main() -> None:
         against = {"dir": args.against, **paired_points(gain.tolist()),
                    "better": int((gain > 0).sum()), "worse": int((gain < 0).sum())}
     print(json.dumps({
-        "pairs": n, "folds": len(saved), "settings": "trl" if args.peer else overrides or "defaults",
+        "pairs": n, "folds": len(saved),
+        "settings": {"peer": "trl", **overrides} if args.peer else overrides or "defaults",
         "raw": rounded(pair_metrics(p_raw)), "calibrated": rounded(pair_metrics(p_cal)),
         "calibrated_crossfit": rounded(pair_metrics(p_cross)), "accuracy_of_surest": kept,
         "ece_noise_median": round(noise["median"], 4), "ece_noise_p90": round(noise["p90"], 4),
