@@ -258,3 +258,19 @@ def test_an_encoder_reads_its_reward_through_its_pooler_and_classifier_at_cls():
         bert = model.model.bert
         hidden = bert(input_ids=torch.tensor([ids[0]])).last_hidden_state
         assert alone[0] == pytest.approx(model.model.classifier(bert.pooler(hidden)).item(), abs=1e-5)
+
+
+def test_collapse_warning_flags_flat_reward_differences_only():
+    """A run whose held-out reward differences barely vary (std < 0.1: every verdict within 0.45-0.55) gets a
+    warning; a model that spreads its verdicts, or too few pairs to say, does not."""
+    import random
+
+    from toolkit.reward.train import collapse_warning
+
+    rng = random.Random(0)
+    flat = [0.02 + rng.gauss(0, 0.03) for _ in range(92)]
+    spread = [0.1 + rng.gauss(0, 0.6) for _ in range(92)]
+    warning = collapse_warning(flat)
+    assert warning is not None and warning.startswith("the reward differences on the 92 calibration pairs barely vary")
+    assert collapse_warning(spread) is None
+    assert collapse_warning(flat[:20]) is None
