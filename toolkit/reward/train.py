@@ -34,7 +34,8 @@ OBJECTIVES = ("bradley-terry", "regression")
 MIN_CALIBRATION_PAIRS = 50
 STATS_TEXTS = 256  # training texts scored after training for the reward mean / std
 # Held-out reward differences spread less than this put nearly every verdict σ(r_c − r_r) within 0.45-0.55: seen
-# when a run's loss jumps and settles back at log 2 (2 of 15 folds of the 5-fold HH benchmark at the defaults).
+# when a run's loss jumps and settles back at log 2 (2 of 15 folds of the 5-fold HH benchmark at the defaults, none
+# of 10 at lr 5e-5).
 COLLAPSED_SPREAD = 0.1
 
 
@@ -590,8 +591,8 @@ def collapse_warning(diffs: list[float]) -> str | None:
     if spread >= COLLAPSED_SPREAD:
         return None
     return (f"the reward differences on the {len(diffs)} calibration pairs barely vary (std {spread:.3f}): nearly "
-            "every verdict is within 0.45-0.55, as when training collapses; train again with another --seed or a "
-            "lower --learning-rate")
+            "every verdict is within 0.45-0.55, as when training collapses; train again with another --seed or "
+            "--learning-rate 5e-5")
 
 
 def _heldout_diffs(members: list[_Fitted]) -> list[float]:
