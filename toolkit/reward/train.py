@@ -16,6 +16,7 @@ import contextlib
 import math
 import random
 import re
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -586,8 +587,7 @@ def collapse_warning(diffs: list[float]) -> str | None:
     """A warning when the calibration pairs' reward differences are nearly all alike (a collapsed run), else None."""
     if len(diffs) < MIN_CALIBRATION_PAIRS:
         return None
-    mean = sum(diffs) / len(diffs)
-    spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))
+    spread = statistics.pstdev(diffs)
     if spread >= COLLAPSED_SPREAD:
         return None
     return (f"the reward differences on the {len(diffs)} calibration pairs barely vary (std {spread:.3f}): nearly "
