@@ -176,7 +176,7 @@ def quotes(answer: str) -> bool:
 # ------------------------------------------------------------------------------------------ samplers
 
 
-def _content_words(text: str) -> list[str]:
+def content_words(text: str) -> list[str]:
     """Distinct lowercase words of the instruction worth asking for again: not its first word (mostly the
     task's verb, "Calculate", which an answer does not repeat), no stopwords, no filler words."""
     head_and_rest = text.split(maxsplit=1)
@@ -195,7 +195,7 @@ def _sample_word_limit(rng: random.Random, text: str) -> dict[str, Any]:
 
 def _sample_keywords(rng: random.Random, text: str) -> dict[str, Any]:
     # Words of the instruction itself: an on-topic answer can use them (IFEval draws from a fixed list).
-    pool = _content_words(text) or list(FALLBACK_KEYWORDS)
+    pool = content_words(text) or list(FALLBACK_KEYWORDS)
     return {"keywords": rng.sample(pool, min(len(pool), rng.choice((1, 2))))}
 
 

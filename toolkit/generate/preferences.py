@@ -12,6 +12,9 @@ Scores, each in [0, 1]:
   - rules (toolkit/scorers.py): weighted mean of the rules, each rule's part kept in the row.
 With both, score = (judge + w * rules) / (1 + w). The best and the worst candidate become chosen and
 rejected when their margin is > 0 and >= --min-margin; otherwise the row is dropped (ties).
+--revise (rules:constraints): the chosen answer is the best candidate edited by code to meet more of its
+row's constraints (toolkit/revise.py), the rejected one the same candidate unedited, so a pair shows a
+family the policy itself almost never meets; a candidate code cannot improve is binarized as above.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ class Judging:
     judge_temperature: float = 0.0
     judge_max_tokens: int = 256
     logprobs: bool = False  # read the rating from the first token's log-probs (max_score <= 9)
+    revise: bool = False  # chosen = the best candidate edited by code to meet the row's constraints
+
+
+OFF_BY_DEFAULT = ("logprobs", "revise")  # flags that join a row's id only when on (older rows keep theirs)
 
 
 TOP_LOGPROBS = 20  # OpenAI's maximum
@@ -294,7 +301,8 @@ async def make_pair(caller: Caller, setup: Setup, p: PromptRow) -> dict[str, Any
                     pairwise=setup.judging.pairwise, template=setup.hashes, candidates=candidates)
     if verdicts is not None:
         meta["verdicts"] = verdicts
-    picked = binarize(scores, setup.judging.min_margin)
+    picked = revised_pair(setup, p, question, candidates, scores) if setup.judging.revise else None
+    picked = picked or binarize(scores, setup.judging.min_margin)
     if picked is None:
         margin = max(scores) - min(scores) if scores else 0.0
         reason = "tie" if margin <= 1e-12 else f"margin {margin:.4f} < --min-margin {setup.judging.min_margin}"
@@ -302,14 +310,38 @@ async def make_pair(caller: Caller, setup: Setup, p: PromptRow) -> dict[str, Any
     best, worst, margin = picked
     meta["chosen"] = {k: v for k, v in candidates[best].items() if k != "text"}
     meta["rejected"] = {k: v for k, v in candidates[worst].items() if k != "text"}
-    return {"prompt": prompt, "chosen": answers[best], "rejected": answers[worst],
+    return {"prompt": prompt, "chosen": candidates[best]["text"], "rejected": candidates[worst]["text"],
             "score_chosen": round(scores[best], 4), "score_rejected": round(scores[worst], 4),
             "margin": round(margin, 4), "meta": meta}
 
 
+def revised_pair(setup: Setup, p: PromptRow, question: str, candidates: list[dict[str, Any]],
+                 scores: list[float]) -> tuple[int, int, float] | None:
+    """(revised, best, margin): the best candidate (a finished one among equals) edited by code to meet more
+    of the row's constraints, appended to `candidates` and `scores`, against itself; None when code can
+    not improve it or the edit does not raise the score by --min-margin."""
+    from toolkit.revise import improve
+
+    best = max(range(len(candidates)), key=lambda i: (scores[i], candidates[i].get("finish_reason") != "length"))
+    original = candidates[best]
+    edited = improve(original["text"], p.row["constraints"], p.row.get("base_prompt") or question,
+                     cut=original.get("finish_reason") == "length")
+    if edited is None:
+        return None
+    revised = {"text": edited, "source": "revised", "of": best,
+               "rules": {k: round(v, 4) for k, v in setup.scorer.explain(question, edited, "stop", p.row).items()}}
+    score = setup.scorer.score_one(question, edited, "stop", p.row)
+    margin = score - scores[best]
+    if margin <= 1e-12 or margin < setup.judging.min_margin - 1e-12:
+        return None
+    revised["score"] = round(score, 4)
+    candidates.append(revised)
+    scores.append(score)
+    return len(candidates) - 1, best, margin
+
+
 def make_jobs(prompts: list[PromptRow], setup: Setup) -> list[Job]:
-    # `logprobs` joins the id only when on, so rows made before the flag existed keep their ids.
-    settings = {k: v for k, v in asdict(setup.judging).items() if k != "logprobs" or v}
+    settings = {k: v for k, v in asdict(setup.judging).items() if k not in OFF_BY_DEFAULT or v}
     judging = {**settings, "judge": setup.judge.name if setup.judge is not None else None,
                "scorer": setup.scorer.name if setup.scorer is not None else None}
     run = {"kind": "preference", "teachers": [t.name for t in setup.teachers],
@@ -356,6 +388,9 @@ async def generate(prompts_path: str | os.PathLike, out: str | os.PathLike, *, t
         raise UserError("--judge-logprobs reads one digit from a pointwise judge: use it without --pairwise "
                         "and with --max-score 9 or less")
     scorer = parse_rules(scorer_spec) if scorer_spec else None
+    if judging.revise and (judge_spec or scorer is None or "constraints" not in scorer.weights):
+        raise UserError("--revise edits answers to meet each row's constraints: it needs --scorer rules:constraints "
+                        "(rows from `generate-data constraints`) and no --judge")
     prompts = read_prompts(prompts_path, limit)
     if scorer is not None:  # a row the rules cannot score (no constraints) stops the run before any call
         for p in prompts:
