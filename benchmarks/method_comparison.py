@@ -225,6 +225,7 @@ def main() -> None:
               "pairs": len(read_jsonl(data.pairs)), "train_prompts": len(read_jsonl(data.train_prompts)),
               "heldout_prompts": len(read_jsonl(data.held_prompts)), "heldout_in_training": leaks,
               "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "budget": budget,
+              "revise": args.revise,
               "max_new_tokens": size["new_tokens"], "temperature": args.temperature, "kl_coef": args.kl_coef,
               "learning_rate": args.learning_rate, "dpo_learning_rate": args.dpo_learning_rate,
               "dpo_beta": args.dpo_beta, "lora_r": args.lora_r, "ppo_epochs": args.ppo_epochs,

@@ -244,6 +244,8 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         "(OMP_NUM_THREADS; 0 = torch's default). On a busy shared 2-core box use 1: SmolLM2 sampled "
                         "28.6 tokens/s at batch 16 with 1 thread and 5.2 with 2 (OpenMP threads spinning against "
                         "other processes); stages run together (--parallel) always get 1 each")
+    parser.add_argument("--revise", action="store_true", help="pairs through `generate-data preferences --revise`: "
+                        "the chosen answer is the policy's best one edited by code to meet its constraints")
     parser.add_argument("--parallel", action="store_true", help="run the training runs (and the evaluations) "
                         "two at a time, one torch thread each (default with --tiny, where start-up dominates)")
 
@@ -293,7 +295,8 @@ def prepare(args: argparse.Namespace, size: dict[str, Any], out: Path, stages: S
                                "--temperature", args.temperature, "--concurrency", 32, "--seed", args.seed,
                                # a request waits for its turn in the batch: on 2 busy cores the default 60 s
                                # timed out 157 of 285 requests of a quick run (each retried from scratch)
-                               "--timeout", 3600, "--json"], stdout_json=out / "preferences.json")
+                               "--timeout", 3600, *(["--revise"] if args.revise else []), "--json"],
+               stdout_json=out / "preferences.json")
     n_pairs = len(read_jsonl(pairs))
     if n_pairs < 4:
         raise SystemExit(f"only {n_pairs} pairs in {pairs}: too few for train-reward (more prompts or candidates)")
@@ -415,7 +418,8 @@ def main() -> None:
         "pairs": n_pairs, "train_prompts": len(read_jsonl(train_prompts)),
         "heldout_prompts": len(read_jsonl(held_prompts)), "heldout_in_training": leaks,
         "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "steps": size["steps"],
-        "batch_size": size["batch_size"], "candidates": size["candidates"], "max_new_tokens": size["new_tokens"],
+        "batch_size": size["batch_size"], "candidates": size["candidates"], "revise": args.revise,
+        "max_new_tokens": size["new_tokens"],
         "temperature": args.temperature, "kl_coef": args.kl_coef, "learning_rate": args.learning_rate,
         "lora_r": args.lora_r, "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty,
         "seconds": round(sum(stages.seconds.values()), 1),  # all stages, over resumed runs too
