@@ -7,6 +7,7 @@ logits = β·((log π(c) − log π(r)) − (log π_ref(c) − log π_ref(r))),
 
     sigmoid   −log σ(logits)·(1 − ε) − log σ(−logits)·ε      (ε: label smoothing; cDPO)
     ipo       (logits/β − 1/(2β))²                            (log-probs averaged over answer tokens)
+    + α · NLL(c) per token with --rpo-alpha α                 (RPO, Pang et al. 2024: keeps the chosen likely)
 
 where log π(x) sums the answer's token log-probs (prompt and padding masked). Chosen and rejected answers go
 through the model in one forward; where a batch saves ≥ 10% of token positions by it, each pair's prompt runs
@@ -45,7 +46,7 @@ REFERENCE = "reference"  # a checkpoint's precomputed reference log-probs (refer
 LOSSES = ("sigmoid", "ipo")
 # What each step logs per pair, averaged over the step's pairs (TRL's names); `loss` first.
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected")
+                "logps/chosen", "logps/rejected", "nll_loss")
 MIN_SAVING = 0.1  # the shared-prompt forward runs only where it saves this share of token positions (train-reward's)
 
 
@@ -233,9 +234,25 @@ def _shared_prompt_logps(model: torch.nn.Module, prefix_model: torch.nn.Module, 
     return logps[0::2], logps[1::2]
 
 
+def chosen_nll(chosen: torch.Tensor, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
+    """Per pair: the chosen answer's negative log-likelihood per token, from its sequence log-prob (`chosen`,
+    a sum, or already a mean when `average`) and the batch's labels (either batch layout)."""
+    if average:
+        return -chosen
+    if "suffix_labels" in batch:  # every labelled suffix token is scored (token 0 by the prompt's last logits)
+        tokens = (batch["suffix_labels"][0::2] != IGNORE).sum(-1)
+    else:
+        labels = batch["labels"]
+        tokens = (labels[: labels.shape[0] // 2, 1:] != IGNORE).sum(-1)
+    return -chosen / tokens.clamp(min=1)
+
+
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-    """Per-pair loss and TRL's metrics (rewards are β·(log π − log π_ref), detached)."""
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             nll: torch.Tensor | None = None, rpo_alpha: float = 0.0) -> dict[str, torch.Tensor]:
+    """Per-pair loss and TRL's metrics (rewards are β·(log π − log π_ref), detached). `nll`: the chosen
+    answers' per-token NLL (`chosen_nll`), added to the loss × `rpo_alpha` (RPO) and logged as nll_loss."""
+    import torch
     import torch.nn.functional as F
 
     logits = beta * ((chosen - rejected) - (ref_chosen - ref_rejected))
@@ -245,10 +262,14 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
         losses = (logits / beta - 1 / (2 * beta)) ** 2  # IPO eq. 17, β as τ
     else:
         raise UserError(f"unknown --loss '{loss_type}' (one of {', '.join(LOSSES)})")
+    if nll is None:
+        nll = torch.zeros_like(losses)
+    elif rpo_alpha:
+        losses = losses + rpo_alpha * nll
     reward_c, reward_r = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
     return {"loss": losses, "rewards/chosen": reward_c, "rewards/rejected": reward_r,
             "rewards/accuracies": (reward_c > reward_r).float(), "rewards/margins": reward_c - reward_r,
-            "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
+            "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(), "nll_loss": nll.detach()}
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
@@ -267,6 +288,9 @@ class DPOConfig:
                      min=0, min_open=True)
     label_smoothing: float = _f(0.0, "ε: the share of labels assumed flipped (conservative DPO; sigmoid only).",
                                 min=0, max=0.5, max_open=True)
+    rpo_alpha: float = _f(0.0, "α of RPO: add α × the chosen answer's per-token NLL to the loss, so the chosen "
+                               "answer gets likelier rather than both falling (TRL's rpo_alpha; 1.0 in the RPO paper).",
+                          min=0)
     epochs: float = _f(1.0, "Passes over the pairs (fractions allowed).", min=0, min_open=True)
     max_steps: int = _f(0, "Stop after this many optimizer steps (0 = use --epochs).", min=0)
     batch_size: int = _f(4, "Pairs per micro-batch, per process (each pair is two sequences).", min=1)
@@ -593,7 +617,8 @@ def _optimizer_step(run: _Run, micro: list[list[int]], step: int) -> tuple[dict[
         ref_chosen, ref_rejected = _reference_logps(run, "train", indices, batch)
         with gradient_sync(accelerator, run.model, g == len(micro) - 1), autocast(accelerator, cfg.bf16):
             chosen, rejected = concatenated_logps(run.model, batch, cfg.loss == "ipo", prefix_model=run.unwrapped)
-            metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss, cfg.label_smoothing)
+            metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss, cfg.label_smoothing,
+                               chosen_nll(chosen, batch, cfg.loss == "ipo"), cfg.rpo_alpha)
             loss = metrics["loss"].sum() / n_pairs
             if not torch.isfinite(loss):
                 raise UserError(f"loss became NaN at step {step}; stopped without saving; lower "
@@ -643,7 +668,8 @@ def _evaluate(run: _Run) -> dict[str, float]:
         ref_chosen, ref_rejected = _reference_logps(run, "eval", indices, batch)
         with torch.no_grad(), autocast(accelerator, cfg.bf16):
             chosen, rejected = concatenated_logps(run.unwrapped, batch, average=cfg.loss == "ipo")
-        metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss, cfg.label_smoothing)
+        metrics = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.beta, cfg.loss, cfg.label_smoothing,
+                           chosen_nll(chosen, batch, cfg.loss == "ipo"), cfg.rpo_alpha)
         sums += torch.stack([*(metrics[k].float().sum() for k in PAIR_METRICS),
                              torch.tensor(float(len(indices)), device=accelerator.device)])
     return {f"eval/{k}": v for k, v in _means(accelerator, sums).items()}

@@ -14,6 +14,7 @@ from toolkit.dpo import (
     IGNORE,
     DPOConfig,
     PairTokens,
+    chosen_nll,
     collate,
     concatenated_logps,
     dpo_loss,
@@ -62,6 +63,25 @@ def test_policy_equal_to_reference_gives_log_2():
     assert out["rewards/accuracies"].tolist() == [0.0, 0.0]  # a tie is not a win (TRL's `>`)
     with pytest.raises(UserError, match="unknown --loss"):
         dpo_loss(T([0.0]), T([0.0]), T([0.0]), T([0.0]), 0.1, "hinge")
+
+
+def test_rpo_adds_alpha_times_the_chosen_nll_per_token_in_either_batch_layout():
+    from toolkit.dpo import shared_prompt_batch
+
+    pairs = [PairTokens([1, 2, 3, 4, 5], 2, [1, 2, 6], 2), PairTokens([7, 8, 9], 2, [7, 8, 4, 4], 2)]
+    plain = collate(pairs, pad_id=0)
+    shared = shared_prompt_batch(pairs, pad_id=0, min_saving=None)
+    chosen = T([-6.0, -2.0])  # 3 and 1 chosen answer tokens
+    for batch in (plain, shared):
+        assert chosen_nll(chosen, batch).tolist() == pytest.approx([2.0, 2.0])
+    assert chosen_nll(T([-0.5]), plain, average=True).tolist() == [0.5]  # IPO's log-probs are already means
+    base = _loss(0.5)
+    nll = T([1.5])
+    out = dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), 0.5, nll=nll, rpo_alpha=2.0)
+    assert out["loss"].item() == pytest.approx(base["loss"].item() + 3.0)
+    assert out["nll_loss"].item() == 1.5 and out["rewards/margins"].item() == base["rewards/margins"].item()
+    assert dpo_loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]), 0.5, nll=nll)["loss"].item() == \
+        pytest.approx(base["loss"].item())  # logged, not trained on, without --rpo-alpha
 
 
 def test_sequence_logps_sum_only_the_answer_tokens():
@@ -151,13 +171,17 @@ def test_lora_reference_is_the_base_model_with_the_adapter_off(tiny_llama):
     assert not torch.allclose(policy, base, atol=1e-3)
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_first_lora_step_has_the_loss_of_a_policy_equal_to_its_reference(tiny_llama_dir, tmp_path, loss):
+@pytest.mark.parametrize(("loss", "rpo_alpha"), [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.5)])
+def test_first_lora_step_has_the_loss_of_a_policy_equal_to_its_reference(tiny_llama_dir, tmp_path, loss, rpo_alpha):
     result = train_dpo(DPOConfig(data=str(FIXTURES / "hh-harmless-6.jsonl"), policy=str(tiny_llama_dir),
                                  out=str(tmp_path / "run"), lora=True, lora_r=4, loss=loss, max_steps=1,
-                                 batch_size=3, max_length=48, max_prompt_length=24, learning_rate=1e-3))
+                                 batch_size=3, max_length=48, max_prompt_length=24, learning_rate=1e-3,
+                                 rpo_alpha=rpo_alpha))
     first = result.history[0]
     beta = 0.1
     expected = math.log(2) if loss == "sigmoid" else (1 / (2 * beta)) ** 2  # logits 0: log 2, or (0 − 5)²
-    assert first["loss"] == pytest.approx(expected, rel=1e-5)
+    # per token: the answers' sums are larger, IPO's log-probs are means already
+    assert first["nll_loss"] == pytest.approx(-first["logps/chosen"]) if loss == "ipo" else \
+        0 < first["nll_loss"] < -first["logps/chosen"]
+    assert first["loss"] == pytest.approx(expected + rpo_alpha * first["nll_loss"], rel=1e-5)
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
