@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(300)
 
 TINY = ["--max-length", "48", "--max-prompt-length", "24", "--batch-size", "2", "--learning-rate", "1e-3"]
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected", "lr", "grad_norm"]
+           "logps/rejected", "nll_loss", "lr", "grad_norm"]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -41,7 +41,7 @@ def test_trains_and_writes_metrics_curves_eval_and_a_loadable_policy(tiny_llama_
     assert rows[-1]["loss"] != rows[0]["loss"]
     assert (out / "curves.png").stat().st_size > 0
     run = json.loads((out / "run.json").read_text())
-    assert set(run["eval"]) == {f"eval/{k}" for k in METRICS[:7]} and run["eval"] == summary["eval"]
+    assert set(run["eval"]) == {f"eval/{k}" for k in METRICS[:8]} and run["eval"] == summary["eval"]
     manifest = json.loads((out / "policy" / "llamakit-manifest.json").read_text())
     assert manifest["kind"] == "dpo-policy" and manifest["steps"] == 3
     assert AutoModelForCausalLM.from_pretrained(out / "policy").num_parameters() > 0
