@@ -21,6 +21,8 @@ change over the base on the same prompts with its 95% interval.
 
     .venv/bin/python benchmarks/method_comparison.py --out /tmp/methods --plot docs/method-comparison.png
     .venv/bin/python benchmarks/method_comparison.py --quick --parallel --out /tmp/methods-quick
+    .venv/bin/python benchmarks/method_comparison.py --revise --dpo-rpo-alpha 1 --dpo-learning-rate 1.5e-4 \
+        --dpo-beta 0.5 --out /tmp/methods-revised   # pairs from generate-data preferences --revise
     .venv/bin/python benchmarks/method_comparison.py --tiny --out DIR        # tiny random LLaMA: tests only
 """
 
@@ -84,7 +86,8 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
         ("ppo_rm", ["rlhf", "--reward", data.rm_dir, "--out", out / "ppo_rm", "--steps", budget["ppo_steps"],
                     "--batch-size", budget["ppo_batch"], "--samples-per-step", budget["ppo_batch"], *rl], None),
         ("dpo", ["dpo", "--data", data.pairs, "--policy", data.policy, "--out", out / "dpo", *lora,
-                 "--learning-rate", args.dpo_learning_rate, "--beta", args.dpo_beta, "--epochs",
+                 "--learning-rate", args.dpo_learning_rate, "--beta", args.dpo_beta,
+                 "--rpo-alpha", args.dpo_rpo_alpha, "--epochs",
                  budget["dpo_epochs"], "--batch-size", budget["dpo_batch"], "--max-length", 512,
                  "--seed", args.seed, "--overwrite", "--json"], None),
         ("grpo", ["rlhf", "--algo", "grpo", "--out", out / "grpo", *critic_free, *rl], None),
@@ -190,6 +193,8 @@ def main() -> None:
     parser.add_argument("--ppo-epochs", type=int, default=2, help="epochs per rollout batch (PPO, GRPO, RLOO)")
     parser.add_argument("--dpo-learning-rate", type=float, default=5e-5, help="DPO learning rate (LoRA)")
     parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO β")
+    parser.add_argument("--dpo-rpo-alpha", type=float, default=0.0, help="DPO's --rpo-alpha (1.0 with --revise "
+                        "pairs: docs/method-comparison.md#revised-pairs)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/method-comparison.png)")
     args = parser.parse_args()
@@ -228,7 +233,8 @@ def main() -> None:
               "revise": args.revise,
               "max_new_tokens": size["new_tokens"], "temperature": args.temperature, "kl_coef": args.kl_coef,
               "learning_rate": args.learning_rate, "dpo_learning_rate": args.dpo_learning_rate,
-              "dpo_beta": args.dpo_beta, "lora_r": args.lora_r, "ppo_epochs": args.ppo_epochs,
+              "dpo_beta": args.dpo_beta, "dpo_rpo_alpha": args.dpo_rpo_alpha, "lora_r": args.lora_r,
+              "ppo_epochs": args.ppo_epochs,
               "parallel": args.parallel, "seconds": round(sum(stages.seconds.values()), 1),
               "seconds_this_run": round(time.perf_counter() - started, 1), "load_avg": _loadavg(),
               "figure": str(figure), "out": str(out)}
