@@ -453,8 +453,7 @@ def score_side(side: Side, rows: Sequence[tuple[TokenizedPrompt, int]], scorer: 
     if scorer is not None:
         side.parts = [scorer.explain(p.text, a.text, a.finish_reason, p.context)
                       for (p, _), a in zip(rows, side.answers, strict=True)]
-        side.scores = [scorer.score_one(p.text, a.text, a.finish_reason, p.context)
-                       for (p, _), a in zip(rows, side.answers, strict=True)]
+        side.scores = [scorer.combine(parts) for parts in side.parts]
     if rm is not None and side.rewards is None:  # --best-of scored the kept answers already
         side.rewards = rm.score([p.text for p, _ in rows], texts)
 

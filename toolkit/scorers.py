@@ -155,7 +155,10 @@ class RuleScorer:
 
     def score_one(self, prompt: str, response: str, finish_reason: str | None = None,
                   context: Mapping[str, Any] | None = None) -> float:
-        parts = self.explain(prompt, response, finish_reason, context)
+        return self.combine(self.explain(prompt, response, finish_reason, context))
+
+    def combine(self, parts: Mapping[str, float]) -> float:
+        """The weighted mean of the rules' scores in `explain`'s parts (its `rule/part` entries are ignored)."""
         return sum(w * parts[rule] for rule, w in self.weights.items()) / sum(self.weights.values())
 
     def score(self, prompts: Sequence[str], responses: Sequence[str],

@@ -288,7 +288,7 @@ async def make_pair(caller: Caller, setup: Setup, p: PromptRow) -> dict[str, Any
         for c in candidates:
             parts = setup.scorer.explain(question, c["text"], c.get("finish_reason"), p.row)
             c["rules"] = {k: round(v, 4) for k, v in parts.items()}
-            rule_scores.append(setup.scorer.score_one(question, c["text"], c.get("finish_reason"), p.row))
+            rule_scores.append(setup.scorer.combine(parts))
             if judge_scores is not None:
                 c["rules_score"] = round(rule_scores[-1], 4)  # beside the judge's, to see if they agree
     scores = [combine(judge_scores[i] if judge_scores else None, rule_scores[i] if rule_scores else None,
@@ -328,9 +328,9 @@ def revised_pair(setup: Setup, p: PromptRow, question: str, candidates: list[dic
                      cut=original.get("finish_reason") == "length")
     if edited is None:
         return None
-    revised = {"text": edited, "source": "revised", "of": best,
-               "rules": {k: round(v, 4) for k, v in setup.scorer.explain(question, edited, "stop", p.row).items()}}
-    score = setup.scorer.score_one(question, edited, "stop", p.row)
+    parts = setup.scorer.explain(question, edited, "stop", p.row)
+    revised = {"text": edited, "source": "revised", "of": best, "rules": {k: round(v, 4) for k, v in parts.items()}}
+    score = setup.scorer.combine(parts)
     margin = score - scores[best]
     if margin <= 1e-12 or margin < setup.judging.min_margin - 1e-12:
         return None
