@@ -10,6 +10,7 @@ real CLI:
   grpo        `rlhf --algo grpo --reward rules:constraints`   critic-free, K answers per prompt, the checker
   rloo        `rlhf --algo rloo --reward rules:constraints`   leave-one-out baseline, the checker
   best_of_4   `eval-policy BASE --best-of 4 --reward rm/`     no training: the best of 4 base samples by the RM
+  dpo_grpo    `rlhf --algo grpo --policy dpo/policy ...`      GRPO's run, started from DPO's policy (a pipeline)
 
 and `eval-policy` of each trained policy against the base on the held-out prompts (which no training step
 sees). Prints ONE JSON line {"base": {...}, "best_of_4": {...}, "ppo_rm": {...}, "dpo": {...}, "grpo": {...},
@@ -22,7 +23,7 @@ change over the base on the same prompts with its 95% interval.
     .venv/bin/python benchmarks/method_comparison.py --out /tmp/methods --plot docs/method-comparison.png
     .venv/bin/python benchmarks/method_comparison.py --quick --parallel --out /tmp/methods-quick
     .venv/bin/python benchmarks/method_comparison.py --revise --dpo-rpo-alpha 1 --dpo-learning-rate 1.5e-4 \
-        --dpo-beta 0.5 --out /tmp/methods-revised   # pairs from generate-data preferences --revise
+        --dpo-beta 1.0 --out /tmp/methods-revised   # pairs from generate-data preferences --revise
     .venv/bin/python benchmarks/method_comparison.py --tiny --out DIR        # tiny random LLaMA: tests only
 """
 
@@ -55,7 +56,10 @@ from benchmarks.rlhf_effect import (  # noqa: E402
 )
 from benchmarks.stages import Stages, log  # noqa: E402
 
-TRAINED = ("ppo_rm", "dpo", "grpo", "rloo")
+# dpo_grpo is the pipeline of docs/method-comparison.md#dpo-then-grpo: GRPO on the checker from DPO's policy, so it
+# trains after the first wave; its budget is GRPO's, its time and memory those of its GRPO stage alone.
+FIRST_WAVE = ("ppo_rm", "dpo", "grpo", "rloo")
+TRAINED = (*FIRST_WAVE, "dpo_grpo")
 METHODS = ("base", "best_of_4", *TRAINED)
 BEST_OF = 4
 
@@ -75,23 +79,26 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
                   out: Path) -> list[tuple[str, list[Any], None]]:
     """One CLI command per trained method, all LoRA at the same rank on the same base and train prompts."""
     lora = ["--lora", "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r]
-    rl = ["--policy", data.policy, "--prompts", data.train_prompts, "--max-new-tokens", size["new_tokens"],
+    rl = ["--prompts", data.train_prompts, "--max-new-tokens", size["new_tokens"],
           "--temperature", args.temperature, *lora, "--learning-rate", args.learning_rate,
           "--ppo-epochs", args.ppo_epochs, "--kl-coef", args.kl_coef, "--sample-every", 1,
           "--max-prompt-tokens", 384, "--seed", args.seed, "--overwrite", "--json"]
     critic_free = ["--reward", "rules:constraints", "--steps", budget["rl_steps"], "--batch-size",
                    budget["rl_prompts"], "--group-size", budget["group_size"],
                    "--samples-per-step", budget["rl_prompts"] * budget["group_size"]]
+    grpo = ["rlhf", "--algo", "grpo", *critic_free, *rl]
+    base = ["--policy", data.policy]
     return [
         ("ppo_rm", ["rlhf", "--reward", data.rm_dir, "--out", out / "ppo_rm", "--steps", budget["ppo_steps"],
-                    "--batch-size", budget["ppo_batch"], "--samples-per-step", budget["ppo_batch"], *rl], None),
+                    "--batch-size", budget["ppo_batch"], "--samples-per-step", budget["ppo_batch"], *base, *rl], None),
         ("dpo", ["dpo", "--data", data.pairs, "--policy", data.policy, "--out", out / "dpo", *lora,
                  "--learning-rate", args.dpo_learning_rate, "--beta", args.dpo_beta,
                  "--rpo-alpha", args.dpo_rpo_alpha, "--epochs",
                  budget["dpo_epochs"], "--batch-size", budget["dpo_batch"], "--max-length", 512,
                  "--seed", args.seed, "--overwrite", "--json"], None),
-        ("grpo", ["rlhf", "--algo", "grpo", "--out", out / "grpo", *critic_free, *rl], None),
-        ("rloo", ["rlhf", "--algo", "rloo", "--out", out / "rloo", *critic_free, *rl], None),
+        ("grpo", [*grpo, *base, "--out", out / "grpo"], None),
+        ("rloo", ["rlhf", "--algo", "rloo", "--out", out / "rloo", *critic_free, *base, *rl], None),
+        ("dpo_grpo", [*grpo, "--out", out / "dpo_grpo", "--policy", out / "dpo" / "policy"], None),
     ]
 
 
@@ -162,7 +169,8 @@ def plot(path: Path, methods: dict[str, Any], change: dict[str, Any], title: str
             errors[0][i] = max(0.0, golds[i] - (methods["base"]["gold"] + ci[0] / 100))
             errors[1][i] = max(0.0, methods["base"]["gold"] + ci[1] / 100 - golds[i])
     left.bar(names, golds, yerr=errors, capsize=4, color=["grey", "tab:purple", "tab:orange", "tab:blue",
-                                                           "tab:green", "tab:olive"])
+                                                           "tab:green", "tab:olive", "tab:cyan"])
+    left.tick_params(axis="x", labelrotation=20)
     left.axhline(methods["base"]["gold"], color="grey", ls=":")
     left.set_ylim(0, 1)
     left.set_ylabel("held-out gold: share of constraints met")
@@ -207,7 +215,9 @@ def main() -> None:
     started = time.perf_counter()
     stages = Stages(out, args.threads)
     data = prepare(args, size, out, stages)
-    for jobs in (training_jobs(args, size, budget, data, out), eval_jobs(args, size, data, out)):
+    training = training_jobs(args, size, budget, data, out)
+    first_wave = [job for job in training if job[0] in FIRST_WAVE]
+    for jobs in (first_wave, [job for job in training if job not in first_wave], eval_jobs(args, size, data, out)):
         if args.parallel:  # two at a time, one torch thread each
             for i in range(0, len(jobs), 2):
                 stages.run_together(jobs[i:i + 2])

@@ -1,5 +1,5 @@
-"""benchmarks/method_comparison.py --tiny: base, best-of-4, PPO, DPO, GRPO, RLOO through the real CLI on a tiny
-random LLaMA and the fixtures; then checks on its JSON line and on the files it kept."""
+"""benchmarks/method_comparison.py --tiny: base, best-of-4, PPO, DPO, GRPO, RLOO and GRPO after DPO through the real
+CLI on a tiny random LLaMA and the fixtures; then checks on its JSON line and on the files it kept."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import pytest
 from support.cli import ROOT, one_json_line, run_tiny_benchmark
 
 SCRIPT = ROOT / "benchmarks" / "method_comparison.py"
-METHODS = ("base", "best_of_4", "ppo_rm", "dpo", "grpo", "rloo")
-TRAINED = ("ppo_rm", "dpo", "grpo", "rloo")
-
+METHODS = ("base", "best_of_4", "ppo_rm", "dpo", "grpo", "rloo", "dpo_grpo")
+TRAINED = ("ppo_rm", "dpo", "grpo", "rloo", "dpo_grpo")
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +54,10 @@ def test_each_method_wrote_its_policy_and_answers(tiny_run):
     assert all(len(row["best_of"]["rewards"]) == 4 for row in best)
     assert Path(result["figure"]).stat().st_size > 10_000
     assert set(result["per_family"]["lowercase"]) == {"n", *METHODS}
+
+
+def test_the_pipeline_arm_starts_from_dpos_policy(tiny_run):
+    out, _ = tiny_run
+    started_from = {m: json.loads((out / m / "run.json").read_text())["config"]["policy"] for m in ("grpo", "dpo_grpo")}
+    assert Path(started_from["dpo_grpo"]) == out / "dpo" / "policy"
+    assert started_from["grpo"] != started_from["dpo_grpo"]
