@@ -88,7 +88,11 @@ class PPOConfig:
                                      "generate (fast; needs the full weights' memory). Off: ZeRO-3 gathers "
                                      "layer by layer (slow, fits 33B/65B).")
     # --- actor / reference / critic ---------------------------------------------------------------------
-    lora: bool = _f(False, "Train a LoRA adapter; the reference is the adapter disabled (no second copy).")
+    lora: bool = _f(False, "Train a LoRA adapter; the reference is the adapter disabled (no second copy) unless "
+                    "--reference names another model.")
+    reference: str = _f("", "π_ref of the KL term: a model other than the starting --policy (an alias or a Hugging "
+                        "Face directory, same tokenizer), loaded as a frozen copy. For RL after DPO or SFT: "
+                        "--reference BASE keeps the KL to the base model. Empty: the starting policy.")
     lora_r: int = _f(16, "LoRA rank.", min=1)
     lora_alpha: int = _f(32, "LoRA α.", min=1)
     lora_target: str = _f("all-linear", "LoRA target modules: all-linear or a comma list (q_proj,v_proj).",

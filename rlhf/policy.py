@@ -134,8 +134,9 @@ class ActorCritic(nn.Module):
 
 
 class Reference:
-    """π_ref: the LoRA adapter switched off, or a frozen copy of the starting weights. `gathered(module)`: the
-    context in which a partitioned frozen copy (DeepSpeed ZeRO-3, outside any engine) has its whole weights."""
+    """π_ref: the LoRA adapter switched off, or a frozen model (a copy of the starting weights, or --reference's
+    model). `gathered(module)`: the context in which a partitioned frozen model (DeepSpeed ZeRO-3, outside any
+    engine) has its whole weights."""
 
     def __init__(self, actor: ActorCritic, frozen_lm: nn.Module | None,
                  gathered: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None):

@@ -123,7 +123,9 @@ def _load_models(cfg: PPOConfig, longest_prompt: int,
     lm, tokenizer = load_causal_lm(cfg.policy, dtype=dtype)
     disable_dropout(lm)
     ref_lm = None  # with LoRA, π_ref = the adapter switched off
-    if not cfg.lora:
+    if cfg.reference:
+        ref_lm = frozen(_reference_lm(cfg.reference, dtype, tokenizer))
+    elif not cfg.lora:
         ref_lm = frozen(load_causal_lm(cfg.policy, dtype=dtype)[0]) if partitioned else frozen_copy(lm)
     if cfg.lora:
         lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target, task_type="CAUSAL_LM")
@@ -138,6 +140,19 @@ def _load_models(cfg: PPOConfig, longest_prompt: int,
                         f"the policy's context of {context} tokens; lower --max-prompt-tokens (with "
                         "--truncate-prompts) or --max-new-tokens", file=cfg.prompts)
     return actor, ref_lm, tokenizer
+
+
+def _reference_lm(name: str, dtype: torch.dtype, policy_tokenizer) -> torch.nn.Module:
+    """--reference: its log-probs are compared token by token with the policy's, so the vocabularies must agree."""
+    try:
+        lm, tokenizer = load_causal_lm(name, dtype=dtype)
+    except UserError as err:
+        raise UserError(f"--reference: {err}") from None
+    if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        raise UserError(f"--reference {name}: a different tokenizer from the policy's; the KL term compares "
+                        "log-probs of the policy's tokens, so the reference must share its vocabulary")
+    disable_dropout(lm)
+    return lm
 
 
 def _resume(cfg: PPOConfig, out: Path, accelerator, actor: ActorCritic, optimizer: torch.optim.Optimizer,

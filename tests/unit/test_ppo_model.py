@@ -398,3 +398,18 @@ def test_k1_kl_is_unbiased_for_the_exact_kl_of_the_sampled_prefixes(tiny_llama_d
     greedy = logits.argmax(-1)
     assert detected(((logprobs_of(logits, greedy) - logprobs_of(ref_logits, greedy)) * mask).sum(1))
     assert detected(-k1)
+
+
+def test_a_reference_other_than_the_starting_policy_is_the_kl_s_anchor(tiny_llama_dir, tmp_path):
+    from support.tiny_models import save_tiny_llama
+
+    other = save_tiny_llama(tmp_path / "other", seed=1)
+    row = train(tiny_cfg(tiny_llama_dir, tmp_path / "run", steps=1, lora=True, reference=str(other))).history[0]
+    # π = the starting policy before any update, so a KL at step 1 is its distance from the other model
+    assert row["objective/kl_k3"] > 0.1 and row["objective/kl"] > 0.1
+    same = train(tiny_cfg(tiny_llama_dir, tmp_path / "same", steps=1, lora=True,
+                          reference=str(tiny_llama_dir))).history[0]
+    assert same["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # a frozen copy of the start: the adapter-off π_ref
+    foreign = save_tiny_llama(tmp_path / "foreign", tokenizer_from="minilm-l6", seed=0)
+    with pytest.raises(UserError, match="--reference .* different tokenizer"):
+        train(tiny_cfg(tiny_llama_dir, tmp_path / "foreign-run", steps=1, reference=str(foreign)))
