@@ -86,8 +86,11 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
     critic_free = ["--reward", "rules:constraints", "--steps", budget["rl_steps"], "--batch-size",
                    budget["rl_prompts"], "--group-size", budget["group_size"],
                    "--samples-per-step", budget["rl_prompts"] * budget["group_size"]]
-    grpo = ["rlhf", "--algo", "grpo", *critic_free, *rl]
     base = ["--policy", data.policy]
+
+    def critic_free_run(algo: str, name: str, policy: list[Any]) -> tuple[str, list[Any], None]:
+        return name, ["rlhf", "--algo", algo, "--out", out / name, *critic_free, *policy, *rl], None
+
     return [
         ("ppo_rm", ["rlhf", "--reward", data.rm_dir, "--out", out / "ppo_rm", "--steps", budget["ppo_steps"],
                     "--batch-size", budget["ppo_batch"], "--samples-per-step", budget["ppo_batch"], *base, *rl], None),
@@ -96,9 +99,9 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
                  "--rpo-alpha", args.dpo_rpo_alpha, "--epochs",
                  budget["dpo_epochs"], "--batch-size", budget["dpo_batch"], "--max-length", 512,
                  "--seed", args.seed, "--overwrite", "--json"], None),
-        ("grpo", [*grpo, *base, "--out", out / "grpo"], None),
-        ("rloo", ["rlhf", "--algo", "rloo", "--out", out / "rloo", *critic_free, *base, *rl], None),
-        ("dpo_grpo", [*grpo, "--out", out / "dpo_grpo", "--policy", out / "dpo" / "policy"], None),
+        critic_free_run("grpo", "grpo", base),
+        critic_free_run("rloo", "rloo", base),
+        critic_free_run("grpo", "dpo_grpo", ["--policy", out / "dpo" / "policy"]),
     ]
 
 

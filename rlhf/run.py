@@ -151,7 +151,6 @@ def _reference_lm(name: str, dtype: torch.dtype, policy_tokenizer) -> torch.nn.M
     if tokenizer.get_vocab() != policy_tokenizer.get_vocab():
         raise UserError(f"--reference {name}: a different tokenizer from the policy's; the KL term compares "
                         "log-probs of the policy's tokens, so the reference must share its vocabulary")
-    disable_dropout(lm)
     return lm
 
 
