@@ -22,8 +22,8 @@ change over the base on the same prompts with its 95% interval.
 
     .venv/bin/python benchmarks/method_comparison.py --out /tmp/methods --plot docs/method-comparison.png
     .venv/bin/python benchmarks/method_comparison.py --quick --parallel --out /tmp/methods-quick
-    .venv/bin/python benchmarks/method_comparison.py --revise --dpo-rpo-alpha 1 --dpo-learning-rate 1.5e-4 \
-        --dpo-beta 1.0 --out /tmp/methods-revised   # pairs from generate-data preferences --revise
+    .venv/bin/python benchmarks/method_comparison.py --no-revise --dpo-rpo-alpha 0 --out /tmp/methods-natural
+        # pairs best against worst of the policy's own answers, plain DPO (the default is the recipe: --revise, RPO)
     .venv/bin/python benchmarks/method_comparison.py --tiny --out DIR        # tiny random LLaMA: tests only
 """
 
@@ -63,16 +63,20 @@ TRAINED = (*FIRST_WAVE, "dpo_grpo")
 METHODS = ("base", "best_of_4", *TRAINED)
 BEST_OF = 4
 
-# Training budgets per mode, on top of rlhf_effect's data sizes. full: the issue's budgets on a 2-core CPU
-# (DPO 10 min, GRPO 20 min); PPO and RLOO get the rollouts GRPO gets (steps x prompts x K = PPO's steps x batch).
+# Training budgets per mode, on top of the data sizes. full: the recipe of docs/method-comparison.md (R6, G6, P1)
+# on a 2-core CPU: DPO 100 steps of 4 pairs (R6: 8.7 min alone), GRPO 12 steps x 8 prompts x 4 answers (G6: 7.2 min
+# alone); PPO and RLOO get the rollouts GRPO gets (steps x prompts x K = PPO's steps x batch). dpo_steps 0: epochs.
 TRAINING: dict[str, dict[str, Any]] = {
     "tiny": {"ppo_steps": 2, "ppo_batch": 4, "rl_steps": 2, "rl_prompts": 2, "group_size": 2, "dpo_epochs": 1.0,
-             "dpo_batch": 2},
+             "dpo_steps": 0, "dpo_batch": 2},
     "quick": {"ppo_steps": 6, "ppo_batch": 8, "rl_steps": 6, "rl_prompts": 2, "group_size": 4, "dpo_epochs": 2.0,
-              "dpo_batch": 4},
-    "full": {"ppo_steps": 16, "ppo_batch": 16, "rl_steps": 16, "rl_prompts": 4, "group_size": 4, "dpo_epochs": 3.0,
-             "dpo_batch": 4},
+              "dpo_steps": 0, "dpo_batch": 4},
+    "full": {"ppo_steps": 12, "ppo_batch": 32, "rl_steps": 12, "rl_prompts": 8, "group_size": 4, "dpo_epochs": 1.0,
+             "dpo_steps": 100, "dpo_batch": 4},
 }
+# rlhf_effect's data sizes, with the split of the hand runs in docs/method-comparison.md for full: 200 held-out
+# prompts (a 10-point change is ~3 standard errors there) and 480 train prompts (~440 pairs; DPO reads 400)
+MODES = {**EFFECT_MODES, "full": {**EFFECT_MODES["full"], "train": 480, "heldout": 200}}
 
 
 def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[str, Any], data: Data,
@@ -81,7 +85,8 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
     lora = ["--lora", "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r]
     rl = ["--prompts", data.train_prompts, "--max-new-tokens", size["new_tokens"],
           "--temperature", args.temperature, *lora, "--learning-rate", args.learning_rate,
-          "--ppo-epochs", args.ppo_epochs, "--kl-coef", args.kl_coef, "--sample-every", 1,
+          "--ppo-epochs", args.ppo_epochs, "--kl-coef", args.kl_coef,
+          "--missing-eos-penalty", args.missing_eos_penalty, "--sample-every", 1,
           "--max-prompt-tokens", 384, "--seed", args.seed, "--overwrite", "--json"]
     critic_free = ["--reward", "rules:constraints", "--steps", budget["rl_steps"], "--batch-size",
                    budget["rl_prompts"], "--group-size", budget["group_size"],
@@ -96,9 +101,9 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
                     "--batch-size", budget["ppo_batch"], "--samples-per-step", budget["ppo_batch"], *base, *rl], None),
         ("dpo", ["dpo", "--data", data.pairs, "--policy", data.policy, "--out", out / "dpo", *lora,
                  "--learning-rate", args.dpo_learning_rate, "--beta", args.dpo_beta,
-                 "--rpo-alpha", args.dpo_rpo_alpha, "--epochs",
-                 budget["dpo_epochs"], "--batch-size", budget["dpo_batch"], "--max-length", 512,
-                 "--seed", args.seed, "--overwrite", "--json"], None),
+                 "--rpo-alpha", args.dpo_rpo_alpha, "--epochs", budget["dpo_epochs"],
+                 "--max-steps", budget["dpo_steps"], "--batch-size", budget["dpo_batch"], "--max-length", 512,
+                 "--precompute-ref", "--seed", args.seed, "--overwrite", "--json"], None),
         critic_free_run("grpo", "grpo", base),
         critic_free_run("rloo", "rloo", base),
         critic_free_run("grpo", "dpo_grpo", ["--policy", out / "dpo" / "policy"]),
@@ -199,19 +204,21 @@ def main() -> None:
     mode.add_argument("--quick", action="store_true", help="a smoke run: 32 + 32 prompts, 6 steps per RL run")
     mode.add_argument("--tiny", action="store_true", help="tiny random LLaMA and the test fixtures (tests)")
     common_arguments(parser)
-    parser.add_argument("--kl-coef", type=float, default=0.1, help="β of PPO, GRPO and RLOO")
+    # defaults: the recipe of docs/method-comparison.md (revised pairs, R6's DPO, G4/G6's GRPO)
+    parser.set_defaults(revise=True)
+    parser.add_argument("--kl-coef", type=float, default=0.04, help="β of PPO, GRPO and RLOO")
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="PPO / GRPO / RLOO learning rate (LoRA)")
-    parser.add_argument("--ppo-epochs", type=int, default=2, help="epochs per rollout batch (PPO, GRPO, RLOO)")
-    parser.add_argument("--dpo-learning-rate", type=float, default=5e-5, help="DPO learning rate (LoRA)")
-    parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO β")
-    parser.add_argument("--dpo-rpo-alpha", type=float, default=0.0, help="DPO's --rpo-alpha (1.0 with --revise "
-                        "pairs: docs/method-comparison.md#revised-pairs)")
+    parser.add_argument("--ppo-epochs", type=int, default=1, help="epochs per rollout batch (PPO, GRPO, RLOO)")
+    parser.add_argument("--dpo-learning-rate", type=float, default=1.5e-4, help="DPO learning rate (LoRA)")
+    parser.add_argument("--dpo-beta", type=float, default=1.0, help="DPO β")
+    parser.add_argument("--dpo-rpo-alpha", type=float, default=1.0, help="DPO's --rpo-alpha: the chosen answer's "
+                        "NLL in the loss, which revised pairs need (docs/method-comparison.md#revised-pairs)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/method-comparison.png)")
     args = parser.parse_args()
 
     args.parallel = args.parallel or args.tiny
-    name, size = sizes(args, EFFECT_MODES, ("train", "heldout", "candidates"))
+    name, size = sizes(args, MODES, ("train", "heldout", "candidates"))
     budget = TRAINING[name]
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="method-comparison-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +254,7 @@ def main() -> None:
               "max_new_tokens": size["new_tokens"], "temperature": args.temperature, "kl_coef": args.kl_coef,
               "learning_rate": args.learning_rate, "dpo_learning_rate": args.dpo_learning_rate,
               "dpo_beta": args.dpo_beta, "dpo_rpo_alpha": args.dpo_rpo_alpha, "lora_r": args.lora_r,
-              "ppo_epochs": args.ppo_epochs,
+              "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty,
               "parallel": args.parallel, "seconds": round(sum(stages.seconds.values()), 1),
               "seconds_this_run": round(time.perf_counter() - started, 1), "load_avg": _loadavg(),
               "figure": str(figure), "out": str(out)}

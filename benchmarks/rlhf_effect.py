@@ -244,8 +244,12 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         "(OMP_NUM_THREADS; 0 = torch's default). On a busy shared 2-core box use 1: SmolLM2 sampled "
                         "28.6 tokens/s at batch 16 with 1 thread and 5.2 with 2 (OpenMP threads spinning against "
                         "other processes); stages run together (--parallel) always get 1 each")
-    parser.add_argument("--revise", action="store_true", help="pairs through `generate-data preferences --revise`: "
-                        "the chosen answer is the policy's best one edited by code to meet its constraints")
+    parser.add_argument("--revise", action=argparse.BooleanOptionalAction, default=False,
+                        help="pairs through `generate-data preferences --revise`: the chosen answer is the "
+                        "policy's best one edited by code to meet its constraints")
+    parser.add_argument("--missing-eos-penalty", type=float, default=0.0, help="0: the checker already fails a "
+                        "cut answer where it matters (end phrase, P.S., JSON, quotes); a penalty taught the quick "
+                        "run's policies to stop early, which costs the at-least-N-words and bullet constraints")
     parser.add_argument("--parallel", action="store_true", help="run the training runs (and the evaluations) "
                         "two at a time, one torch thread each (default with --tiny, where start-up dominates)")
 
@@ -334,9 +338,6 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="PPO learning rate (LoRA)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO epochs per rollout batch")
-    parser.add_argument("--missing-eos-penalty", type=float, default=0.0, help="0: the checker already fails a "
-                        "cut answer where it matters (end phrase, P.S., JSON, quotes); a penalty taught the quick "
-                        "run's policies to stop early, which costs the at-least-N-words and bullet constraints")
     parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/rlhf-effect.png)")
     args = parser.parse_args()
 
