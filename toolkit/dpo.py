@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.errors import UserError
+from toolkit.errors import SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.training.trackers import REPORT_TO
@@ -109,15 +109,21 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int,
     return out, {"pairs": len(out), "truncated_prompts": cut_prompts, "truncated_answers": cut_answers}
 
 
-def load_pairs(path: str, tokenizer, max_length: int, max_prompt_length: int) -> tuple[list[PairTokens],
-                                                                                        dict[str, int]]:
+def load_pairs(path: str, tokenizer, max_length: int, max_prompt_length: int,
+               skip_bad_rows: bool = False) -> tuple[list[PairTokens], dict[str, Any]]:
+    """Tokenized pairs and their stats; with `skip_bad_rows` the rows that do not parse are set aside and listed
+    in stats["bad_rows"] (else the first one stops the run)."""
     from toolkit.reward.data import load_preferences, pairs_from_scored
 
-    data = load_preferences(path)
+    try:
+        data = load_preferences(path, skip_bad_rows=skip_bad_rows)
+    except BadRow as error:
+        raise UserError(f"{error} {SKIP_BAD_ROWS_HINT}") from None
     pairs = data.pairs or pairs_from_scored(data.scored)
     if not pairs:
         raise UserError("no preference pair in the file (scored rows need two answers to one prompt)", file=path)
-    return tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length)
+    tokens, stats = tokenize_pairs(pairs, tokenizer, max_length, max_prompt_length)
+    return tokens, {**stats, "bad_rows": data.bad_rows}
 
 
 def collate(batch: list[PairTokens], pad_id: int) -> dict[str, torch.Tensor]:
@@ -312,6 +318,9 @@ class DPOConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory).")
     shared_prefix: bool = _f(True, "Run a pair's shared prompt once and both answers on its cache (where it saves "
                              "≥ 10% of token positions; not with --gradient-checkpointing or DeepSpeed).")
+    skip_bad_rows: bool = _f(False, "Set aside rows that do not parse (a missing field, an empty answer, a cut JSONL "
+                             "line), each named in a warning, and train on the rest (else the first one stops the "
+                             "run).", negatable=False)
     precompute_ref: bool = _f(False, "Compute the reference log-probs once before training, of the pairs the "
                                      "steps will read (no reference forward per step; without --lora the "
                                      "reference copy is then freed).")
@@ -340,7 +349,7 @@ class DPOResult:
     policy_dir: Path | None
     steps: int
     history: list[dict[str, Any]]
-    data_stats: dict[str, int]
+    data_stats: dict[str, Any]
     eval_metrics: dict[str, float]
 
 
@@ -356,7 +365,7 @@ class _Run:
     tokenizer: Any
     pairs: list[PairTokens]
     eval_pairs: list[PairTokens]
-    stats: dict[str, int]
+    stats: dict[str, Any]
     model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped when distributed)
     unwrapped: torch.nn.Module  # what checkpoints, the reference (adapter off) and the final save see
     reference: torch.nn.Module | None  # the frozen copy (no LoRA, not precomputed)
@@ -420,10 +429,10 @@ def _set_up(cfg: DPOConfig) -> _Run:
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.policy)  # data errors surface before the model loads
-    pairs, stats = load_pairs(cfg.data, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    pairs, stats = load_pairs(cfg.data, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.skip_bad_rows)
     eval_pairs = load_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.max_prompt_length)[0] if cfg.eval_data \
         else []
-    _warn_truncated(accelerator, stats, cfg)
+    _warn_about_data(accelerator, stats, cfg)
     dtype = base_dtype(bf16=cfg.bf16, lora=cfg.lora)
     model, tokenizer = load_causal_lm(cfg.policy, dtype=dtype)
     reference = None  # with LoRA: the adapter switched off
@@ -471,11 +480,16 @@ def _set_up(cfg: DPOConfig) -> _Run:
     return run
 
 
-def _warn_truncated(accelerator: Accelerator, stats: dict[str, int], cfg: DPOConfig) -> None:
+def _warn_about_data(accelerator: Accelerator, stats: dict[str, Any], cfg: DPOConfig) -> None:
+    from rich.markup import escape
+
     from toolkit.console import console
 
     if not accelerator.is_main_process:
         return
+    if stats["bad_rows"]:
+        console.print("[yellow]warning:[/] " + escape(set_aside_warning(stats["bad_rows"])), highlight=False,
+                      soft_wrap=True)
     if stats["truncated_prompts"]:
         console.print(f"[yellow]warning:[/] {stats['truncated_prompts']} pair(s) had their prompt cut to its last "
                       f"--max-prompt-length {cfg.max_prompt_length} tokens")

@@ -6,6 +6,14 @@ from __future__ import annotations
 # everything else is on disk and `--retry-failed` completes it, yet a script must not take the output as whole.
 EXIT_ROWS_FAILED = 3
 
+SKIP_BAD_ROWS_HINT = "(--skip-bad-rows sets such rows aside and trains on the rest)"
+
+
+def set_aside_warning(bad_rows: list[str], shown: int = 5) -> str:
+    """One line naming the first `shown` rows a `--skip-bad-rows` run set aside, each by its own error."""
+    more = f" (and {len(bad_rows) - shown} more)" if len(bad_rows) > shown else ""
+    return f"{len(bad_rows)} bad row(s) set aside{more}: " + "; ".join(bad_rows[:shown])
+
 
 class UserError(Exception):
     """An error shown as one line (no traceback unless --debug), naming file, row and field when known."""
@@ -18,3 +26,7 @@ class UserError(Exception):
             where = str(file) + (f":{line}" if line is not None else "") + ": "
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}{what}{message}")
+
+
+class BadRow(UserError):
+    """One row of a data file that does not parse: a training command's --skip-bad-rows can set it aside."""

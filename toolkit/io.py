@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import UserError
+from toolkit.errors import BadRow, UserError
 
 Loc = dict[str, Any]  # UserError keywords naming a row: {"file", "line"} in JSONL, {"file": "F (row N)"} elsewhere
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".csv", ".arrow")
@@ -28,9 +28,12 @@ def read_rows(path: str | os.PathLike, *, allow_empty: bool = False) -> list[dic
     return [row for row, _ in located_rows(path, allow_empty=allow_empty)]
 
 
-def located_rows(path: str | os.PathLike, *, allow_empty: bool = False) -> list[tuple[dict[str, Any], Loc]]:
+def located_rows(path: str | os.PathLike, *, allow_empty: bool = False,
+                 bad_lines: list[str] | None = None) -> list[tuple[dict[str, Any], Loc]]:
     """`read_rows`, each row with its place for errors: file and line in JSONL, file and 1-based row number in a
-    JSON array, a Parquet file or a `datasets` directory.
+    JSON array, a Parquet file or a `datasets` directory. Given a `bad_lines` list, a JSONL line that is not a
+    JSON object (a row cut by a killed writer), or a JSON array's element that is not, goes there as its one-line
+    error instead of stopping the read.
 
     Parquet and `datasets` columns are typed: a column a row does not have reads as null there, so nulls are
     dropped and such a row reads as the JSON row it was written from. A DatasetDict directory with one split is
@@ -43,7 +46,7 @@ def located_rows(path: str | os.PathLike, *, allow_empty: bool = False) -> list[
     elif _is_parquet(path):
         rows = _without_nulls(_parquet(path))
     else:
-        return _json_rows(path, allow_empty)
+        return _json_rows(path, allow_empty, bad_lines)
     if not rows and not allow_empty:
         raise UserError("holds no rows", file=str(path))
     return [(row, {"file": f"{path} (row {n})"}) for n, row in enumerate(rows, start=1)]
@@ -101,7 +104,7 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
-def _json_rows(path: Path, allow_empty: bool) -> list[tuple[dict[str, Any], Loc]]:
+def _json_rows(path: Path, allow_empty: bool, bad_lines: list[str] | None) -> list[tuple[dict[str, Any], Loc]]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -117,13 +120,23 @@ def _json_rows(path: Path, allow_empty: bool) -> list[tuple[dict[str, Any], Loc]
     if stripped[0] == "[" or path.suffix == ".json":
         for number, row in enumerate(_json_document(path, text), start=1):
             if not isinstance(row, dict):
-                raise UserError(f"row {number} is {type(row).__name__}, expected a JSON object", file=str(path))
+                error = BadRow(f"row {number} is {type(row).__name__}, expected a JSON object", file=str(path))
+                if bad_lines is None:
+                    raise error
+                bad_lines.append(str(error))
+                continue
             rows.append((row, {"file": f"{path} (row {number})"}))
     else:
-        for line, row in _jsonl_rows(path, text):
+        for line, row in _jsonl_rows(path, text, bad_lines):
             if not isinstance(row, dict):
-                raise UserError(f"row is {type(row).__name__}, expected a JSON object", file=str(path), line=line)
+                error = BadRow(f"row is {type(row).__name__}, expected a JSON object", file=str(path), line=line)
+                if bad_lines is None:
+                    raise error
+                bad_lines.append(str(error))
+                continue
             rows.append((row, {"file": str(path), "line": line}))
+    if not rows and bad_lines:
+        raise UserError(f"no good row: all {len(bad_lines)} set aside, the first: {bad_lines[0]}", file=str(path))
     if not rows and not allow_empty:
         raise UserError("file holds no rows", file=str(path))
     return rows
@@ -147,14 +160,17 @@ def _json_document(path: Path, text: str) -> list:
     return doc
 
 
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+def _jsonl_rows(path: Path, text: str, bad_lines: list[str] | None = None) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"invalid JSON: {err.msg} (column {err.colno})", file=str(path), line=number) from None
+            error = BadRow(f"invalid JSON: {err.msg} (column {err.colno})", file=str(path), line=number)
+            if bad_lines is None:
+                raise error from None
+            bad_lines.append(str(error))
 
 
 def ensure_writable_dir(directory: str | os.PathLike) -> None:

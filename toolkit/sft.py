@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.errors import UserError
+from toolkit.errors import SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.rows import row_to_messages
@@ -79,17 +79,21 @@ def load_examples(path: str, tokenizer, max_length: int, system_prompt: str = ""
     `skip_bad_rows` list the one-line error of each row that was set aside (else the first one stops the run)."""
     from toolkit.io import located_rows
 
-    rows = located_rows(path)
+    bad_rows: list[str] = []
+    try:
+        rows = located_rows(path, bad_lines=bad_rows if skip_bad_rows else None)
+    except BadRow as error:
+        raise UserError(f"{error} {SKIP_BAD_ROWS_HINT}") from None
     if limit:
         rows = rows[:limit]
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    examples, truncated, dropped, bad_rows = [], 0, 0, []
+    examples, truncated, dropped = [], 0, 0
     for row, loc in rows:
         try:
             messages = row_to_messages(row, loc["file"], loc.get("line"))
         except UserError as error:
             if not skip_bad_rows:
-                raise UserError(f"{error} (--skip-bad-rows sets such rows aside and trains on the rest)") from None
+                raise UserError(f"{error} {SKIP_BAD_ROWS_HINT}") from None
             bad_rows.append(str(error))
             continue
         if system_prompt and messages[0]["role"] != "system":
@@ -292,10 +296,8 @@ def _set_up(cfg: SFTConfig) -> _Run:
     if stats["dropped"] and is_main:
         console.print(f"[yellow]warning:[/] {stats['dropped']} row(s) had no assistant tokens left and were skipped")
     if stats["bad_rows"] and is_main:
-        shown = stats["bad_rows"][:5]
-        more = f" (and {len(stats['bad_rows']) - len(shown)} more)" if len(stats["bad_rows"]) > len(shown) else ""
-        console.print(f"[yellow]warning:[/] {len(stats['bad_rows'])} bad row(s) set aside{more}: "
-                      + escape("; ".join(shown)), highlight=False, soft_wrap=True)
+        console.print("[yellow]warning:[/] " + escape(set_aside_warning(stats["bad_rows"])), highlight=False,
+                      soft_wrap=True)
     model = make_trainable(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                            lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
 

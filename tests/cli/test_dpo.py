@@ -87,6 +87,23 @@ def test_a_broken_row_is_a_one_line_error_naming_file_and_line(tiny_llama_dir, t
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     error = proc.stderr.strip().splitlines()
     assert len(error) == 1 and str(data) in error[0] and "2" in error[0] and "rejected" in error[0], proc.stderr
+    assert error[0].endswith("(--skip-bad-rows sets such rows aside and trains on the rest)")
+
+
+def test_skip_bad_rows_trains_on_the_rest_and_names_each_row_set_aside(tiny_llama_dir, tmp_path):
+    data = hh_slice(tmp_path / "bad.jsonl", 0, 6)
+    lines = data.read_text().splitlines()
+    lines[1] = json.dumps({"chosen": json.loads(lines[1])["chosen"]})  # no "rejected"
+    lines[-1] = lines[-1][: len(lines[-1]) // 2]  # the last line cut, as by a killed writer
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code, stdout, stderr = cli("dpo", "--data", data, "--policy", tiny_llama_dir, "--out", out, "--max-steps", "1",
+                               *TINY, "--skip-bad-rows", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["pairs"] == 4
+    assert f"2 bad row(s) set aside: {data}:6: invalid JSON" in stderr and f"{data}:2: field 'rejected'" in stderr
+    assert [bad.split(": ")[0] for bad in json.loads((out / "run.json").read_text())["data"]["bad_rows"]] == \
+        [f"{data}:6", f"{data}:2"]
 
 
 def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path):

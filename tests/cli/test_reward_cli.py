@@ -165,3 +165,18 @@ def test_eval_reward_accuracy_by_confidence_and_coverage_plot(trained, tmp_path)
     assert "accuracy by confidence decile" in stderr
     top = groups[-1]
     assert f"n {top['n']}, accuracy {top['accuracy']:.4f}" in stderr
+
+
+def test_skip_bad_rows_trains_on_the_rest_and_names_each_row_set_aside(tmp_path):
+    data = hh_slice(tmp_path / "hh.jsonl", 0, 12)
+    lines = data.read_text().splitlines()
+    lines[3] = json.dumps({"chosen": json.loads(lines[3])["chosen"]})  # no "rejected"
+    data.write_text("\n".join(lines) + "\n")
+    common = ["--data", data, "--max-steps", "1", "--batch-size", "4", "--max-length", "48", "--eval-split", "0.25"]
+    code, _, err = cli("train-reward", *common, "--out", tmp_path / "refused")
+    assert code == 2 and f"{data}:4: field 'rejected': missing (--skip-bad-rows sets such rows aside" in err
+    code, _, err = cli("train-reward", *common, "--out", tmp_path / "rm", "--skip-bad-rows")
+    assert code == 0, err
+    assert f"1 bad row(s) set aside: {data}:4: field 'rejected': missing" in err
+    metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert any("bad row(s) set aside" in w for w in metrics["warnings"])

@@ -150,6 +150,24 @@ def test_json_array_item_that_is_not_an_object_names_the_row(tmp_path):
     assert str(path) in str(err.value)
 
 
+def test_bad_lines_are_set_aside_when_a_list_is_given(tmp_path):
+    from toolkit.io import located_rows
+
+    jsonl, array = tmp_path / "rows.jsonl", tmp_path / "rows.json"
+    jsonl.write_text('{"a": 1}\n[2]\n{"a": 3}\n{"a": ', encoding="utf-8")
+    array.write_text('[{"a": 1}, "oops"]', encoding="utf-8")
+    bad: list[str] = []
+    assert [row["a"] for row, _ in located_rows(jsonl, bad_lines=bad)] == [1, 3]
+    assert bad == [f"{jsonl}:2: row is list, expected a JSON object", f"{jsonl}:4: invalid JSON: Expecting value "
+                   "(column 7)"]
+    bad = []
+    assert [row["a"] for row, _ in located_rows(array, bad_lines=bad)] == [1]
+    assert bad == [f"{array}: row 2 is str, expected a JSON object"]
+    jsonl.write_text("[1]\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"no good row: all 1 set aside"):
+        located_rows(jsonl, bad_lines=[])
+
+
 # ---------------------------------------------------------------- require_str
 
 

@@ -134,6 +134,30 @@ def test_bad_input_is_one_line_through_the_cli(tmp_path, name, content, expected
     assert not out.exists()
 
 
+def test_skip_bad_rows_reads_the_rest_and_names_each_row_set_aside(tmp_path):
+    """A row without `rejected`, a line that is a list and a cut last line (a killed writer): without the flag the
+    first line that does not parse stops the read as a BadRow; with it the good rows load and each bad one is named
+    by file and line (the lines that are no JSON object first, as the file is read before its rows)."""
+    from toolkit.errors import BadRow
+
+    f = write_jsonl(tmp_path / "p.jsonl", [GOOD, {"prompt": "p", "chosen": "a"}, GOOD, "[1, 2]",
+                                           '{"prompt": "x", "chosen": '])
+    with pytest.raises(BadRow, match=r"p\.jsonl:4: row is list, expected a JSON object"):
+        load_preferences(f)
+    with pytest.raises(BadRow, match=r"p\.jsonl:2: field 'rejected': missing"):
+        load_preferences(write_jsonl(f, [GOOD, {"prompt": "p", "chosen": "a"}]))
+    f = write_jsonl(tmp_path / "p.jsonl", [GOOD, {"prompt": "p", "chosen": "a"}, GOOD, "[1, 2]",
+                                           '{"prompt": "x", "chosen": '])
+    data = load_preferences(f, skip_bad_rows=True)
+    assert [pair.line for pair in data.pairs] == [1, 3]
+    assert [bad.split(": ")[0] for bad in data.bad_rows] == [f"{f}:4", f"{f}:5", f"{f}:2"]  # lines first, then rows
+    assert "field 'rejected': missing" in data.bad_rows[2] and "invalid JSON" in data.bad_rows[1]
+
+    none_good = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a"}, "[1]"])
+    with pytest.raises(UserError, match=r"bad\.jsonl: no good row: all 2 set aside, the first: "):
+        load_preferences(none_good, skip_bad_rows=True)
+
+
 def test_bad_margin_and_score_fields(tmp_path):
     f = write_jsonl(tmp_path / "m.jsonl", [{**GOOD, "margin": "big"}])
     with pytest.raises(UserError, match=r"m\.jsonl:1: field 'margin': expected a number"):

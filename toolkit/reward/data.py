@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from toolkit.errors import UserError
+from toolkit.errors import BadRow, UserError
 from toolkit.io import located_rows
 from toolkit.rows import ASSISTANT, Pair, Scored, preference_pair, scored_answer
 
@@ -26,24 +26,34 @@ class PreferenceData:
     format: str
     pairs: list[Pair] = field(default_factory=list)
     scored: list[Scored] = field(default_factory=list)
+    bad_rows: list[str] = field(default_factory=list)  # the one-line error of each row set aside
 
 
-def load_preferences(path: str | os.PathLike, fmt: str = "auto") -> PreferenceData:
+def load_preferences(path: str | os.PathLike, fmt: str = "auto", skip_bad_rows: bool = False) -> PreferenceData:
     """Read a preference file (JSONL / JSON / Parquet) or a `datasets` save_to_disk directory
-    (`toolkit.io.located_rows`)."""
+    (`toolkit.io.located_rows`). A row that does not parse stops the read, or with `skip_bad_rows` is set aside
+    and named in `bad_rows`; a file with no good row is an error either way."""
     if fmt not in FORMATS:
         raise UserError(f"unknown --format '{fmt}' (one of {', '.join(FORMATS)})")
     path = str(path)
-    rows = located_rows(path)
+    bad_rows: list[str] = []
+    rows = located_rows(path, bad_lines=bad_rows if skip_bad_rows else None)
     if fmt == "auto":
         first, loc = rows[0]
         fmt = detect_format(first, loc["file"], loc.get("line"))
-    data = PreferenceData(source=path, format=fmt)
+    data = PreferenceData(source=path, format=fmt, bad_rows=bad_rows)
     for row, loc in rows:
-        if fmt == "chatllama":
-            data.scored.append(scored_answer(row, loc))
-        else:
-            data.pairs.append(preference_pair(row, fmt, loc))
+        try:
+            if fmt == "chatllama":
+                data.scored.append(scored_answer(row, loc))
+            else:
+                data.pairs.append(preference_pair(row, fmt, loc))
+        except UserError as error:
+            if not skip_bad_rows:
+                raise BadRow(str(error)) from None
+            data.bad_rows.append(str(error))
+    if data.bad_rows and not (data.pairs or data.scored):
+        raise UserError(f"no good row: all {len(data.bad_rows)} set aside, the first: {data.bad_rows[0]}", file=path)
     return data
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import UserError
+from toolkit.errors import SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.reward.constants import METHODS, TEMPERATURE_PRIOR_SD
@@ -67,6 +67,9 @@ class TrainConfig:
     center_rewards: float = _f(0.0, "Coefficient of mean (r_c + r_r)^2 (0.01 is the usual value; 0 = off).",
                                min=0)  # the usual value: Eisenstein et al. 2023
     use_margin: bool = _f(True, "Honour a `margin` column when the data has one.", flag="margin")
+    skip_bad_rows: bool = _f(False, "Set aside rows that do not parse (a missing field, an empty answer, a cut JSONL "
+                             "line), each named in a warning, and train on the rest (else the first one stops the "
+                             "run).", negatable=False)
     lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights; merged on save.", negatable=False)
     lora_r: int = _f(16, min=1)
     bf16: bool = _f(False, "bfloat16 autocast (fast on GPUs / CPUs with bf16 units).", negatable=False)
@@ -206,9 +209,20 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None, center: float = 0.0):
     return loss
 
 
+def _read(path: str, cfg: TrainConfig, warnings: list[str]) -> PreferenceData:
+    """A preference file; with --skip-bad-rows its rows that do not parse are set aside, named in a warning."""
+    try:
+        data = load_preferences(path, cfg.format, skip_bad_rows=cfg.skip_bad_rows)
+    except BadRow as error:
+        raise UserError(f"{error} {SKIP_BAD_ROWS_HINT}") from None
+    if data.bad_rows:
+        warnings.append(set_aside_warning(data.bad_rows))
+    return data
+
+
 def _load(cfg: TrainConfig, warnings: list[str]) -> tuple[list[Pair], list[Scored], list[Pair], str, str]:
     """(train pairs, train scored rows, held-out pairs, format, held-out description)."""
-    data = load_preferences(cfg.data, cfg.format)
+    data = _read(cfg.data, cfg, warnings)
     regression = cfg.objective == "regression"
     if regression and not data.scored:
         raise UserError("--objective regression needs scored rows (user_input / completion / score)",
@@ -220,7 +234,7 @@ def _load(cfg: TrainConfig, warnings: list[str]) -> tuple[list[Pair], list[Score
         heldout, train_scored, where = [], [], f"{cfg.calibration_folds}-fold cross-fitting over {cfg.data}"
         train_pairs = data.pairs or pairs_from_scored(data.scored)
     elif cfg.eval_data:
-        held = load_preferences(cfg.eval_data, cfg.format)
+        held = _read(cfg.eval_data, cfg, warnings)
         heldout = held.pairs or pairs_from_scored(held.scored)
         train_pairs, train_scored, where = data.pairs, data.scored, cfg.eval_data
     else:
@@ -350,6 +364,7 @@ def _set_up(cfg: TrainConfig, accelerator, train_pairs: list[Pair], train_scored
     are shown when its `first` model is set up."""
     import torch
     from accelerate.utils import set_seed
+    from rich.markup import escape
 
     from toolkit.console import console
     from toolkit.reward.model import TextEncoder, new_reward_model, wants_eos
@@ -374,8 +389,8 @@ def _set_up(cfg: TrainConfig, accelerator, train_pairs: list[Pair], train_scored
         warnings.append(f"{n_cut} of {len(texts)} training texts were longer than --max-length {cfg.max_length} "
                         "tokens and were cut from the left (their final answer is kept)")
     if first and accelerator.is_main_process and cfg.show_progress:  # now, not after minutes of training
-        for w in warnings:
-            console.print(f"[yellow]warning:[/] {w}")
+        for w in warnings:  # whole lines: a warning names files and rows, and a script may grep it
+            console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     per_item = 1 if regression else 2
     lengths = [max(len(ids[per_item * i + k]) for k in range(per_item)) for i in range(len(ids) // per_item)]
 
