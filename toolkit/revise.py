@@ -83,16 +83,28 @@ def title_for(instruction: str) -> str:
     return " ".join(w.capitalize() for w in words) or "Answer"
 
 
-def _decapitalize(text: str) -> str:
-    """Lower the first letter of an answer that now follows "Word, ": not "I", "I'm" or an acronym
-    ("NASA"); a name ("Paris") is lowered too, which code cannot tell from a common word."""
+def _decapitalize(text: str, instruction: str = "") -> str:
+    """Lower the first letter of an answer that now follows "Word, ": not "I", "I'm", an acronym ("NASA"),
+    or a name, which code tells from a common word only where the answer or the instruction also has it
+    capitalised inside a sentence ("Paris" in "Tell me about Paris")."""
     first = WORD.match(text)
     if not first or first.start() != 0:
         return text
     word = first.group()
     if len(word) == 1 or word[1] in "'’" or not word[1:].isalpha() or not word[1:].islower():
         return text
+    if _inside_a_sentence(word, text[len(word):]) or _inside_a_sentence(word, instruction):
+        return text
     return text[0].lower() + text[1:]
+
+
+def _inside_a_sentence(word: str, text: str) -> bool:
+    """Whether `word`, capitalised as given, occurs in `text` after another word of its sentence."""
+    for match in re.finditer(rf"\b{re.escape(word)}\b", text):
+        before = text[: match.start()].rstrip(" \t\"'“‘(")
+        if before and before[-1] not in ".!?:\n*-":
+            return True
+    return False
 
 
 def drop_unfinished(text: str) -> str:
@@ -134,7 +146,7 @@ def revise(answer: str, constraints: Sequence[Mapping[str, Any]], instruction: s
     if bullets is not None:
         body = bulletize(body, bullets["num_bullets"]) or body
     if start is not None and bullets is None:
-        body = _decapitalize(body)
+        body = _decapitalize(body, instruction)
     text = prefix + body + suffix
     forbidden = _args(constraints, "forbidden_word")
     if forbidden is not None:

@@ -84,6 +84,11 @@ def test_start_word_keeps_I_and_acronyms_and_goes_on_its_own_line_above_bullets(
     assert revise("I think so.", one("start_word", word="Yes")) == "Yes, I think so."
     assert revise("I'm sure.", one("start_word", word="Okay")) == "Okay, I'm sure."
     assert revise("NASA did it.", one("start_word", word="Well")) == "Well, NASA did it."
+    # a name stays a name where the instruction or the answer has it capitalised inside a sentence
+    assert revise("Paris is big.", one("start_word", word="So"), "Tell me about Paris.") == "So, Paris is big."
+    assert revise("Mars is red. We love Mars.", one("start_word", word="So")) == "So, Mars is red. We love Mars."
+    assert revise("Paris is big.", one("start_word", word="So"), "Paris: tell me more.") == "So, paris is big."
+    assert revise("The sun is hot. The end.", one("start_word", word="So")) == "So, the sun is hot. The end."
     constraints = one("start_word", word="Sure") + one("bullets", num_bullets=2)
     edited = revise("Red. Blue.", constraints)
     assert edited == "Sure:\n* Red.\n* Blue." and C.fraction(edited, constraints) == 1.0
