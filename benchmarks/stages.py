@@ -25,7 +25,7 @@ PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", 
 
 
 def log(message: str) -> None:
-    print(f"[rlhf-effect {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    print(f"[{Path(sys.argv[0]).stem} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _run_stage(args: list[str], logs: str, name: str, threads: int) -> None:
