@@ -430,8 +430,11 @@ def _set_up(cfg: DPOConfig) -> _Run:
 
     tokenizer = load_tokenizer(cfg.policy)  # data errors surface before the model loads
     pairs, stats = load_pairs(cfg.data, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.skip_bad_rows)
-    eval_pairs = load_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.max_prompt_length)[0] if cfg.eval_data \
-        else []
+    eval_pairs: list[PairTokens] = []
+    if cfg.eval_data:  # its rows set aside are named with the training file's, each by its own file
+        eval_pairs, eval_stats = load_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.max_prompt_length,
+                                            cfg.skip_bad_rows)
+        stats["bad_rows"] += eval_stats["bad_rows"]
     _warn_about_data(accelerator, stats, cfg)
     dtype = base_dtype(bf16=cfg.bf16, lora=cfg.lora)
     model, tokenizer = load_causal_lm(cfg.policy, dtype=dtype)
