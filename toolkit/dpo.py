@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.errors import SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
+from toolkit.errors import SKIP_BAD_ROWS_HELP, SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.training.trackers import REPORT_TO
@@ -318,9 +318,7 @@ class DPOConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory).")
     shared_prefix: bool = _f(True, "Run a pair's shared prompt once and both answers on its cache (where it saves "
                              "≥ 10% of token positions; not with --gradient-checkpointing or DeepSpeed).")
-    skip_bad_rows: bool = _f(False, "Set aside rows that do not parse (a missing field, an empty answer, a cut JSONL "
-                             "line), each named in a warning, and train on the rest (else the first one stops the "
-                             "run).", negatable=False)
+    skip_bad_rows: bool = _f(False, SKIP_BAD_ROWS_HELP, negatable=False)
     precompute_ref: bool = _f(False, "Compute the reference log-probs once before training, of the pairs the "
                                      "steps will read (no reference forward per step; without --lora the "
                                      "reference copy is then freed).")

@@ -7,6 +7,8 @@ from __future__ import annotations
 EXIT_ROWS_FAILED = 3
 
 SKIP_BAD_ROWS_HINT = "(--skip-bad-rows sets such rows aside and trains on the rest)"
+SKIP_BAD_ROWS_HELP = ("Set aside rows that do not parse (a missing field, an empty answer, a cut JSONL line), each "
+                      "named in a warning, and train on the rest (else the first one stops the run).")
 
 
 def set_aside_warning(bad_rows: list[str], shown: int = 5) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.errors import SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
+from toolkit.errors import SKIP_BAD_ROWS_HELP, SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.rows import row_to_messages
@@ -180,9 +180,7 @@ class SFTConfig:
     packing: bool = _f(False, "Pack several conversations into each sequence (block-diagonal attention).")
     system_prompt: str = _f("", "System message put before every conversation that has none.")
     limit: int = _f(0, "Use only the first N rows (0 = all).", min=0)
-    skip_bad_rows: bool = _f(False, "Set aside rows that do not parse (an empty answer, a missing field), each named "
-                             "in a warning, and train on the rest (else the first one stops the run).",
-                             negatable=False)
+    skip_bad_rows: bool = _f(False, SKIP_BAD_ROWS_HELP, negatable=False)
     lora: bool = _f(False, "Train a LoRA adapter (merged into the saved model at the end).")
     lora_r: int = _f(16, "LoRA rank.", min=1)
     lora_alpha: int = _f(32, "LoRA α.", min=1)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
+from toolkit.errors import SKIP_BAD_ROWS_HELP, SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.reward.constants import METHODS, TEMPERATURE_PRIOR_SD
@@ -67,9 +67,7 @@ class TrainConfig:
     center_rewards: float = _f(0.0, "Coefficient of mean (r_c + r_r)^2 (0.01 is the usual value; 0 = off).",
                                min=0)  # the usual value: Eisenstein et al. 2023
     use_margin: bool = _f(True, "Honour a `margin` column when the data has one.", flag="margin")
-    skip_bad_rows: bool = _f(False, "Set aside rows that do not parse (a missing field, an empty answer, a cut JSONL "
-                             "line), each named in a warning, and train on the rest (else the first one stops the "
-                             "run).", negatable=False)
+    skip_bad_rows: bool = _f(False, SKIP_BAD_ROWS_HELP, negatable=False)
     lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights; merged on save.", negatable=False)
     lora_r: int = _f(16, min=1)
     bf16: bool = _f(False, "bfloat16 autocast (fast on GPUs / CPUs with bf16 units).", negatable=False)
