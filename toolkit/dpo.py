@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.errors import SKIP_BAD_ROWS_HELP, SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
+from toolkit.errors import SKIP_BAD_ROWS_HELP, UserError, set_aside_warning, suggesting_skip_bad_rows
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.training.trackers import REPORT_TO
@@ -115,10 +115,8 @@ def load_pairs(path: str, tokenizer, max_length: int, max_prompt_length: int,
     in stats["bad_rows"] (else the first one stops the run)."""
     from toolkit.reward.data import load_preferences, pairs_from_scored
 
-    try:
+    with suggesting_skip_bad_rows():
         data = load_preferences(path, skip_bad_rows=skip_bad_rows)
-    except BadRow as error:
-        raise UserError(f"{error} {SKIP_BAD_ROWS_HINT}") from None
     pairs = data.pairs or pairs_from_scored(data.scored)
     if not pairs:
         raise UserError("no preference pair in the file (scored rows need two answers to one prompt)", file=path)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 # A run that finished but left rows in OUT.failed.jsonl (teacher down, rate limits, unparsable replies):
 # everything else is on disk and `--retry-failed` completes it, yet a script must not take the output as whole.
 EXIT_ROWS_FAILED = 3
 
-SKIP_BAD_ROWS_HINT = "(--skip-bad-rows sets such rows aside and trains on the rest)"
 SKIP_BAD_ROWS_HELP = ("Set aside rows that do not parse (a missing field, an empty answer, a cut JSONL line), each "
                       "named in a warning, and train on the rest (else the first one stops the run).")
 
@@ -32,3 +34,12 @@ class UserError(Exception):
 
 class BadRow(UserError):
     """One row of a data file that does not parse: a training command's --skip-bad-rows can set it aside."""
+
+
+@contextmanager
+def suggesting_skip_bad_rows() -> Iterator[None]:
+    """A BadRow raised inside stops the run as one line that names the flag which would have set it aside."""
+    try:
+        yield
+    except BadRow as error:
+        raise UserError(f"{error} (--skip-bad-rows sets such rows aside and trains on the rest)") from None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from toolkit.errors import SKIP_BAD_ROWS_HELP, SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
+from toolkit.errors import SKIP_BAD_ROWS_HELP, BadRow, UserError, set_aside_warning, suggesting_skip_bad_rows
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.rows import row_to_messages
@@ -80,10 +80,7 @@ def load_examples(path: str, tokenizer, max_length: int, system_prompt: str = ""
     from toolkit.io import located_rows
 
     bad_rows: list[str] = []
-    try:
-        rows = located_rows(path, bad_lines=bad_rows if skip_bad_rows else None)
-    except BadRow as error:
-        raise UserError(f"{error} {SKIP_BAD_ROWS_HINT}") from None
+    rows = located_rows(path, bad_lines=bad_rows if skip_bad_rows else None)
     if limit:
         rows = rows[:limit]
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -93,7 +90,7 @@ def load_examples(path: str, tokenizer, max_length: int, system_prompt: str = ""
             messages = row_to_messages(row, loc["file"], loc.get("line"))
         except UserError as error:
             if not skip_bad_rows:
-                raise UserError(f"{error} {SKIP_BAD_ROWS_HINT}") from None
+                raise BadRow(str(error)) from None
             bad_rows.append(str(error))
             continue
         if system_prompt and messages[0]["role"] != "system":
@@ -284,8 +281,9 @@ def _set_up(cfg: SFTConfig) -> _Run:
     torch.manual_seed(cfg.seed)
 
     tokenizer = load_tokenizer(cfg.model)  # data errors surface before the model loads
-    examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt, cfg.limit,
-                                    cfg.skip_bad_rows)
+    with suggesting_skip_bad_rows():
+        examples, stats = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.system_prompt, cfg.limit,
+                                        cfg.skip_bad_rows)
     model, tokenizer = load_causal_lm(cfg.model, dtype=base_dtype(bf16=cfg.bf16, lora=cfg.lora))
     if cfg.packing:
         examples = pack(examples, cfg.max_length)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import SKIP_BAD_ROWS_HELP, SKIP_BAD_ROWS_HINT, BadRow, UserError, set_aside_warning
+from toolkit.errors import SKIP_BAD_ROWS_HELP, UserError, set_aside_warning, suggesting_skip_bad_rows
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.reward.constants import METHODS, TEMPERATURE_PRIOR_SD
@@ -209,10 +209,8 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None, center: float = 0.0):
 
 def _read(path: str, cfg: TrainConfig, warnings: list[str]) -> PreferenceData:
     """A preference file; with --skip-bad-rows its rows that do not parse are set aside, named in a warning."""
-    try:
+    with suggesting_skip_bad_rows():
         data = load_preferences(path, cfg.format, skip_bad_rows=cfg.skip_bad_rows)
-    except BadRow as error:
-        raise UserError(f"{error} {SKIP_BAD_ROWS_HINT}") from None
     if data.bad_rows:
         warnings.append(set_aside_warning(data.bad_rows))
     return data
