@@ -17,11 +17,17 @@ make for each family and leaves the rest of the answer as it is:
 What code cannot write honestly it leaves alone: missing keywords and an answer under a word minimum
 need new content. The caller checks the result with the checker (`constraints.fraction`): a revision
 is only worth a pair when it satisfies more than the answer did.
+
+`contrast(answer, constraints, instruction, rng)` is the other half of the lesson: the answer with a format
+its prompt did *not* ask for (quotes, lowercase, JSON, a title, a P.S.), the rejected side of a pair against
+the answer itself. DPO on revised pairs alone learnt the formats but wrapped 74 of 200 held-out answers in
+quotes where 31 prompts asked (docs/method-comparison.md#contrast-pairs).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,6 +37,9 @@ from toolkit.constraints import WORD, check, content_words, count_words, per_kin
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 LIST_MARKER = re.compile(r"^[ \t]*(?:[*+•-]|\d+[.)])[ \t]+")
 POSTSCRIPT_TEXT = "I hope this helps."
+# whole-answer formats a policy can overuse once it has learnt them; each edit needs no argument
+CONTRAST_FORMATS: dict[str, dict[str, Any]] = {"quotes": {}, "lowercase": {}, "json": {}, "title": {},
+                                                "postscript": {"marker": "P.S."}}
 
 
 def _args(constraints: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:
@@ -175,3 +184,19 @@ def improve(answer: str, constraints: Sequence[Mapping[str, Any]], instruction: 
         if all(after[k] >= before[k] for k in before) and sum(after.values()) > sum(before.values()):
             return edited
     return None
+
+
+def contrast(answer: str, constraints: Sequence[Mapping[str, Any]], instruction: str,
+             rng: random.Random) -> tuple[str, str] | None:
+    """(format, edited): the answer with one format its constraints do not ask for, drawn once with `rng`;
+    None when the draw would change nothing or change how the answer meets its own constraints (a JSON
+    wrapper breaks its bullets), since then the pair would teach something other than "only when asked"."""
+    asked = {c["kind"] for c in constraints}
+    free = [kind for kind in CONTRAST_FORMATS if kind not in asked]
+    if not free:
+        return None
+    kind = rng.choice(free)
+    edited = revise(answer, [{"kind": kind, "args": CONTRAST_FORMATS[kind]}], instruction)
+    if edited == answer.strip() or per_kind(edited, constraints) != per_kind(answer, constraints):
+        return None
+    return kind, edited

@@ -1,15 +1,17 @@
 """Revising an answer by code to meet its constraints (toolkit/revise.py), and `generate-data preferences
---revise`, which makes the revised answer the chosen side of a pair against the answer as written."""
+--revise`, which makes the revised answer the chosen side of a pair against the answer as written;
+--contrast, which adds the chosen answer against itself in a format its prompt did not ask for."""
 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from support.cli import cli
 
 from toolkit import constraints as C
-from toolkit.revise import bulletize, cut_to_words, drop_unfinished, improve, revise
+from toolkit.revise import CONTRAST_FORMATS, bulletize, contrast, cut_to_words, drop_unfinished, improve, revise
 
 ANSWER = "The sun is a star. It is very hot, and it is far away."
 
@@ -137,4 +139,56 @@ def test_preferences_revise_needs_the_constraints_scorer(tmp_path):
     src.write_text(json.dumps({"prompt": "Hi.", "responses": ["a", "bb"]}) + "\n")
     code, _, stderr = cli("generate-data", "preferences", "--prompts", src, "--out", tmp_path / "o.jsonl",
                           "--scorer", "rules:length", "--revise")
-    assert code == 2 and "--revise edits answers to meet each row's constraints" in stderr, stderr
+    assert code == 2 and "--revise edits answers by each row's constraints" in stderr, stderr
+
+
+def test_contrast_applies_only_a_format_the_prompt_did_not_ask_for():
+    asked = one("lowercase") + one("no_commas")
+    answer = "the sun is a star."
+    seen = set()
+    for seed in range(40):
+        drawn = contrast(answer, asked, "Describe the sun.", random.Random(seed))
+        if drawn is None:  # a title or a P.S. would break the lowercase the prompt asked for
+            continue
+        kind, edited = drawn
+        seen.add(kind)
+        assert C.check(edited, {"kind": kind, "args": CONTRAST_FORMATS[kind]})  # the unasked format is met
+        assert C.per_kind(edited, asked) == C.per_kind(answer, asked)  # and the asked ones as before
+    assert seen == {"quotes", "json"}
+    everything = [{"kind": k, "args": a} for k, a in CONTRAST_FORMATS.items()]
+    assert contrast(answer, everything, "", random.Random(0)) is None  # no format left to add
+
+
+def test_contrast_is_none_when_the_edit_would_change_an_asked_constraint():
+    # a JSON wrapper breaks "* " bullets; quotes go on lines of their own and keep them
+    bullets = one("bullets", num_bullets=2)
+    answer = "* Red.\n* Blue."
+    results = {}
+    for seed in range(60):
+        drawn = contrast(answer, bullets, "Name colours.", random.Random(seed))
+        rng_kind = random.Random(seed).choice(list(CONTRAST_FORMATS))
+        results[rng_kind] = drawn
+    assert results["json"] is None
+    assert results["lowercase"] == ("lowercase", "* red.\n* blue.")
+    assert results["quotes"] == ("quotes", '"\n* Red.\n* Blue.\n"')
+
+
+def test_preferences_contrast_adds_a_pair_that_the_checker_ties(tmp_path):
+    src = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "Name a planet.\n\nAnswer in lowercase only.", "base_prompt": "Name a planet.",
+             "constraints": one("lowercase"), "responses": ["Mars.", "mars is red."]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "prefs.jsonl"
+    args = ("generate-data", "preferences", "--prompts", src, "--out", out, "--scorer", "rules:constraints",
+            "--contrast", "--json")
+    code, stdout, stderr = cli(*args)
+    assert code == 0, stderr
+    pair, extra = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (pair["chosen"], pair["rejected"]) == ("mars is red.", "Mars.")
+    assert extra["id"] == pair["id"] + "-contrast" and extra["chosen"] == pair["chosen"]
+    kind = extra["meta"]["contrast"]
+    assert kind in CONTRAST_FORMATS and kind != "lowercase"
+    assert extra["rejected"] != extra["chosen"] and C.check(extra["rejected"], one("lowercase")[0])
+    assert extra["score_rejected"] == extra["score_chosen"] == 1.0 and extra["margin"] == 0.0
+    # a rerun finds the job done and writes neither row again
+    assert cli(*args)[0] == 0 and len(out.read_text().splitlines()) == 2

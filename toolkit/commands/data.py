@@ -181,12 +181,16 @@ def conversations_cmd(prompts, teacher, user_teacher, turns, window, user_temper
               help="With --scorer rules:constraints: chosen = the best candidate edited by code to meet more of "
                    "its constraints (lowercase, quotes, closing phrase, P.S., ...), rejected = that candidate "
                    "as written; prompts code cannot improve are paired best vs worst.")
+@click.option("--contrast", is_flag=True,
+              help="With --scorer rules:constraints: after each pair, a second one: its chosen answer against "
+                   "itself in a format the prompt did not ask for (quotes, lowercase, JSON, title, P.S.; one "
+                   "drawn per prompt), so DPO learns to format only when asked.")
 @click.option("--export", "exports", multiple=True, type=click.Choice(["trl-conversational", "trl-standard", "hh"]),
               help="Also write the pairs in this format beside OUT (repeatable).")
 @common_options()
 def preferences_cmd(prompts, teachers, num_candidates, temperatures, judge, pairwise, judge_logprobs, scorer,
-                    scorer_weight, max_score, min_margin, judge_temperature, judge_max_tokens, revise, exports, as_json,
-                    **kw):
+                    scorer_weight, max_score, min_margin, judge_temperature, judge_max_tokens, revise, contrast,
+                    exports, as_json, **kw):
     """K candidates per prompt, scored by a judge and/or rules, binarized into chosen / rejected."""
     from toolkit.generate import preferences
 
@@ -195,7 +199,8 @@ def preferences_cmd(prompts, teachers, num_candidates, temperatures, judge, pair
         max_score = 5 if judge_logprobs else 10
     judging = preferences.Judging(judge=judge, pairwise=pairwise, scorer=scorer, scorer_weight=scorer_weight,
                                   max_score=max_score, min_margin=min_margin, judge_temperature=judge_temperature,
-                                  judge_max_tokens=judge_max_tokens, logprobs=judge_logprobs, revise=revise)
+                                  judge_max_tokens=judge_max_tokens, logprobs=judge_logprobs, revise=revise,
+                                  contrast=contrast)
     summary = preferences.run(prompts, out["out"], teachers=teachers, judging=judging, num_candidates=num_candidates,
                               temperatures=temperatures or (sampling.temperature,),
                               sampling=sampling, options=options, teacher_options=teacher_options,

@@ -15,6 +15,8 @@ rejected when their margin is > 0 and >= --min-margin; otherwise the row is drop
 --revise (rules:constraints): the chosen answer is the best candidate edited by code to meet more of its
 row's constraints (toolkit/revise.py), the rejected one the same candidate unedited, so a pair shows a
 family the policy itself almost never meets; a candidate code cannot improve is binarized as above.
+--contrast (rules:constraints): after each pair, a second one (id `<pair id>-contrast`): the chosen answer
+against itself in a format its row did not ask for, so the policy learns to format only when asked.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import itertools
 import math
 import os
+import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,6 +43,7 @@ from toolkit.generate.common import (
 )
 from toolkit.generate.inputs import read_prompts, where
 from toolkit.generate.runner import (
+    EXTRA_ROWS,
     Caller,
     Drop,
     Job,
@@ -70,9 +74,10 @@ class Judging:
     judge_max_tokens: int = 256
     logprobs: bool = False  # read the rating from the first token's log-probs (max_score <= 9)
     revise: bool = False  # chosen = the best candidate edited by code to meet the row's constraints
+    contrast: bool = False  # a second pair: chosen against itself in a format the row did not ask for
 
 
-OFF_BY_DEFAULT = ("logprobs", "revise")  # flags that join a row's id only when on (older rows keep theirs)
+OFF_BY_DEFAULT = ("logprobs", "revise", "contrast")  # flags that join a row's id only when on (older rows keep theirs)
 
 
 TOP_LOGPROBS = 20  # OpenAI's maximum
@@ -310,9 +315,28 @@ async def make_pair(caller: Caller, setup: Setup, p: PromptRow) -> dict[str, Any
     best, worst, margin = picked
     meta["chosen"] = {k: v for k, v in candidates[best].items() if k != "text"}
     meta["rejected"] = {k: v for k, v in candidates[worst].items() if k != "text"}
-    return {"prompt": prompt, "chosen": candidates[best]["text"], "rejected": candidates[worst]["text"],
-            "score_chosen": round(scores[best], 4), "score_rejected": round(scores[worst], 4),
-            "margin": round(margin, 4), "meta": meta}
+    row = {"prompt": prompt, "chosen": candidates[best]["text"], "rejected": candidates[worst]["text"],
+           "score_chosen": round(scores[best], 4), "score_rejected": round(scores[worst], 4),
+           "margin": round(margin, 4), "meta": meta}
+    if setup.judging.contrast:
+        row[EXTRA_ROWS] = contrast_rows(setup, p, question, row)
+    return row
+
+
+def contrast_rows(setup: Setup, p: PromptRow, question: str, pair: dict[str, Any]) -> list[tuple[str, dict]]:
+    """The pair's chosen answer against itself in a format its row did not ask for (toolkit/revise.py's
+    `contrast`): both meet the row's constraints alike, so the checker ties them and the pair says only
+    "format when asked". The format is drawn with --seed and the prompt, so a rerun draws the same."""
+    from toolkit.revise import contrast
+
+    rng = random.Random(f"{setup.sampling.seed}/{question}")
+    drawn = contrast(pair["chosen"], p.row["constraints"], p.row.get("base_prompt") or question, rng)
+    if drawn is None:
+        return []
+    kind, edited = drawn
+    return [("contrast", {"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": edited,
+                          "score_chosen": pair["score_chosen"], "score_rejected": pair["score_chosen"], "margin": 0.0,
+                          "meta": {"contrast": kind, "scorer": pair["meta"].get("scorer")}})]
 
 
 def revised_pair(setup: Setup, p: PromptRow, question: str, candidates: list[dict[str, Any]],
@@ -388,9 +412,10 @@ async def generate(prompts_path: str | os.PathLike, out: str | os.PathLike, *, t
         raise UserError("--judge-logprobs reads one digit from a pointwise judge: use it without --pairwise "
                         "and with --max-score 9 or less")
     scorer = parse_rules(scorer_spec) if scorer_spec else None
-    if judging.revise and (judge_spec or scorer is None or "constraints" not in scorer.weights):
-        raise UserError("--revise edits answers to meet each row's constraints: it needs --scorer rules:constraints "
-                        "(rows from `generate-data constraints`) and no --judge")
+    for flag, on in (("--revise", judging.revise), ("--contrast", judging.contrast)):
+        if on and (judge_spec or scorer is None or "constraints" not in scorer.weights):
+            raise UserError(f"{flag} edits answers by each row's constraints: it needs --scorer rules:constraints "
+                            "(rows from `generate-data constraints`) and no --judge")
     prompts = read_prompts(prompts_path, limit)
     if scorer is not None:  # a row the rules cannot score (no constraints) stops the run before any call
         for p in prompts:

@@ -108,10 +108,14 @@ class Drop:
     row: dict[str, Any]
 
 
+EXTRA_ROWS = "extra_rows"  # key of a job's result: [(id suffix, row)] written after the job's own row
+
+
 @dataclass
 class Job:
     id: str
     inputs: dict[str, Any]  # kept in the failed record, so the user sees what failed
+    # a row, a dropped row, or a row and the rows that go with it (`extra_rows`)
     work: Callable[[Caller], Awaitable[dict[str, Any] | Drop]]
     # The run's generation settings: the parts of the id that are not the row's input (teacher, templates,
     # sampling, judging ...). An output made with other settings is not extended without --append.
@@ -536,8 +540,13 @@ async def run_jobs(jobs: list[Job], files: OutputFiles, options: RunOptions, tit
                             journal.write("dropped", {"id": job.id, "dropped": result.reason, **result.row})
                             summary.dropped += 1
                         else:
+                            extras = result.pop(EXTRA_ROWS, [])
                             row = {"id": job.id, **result}
                             journal.write("rows", row)
+                            # after the job's own row, whose id marks the job done: a kill in between loses
+                            # an extra row, never writes one twice
+                            for suffix, extra in extras:
+                                journal.write("rows", {"id": f"{job.id}-{suffix}", **extra})
                             summary.done += 1
                             if on_row is not None:
                                 on_row(row)
