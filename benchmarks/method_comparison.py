@@ -213,13 +213,15 @@ def main() -> None:
     parser.add_argument("--dpo-beta", type=float, default=1.0, help="DPO β")
     parser.add_argument("--dpo-rpo-alpha", type=float, default=1.0, help="DPO's --rpo-alpha: the chosen answer's "
                         "NLL in the loss, which revised pairs need (docs/method-comparison.md#revised-pairs)")
+    parser.add_argument("--dpo-steps", type=int, default=None, help="DPO optimizer steps (mode's default; full: "
+                        "100, R6; with --contrast, 150 reads as large a share of the ~1.5x pairs)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/method-comparison.png)")
     args = parser.parse_args()
 
     args.parallel = args.parallel or args.tiny
     name, size = sizes(args, MODES, ("train", "heldout", "candidates"))
-    budget = TRAINING[name]
+    budget = {**TRAINING[name], **({"dpo_steps": args.dpo_steps} if args.dpo_steps is not None else {})}
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="method-comparison-"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -250,7 +252,7 @@ def main() -> None:
               "pairs": len(read_jsonl(data.pairs)), "train_prompts": len(read_jsonl(data.train_prompts)),
               "heldout_prompts": len(read_jsonl(data.held_prompts)), "heldout_in_training": leaks,
               "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "budget": budget,
-              "revise": args.revise,
+              "revise": args.revise, "contrast": args.contrast,
               "max_new_tokens": size["new_tokens"], "temperature": args.temperature, "kl_coef": args.kl_coef,
               "learning_rate": args.learning_rate, "dpo_learning_rate": args.dpo_learning_rate,
               "dpo_beta": args.dpo_beta, "dpo_rpo_alpha": args.dpo_rpo_alpha, "lora_r": args.lora_r,

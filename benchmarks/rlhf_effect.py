@@ -247,6 +247,9 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revise", action=argparse.BooleanOptionalAction, default=False,
                         help="pairs through `generate-data preferences --revise`: the chosen answer is the "
                         "policy's best one edited by code to meet its constraints")
+    parser.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=False,
+                        help="with --revise: pairs through `generate-data preferences --contrast` too, each chosen "
+                        "answer against itself in a format its prompt did not ask for")
     parser.add_argument("--missing-eos-penalty", type=float, default=0.0, help="0: the checker already fails a "
                         "cut answer where it matters (end phrase, P.S., JSON, quotes); a penalty taught the quick "
                         "run's policies to stop early, which costs the at-least-N-words and bullet constraints")
@@ -299,7 +302,8 @@ def prepare(args: argparse.Namespace, size: dict[str, Any], out: Path, stages: S
                                "--temperature", args.temperature, "--concurrency", 32, "--seed", args.seed,
                                # a request waits for its turn in the batch: on 2 busy cores the default 60 s
                                # timed out 157 of 285 requests of a quick run (each retried from scratch)
-                               "--timeout", 3600, *(["--revise"] if args.revise else []), "--json"],
+                               "--timeout", 3600, *(["--revise"] if args.revise else []),
+                               *(["--contrast"] if args.contrast else []), "--json"],
                stdout_json=out / "preferences.json")
     n_pairs = len(read_jsonl(pairs))
     if n_pairs < 4:
@@ -420,7 +424,7 @@ def main() -> None:
         "heldout_prompts": len(read_jsonl(held_prompts)), "heldout_in_training": leaks,
         "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "steps": size["steps"],
         "batch_size": size["batch_size"], "candidates": size["candidates"], "revise": args.revise,
-        "max_new_tokens": size["new_tokens"],
+        "contrast": args.contrast, "max_new_tokens": size["new_tokens"],
         "temperature": args.temperature, "kl_coef": args.kl_coef, "learning_rate": args.learning_rate,
         "lora_r": args.lora_r, "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty,
         "seconds": round(sum(stages.seconds.values()), 1),  # all stages, over resumed runs too

@@ -17,7 +17,7 @@ TRAINED = ("ppo_rm", "dpo", "grpo", "rloo", "dpo_grpo")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("methods") / "run"
-    return out, one_json_line(run_tiny_benchmark(SCRIPT, out))
+    return out, one_json_line(run_tiny_benchmark(SCRIPT, out, "--contrast"))
 
 
 def test_one_entry_per_method_with_the_five_figures(tiny_run):
@@ -61,3 +61,15 @@ def test_the_pipeline_arm_starts_from_dpos_policy(tiny_run):
     started_from = {m: json.loads((out / m / "run.json").read_text())["config"]["policy"] for m in ("grpo", "dpo_grpo")}
     assert Path(started_from["dpo_grpo"]) == out / "dpo" / "policy"
     assert started_from["grpo"] != started_from["dpo_grpo"]
+
+
+def test_contrast_pairs_join_the_revised_ones(tiny_run):
+    out, result = tiny_run
+    assert result["revise"] and result["contrast"]
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    extra = [p for p in pairs if p["id"].endswith("-contrast")]
+    assert extra and len(extra) < len(pairs) == result["pairs"]
+    own = {p["id"]: p for p in pairs}
+    for p in extra:  # the pair's chosen answer against itself in a format its prompt did not ask for
+        assert p["chosen"] == own[p["id"].removesuffix("-contrast")]["chosen"] != p["rejected"]
+        assert p["margin"] == 0.0 and p["meta"]["contrast"] in {"quotes", "lowercase", "json", "title", "postscript"}

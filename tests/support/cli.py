@@ -78,11 +78,11 @@ def kill_when(argv: list[str], ready: Callable[[], bool], limit: float = 120) ->
         proc.stderr.close()
 
 
-def run_tiny_benchmark(script: Path, out: Path) -> subprocess.CompletedProcess:
+def run_tiny_benchmark(script: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
     """A benchmarks/ script in its --tiny mode (tiny random LLaMA, the fixtures) keeping its work in `out`. One
     torch thread for the stages that run alone too (those run side by side always get one): the tiny model gains
     nothing from a second, and on a busy 2-core machine OpenMP threads spin against the others."""
-    return subprocess.run([sys.executable, str(script), "--tiny", "--threads", "1", "--out", str(out)],
+    return subprocess.run([sys.executable, str(script), "--tiny", "--threads", "1", "--out", str(out), *flags],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
 
 
