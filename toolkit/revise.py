@@ -21,7 +21,7 @@ is only worth a pair when it satisfies more than the answer did.
 `contrast(answer, constraints, instruction, rng)` is the other half of the lesson: the answer with a format
 its prompt did *not* ask for (quotes, lowercase, JSON, a title, a P.S.), the rejected side of a pair against
 the answer itself. DPO on revised pairs alone learnt the formats but wrapped 74 of 200 held-out answers in
-quotes where 31 prompts asked (docs/method-comparison.md#contrast-pairs).
+quotes where 31 prompts asked (docs/method-comparison.md, "Contrast pairs").
 """
 
 from __future__ import annotations

@@ -183,6 +183,7 @@ def test_preferences_contrast_adds_a_pair_that_the_checker_ties(tmp_path):
             "--contrast", "--json")
     code, stdout, stderr = cli(*args)
     assert code == 0, stderr
+    assert json.loads(stdout)["contrast_rows"] == 1
     pair, extra = [json.loads(line) for line in out.read_text().splitlines()]
     assert (pair["chosen"], pair["rejected"]) == ("mars is red.", "Mars.")
     assert extra["id"] == pair["id"] + "-contrast" and extra["chosen"] == pair["chosen"]

@@ -547,6 +547,8 @@ async def run_jobs(jobs: list[Job], files: OutputFiles, options: RunOptions, tit
                             # an extra row, never writes one twice
                             for suffix, extra in extras:
                                 journal.write("rows", {"id": f"{job.id}-{suffix}", **extra})
+                                key = f"{suffix} rows"
+                                summary.extra[key] = summary.extra.get(key, 0) + 1
                             summary.done += 1
                             if on_row is not None:
                                 on_row(row)
