@@ -134,12 +134,13 @@ def test_preferences_revise_pairs_the_edited_best_answer_against_itself(tmp_path
     assert pairs[0]["meta"]["chosen"]["source"] == "revised"
 
 
-def test_preferences_revise_needs_the_constraints_scorer(tmp_path):
+def test_preferences_revise_and_contrast_need_the_constraints_scorer(tmp_path):
     src = tmp_path / "p.jsonl"
     src.write_text(json.dumps({"prompt": "Hi.", "responses": ["a", "bb"]}) + "\n")
-    code, _, stderr = cli("generate-data", "preferences", "--prompts", src, "--out", tmp_path / "o.jsonl",
-                          "--scorer", "rules:length", "--revise")
-    assert code == 2 and "--revise edits answers by each row's constraints" in stderr, stderr
+    for flag in ("--revise", "--contrast"):
+        code, _, stderr = cli("generate-data", "preferences", "--prompts", src, "--out", tmp_path / "o.jsonl",
+                              "--scorer", "rules:length", flag)
+        assert code == 2 and f"{flag} edits answers by each row's constraints" in stderr, stderr
 
 
 def test_contrast_applies_only_a_format_the_prompt_did_not_ask_for():
