@@ -24,6 +24,8 @@ change over the base on the same prompts with its 95% interval.
     .venv/bin/python benchmarks/method_comparison.py --quick --parallel --out /tmp/methods-quick
     .venv/bin/python benchmarks/method_comparison.py --no-revise --dpo-rpo-alpha 0 --out /tmp/methods-natural
         # pairs best against worst of the policy's own answers, plain DPO (the default is the recipe: --revise, RPO)
+    .venv/bin/python benchmarks/method_comparison.py --contrast --dpo-steps 150 --out /tmp/methods-contrast
+        # contrast pairs too: DPO's gold at less KL (docs/method-comparison.md, "Contrast pairs")
     .venv/bin/python benchmarks/method_comparison.py --tiny --out DIR        # tiny random LLaMA: tests only
 """
 
