@@ -248,7 +248,7 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pairs through `generate-data preferences --revise`: the chosen answer is the "
                         "policy's best one edited by code to meet its constraints")
     parser.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=False,
-                        help="with --revise: pairs through `generate-data preferences --contrast` too, each chosen "
+                        help="pairs through `generate-data preferences --contrast` too: after each pair, its chosen "
                         "answer against itself in a format its prompt did not ask for")
     parser.add_argument("--missing-eos-penalty", type=float, default=0.0, help="0: the checker already fails a "
                         "cut answer where it matters (end phrase, P.S., JSON, quotes); a penalty taught the quick "
