@@ -4,6 +4,8 @@ CLI on a tiny random LLaMA and the fixtures; then checks on its JSON line and on
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,34 @@ def test_contrast_pairs_join_the_revised_ones(tiny_run):
     for p in extra:  # the pair's chosen answer against itself in a format its prompt did not ask for
         assert p["chosen"] == own[p["id"].removesuffix("-contrast")]["chosen"] != p["rejected"]
         assert p["margin"] == 0.0 and p["meta"]["contrast"] in {"quotes", "lowercase", "json", "title", "postscript"}
+
+
+def test_gold_against_kl_reads_the_same_changes_from_the_eval_dirs(tiny_run, tmp_path):
+    out, result = tiny_run
+    figure = tmp_path / "gold-vs-kl.png"
+    runs = [f"{m}={out / f'eval-{m}'}" for m in ("dpo", "grpo", "dpo_grpo")]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gold_vs_kl.py"), "--plot", str(figure),
+                           "--kl-budget", "0.5", "--goal", "20", "--chain", "dpo,dpo_grpo", *runs],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    frontier = one_json_line(proc)
+    assert frontier["base_gold"] == pytest.approx(result["base"]["gold"], abs=1e-4)
+    for method in ("dpo", "grpo", "dpo_grpo"):
+        run = frontier["runs"][method]
+        assert run["change"] == result["gold_change"][method]["points"], method
+        assert run["ci95"] == result["gold_change"][method]["ci95"], method
+        assert run["kl"] == pytest.approx(result[method]["kl"], abs=1e-3), method
+    assert frontier["inside_budget"] == sorted((m for m in frontier["runs"] if frontier["runs"][m]["kl"] < 0.5),
+                                               key=lambda m: -frontier["runs"][m]["change"])
+    assert figure.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("runs, message", [(["dpo"], "expected LABEL=EVAL_DIR"),
+                                           (["dpo=/nonexistent/eval"], "summary.json: not found"),
+                                           (["dpo=EVAL", "--chain", "dpo,ppo"], "'ppo', which is not a run")])
+def test_gold_against_kl_refuses_what_it_cannot_pair(tiny_run, tmp_path, runs, message):
+    out, _ = tiny_run
+    runs = [r.replace("EVAL", str(out / "eval-dpo")) for r in runs]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gold_vs_kl.py"), "--plot",
+                           str(tmp_path / "f.png"), *runs], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert not (tmp_path / "f.png").exists()
