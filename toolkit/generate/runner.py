@@ -399,7 +399,7 @@ class _Journal:
                 if item is None:
                     stop = True
                 else:
-                    by_kind.setdefault(item[0], []).append(item[1])
+                    by_kind.setdefault(item[0], []).extend(item[1])
             try:
                 for kind, rows in by_kind.items():
                     self._writer(kind).write_many(rows)
@@ -407,10 +407,11 @@ class _Journal:
                 self._error = err
                 return
 
-    def write(self, kind: str, row: dict) -> None:
+    def write(self, kind: str, *rows: dict) -> None:
+        """Queue rows that reach the file together, in one group commit."""
         if self._error is not None:
             raise self._error
-        self._queue.put((kind, row))
+        self._queue.put((kind, rows))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -542,11 +543,11 @@ async def run_jobs(jobs: list[Job], files: OutputFiles, options: RunOptions, tit
                         else:
                             extras = result.pop(EXTRA_ROWS, [])
                             row = {"id": job.id, **result}
-                            journal.write("rows", row)
-                            # after the job's own row, whose id marks the job done: a kill in between loses
-                            # an extra row, never writes one twice
-                            for suffix, extra in extras:
-                                journal.write("rows", {"id": f"{job.id}-{suffix}", **extra})
+                            # the job's row (its id marks the job done) and its extra rows in one append: a
+                            # kill never keeps the one without the others, nor writes an extra row twice
+                            journal.write("rows", row, *({"id": f"{job.id}-{suffix}", **extra}
+                                                         for suffix, extra in extras))
+                            for suffix, _ in extras:
                                 key = f"{suffix} rows"
                                 summary.extra[key] = summary.extra.get(key, 0) + 1
                             summary.done += 1
