@@ -128,7 +128,7 @@ def _load_models(cfg: PPOConfig, longest_prompt: int,
     elif not cfg.lora:
         ref_lm = frozen(load_causal_lm(cfg.policy, dtype=dtype)[0]) if partitioned else frozen_copy(lm)
     if cfg.lora:
-        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target, task_type="CAUSAL_LM")
+        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target, task_type="CAUSAL_LM", base=cfg.policy)
     if cfg.gradient_checkpointing:
         causal_lm(lm).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.train()  # checkpointing only acts in train mode; dropout is already off

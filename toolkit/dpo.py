@@ -440,7 +440,8 @@ def _set_up(cfg: DPOConfig) -> _Run:
         reference = _frozen(load_causal_lm(cfg.policy, dtype=dtype)[0] if partitioned else copy.deepcopy(model),
                             accelerator.device)
     model = make_trainable(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                           lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
+                           lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing,
+                           base=cfg.policy)
 
     # Each process takes its share of every optimizer step's micro-batches.
     per_epoch = math.ceil(len(pairs) / cfg.batch_size)

@@ -295,7 +295,8 @@ def _set_up(cfg: SFTConfig) -> _Run:
         console.print("[yellow]warning:[/] " + escape(set_aside_warning(stats["bad_rows"])), highlight=False,
                       soft_wrap=True)
     model = make_trainable(model, lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                           lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing)
+                           lora_target=cfg.lora_target, gradient_checkpointing=cfg.gradient_checkpointing,
+                           base=cfg.model)
 
     # Each process takes its share of every optimizer step's micro-batches.
     per_epoch = math.ceil(len(examples) / cfg.batch_size)

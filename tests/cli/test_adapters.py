@@ -137,6 +137,29 @@ def test_rlhf_policy_can_be_an_adapter(tiny_llama_dir, adapter, tmp_path, ids):
     assert ModelCard.load(out / "policy" / "README.md").data.tags == ["llamakit", "rlhf", "ppo"]
 
 
+@pytest.mark.parametrize("command", ["rlhf", "dpo"])
+def test_a_checkpoints_adapter_loads_from_anywhere_on_the_policy_the_run_loaded(tiny_llama_dir, adapter, tmp_path,
+                                                                                 ids, monkeypatch, command):
+    """--policy given relative to the working directory, and itself an adapter: the LoRA adapter in
+    checkpoints/step-1 names the policy directory by its absolute path (not 'policy-in/' as typed, nor the first
+    adapter's own base), so from another directory it loads onto base + first adapter: the saved policy's logits."""
+    import shutil
+
+    shutil.copytree(adapter, tmp_path / "policy-in")
+    monkeypatch.chdir(tmp_path)
+    args = {"rlhf": ("--reward", "rules:length", "--prompts", PROMPTS, "--learning-rate", "5e-2", *RLHF_TINY),
+            "dpo": ("--data", hh_slice(tmp_path / "pairs.jsonl", 0, 4), "--max-steps", "1", *DPO_TINY)}[command]
+    code, _, err = cli(command, "--policy", "policy-in", "--out", "run", "--lora", "--lora-r", "4", "--save-every",
+                       "1", *args)
+    assert code == 0, err
+    checkpoint = next((tmp_path / "run" / "checkpoints").iterdir()) / ("policy" if command == "rlhf" else "model")
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "policy-in")
+    monkeypatch.chdir(tiny_llama_dir)  # anywhere else
+    torch.testing.assert_close(logits_of(load_causal_lm(checkpoint)[0], ids),
+                               logits_of(load_causal_lm(tmp_path / "run" / "policy")[0], ids), atol=1e-5, rtol=0)
+
+
 def test_serve_an_adapter(tiny_llama_dir, adapter):
     """The real server on an adapter dir: its first-token log-probs are base + adapter's (plain peft)."""
     import openai

@@ -33,27 +33,37 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def add_lora(model: nn.Module, r: int, alpha: int | None = None, target: str = "all-linear",
-             task_type: str | None = None) -> nn.Module:
+             task_type: str | None = None, base: str | None = None) -> nn.Module:
     """`model` wrapped by peft with LoRA adapters of rank `r` (α = 2r unless given) on `target`: all-linear
-    or a comma list of module names. `task_type` "CAUSAL_LM" for a causal LM; None for a bare backbone."""
+    or a comma list of module names. `task_type` "CAUSAL_LM" for a causal LM; None for a bare backbone.
+
+    `base`, the model the run loaded (alias, directory or adapter directory), becomes the adapter's
+    base_model_name_or_path as an absolute local directory: peft would record the path as typed (relative to
+    the directory the run started in) or, for an adapter the run merged, the adapter's own base, so a
+    checkpoint's adapter would load from nowhere else, or on the wrong weights."""
     from peft import LoraConfig, get_peft_model
+
+    from toolkit.models import resolve
 
     targets: str | list[str] = "all-linear" if target == "all-linear" else [t.strip() for t in target.split(",")]
     config = LoraConfig(r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=0.0,
                         target_modules=targets, bias="none", task_type=task_type)
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"--lora-target {target}: {err}") from None
+    if base is not None:
+        model.peft_config["default"].base_model_name_or_path = str(resolve(base).resolve())
+    return model
 
 
 def make_trainable(model: nn.Module, *, lora: bool, lora_r: int, lora_alpha: int, lora_target: str,
-                   gradient_checkpointing: bool) -> nn.Module:
+                   gradient_checkpointing: bool, base: str) -> nn.Module:
     """A loaded causal LM ready for a supervised-style trainer (sft, dpo): dropout off, the LoRA adapter when
-    asked, gradient checkpointing when asked, train mode."""
+    asked (on `base`, the model loaded: see add_lora), gradient checkpointing when asked, train mode."""
     disable_dropout(model)
     if lora:
-        model = add_lora(model, lora_r, lora_alpha, lora_target, task_type="CAUSAL_LM")
+        model = add_lora(model, lora_r, lora_alpha, lora_target, task_type="CAUSAL_LM", base=base)
     if gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
