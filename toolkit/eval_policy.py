@@ -18,6 +18,10 @@ here, so the KL is reported as unavailable. Only one local model is in memory at
 With --best-of N (and --reward), each answer row of each side is the best of N candidates under the reward
 model: all N x rows candidates are generated in one batched pass, scored, and the highest-scoring one (ties: the
 first) is the answer every metric sees. Candidate c of a row has its own seed, the same on both sides.
+
+With --baseline-answers DIR, BASE's answers are read from an earlier run's OUT instead of generated again (the
+same BASE, prompts, seeds and sampling settings, checked): one base, many checkpoints, half the generation.
+BASE is still loaded for the log-probs of the KL; every score is computed again.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class EvalConfig:
     judge_max_tokens: int = 256
     out: str | None = None
     overwrite: bool = False
+    baseline_answers: str | None = None  # an earlier eval-policy OUT whose BASE answers are reused
 
 
 @dataclass(frozen=True)
@@ -400,11 +405,17 @@ def keep_best(side: Side, questions: Sequence[str], rm: Any, n: int) -> None:
 
 def run_side(name: str, source: Source, ids: Sequence[list[int]] | None, cfg: EvalConfig,
              prompts: Sequence[TokenizedPrompt], bar: Any, rm: Any = None, logprobs_of: Sequence[Answer] | None = None,
-             own_logprobs: bool = False) -> Side:
+             own_logprobs: bool = False, given: tuple[list[Answer], float] | None = None) -> Side:
     """Answer every (prompt, sample) row with one side (`ids`: a local side's encoded prompts per row), with
-    --best-of the best of N candidates under `rm`. A local side also takes the teacher-forced log-probs of
-    `logprobs_of` (POLICY's answers, for the KL; its own answers with `own_logprobs`), each under this side's
-    own encoding of its prompt."""
+    --best-of the best of N candidates under `rm`; or take the `given` (answers, seconds) of an earlier run. A
+    local side also takes the teacher-forced log-probs of `logprobs_of` (POLICY's answers, for the KL; its own
+    answers with `own_logprobs`), each under this side's own encoding of its prompt."""
+    if given is not None:
+        side = Side(name, source, *given)
+        if source.local and logprobs_of is not None:
+            _with_model(source, cfg, lambda model, tokenizer: _logprobs(side, model, tokenizer, ids, logprobs_of,
+                                                                      cfg, bar))
+        return side
     n = cfg.best_of
     questions = [p.text for p in prompts for _ in range(cfg.samples)]
     seeds = answer_seeds(cfg, len(questions))
@@ -417,27 +428,39 @@ def run_side(name: str, source: Source, ids: Sequence[list[int]] | None, cfg: Ev
         if n > 1:
             keep_best(side, questions, rm, n)
         return side
+
+    def answer(model: Any, tokenizer: Any) -> Side:
+        start = time.perf_counter()  # generation only, as tokens_per_s reports it
+        side = Side(name, source, generate_local(model, tokenizer, [i for i in ids for _ in range(n)], seeds, cfg,
+                                                 advance), time.perf_counter() - start)
+        if n > 1:
+            keep_best(side, questions, rm, n)
+        if own_logprobs or logprobs_of is not None:
+            _logprobs(side, model, tokenizer, ids, side.answers if own_logprobs else logprobs_of, cfg, bar)
+        return side
+
+    return _with_model(source, cfg, answer)
+
+
+def _with_model(source: Source, cfg: EvalConfig, work: Callable[[Any, Any], Any]) -> Any:
+    """`work(model, tokenizer)` with the side's local model loaded, freed afterwards (one model in memory)."""
     import torch
 
     from toolkit.models import load_causal_lm
 
     model, tokenizer = load_causal_lm(source.path, dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
     try:
-        start = time.perf_counter()  # generation only, as tokens_per_s reports it
-        side = Side(name, source, generate_local(model, tokenizer, [i for i in ids for _ in range(n)], seeds, cfg,
-                                                 advance), time.perf_counter() - start)
-        if n > 1:
-            keep_best(side, questions, rm, n)
-        if own_logprobs:
-            logprobs_of = side.answers
-        if logprobs_of is not None:
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            side.logprobs = answer_logprobs(model, pad_id, ids, [a.token_ids for a in logprobs_of], cfg.temperature,
-                                            _task(bar, f"log-probs ({name})", len(logprobs_of)))
-        return side
+        return work(model, tokenizer)
     finally:
         del model
         gc.collect()
+
+
+def _logprobs(side: Side, model: Any, tokenizer: Any, ids: Sequence[list[int]], of: Sequence[Answer],
+              cfg: EvalConfig, bar: Any) -> None:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    side.logprobs = answer_logprobs(model, pad_id, ids, [a.token_ids for a in of], cfg.temperature,
+                                    _task(bar, f"log-probs ({side.name})", len(of)))
 
 
 def _task(bar: Any, description: str, total: int) -> Callable[[int], None]:
@@ -509,6 +532,9 @@ def check(cfg: EvalConfig) -> tuple[Any, list[TokenizedPrompt]]:
     if cfg.best_of > 1 and cfg.temperature == 0:
         raise UserError(f"--best-of {cfg.best_of} needs --temperature > 0: greedy decoding gives {cfg.best_of} "
                         "identical answers")
+    if cfg.baseline_answers and not cfg.baseline:
+        raise UserError("--baseline-answers reuses BASE's answers of an earlier run: give --baseline too (the same "
+                        "BASE, loaded for the KL)")
     if cfg.judge and not cfg.baseline:
         raise UserError("--judge compares POLICY's answers with BASE's: give --baseline too")
     if cfg.scorer and not cfg.scorer.startswith("rules"):
@@ -531,6 +557,52 @@ def check(cfg: EvalConfig) -> tuple[Any, list[TokenizedPrompt]]:
     if cfg.reward and cfg.reward.startswith("rules"):
         raise UserError(f"--reward takes a reward-model directory, got '{cfg.reward}': rules go to --scorer")
     return scorer, prompts
+
+
+# what decides BASE's answers besides the model and the prompts: an earlier run's answers are reused only when equal
+ANSWER_SETTINGS = ("samples", "temperature", "max_new_tokens", "seed", "bf16", "system_prompt", "chat_template")
+ANSWER_DEFAULTS = {"system_prompt": "", "chat_template": True}  # not recorded by runs before --baseline-answers
+
+
+def reused_baseline(cfg: EvalConfig, source: Source, rows: Sequence[tuple[TokenizedPrompt, int]]
+                    ) -> tuple[list[Answer], float]:
+    """BASE's answers and generation seconds from --baseline-answers DIR, in this run's row order; refused in one
+    line when DIR's BASE, prompts or sampling settings differ from this run's."""
+    directory = Path(cfg.baseline_answers)
+    summary_file, answers_file = directory / "summary.json", directory / "answers.jsonl"
+    flag = "--baseline-answers"
+    for needed in (summary_file, answers_file):
+        if not needed.is_file():
+            raise UserError(f"{flag}: no {needed.name} here (an earlier `eval-policy --baseline ... --out DIR`)",
+                            file=str(directory))
+    try:
+        earlier = json.loads(summary_file.read_text(encoding="utf-8"))
+        base = earlier["baseline"]
+        answered = [json.loads(line) for line in answers_file.read_text(encoding="utf-8").splitlines() if line]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{flag}: cannot read the earlier run: {err}", file=str(directory)) from None
+    if not base:
+        raise UserError(f"{flag}: that run had no --baseline", file=str(summary_file))
+    if cfg.best_of > 1 or earlier.get("best_of", 1) > 1:
+        raise UserError(f"{flag} reuses single answers: not with --best-of (here or in the earlier run)")
+    theirs = base.get("path") or base.get("model")
+    ours = str(source.path) if source.local else source.spec
+    same = Path(theirs).resolve() == source.path.resolve() if source.local and base.get("path") else theirs == ours
+    if not same:
+        raise UserError(f"{flag}: that run's BASE was {theirs}, this one's is {ours}", file=str(summary_file))
+    for key in ANSWER_SETTINGS:
+        if earlier.get(key, ANSWER_DEFAULTS.get(key)) != getattr(cfg, key):
+            raise UserError(f"{flag}: that run's --{key.replace('_', '-')} was {earlier.get(key)!r}, this one's "
+                            f"is {getattr(cfg, key)!r} (BASE would answer otherwise)", file=str(summary_file))
+    by_row = {(r.get("prompt"), r.get("sample")): r for r in answered if r.get("policy") == "baseline"}
+    answers = []
+    for p, j in rows:
+        row = by_row.get((p.text, j))
+        if row is None:
+            raise UserError(f"{flag}: that run has no BASE answer to prompt row {p.row} (sample {j}): other prompts",
+                            file=str(answers_file))
+        answers.append(Answer(row["answer"], row["finish_reason"], row["tokens"]))
+    return answers, float(base.get("seconds") or 0.0)
 
 
 def load_reward(cfg: EvalConfig) -> Any:
@@ -562,6 +634,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     why_no_kl = kl_unavailable(sources["policy"], sources.get("baseline"), tokenizers)
     rm = load_reward(cfg)
     rows = [(p, j) for p in prompts for j in range(cfg.samples)]
+    reused = reused_baseline(cfg, sources["baseline"], rows) if cfg.baseline_answers else None
     # transient: a failure half-way is one line on the terminal, not bars and a line
     with progress(transient=True) as bar:
         # POLICY's log-probs of its own answers are taken teacher-forced, exactly as BASE's of the same answers
@@ -570,7 +643,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         baseline = None
         if cfg.baseline:
             baseline = run_side("baseline", sources["baseline"], ids.get("baseline"), cfg, prompts, bar, rm,
-                                logprobs_of=policy.answers if why_no_kl is None else None)
+                                logprobs_of=policy.answers if why_no_kl is None else None, given=reused)
         for side in (policy, baseline):
             if side is not None:
                 score_side(side, rows, scorer, rm)
@@ -643,7 +716,9 @@ def summarize(cfg: EvalConfig, policy: Side, baseline: Side | None, kls: list[fl
             "win_rate": wins, "interval": INTERVAL if wins else None,
             "prompts": n_prompts, "samples": cfg.samples, "best_of": cfg.best_of, "prompts_file": cfg.prompts,
             "scorer": cfg.scorer, "reward_model": cfg.reward, "judge": cfg.judge, "temperature": cfg.temperature,
-            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "bf16": cfg.bf16, "out": cfg.out}
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "bf16": cfg.bf16,
+            "system_prompt": cfg.system_prompt, "chat_template": cfg.chat_template,
+            "baseline_answers": cfg.baseline_answers, "out": cfg.out}
 
 
 def prompt_id(p: TokenizedPrompt) -> str:

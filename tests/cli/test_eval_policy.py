@@ -253,6 +253,73 @@ def test_a_perturbed_policy_from_its_run_dir_has_kl_and_reward_means(perturbed_r
     assert by_reward["rate"] == pytest.approx(sum(expected) / len(expected))
 
 
+@pytest.fixture(scope="module")
+def perturbed_eval(perturbed_run, tiny_llama_dir, prompts, tiny_rm, work) -> tuple[Path, tuple]:
+    args = (perturbed_run, "--prompts", prompts, "--baseline", tiny_llama_dir, "--reward", tiny_rm, "--scorer",
+            "rules:constraints", *TINY)
+    out = work / "perturbed-first"
+    rc, _, err = cli("eval-policy", *args, "--out", out)
+    assert rc == 0, err
+    return out, args
+
+
+def test_reused_base_answers_give_the_run_that_generated_them(perturbed_eval, work):
+    first, args = perturbed_eval
+    again = work / "perturbed-reused"
+    rc, _, err = cli("eval-policy", *args, "--baseline-answers", first, "--out", again)
+    assert rc == 0, err
+    assert rows_of(again) == rows_of(first)  # same answers, scores, rewards and per-answer KL
+    before, after = (json.loads((d / "summary.json").read_text()) for d in (first, again))
+    for summary in (before, after):  # timings: the policy's are its own; the base's are the first run's
+        for key in ("seconds", "out", "baseline_answers"):
+            summary.pop(key)
+        for key in ("seconds", "tokens_per_s"):
+            summary["policy"].pop(key)
+    # from the first run's seconds, as rounded in its summary
+    assert after["baseline"].pop("tokens_per_s") == pytest.approx(before["baseline"].pop("tokens_per_s"), rel=0.01)
+    assert after == before
+
+
+def test_reused_base_answers_are_read_not_generated(perturbed_eval, work):
+    """A base answer edited in the earlier run's file is the one this run scores."""
+    first, args = perturbed_eval
+    edited = work / "perturbed-edited"
+    shutil.copytree(first, edited)
+    rows = rows_of(edited)
+    k = next(i for i, r in enumerate(rows) if r["policy"] == "baseline")
+    rows[k]["answer"] = "a base answer written by hand"
+    (edited / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = work / "perturbed-from-edited"
+    rc, _, err = cli("eval-policy", *args, "--baseline-answers", edited, "--out", out)
+    assert rc == 0, err
+    assert rows_of(out)[k]["answer"] == "a base answer written by hand"
+    assert rows_of(out)[k]["words"] == 6  # measured again on the text read
+    assert [r["answer"] for r in rows_of(out) if r["policy"] == "policy"] == \
+        [r["answer"] for r in rows if r["policy"] == "policy"]
+
+
+def test_reused_base_answers_from_another_setting_are_refused(perturbed_eval, perturbed_run, tiny_llama_dir, prompts,
+                                                              tmp_path):
+    first, args = perturbed_eval
+    out = tmp_path / "out"
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "Name a fruit."}) + "\n")
+    cases = [
+        ((*args, "--temperature", "0.5"), "that run's --temperature was 1.0, this one's is 0.5"),
+        ((*args, "--seed", "1"), "--seed was 0"),
+        ((perturbed_run, "--prompts", prompts, "--baseline", perturbed_run, *TINY), "that run's BASE was"),
+        ((perturbed_run, "--prompts", prompts, *TINY), "give --baseline too"),
+        ((*args, "--limit", "3", "--samples", "2"), "--samples was 1"),
+        ((perturbed_run, "--prompts", plain, "--baseline", tiny_llama_dir, *TINY), "no BASE answer to prompt row 1"),
+    ]
+    for extra, expected in cases:
+        rc, _, err = cli("eval-policy", *extra, "--baseline-answers", first, "--out", out)
+        assert expected in one_line_error(rc, err), (extra, err)
+        assert not out.exists()
+    rc, _, err = cli("eval-policy", *args, "--baseline-answers", tmp_path, "--out", out)
+    assert "no summary.json here" in one_line_error(rc, err)
+
+
 def test_a_served_baseline_and_judge_through_llamakit_serve(tiny_server, tiny_llama_dir, prompts, monkeypatch):
     monkeypatch.setenv("LLAMAKIT_TEST_KEY", API_KEY)
     rc, stdout, err = cli("eval-policy", tiny_llama_dir, "--prompts", prompts, "--baseline", "openai:tiny",

@@ -17,6 +17,9 @@ MODEL_HELP = ("an embedded alias (smollm2-135m), a Hugging Face directory, an sf
 @click.option("--prompts", required=True, type=NonEmptyPath(),
               help="Held-out prompts: JSONL/JSON rows (prompt | messages | instruction | conversations) or .txt.")
 @click.option("--baseline", type=NON_EMPTY, default=None, help=f"BASE to compare with: {MODEL_HELP}.")
+@click.option("--baseline-answers", type=NonEmptyPath(file_okay=False), default=None,
+              help="An earlier eval-policy --out with the same BASE, prompts and sampling settings: BASE's answers "
+                   "are read from it, not generated again (BASE still loads for the KL).")
 @click.option("--scorer", type=NON_EMPTY, default=None,
               help="Rule scorers, e.g. rules:constraints (per constraint family too) or rules:length,refusal.")
 @click.option("--reward", type=NonEmptyPath(file_okay=False), default=None,
