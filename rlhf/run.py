@@ -236,7 +236,7 @@ def finish_run(run: Run, last_saved: int, update_stats: dict[str, torch.Tensor])
 def _save_policy(run: Run, target: Path, step: int, final: dict[str, Any]) -> Path:
     """OUT/adapter (--save-adapter) before the merge, then the merged policy with its manifest and model card."""
     cfg, lm = run.cfg, run.unwrapped.lm
-    adapter = save_adapter(lm, run.tokenizer, run.out / "adapter", cfg.policy, "rlhf-adapter") \
+    adapter = save_adapter(lm, run.tokenizer, run.out / "adapter", "rlhf-adapter") \
         if cfg.save_adapter else None
     card = render_card(method="rlhf", tags=(cfg.algo,), summary=f"RLHF ({cfg.algo.upper()}) against the reward "
                        f"`{cfg.reward}`", base=cfg.policy, data=cfg.prompts, rows=len(run.prompts), unit="prompts",

@@ -738,7 +738,7 @@ def _save_policy(run: _Run, target: Path, step: int, metrics: dict[str, Any]) ->
     from toolkit.training.export import save_adapter, save_model
 
     cfg = run.cfg
-    adapter = save_adapter(run.unwrapped, run.tokenizer, run.out / "adapter", cfg.policy, "dpo-adapter") \
+    adapter = save_adapter(run.unwrapped, run.tokenizer, run.out / "adapter", "dpo-adapter") \
         if cfg.save_adapter else None
     card = render_card(method="dpo", summary=f"Direct Preference Optimization ({cfg.loss} loss, β = {cfg.beta})",
                        base=cfg.policy, data=cfg.data, rows=run.stats["pairs"], unit="pairs",

@@ -429,7 +429,7 @@ def _save_model(run: _Run, target: Path, step: int, final: dict[str, Any]) -> Pa
     from toolkit.training.export import save_adapter, save_model
 
     cfg = run.cfg
-    adapter = save_adapter(run.unwrapped, run.tokenizer, run.out / "adapter", cfg.model, "sft-adapter") \
+    adapter = save_adapter(run.unwrapped, run.tokenizer, run.out / "adapter", "sft-adapter") \
         if cfg.save_adapter else None
     card = render_card(method="sft", summary="Supervised fine-tuning (loss on assistant tokens only)", base=cfg.model,
                        data=cfg.data, rows=run.stats["rows"], unit="conversations", config=dataclasses.asdict(cfg),

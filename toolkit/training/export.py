@@ -10,18 +10,14 @@ from typing import Any
 from torch import nn
 
 from toolkit.io import atomic_dir, write_json
-from toolkit.models import resolve
 
 CARD = "README.md"  # where the Hub and huggingface_hub.ModelCard.load look
 
 
-def save_adapter(model: nn.Module, tokenizer: Any, target: Path, base: str, kind: str) -> Path:
-    """The peft adapter of `model` alone (adapter_config.json + adapter_model.safetensors) and the tokenizer.
-    Its base_model_name_or_path is the absolute local directory the run loaded `base` from (an embedded alias's
-    converted copy, the directory given, or an adapter directory whose merged model was trained on), so peft's
-    AutoPeftModelForCausalLM, PeftModel.from_pretrained and llamakit all find it again from any directory."""
-    config = model.peft_config["default"]
-    config.base_model_name_or_path = str(resolve(base).resolve())
+def save_adapter(model: nn.Module, tokenizer: Any, target: Path, kind: str) -> Path:
+    """The peft adapter of `model` alone (adapter_config.json + adapter_model.safetensors) and the tokenizer. Its
+    base_model_name_or_path is the absolute directory `add_lora(..., base=...)` recorded, so peft's
+    AutoPeftModelForCausalLM, PeftModel.from_pretrained and llamakit all find the base again from any directory."""
     with atomic_dir(target, kind, overwrite=True) as tmp:  # inside this run's own --out
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
