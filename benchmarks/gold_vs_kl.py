@@ -16,6 +16,7 @@ path in gold–KL space). Prints ONE JSON line {"base_gold", "runs": {LABEL: {..
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.rlhf_effect import _r, gold_change  # noqa: E402 - after the path set-up, as a script
+from benchmarks.rlhf_effect import _r, gold_change, read_jsonl  # noqa: E402 - after the path set-up, as a script
 
 
 def read_run(directory: Path) -> dict[str, Any]:
@@ -43,7 +44,13 @@ def read_run(directory: Path) -> dict[str, Any]:
             "change": change["points"], "ci95": change["ci95"], "n": change["n"],
             "kl": _r(summary["kl"], 3), "kl_sem": _r(summary.get("kl_sem"), 3),
             "words": _r(summary["policy"]["words"], 1), "eos_rate": _r(summary["policy"]["eos_rate"], 3),
-            "prompts_file": summary.get("prompts_file"), "seed": summary.get("seed")}
+            "prompts": _prompts_digest(answers_file), "seed": summary.get("seed")}
+
+
+def _prompts_digest(answers: Path) -> str:
+    """Which prompts (and samples) were answered, by content: the same file under another path is the same set."""
+    keys = sorted({f"{row['prompt_id']}/{row['sample']}" for row in read_jsonl(answers)})
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:12]
 
 
 def parse_run(text: str) -> tuple[str, Path]:
@@ -110,13 +117,13 @@ def main() -> None:
             parser.error(f"--chain names {label!r}, which is not a run")
     results = {label: read_run(directory) for label, directory in runs.items()}
     # a paired change only compares with another measured on the same prompts, with the same base answers
-    for key in ("base_gold", "prompts_file", "seed", "n"):
+    for key in ("base_gold", "prompts", "seed", "n"):
         values = {label: r[key] for label, r in results.items()}
         if len(set(values.values())) > 1:
             raise SystemExit(f"error: the runs differ in {key}: {values} (same prompts, base and seed needed)")
     base_gold = next(iter(results.values()))["base_gold"]
     for r in results.values():
-        for key in ("base_gold", "prompts_file", "seed"):
+        for key in ("base_gold", "prompts", "seed"):
             del r[key]
     plot(args.plot, results, chains, args.kl_budget, args.goal, args.title)
     inside = sorted((label for label, r in results.items() if args.kl_budget is None or r["kl"] < args.kl_budget),

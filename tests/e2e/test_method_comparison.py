@@ -4,6 +4,7 @@ CLI on a tiny random LLaMA and the fixtures; then checks on its JSON line and on
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,23 @@ def test_gold_against_kl_refuses_what_it_cannot_pair(tiny_run, tmp_path, runs, m
                            str(tmp_path / "f.png"), *runs], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0 and message in proc.stderr
     assert not (tmp_path / "f.png").exists()
+
+
+def test_gold_against_kl_pairs_runs_by_the_prompts_they_answered(tiny_run, tmp_path):
+    """Same prompts under another path pair; one prompt fewer does not, whatever the path says."""
+    out, _ = tiny_run
+    moved, cut = tmp_path / "moved", tmp_path / "cut"
+    shutil.copytree(out / "eval-dpo", moved)
+    shutil.copytree(out / "eval-dpo", cut)
+    rows = [json.loads(line) for line in (cut / "answers.jsonl").read_text().splitlines()]
+    (cut / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows
+                                               if r["prompt_id"] != rows[0]["prompt_id"]))
+
+    def gold_vs_kl(*runs: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gold_vs_kl.py"), "--plot",
+                               str(tmp_path / "f.png"), *runs], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+    paired = one_json_line(gold_vs_kl(f"dpo={out / 'eval-dpo'}", f"moved={moved}"))
+    assert paired["runs"]["moved"] == paired["runs"]["dpo"]
+    proc = gold_vs_kl(f"dpo={out / 'eval-dpo'}", f"cut={cut}")
+    assert proc.returncode != 0 and "the runs differ in prompts" in proc.stderr
