@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.rlhf_effect import _r, gold_change, read_jsonl  # noqa: E402 - after the path set-up, as a script
+from benchmarks.rlhf_effect import _r, paired_gold_change, read_jsonl  # noqa: E402 - after the path set-up, as a script
 
 
 def read_run(directory: Path) -> dict[str, Any]:
@@ -37,19 +37,20 @@ def read_run(directory: Path) -> dict[str, Any]:
     summary = json.loads(summary_file.read_text())
     if summary.get("baseline") is None or summary["policy"].get("scorer") is None:
         raise SystemExit(f"error: {summary_file}: needs a --baseline and a --scorer run")
-    change = gold_change(answers_file)
+    answers = read_jsonl(answers_file)
+    change = paired_gold_change(answers)
     if change["points"] is None:
         raise SystemExit(f"error: {answers_file}: fewer than 2 prompts answered by both sides")
     return {"gold": _r(summary["policy"]["scorer"]), "base_gold": _r(summary["baseline"]["scorer"]),
             "change": change["points"], "ci95": change["ci95"], "n": change["n"],
             "kl": _r(summary["kl"], 3), "kl_sem": _r(summary.get("kl_sem"), 3),
             "words": _r(summary["policy"]["words"], 1), "eos_rate": _r(summary["policy"]["eos_rate"], 3),
-            "prompts": _prompts_digest(answers_file), "seed": summary.get("seed")}
+            "prompts": _prompts_digest(answers), "seed": summary.get("seed")}
 
 
-def _prompts_digest(answers: Path) -> str:
+def _prompts_digest(answers: list[dict[str, Any]]) -> str:
     """Which prompts (and samples) were answered, by content: the same file under another path is the same set."""
-    keys = sorted({f"{row['prompt_id']}/{row['sample']}" for row in read_jsonl(answers)})
+    keys = sorted({f"{row['prompt_id']}/{row['sample']}" for row in answers})
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:12]
 
 

@@ -164,8 +164,13 @@ def rm_agreement(answer_files: list[Path]) -> tuple[float | None, int]:
 def gold_change(answers: Path) -> dict[str, Any]:
     """POLICY − BASE gold on the same held-out prompts (same seed per prompt): the mean of the paired
     differences and its normal 95% interval, in points (× 100)."""
+    return paired_gold_change(read_jsonl(answers))
+
+
+def paired_gold_change(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`gold_change` on answer rows already read."""
     sides: dict[str, dict[str, float]] = {}
-    for row in read_jsonl(answers):
+    for row in rows:
         sides.setdefault(f"{row['prompt_id']}/{row['sample']}", {})[row["policy"]] = row["scores"]["scorer"]
     return paired_points([100 * (s["policy"] - s["baseline"]) for s in sides.values() if len(s) == 2])
 
