@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ class Run:
     kl_ctl: FixedKLController | AdaptiveKLController
     log: RunLog
     start: int  # last step already done; a resumed run goes on after it
+    stopped: str = ""  # why the run ended before cfg.steps (--kl-budget), for run.json
     started_at: float = field(default_factory=time.perf_counter)
 
 
@@ -80,6 +81,9 @@ def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
     """Claim `cfg.out`, load prompts, reward and models, prepare them under Accelerate, resume if asked."""
     out = Path(cfg.out)
     accelerator = make_accelerator(cfg.bf16, cfg.report_to, out)
+    if cfg.kl_budget and zero_stage(accelerator) == 3:
+        raise UserError("--kl-budget: not under DeepSpeed ZeRO-3, whose processes hold only shards of the weights; "
+                        "use --save-every 1 and pick the checkpoint by objective/kl in metrics.jsonl")
     is_main = accelerator.is_main_process
     claim_run_dir(out, "rlhf-run", resume=cfg.resume, overwrite=cfg.overwrite)
     torch.manual_seed(cfg.seed)
@@ -206,6 +210,31 @@ def save(run: Run, step: int) -> None:
                     tensors=tensors, keep=run.cfg.keep_checkpoints)
 
 
+def trainable_weights(run: Run) -> list[torch.Tensor]:
+    """A CPU copy of what the update changes (the LoRA adapter or all weights, and the value head)."""
+    return [p.detach().to("cpu", copy=True) for p in run.unwrapped.parameters() if p.requires_grad]
+
+
+def over_kl_budget(run: Run, step: int, kl: float, weights_before: Sequence[list[torch.Tensor]]) -> int:
+    """Step `step`'s rollouts, sampled by the weights of step − 1, were `kl` nats from π_ref, over --kl-budget:
+    put back the weights of step − 2 (held before the last two updates) and return that step, the one saved."""
+    budget = run.cfg.kl_budget
+    if len(weights_before) < 2:
+        which = "the starting policy" if step == 1 else f"the resumed policy (step {step - 1})"
+        raise UserError(f"--kl-budget {budget:g}: {which} is already {kl:.2f} nats per answer from the reference "
+                        "(the rollouts of its first step); raise the budget or start nearer the reference")
+    with torch.no_grad():
+        trainable = [p for p in run.unwrapped.parameters() if p.requires_grad]
+        for param, saved in zip(trainable, weights_before[0], strict=True):
+            param.copy_(saved)
+    run.stopped = (f"kl-budget: the rollouts of step {step} were {kl:.3f} nats from the reference, over "
+                   f"{budget:g}; the policy is step {step - 2}'s")
+    if run.accelerator.is_main_process:
+        console.print(f"rlhf: stopped at step {step}: its rollouts were {kl:.2f} nats from the reference, over "
+                      f"--kl-budget {budget:g}; the policy is step {step - 2}'s, the last one inside")
+    return step - 2
+
+
 def nan_error(run: Run, step: int, epoch: int, minibatch: int) -> UserError:
     checkpoint = latest_checkpoint(run.out)
     kept = f"the last good checkpoint is kept: {checkpoint}" if checkpoint else "no checkpoint was written yet"
@@ -225,7 +254,8 @@ def finish_run(run: Run, last_saved: int, update_stats: dict[str, torch.Tensor])
         plot_curves(history, run.out / "curves.png", CURVES, title=f"llamakit rlhf · {cfg.policy} · {cfg.reward}")
         write_json(run.out / "run.json", {"config": cfg.to_dict(), "steps_done": last_saved,
                                           "seconds": time.perf_counter() - run.started_at,
-                                          "world_size": run.accelerator.num_processes, "final": final})
+                                          "world_size": run.accelerator.num_processes, "final": final,
+                                          **({"stopped": run.stopped} if run.stopped else {})})
         summary_table("rlhf", {"steps": last_saved, "reward (last)": final.get("objective/scores"),
                                "kl (last)": final.get("objective/kl"), "policy": str(policy_dir)})
     run.accelerator.wait_for_everyone()

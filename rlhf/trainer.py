@@ -15,7 +15,8 @@ critic-free GRPO and RLOO on the same loop (`--algo`).
                      (grpo / rloo: the group baseline instead, the same advantage on every token of the answer)
         4. update    ppo_epochs × minibatches: clipped policy loss + vf_coef · clipped value loss
                      (grpo / rloo: clipped policy loss [+ β · k3 KL with the KL in the loss])
-        5. KL        β controller update (fixed or adaptive)
+        5. KL        β controller update (fixed or adaptive); with --kl-budget, a batch whose mean KL is over
+                     the budget ends the run on the weights of the step before the policy that sampled it
         6. log       metrics.jsonl (TRL names), samples.jsonl, checkpoint
 
 The maths is in rlhf/objective.py, the set-up, resume and final save in rlhf/run.py. Everything that
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +50,17 @@ from rlhf.objective import (
 from rlhf.policy import logprobs_of
 from rlhf.rewards import RewardFn, score_rollout
 from rlhf.rollout import Rollout, TokenizedPrompt, batch_indices, sample
-from rlhf.run import Run, TrainResult, finish_run, nan_error, save, start_run, step_bar
+from rlhf.run import (
+    Run,
+    TrainResult,
+    finish_run,
+    nan_error,
+    over_kl_budget,
+    save,
+    start_run,
+    step_bar,
+    trainable_weights,
+)
 from toolkit.errors import UserError
 from toolkit.training.accelerator import autocast, gradient_sync
 
@@ -84,6 +96,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     rank, world = accelerator.process_index, accelerator.num_processes
     update_stats: dict[str, torch.Tensor] = {}
     last_saved = run.start
+    weights_before: deque[list[torch.Tensor]] = deque(maxlen=2)  # --kl-budget: the trainable weights before each of the last two updates
     try:
         with step_bar(run) as show:
             for step in range(run.start + 1, cfg.steps + 1):
@@ -121,13 +134,16 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
 
                 # ---- 4. PPO epochs over minibatches ---------------------------------------------------------
                 t1 = time.perf_counter()
+                if cfg.kl_budget:
+                    weights_before.append(trainable_weights(run))
                 update_stats = ppo_update(run, experience, advantages, returns, step)
                 t_update = time.perf_counter() - t1
 
                 # ---- 5. KL controller (log π_old is complete only now with cfg.logprobs_from_update) ----------
                 kl = token_kl(experience.logprobs, experience.ref_logprobs, mask)
                 kl_coef = kl_ctl.value
-                kl_ctl.update(float(accelerator.reduce(kl.sum(1).mean(), "mean")), cfg.rollout_size * world)
+                batch_kl = float(accelerator.reduce(kl.sum(1).mean(), "mean"))
+                kl_ctl.update(batch_kl, cfg.rollout_size * world)
 
                 # ---- 6. log, samples, checkpoint ------------------------------------------------------------
                 row = metrics_row(run, step, experience, kl=kl, kl_coef=kl_coef, scores=scores,
@@ -140,6 +156,9 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 if cfg.sample_every and (step == 1 or step % cfg.sample_every == 0):
                     run.log.log_samples(experience.samples(step, cfg.samples_per_step))
                 show(step, row)
+                if cfg.kl_budget and batch_kl > cfg.kl_budget:  # the policy that sampled this batch is over
+                    last_saved = over_kl_budget(run, step, batch_kl, weights_before)
+                    break
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     save(run, step)
                     last_saved = step

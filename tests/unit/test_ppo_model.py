@@ -413,3 +413,29 @@ def test_a_reference_other_than_the_starting_policy_is_the_kl_s_anchor(tiny_llam
     foreign = save_tiny_llama(tmp_path / "foreign", tokenizer_from="minilm-l6", seed=0)
     with pytest.raises(UserError, match="--reference .* different tokenizer"):
         train(tiny_cfg(tiny_llama_dir, tmp_path / "foreign-run", steps=1, reference=str(foreign)))
+
+
+def test_kl_budget_ends_the_run_on_the_last_policy_inside_it(tiny_llama_dir, tmp_path):
+    common = dict(learning_rate=1e-2, batch_size=8, steps=4, kl_coef=0.0)
+    free = train(tiny_cfg(tiny_llama_dir, tmp_path / "free", save_every=1, keep_checkpoints=0, **common))
+    kl = [row["objective/kl"] for row in free.history]  # row s: the rollouts of the policy after s − 1 updates
+    assert kl[0] == pytest.approx(0.0, abs=1e-5)  # π_ref is the starting policy
+    # the first step after step 2 whose rollouts' KL exceeds every earlier one's (the k1 mean of 8 answers is noisy)
+    first_over = next(s for s in range(3, len(kl) + 1) if kl[s - 1] > max(kl[:s - 1]))
+    budget = (max(kl[:first_over - 1]) + kl[first_over - 1]) / 2
+    capped = train(tiny_cfg(tiny_llama_dir, tmp_path / "capped", kl_budget=budget, **common))
+    assert capped.step == first_over - 2
+    assert [row["step"] for row in _metrics(tmp_path / "capped")] == list(range(1, first_over + 1))
+    run = json.loads((tmp_path / "capped" / "run.json").read_text())
+    assert run["steps_done"] == first_over - 2 and f"rollouts of step {first_over}" in run["stopped"]
+    inside = _weights(tmp_path / "free" / "checkpoints" / f"step-{first_over - 2:06d}" / "policy")
+    assert torch.equal(_weights(tmp_path / "capped" / "policy"), inside)
+    assert not torch.equal(inside, _weights(tiny_llama_dir))
+
+
+def test_a_starting_policy_over_the_kl_budget_is_a_clear_error(tiny_llama_dir, tmp_path):
+    from support.tiny_models import save_tiny_llama
+
+    other = save_tiny_llama(tmp_path / "other", seed=1)
+    with pytest.raises(UserError, match=r"--kl-budget 0.01: the starting policy is already .* nats"):
+        train(tiny_cfg(tiny_llama_dir, tmp_path / "run", steps=2, reference=str(other), kl_budget=0.01))
