@@ -2,11 +2,12 @@
 
 Each run is an `eval-policy POLICY --baseline BASE --scorer rules:constraints --out DIR` directory; every run must
 have answered the same prompts with the same base (its per-prompt seeds), so that their base golds agree and the
-paired changes are comparable. For each run: held-out gold, the paired change over the base with its 95% interval
-(benchmarks/paired.py), the sampled KL(policy ‖ base) and its standard error, words and EOS rate. `--chain`
-joins runs by a line, in order: the stages of a pipeline, or the checkpoints of one RL run (the over-optimisation
-path in gold–KL space). Prints ONE JSON line {"base_gold", "runs": {LABEL: {...}}, "inside_budget": [...],
-"figure"} and writes the PNG.
+paired changes are comparable. `LABEL=DIR+DIR` takes one policy's evaluations on several prompt files (a held-out
+set grown after the first evaluations) as one run over all their prompts. For each run: held-out gold, the paired
+change over the base with its 95% interval (benchmarks/paired.py), the sampled KL(policy ‖ base) and its standard
+error, words and EOS rate. `--chain` joins runs by a line, in order: the stages of a pipeline, or the checkpoints of
+one RL run (the over-optimisation path in gold–KL space). Prints ONE JSON line {"base_gold", "runs": {LABEL:
+{...}}, "inside_budget": [...], "figure"} and writes the PNG.
 
     .venv/bin/python benchmarks/gold_vs_kl.py --plot docs/gold-vs-kl.png --kl-budget 5 --goal 15 --goal 20 \\
         dpo=/tmp/methods/eval-dpo grpo=/tmp/methods/eval-grpo dpo_grpo=/tmp/methods/eval-dpo_grpo \\
@@ -28,24 +29,43 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.rlhf_effect import _r, paired_gold_change, read_jsonl  # noqa: E402 - after the path set-up, as a script
 
 
-def read_run(directory: Path) -> dict[str, Any]:
-    """One eval-policy output: its summary's figures and the paired gold change from its answers."""
-    summary_file, answers_file = directory / "summary.json", directory / "answers.jsonl"
-    for needed in (summary_file, answers_file):
-        if not needed.is_file():
-            raise SystemExit(f"error: {needed}: not found (an `eval-policy --baseline ... --out DIR` directory?)")
-    summary = json.loads(summary_file.read_text())
-    if summary.get("baseline") is None or summary["policy"].get("scorer") is None:
-        raise SystemExit(f"error: {summary_file}: needs a --baseline and a --scorer run")
-    answers = read_jsonl(answers_file)
+def read_run(directories: list[Path]) -> dict[str, Any]:
+    """One policy's eval-policy output, or several on different prompt files taken as one held-out set: the
+    summaries' figures weighted by their answers, and the paired gold change over all answers."""
+    summaries, answers = [], []
+    for directory in directories:
+        summary_file, answers_file = directory / "summary.json", directory / "answers.jsonl"
+        for needed in (summary_file, answers_file):
+            if not needed.is_file():
+                raise SystemExit(f"error: {needed}: not found (an `eval-policy --baseline ... --out DIR` directory?)")
+        summary = json.loads(summary_file.read_text())
+        if summary.get("baseline") is None or summary["policy"].get("scorer") is None:
+            raise SystemExit(f"error: {summary_file}: needs a --baseline and a --scorer run")
+        summaries.append(summary)
+        answers += read_jsonl(answers_file)
+    for key in ("model", "seed"):
+        values = {str(d): (s["policy"] if key == "model" else s)[key]
+                  for d, s in zip(directories, summaries, strict=True)}
+        if len(set(values.values())) > 1:
+            raise SystemExit(f"error: {' + '.join(values)}: one run's evaluations differ in {key}: {values}")
     change = paired_gold_change(answers)
     if change["points"] is None:
-        raise SystemExit(f"error: {answers_file}: fewer than 2 prompts answered by both sides")
-    return {"gold": _r(summary["policy"]["scorer"]), "base_gold": _r(summary["baseline"]["scorer"]),
+        raise SystemExit(f"error: {directories[0] / 'answers.jsonl'}: fewer than 2 prompts answered by both sides")
+    weights = [s["policy"]["answers"] for s in summaries]
+    total = sum(weights)
+
+    def mean(values: list[float | None]) -> float | None:
+        return None if None in values else sum(w * v for w, v in zip(weights, values, strict=True)) / total
+
+    sems = [s.get("kl_sem") for s in summaries]
+    kl_sem = None if None in sems else sum((w * e) ** 2 for w, e in zip(weights, sems, strict=True)) ** 0.5 / total
+    return {"gold": _r(mean([s["policy"]["scorer"] for s in summaries])),
+            "base_gold": _r(mean([s["baseline"]["scorer"] for s in summaries])),
             "change": change["points"], "ci95": change["ci95"], "n": change["n"],
-            "kl": _r(summary["kl"], 3), "kl_sem": _r(summary.get("kl_sem"), 3),
-            "words": _r(summary["policy"]["words"], 1), "eos_rate": _r(summary["policy"]["eos_rate"], 3),
-            "prompts": _prompts_digest(answers), "seed": summary.get("seed")}
+            "kl": _r(mean([s["kl"] for s in summaries]), 3), "kl_sem": _r(kl_sem, 3),
+            "words": _r(mean([s["policy"]["words"] for s in summaries]), 1),
+            "eos_rate": _r(mean([s["policy"]["eos_rate"] for s in summaries]), 3),
+            "prompts": _prompts_digest(answers), "seed": summaries[0].get("seed")}
 
 
 def _prompts_digest(answers: list[dict[str, Any]]) -> str:
@@ -54,11 +74,11 @@ def _prompts_digest(answers: list[dict[str, Any]]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:12]
 
 
-def parse_run(text: str) -> tuple[str, Path]:
-    label, sep, directory = text.partition("=")
-    if not sep or not label or not directory:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=EVAL_DIR")
-    return label, Path(directory)
+def parse_run(text: str) -> tuple[str, list[Path]]:
+    label, sep, directories = text.partition("=")
+    if not sep or not label or not all(directories.split("+")):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=EVAL_DIR or LABEL=EVAL_DIR+EVAL_DIR+...")
+    return label, [Path(d) for d in directories.split("+")]
 
 
 def plot(path: Path, runs: dict[str, dict[str, Any]], chains: list[list[str]], kl_budget: float | None,
@@ -98,8 +118,9 @@ def plot(path: Path, runs: dict[str, dict[str, Any]], chains: list[list[str]], k
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=parse_run, metavar="LABEL=EVAL_DIR",
-                        help="an eval-policy --out directory (with --baseline and --scorer), under a short label")
+    parser.add_argument("runs", nargs="+", type=parse_run, metavar="LABEL=EVAL_DIR[+EVAL_DIR...]",
+                        help="an eval-policy --out directory (with --baseline and --scorer), under a short label; "
+                        "DIR+DIR: one policy's evaluations on several prompt files, taken as one held-out set")
     parser.add_argument("--chain", action="append", default=[], metavar="LABEL,LABEL,...",
                         help="join these runs by a line from the base, in order (repeatable)")
     parser.add_argument("--kl-budget", type=float, default=None, help="draw this KL (nats) and list the runs inside it")
@@ -116,7 +137,7 @@ def main() -> None:
     for label in (label for chain in chains for label in chain):
         if label not in runs:
             parser.error(f"--chain names {label!r}, which is not a run")
-    results = {label: read_run(directory) for label, directory in runs.items()}
+    results = {label: read_run(directories) for label, directories in runs.items()}
     # a paired change only compares with another measured on the same prompts, with the same base answers
     for key in ("base_gold", "prompts", "seed", "n"):
         values = {label: r[key] for label, r in results.items()}

@@ -127,3 +127,37 @@ def test_gold_against_kl_pairs_runs_by_the_prompts_they_answered(tiny_run, tmp_p
     assert paired["runs"]["moved"] == paired["runs"]["dpo"]
     proc = gold_vs_kl(f"dpo={out / 'eval-dpo'}", f"cut={cut}")
     assert proc.returncode != 0 and "the runs differ in prompts" in proc.stderr
+
+
+def test_gold_against_kl_takes_one_policy_s_evaluations_on_two_prompt_files_as_one_run(tiny_run, tmp_path):
+    """eval-dpo split by prompt into two evaluations: together they are the whole, figures weighted by answers."""
+    out, _ = tiny_run
+    whole = out / "eval-dpo"
+    rows = [json.loads(line) for line in (whole / "answers.jsonl").read_text().splitlines()]
+    ids = sorted({r["prompt_id"] for r in rows})
+    summary = json.loads((whole / "summary.json").read_text())
+    halves = []
+    for name, part, gold in (("a", ids[:1], 0.25), ("b", ids[1:], 0.75)):
+        half = tmp_path / name
+        half.mkdir()
+        (half / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["prompt_id"] in part))
+        answers = sum(r["policy"] == "policy" and r["prompt_id"] in part for r in rows)
+        (half / "summary.json").write_text(json.dumps(
+            {**summary, "policy": {**summary["policy"], "answers": answers, "scorer": gold}}))
+        halves.append((half, answers))
+
+    def gold_vs_kl(*runs: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gold_vs_kl.py"), "--plot",
+                               str(tmp_path / "f.png"), *runs], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+    result = one_json_line(gold_vs_kl(f"dpo={whole}", f"both={halves[0][0]}+{halves[1][0]}"))["runs"]
+    for key in ("change", "ci95", "n", "kl", "words", "eos_rate"):
+        assert result["both"][key] == result["dpo"][key], key
+    (a, n_a), (b, n_b) = halves
+    assert result["both"]["gold"] == pytest.approx((0.25 * n_a + 0.75 * n_b) / (n_a + n_b), abs=1e-4)
+    proc = gold_vs_kl(f"dpo={whole}", f"half={b}")
+    assert proc.returncode != 0 and "the runs differ in prompts" in proc.stderr
+    other = json.loads((b / "summary.json").read_text())
+    (b / "summary.json").write_text(json.dumps({**other, "policy": {**other["policy"], "model": "another"}}))
+    proc = gold_vs_kl(f"both={a}+{b}")
+    assert proc.returncode != 0 and "evaluations differ in model" in proc.stderr
