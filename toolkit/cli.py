@@ -155,4 +155,14 @@ def main(argv: list[str] | None = None) -> None:
         raise
     if _caught:  # the work ended anyway (the signal came as its event loop stopped): still say so
         _exit_interrupted(_caught[0])
+    _leave_process_group()
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _leave_process_group() -> None:
+    """Under torchrun / accelerate launch, leave the process group before the interpreter exits: left alive, its
+    gloo threads can be torn down unjoined at exit, and a rank that finished its work aborts ("terminate called
+    without an active exception"), failing the whole launch."""
+    dist = sys.modules.get("torch.distributed")  # only when the command loaded torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
