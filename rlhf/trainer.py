@@ -96,7 +96,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     rank, world = accelerator.process_index, accelerator.num_processes
     update_stats: dict[str, torch.Tensor] = {}
     last_saved = run.start
-    weights_before: deque[list[torch.Tensor]] = deque(maxlen=2)  # --kl-budget: the trainable weights before each of the last two updates
+    # --kl-budget: the trainable weights before each of the last two updates
+    weights_before: deque[list[torch.Tensor]] = deque(maxlen=2)
     try:
         with step_bar(run) as show:
             for step in range(run.start + 1, cfg.steps + 1):
