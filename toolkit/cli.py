@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _leave_process_group() -> None:
-    """Under torchrun / accelerate launch, leave the process group before the interpreter exits: left alive, its
-    gloo threads can be torn down unjoined at exit, and a rank that finished its work aborts ("terminate called
-    without an active exception"), failing the whole launch."""
+    """Under torchrun / accelerate launch, leave the process group before the interpreter exits, as PyTorch asks:
+    without it, a ZeRO-3 rank that had finished its work once aborted at exit ("terminate called without an active
+    exception"; the group's threads outliving the interpreter is the likely cause), failing the whole launch."""
     dist = sys.modules.get("torch.distributed")  # only when the command loaded torch
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
