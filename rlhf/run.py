@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class Run:
     log: RunLog
     start: int  # last step already done; a resumed run goes on after it
     stopped: str = ""  # why the run ended before cfg.steps (--kl-budget), for run.json
+    weights_before: deque[list[torch.Tensor]] = field(default_factory=lambda: deque(maxlen=2))  # --kl-budget
     started_at: float = field(default_factory=time.perf_counter)
 
 
@@ -210,15 +212,20 @@ def save(run: Run, step: int) -> None:
                     tensors=tensors, keep=run.cfg.keep_checkpoints)
 
 
-def trainable_weights(run: Run) -> list[torch.Tensor]:
-    """A CPU copy of what the update changes (the LoRA adapter or all weights, and the value head)."""
-    return [p.detach().to("cpu", copy=True) for p in run.unwrapped.parameters() if p.requires_grad]
+def remember_weights(run: Run) -> None:
+    """With --kl-budget, before an update: a CPU copy of what it changes (the LoRA adapter or all weights, and the
+    value head); the copies from before the last two updates are kept."""
+    if run.cfg.kl_budget:
+        run.weights_before.append([p.detach().to("cpu", copy=True)
+                                   for p in run.unwrapped.parameters() if p.requires_grad])
 
 
-def over_kl_budget(run: Run, step: int, kl: float, weights_before: Sequence[list[torch.Tensor]]) -> int:
-    """Step `step`'s rollouts, sampled by the weights of step − 1, were `kl` nats from π_ref, over --kl-budget:
-    put back the weights of step − 2 (held before the last two updates) and return that step, the one saved."""
-    budget = run.cfg.kl_budget
+def over_kl_budget(run: Run, step: int, kl: float) -> bool:
+    """Whether step `step`'s rollouts, sampled by the weights of step − 1, were over --kl-budget at `kl` nats from
+    π_ref; if so, the weights of step − 2 (from before the last two updates) are put back, to be saved."""
+    budget, weights_before = run.cfg.kl_budget, run.weights_before
+    if not budget or kl <= budget:
+        return False
     if len(weights_before) < 2:
         which = "the starting policy" if step == 1 else f"the resumed policy (step {step - 1})"
         raise UserError(f"--kl-budget {budget:g}: {which} is already {kl:.2f} nats per answer from the reference "
@@ -232,7 +239,7 @@ def over_kl_budget(run: Run, step: int, kl: float, weights_before: Sequence[list
     if run.accelerator.is_main_process:
         console.print(f"rlhf: stopped at step {step}: its rollouts were {kl:.2f} nats from the reference, over "
                       f"--kl-budget {budget:g}; the policy is step {step - 2}'s, the last one inside")
-    return step - 2
+    return True
 
 
 def nan_error(run: Run, step: int, epoch: int, minibatch: int) -> UserError:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,10 +55,10 @@ from rlhf.run import (
     finish_run,
     nan_error,
     over_kl_budget,
+    remember_weights,
     save,
     start_run,
     step_bar,
-    trainable_weights,
 )
 from toolkit.errors import UserError
 from toolkit.training.accelerator import autocast, gradient_sync
@@ -96,8 +95,6 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
     rank, world = accelerator.process_index, accelerator.num_processes
     update_stats: dict[str, torch.Tensor] = {}
     last_saved = run.start
-    # --kl-budget: the trainable weights before each of the last two updates
-    weights_before: deque[list[torch.Tensor]] = deque(maxlen=2)
     try:
         with step_bar(run) as show:
             for step in range(run.start + 1, cfg.steps + 1):
@@ -135,8 +132,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
 
                 # ---- 4. PPO epochs over minibatches ---------------------------------------------------------
                 t1 = time.perf_counter()
-                if cfg.kl_budget:
-                    weights_before.append(trainable_weights(run))
+                remember_weights(run)  # for --kl-budget
                 update_stats = ppo_update(run, experience, advantages, returns, step)
                 t_update = time.perf_counter() - t1
 
@@ -149,16 +145,15 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 # ---- 6. log, samples, checkpoint ------------------------------------------------------------
                 row = metrics_row(run, step, experience, kl=kl, kl_coef=kl_coef, scores=scores,
                                   update_stats=update_stats)
-                row.update({"time/rollout": t_rollout, "time/update": t_update,
-                            "time/step": time.perf_counter() - t0})
+                row.update({"time/rollout": t_rollout, "time/update": t_update, "time/step": time.perf_counter() - t0})
                 run.log.log(row)
                 if on_step:
                     on_step(row)
                 if cfg.sample_every and (step == 1 or step % cfg.sample_every == 0):
                     run.log.log_samples(experience.samples(step, cfg.samples_per_step))
                 show(step, row)
-                if cfg.kl_budget and batch_kl > cfg.kl_budget:  # the policy that sampled this batch is over
-                    last_saved = over_kl_budget(run, step, batch_kl, weights_before)
+                if over_kl_budget(run, step, batch_kl):  # the policy that sampled this batch: back to step − 2's
+                    last_saved = step - 2
                     break
                 if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                     save(run, step)
