@@ -43,14 +43,14 @@ def read_run(directories: list[Path]) -> dict[str, Any]:
             raise SystemExit(f"error: {summary_file}: needs a --baseline and a --scorer run")
         summaries.append(summary)
         answers += read_jsonl(answers_file)
-    for key in ("model", "seed"):
-        values = {str(d): (s["policy"] if key == "model" else s)[key]
-                  for d, s in zip(directories, summaries, strict=True)}
-        if len(set(values.values())) > 1:
-            raise SystemExit(f"error: {' + '.join(values)}: one run's evaluations differ in {key}: {values}")
+    names = " + ".join(str(d) for d in directories)
+    for key, values in (("model", [s["policy"]["model"] for s in summaries]),
+                        ("seed", [s.get("seed") for s in summaries])):
+        if len(set(values)) > 1:
+            raise SystemExit(f"error: {names}: one run's evaluations differ in {key}: {values}")
     change = paired_gold_change(answers)
     if change["points"] is None:
-        raise SystemExit(f"error: {directories[0] / 'answers.jsonl'}: fewer than 2 prompts answered by both sides")
+        raise SystemExit(f"error: {names}: fewer than 2 prompts answered by both sides")
     weights = [s["policy"]["answers"] for s in summaries]
     total = sum(weights)
 

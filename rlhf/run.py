@@ -99,7 +99,7 @@ def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
     reward_fn = reward_fn or make_reward_fn(cfg.reward, prompts, cfg.prompts, cfg.reward_uncertainty_penalty)
     actor, ref_lm, tokenizer = _load_models(cfg, max(len(p.ids) for p in prompts), zero_stage(accelerator) == 3)
 
-    optimizer = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=cfg.learning_rate,
+    optimizer = torch.optim.AdamW(_trainable(actor), lr=cfg.learning_rate,
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     configure_deepspeed(accelerator, cfg.minibatch_size // cfg.gradient_accumulation_steps, cfg.max_grad_norm,
                         causal_lm(actor.lm).config.hidden_size)
@@ -212,12 +212,16 @@ def save(run: Run, step: int) -> None:
                     tensors=tensors, keep=run.cfg.keep_checkpoints)
 
 
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the updates change: the LoRA adapter or all weights, and the value head or critic."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def remember_weights(run: Run) -> None:
     """With --kl-budget, before an update: a CPU copy of what it changes (the LoRA adapter or all weights, and the
     value head); the copies from before the last two updates are kept."""
     if run.cfg.kl_budget:
-        run.weights_before.append([p.detach().to("cpu", copy=True)
-                                   for p in run.unwrapped.parameters() if p.requires_grad])
+        run.weights_before.append([p.detach().to("cpu", copy=True) for p in _trainable(run.unwrapped)])
 
 
 def over_kl_budget(run: Run, step: int, kl: float) -> bool:
@@ -231,14 +235,12 @@ def over_kl_budget(run: Run, step: int, kl: float) -> bool:
         raise UserError(f"--kl-budget {budget:g}: {which} is already {kl:.2f} nats per answer from the reference "
                         "(the rollouts of its first step); raise the budget or start nearer the reference")
     with torch.no_grad():
-        trainable = [p for p in run.unwrapped.parameters() if p.requires_grad]
-        for param, saved in zip(trainable, weights_before[0], strict=True):
+        for param, saved in zip(_trainable(run.unwrapped), weights_before[0], strict=True):
             param.copy_(saved)
-    run.stopped = (f"kl-budget: the rollouts of step {step} were {kl:.3f} nats from the reference, over "
-                   f"{budget:g}; the policy is step {step - 2}'s")
+    run.stopped = (f"the rollouts of step {step} were {kl:.3f} nats from the reference, over --kl-budget "
+                   f"{budget:g}; the policy is step {step - 2}'s, the last one inside")
     if run.accelerator.is_main_process:
-        console.print(f"rlhf: stopped at step {step}: its rollouts were {kl:.2f} nats from the reference, over "
-                      f"--kl-budget {budget:g}; the policy is step {step - 2}'s, the last one inside")
+        console.print(f"rlhf: stopped: {run.stopped}")
     return True
 
 
