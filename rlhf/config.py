@@ -77,7 +77,9 @@ class PPOConfig:
     kl_horizon: int = _f(10000, "Horizon (episodes) of the adaptive controller.", min=1)
     kl_budget: float = _f(0.0, "Stop when a rollout batch's mean KL to π_ref (objective/kl, nats per answer) "
                           "exceeds this; the policy that sampled it is over, so the run ends on the weights "
-                          "of the step before (0 = off; a small --batch-size makes the mean noisy).", min=0)
+                          "of the step before (0 = off; a small --batch-size makes the mean noisy). Keeps a CPU "
+                          "copy of the trainable weights from before each of the last two updates: the adapter "
+                          "with --lora, else two copies of the whole policy.", min=0)
     kl_in: str = _f("auto", "Where β·KL goes: reward (k1 penalty) | loss (k3 term, grpo/rloo only) | auto "
                     "(loss for grpo, reward for ppo and rloo).", choices=KL_IN)
     # --- optimisation --------------------------------------------------------------------------------

@@ -257,19 +257,24 @@ def finish_run(run: Run, last_saved: int, update_stats: dict[str, torch.Tensor])
     with gathered_weights(run.accelerator, run.unwrapped):  # every process: ZeRO-3 gathers the weights to save
         if run.accelerator.is_main_process:
             history = read_existing(run.out / "metrics.jsonl")
-            policy_dir = _save_policy(run, run.out / "policy", last_saved, history[-1] if history else {})
+            final = _row_of_step(history, last_saved)
+            policy_dir = _save_policy(run, run.out / "policy", last_saved, final)
     if run.accelerator.is_main_process:
-        final = history[-1] if history else {}
         plot_curves(history, run.out / "curves.png", CURVES, title=f"llamakit rlhf · {cfg.policy} · {cfg.reward}")
         write_json(run.out / "run.json", {"config": cfg.to_dict(), "steps_done": last_saved,
                                           "seconds": time.perf_counter() - run.started_at,
                                           "world_size": run.accelerator.num_processes, "final": final,
                                           **({"stopped": run.stopped} if run.stopped else {})})
-        summary_table("rlhf", {"steps": last_saved, "reward (last)": final.get("objective/scores"),
-                               "kl (last)": final.get("objective/kl"), "policy": str(policy_dir)})
+        summary_table("rlhf", {"steps": last_saved, "reward (saved step)": final.get("objective/scores"),
+                               "kl (saved step)": final.get("objective/kl"), "policy": str(policy_dir)})
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return TrainResult(run.out, last_saved, history, policy_dir, update_stats)
+
+
+def _row_of_step(history: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """The metrics of the saved policy's step: the last row, unless --kl-budget put back an earlier step's weights."""
+    return next((row for row in reversed(history) if row.get("step") == step), history[-1] if history else {})
 
 
 def _save_policy(run: Run, target: Path, step: int, final: dict[str, Any]) -> Path:

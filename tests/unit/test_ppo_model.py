@@ -428,6 +428,10 @@ def test_kl_budget_ends_the_run_on_the_last_policy_inside_it(tiny_llama_dir, tmp
     assert [row["step"] for row in _metrics(tmp_path / "capped")] == list(range(1, first_over + 1))
     run = json.loads((tmp_path / "capped" / "run.json").read_text())
     assert run["steps_done"] == first_over - 2 and f"rollouts of step {first_over}" in run["stopped"]
+    # the saved policy's metrics, not the over-budget step's
+    assert run["final"]["step"] == first_over - 2 and run["final"]["objective/kl"] == kl[first_over - 3]
+    card = (tmp_path / "capped" / "policy" / "README.md").read_text()
+    assert f"| step | {first_over - 2} |" in card
     inside = _weights(tmp_path / "free" / "checkpoints" / f"step-{first_over - 2:06d}" / "policy")
     assert torch.equal(_weights(tmp_path / "capped" / "policy"), inside)
     assert not torch.equal(inside, _weights(tiny_llama_dir))
