@@ -11,6 +11,8 @@ real CLI:
   rloo        `rlhf --algo rloo --reward rules:constraints`   leave-one-out baseline, the checker
   best_of_4   `eval-policy BASE --best-of 4 --reward rm/`     no training: the best of 4 base samples by the RM
   dpo_grpo    `rlhf --algo grpo --policy dpo/policy ...`      GRPO's run, started from DPO's policy (a pipeline)
+  dpo_ppo     `rlhf --reward rules:constraints --policy dpo/policy ...`   PPO on the checker after DPO (a pipeline)
+  dpo_ppo_rm  `rlhf --reward rm/ --policy dpo/policy ...`     PPO via the proxy RM after DPO (a pipeline)
 
 and `eval-policy` of each trained policy against the base on the held-out prompts (which no training step
 sees). Prints ONE JSON line {"base": {...}, "best_of_4": {...}, "ppo_rm": {...}, "dpo": {...}, "grpo": {...},
@@ -58,10 +60,12 @@ from benchmarks.rlhf_effect import (  # noqa: E402
 )
 from benchmarks.stages import Stages, log  # noqa: E402
 
-# dpo_grpo is the pipeline of docs/method-comparison.md#dpo-then-grpo: GRPO on the checker from DPO's policy, so it
-# trains after the first wave; its budget is GRPO's, its time and memory those of its GRPO stage alone.
+# The pipelines start from DPO's policy, so they train after the first wave: dpo_grpo (docs/method-comparison.md
+# #dpo-then-grpo) with GRPO's budget, dpo_ppo and dpo_ppo_rm (#rl-on-top-of-c1) with PPO's; their time and memory
+# are those of their RL stage alone, and their KL term holds them to DPO's policy (eval-policy's KL is to the base).
 FIRST_WAVE = ("ppo_rm", "dpo", "grpo", "rloo")
-TRAINED = (*FIRST_WAVE, "dpo_grpo")
+PIPELINES = ("dpo_grpo", "dpo_ppo", "dpo_ppo_rm")
+TRAINED = (*FIRST_WAVE, *PIPELINES)
 METHODS = ("base", "best_of_4", *TRAINED)
 BEST_OF = 4
 
@@ -93,14 +97,17 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
     critic_free = ["--reward", "rules:constraints", "--steps", budget["rl_steps"], "--batch-size",
                    budget["rl_prompts"], "--group-size", budget["group_size"],
                    "--samples-per-step", budget["rl_prompts"] * budget["group_size"]]
-    base = ["--policy", data.policy]
+    base, after_dpo = ["--policy", data.policy], ["--policy", out / "dpo" / "policy"]
 
     def critic_free_run(algo: str, name: str, policy: list[Any]) -> tuple[str, list[Any], None]:
         return name, ["rlhf", "--algo", algo, "--out", out / name, *critic_free, *policy, *rl], None
 
+    def ppo_run(name: str, reward: Any, policy: list[Any]) -> tuple[str, list[Any], None]:
+        return name, ["rlhf", "--reward", reward, "--out", out / name, "--steps", budget["ppo_steps"], "--batch-size",
+                      budget["ppo_batch"], "--samples-per-step", budget["ppo_batch"], *policy, *rl], None
+
     return [
-        ("ppo_rm", ["rlhf", "--reward", data.rm_dir, "--out", out / "ppo_rm", "--steps", budget["ppo_steps"],
-                    "--batch-size", budget["ppo_batch"], "--samples-per-step", budget["ppo_batch"], *base, *rl], None),
+        ppo_run("ppo_rm", data.rm_dir, base),
         ("dpo", ["dpo", "--data", data.pairs, "--policy", data.policy, "--out", out / "dpo", *lora,
                  "--learning-rate", args.dpo_learning_rate, "--beta", args.dpo_beta,
                  "--rpo-alpha", args.dpo_rpo_alpha, "--epochs", budget["dpo_epochs"],
@@ -108,7 +115,9 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
                  "--precompute-ref", "--seed", args.seed, "--overwrite", "--json"], None),
         critic_free_run("grpo", "grpo", base),
         critic_free_run("rloo", "rloo", base),
-        critic_free_run("grpo", "dpo_grpo", ["--policy", out / "dpo" / "policy"]),
+        critic_free_run("grpo", "dpo_grpo", after_dpo),
+        ppo_run("dpo_ppo", "rules:constraints", after_dpo),
+        ppo_run("dpo_ppo_rm", data.rm_dir, after_dpo),
     ]
 
 
@@ -179,7 +188,8 @@ def plot(path: Path, methods: dict[str, Any], change: dict[str, Any], title: str
             errors[0][i] = max(0.0, golds[i] - (methods["base"]["gold"] + ci[0] / 100))
             errors[1][i] = max(0.0, methods["base"]["gold"] + ci[1] / 100 - golds[i])
     left.bar(names, golds, yerr=errors, capsize=4, color=["grey", "tab:purple", "tab:orange", "tab:blue",
-                                                           "tab:green", "tab:olive", "tab:cyan"])
+                                                           "tab:green", "tab:olive", "tab:cyan", "tab:red",
+                                                           "tab:pink"])
     left.tick_params(axis="x", labelrotation=20)
     left.axhline(methods["base"]["gold"], color="grey", ls=":")
     left.set_ylim(0, 1)

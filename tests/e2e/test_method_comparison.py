@@ -13,8 +13,8 @@ import pytest
 from support.cli import ROOT, one_json_line, run_tiny_benchmark
 
 SCRIPT = ROOT / "benchmarks" / "method_comparison.py"
-METHODS = ("base", "best_of_4", "ppo_rm", "dpo", "grpo", "rloo", "dpo_grpo")
-TRAINED = ("ppo_rm", "dpo", "grpo", "rloo", "dpo_grpo")
+TRAINED = ("ppo_rm", "dpo", "grpo", "rloo", "dpo_grpo", "dpo_ppo", "dpo_ppo_rm")
+METHODS = ("base", "best_of_4", *TRAINED)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +59,15 @@ def test_each_method_wrote_its_policy_and_answers(tiny_run):
     assert set(result["per_family"]["lowercase"]) == {"n", *METHODS}
 
 
-def test_the_pipeline_arm_starts_from_dpos_policy(tiny_run):
+def test_the_pipeline_arms_start_from_dpos_policy(tiny_run):
     out, _ = tiny_run
-    started_from = {m: json.loads((out / m / "run.json").read_text())["config"]["policy"] for m in ("grpo", "dpo_grpo")}
-    assert Path(started_from["dpo_grpo"]) == out / "dpo" / "policy"
-    assert started_from["grpo"] != started_from["dpo_grpo"]
+    config = {m: json.loads((out / m / "run.json").read_text())["config"] for m in TRAINED if m != "dpo"}
+    for pipeline, alone in (("dpo_grpo", "grpo"), ("dpo_ppo", "ppo_rm"), ("dpo_ppo_rm", "ppo_rm")):
+        assert Path(config[pipeline]["policy"]) == out / "dpo" / "policy", pipeline
+        assert config[alone]["policy"] != config[pipeline]["policy"]
+        assert config[pipeline]["algo"] == config[alone]["algo"]
+    assert config["dpo_ppo"]["reward"] == "rules:constraints"
+    assert config["dpo_ppo_rm"]["reward"] == config["ppo_rm"]["reward"] == str(out / "rm")
 
 
 def test_contrast_pairs_join_the_revised_ones(tiny_run):
