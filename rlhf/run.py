@@ -237,8 +237,9 @@ def over_kl_budget(run: Run, step: int, kl: float) -> bool:
     with torch.no_grad():
         for param, saved in zip(_trainable(run.unwrapped), weights_before[0], strict=True):
             param.copy_(saved)
+    inside = f"step {step - 2}'s" if step > 2 else "the starting one"
     run.stopped = (f"the rollouts of step {step} were {kl:.3f} nats from the reference, over --kl-budget "
-                   f"{budget:g}; the policy is step {step - 2}'s, the last one inside")
+                   f"{budget:g}; the policy is {inside}, the last one inside")
     if run.accelerator.is_main_process:
         console.print(f"rlhf: stopped: {run.stopped}")
     return True
@@ -274,7 +275,7 @@ def finish_run(run: Run, last_saved: int, update_stats: dict[str, torch.Tensor])
 
 def _row_of_step(history: list[dict[str, Any]], step: int) -> dict[str, Any]:
     """The metrics of the saved policy's step: the last row, unless --kl-budget put back an earlier step's weights."""
-    return next((row for row in reversed(history) if row.get("step") == step), history[-1] if history else {})
+    return next((row for row in reversed(history) if row.get("step") == step), {})  # step 0: the start, no row
 
 
 def _save_policy(run: Run, target: Path, step: int, final: dict[str, Any]) -> Path:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from support.cli import FIXTURES, ROOT, free_port, run_cli
 
 PROMPTS = FIXTURES / "prompts-alpaca-32.jsonl"
@@ -101,10 +102,35 @@ def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path, algo, answers
     assert [r["step"] for r in rows] == [1, 2]  # one writer: rank 0
     assert rows[-1]["episode"] == 2 * 4 * answers * 2  # two processes × batch 4 × answers per prompt × 2 steps
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
-    import torch
 
     rng = torch.load(out / "checkpoints" / "step-000002" / "rng.pt", weights_only=True)
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # ranks sample differently
+
+
+def test_kl_budget_under_two_ddp_processes_stops_both_on_the_same_step(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # step 1's rollouts come from the start (KL 0); later ones from a policy large updates away
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           "-m", "toolkit", "rlhf", "--policy", str(tiny_llama_dir), "--prompts", str(PROMPTS),
+                           "--out", str(out), "--learning-rate", "1e-3", "--kl-coef", "0",
+                           "--kl-budget", "1e-3", "--save-every", "1", "--keep-checkpoints", "0", *TINY[2:],
+                           "--steps", "6"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # neither rank waits for the other at a step it skipped
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    over = next(r["step"] for r in rows if r["objective/kl"] > 1e-3)  # the k1 mean of 8 answers can be < 0
+    assert [r["step"] for r in rows] == list(range(1, over + 1)) and over >= 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["world_size"] == 2 and run["steps_done"] == over - 2 and f"step {over} were" in run["stopped"]
+    inside = out / "checkpoints" / f"step-{over - 2:06d}" / "policy" if over > 2 else tiny_llama_dir
+    saved, expected = load_file(out / "policy" / "model.safetensors"), load_file(inside / "model.safetensors")
+    assert all(torch.equal(saved[name], expected[name]) for name in expected)
+    moved = load_file(out / "checkpoints" / f"step-{over - 1:06d}" / "policy" / "model.safetensors")
+    assert not all(torch.equal(saved[name], moved[name]) for name in moved)  # the update of step over − 1 undone
 
 
 def test_presets_parse_with_the_config_loader_and_document_memory_and_launch():
