@@ -20,7 +20,7 @@ METHODS = ("base", "best_of_4", *TRAINED)
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("methods") / "run"
-    return out, one_json_line(run_tiny_benchmark(SCRIPT, out, "--contrast"))
+    return out, one_json_line(run_tiny_benchmark(SCRIPT, out, "--contrast", "--ppo-steps", "1"))
 
 
 def test_one_entry_per_method_with_the_five_figures(tiny_run):
@@ -67,6 +67,8 @@ def test_the_pipeline_arms_start_from_dpos_policy(tiny_run):
         assert config[alone]["policy"] != config[pipeline]["policy"]
         assert config[pipeline]["algo"] == config[alone]["algo"]
     assert config["dpo_ppo"]["reward"] == "rules:constraints"
+    steps = {m: json.loads((out / m / "run.json").read_text())["steps_done"] for m in config}
+    assert steps == {"ppo_rm": 1, "dpo_ppo": 1, "dpo_ppo_rm": 1, "grpo": 2, "rloo": 2, "dpo_grpo": 2}  # --ppo-steps
     assert config["dpo_ppo_rm"]["reward"] == config["ppo_rm"]["reward"] == str(out / "rm")
 
 
