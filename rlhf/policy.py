@@ -61,18 +61,26 @@ def _grouped_hidden(decoder: nn.Module, query_responses: torch.Tensor, attention
 
 
 def response_logits(lm: nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Temperature-scaled logits, exactly as the sampler scales them: [B, R, V] in float32."""
-    return causal_lm(lm).get_output_embeddings()(hidden).float() / temperature
+    """Temperature-scaled logits, exactly as the sampler scales them: [B, R, V] in float32. Scaled in place: the
+    head's output is not saved for backward, and a second [B, R, V] tensor is what a batch's peak memory is made of."""
+    return causal_lm(lm).get_output_embeddings()(hidden).float().div_(temperature)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(token) under `logits` ([B, R, V] -> [B, R])."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log π(token) under `logits` ([B, R, V] -> [B, R]): the token's logit minus its row's logsumexp, one answer
+    at a time, so that no [B, R, V] log-softmax is kept for backward and the softmax temporaries are one answer's
+    (the vocabulary makes these the largest tensors of an update; TRL's selective_log_softmax does the same)."""
+    token_logits = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return token_logits - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy of π at each position ([B, R, V] -> [B, R]), one answer at a time for the same reason."""
+    entropies = []
+    for row in logits:
+        logp = torch.log_softmax(row, dim=-1)
+        entropies.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(entropies)
 
 
 class Critic(nn.Module):

@@ -248,3 +248,20 @@ def test_zero3_generation_gathers_the_policy_only_when_asked():
     assert isinstance(_gathered(zero3, module, gather=False), contextlib.nullcontext)
     no_deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))
     assert isinstance(_gathered(no_deepspeed, module, gather=True), contextlib.nullcontext)
+
+
+def test_log_probs_and_entropy_one_answer_at_a_time_equal_the_whole_batch_formulas():
+    from rlhf.policy import entropy_of, logprobs_of
+
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(3, 5, 257)).requires_grad_()
+    tokens = torch.randint(0, 257, (3, 5))
+    logp = torch.log_softmax(logits, dim=-1)
+    expected = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    got = logprobs_of(logits, tokens)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy_of(logits), -(logp.exp() * logp).sum(-1), rtol=0, atol=1e-5)
+    weights = torch.randn(3, 5)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), logits)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), logits)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=0, atol=1e-6)
