@@ -71,16 +71,17 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     at a time, so that no [B, R, V] log-softmax is kept for backward and the softmax temporaries are one answer's
     (the vocabulary makes these the largest tensors of an update; TRL's selective_log_softmax does the same)."""
     token_logits = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return token_logits - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+    return token_logits - torch.cat([torch.logsumexp(answer, dim=-1) for answer in logits.split(1)])
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of π at each position ([B, R, V] -> [B, R]), one answer at a time for the same reason."""
-    entropies = []
-    for row in logits:
-        logp = torch.log_softmax(row, dim=-1)
-        entropies.append(-(logp.exp() * logp).sum(-1))
-    return torch.stack(entropies)
+    return torch.cat([_entropy(answer) for answer in logits.split(1)])
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 class Critic(nn.Module):

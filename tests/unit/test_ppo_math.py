@@ -265,3 +265,5 @@ def test_log_probs_and_entropy_one_answer_at_a_time_equal_the_whole_batch_formul
     (grad_got,) = torch.autograd.grad((got * weights).sum(), logits)
     (grad_expected,) = torch.autograd.grad((expected * weights).sum(), logits)
     torch.testing.assert_close(grad_got, grad_expected, rtol=0, atol=1e-6)
+    empty = torch.zeros(0, 5, 257)  # a micro-batch with no answer
+    assert logprobs_of(empty, tokens[:0]).shape == entropy_of(empty).shape == (0, 5)
