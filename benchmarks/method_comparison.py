@@ -235,8 +235,8 @@ def main() -> None:
 
     args.parallel = args.parallel or args.tiny
     name, size = sizes(args, MODES, ("train", "heldout", "candidates"))
-    budget = {**TRAINING[name], **{key: value for key, value in (("dpo_steps", args.dpo_steps),
-                                                                 ("ppo_steps", args.ppo_steps)) if value is not None}}
+    overrides = {"dpo_steps": args.dpo_steps, "ppo_steps": args.ppo_steps}
+    budget = {**TRAINING[name], **{key: value for key, value in overrides.items() if value is not None}}
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="method-comparison-"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -87,17 +87,21 @@ def test_rlhf_cli_bad_input_is_one_clear_line(tiny_llama_dir, tmp_path):
     assert not (tmp_path / "a").exists()  # nothing written
 
 
-@pytest.mark.parametrize(("algo", "answers"), [("ppo", 1), ("grpo", 2)])
-def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path, algo, answers):
-    out = tmp_path / "ddp"
+def _rlhf_under_torchrun(policy: Path, out: Path, *flags: str) -> None:
+    """`llamakit rlhf` in two DDP processes (torchrun, one thread each) on the fixture prompts; both exit 0."""
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                           "-m", "toolkit", "rlhf",
-                           "--policy", str(tiny_llama_dir), "--prompts", str(PROMPTS), "--out", str(out),
-                           "--lora", "--algo", algo, "--group-size", str(max(answers, 2)), *TINY],
+                           "-m", "toolkit", "rlhf", "--policy", str(policy), "--prompts", str(PROMPTS),
+                           "--out", str(out), *flags],
                           capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]  # no rank left waiting for the other
+
+
+@pytest.mark.parametrize(("algo", "answers"), [("ppo", 1), ("grpo", 2)])
+def test_two_ddp_processes_with_torchrun(tiny_llama_dir, tmp_path, algo, answers):
+    out = tmp_path / "ddp"
+    _rlhf_under_torchrun(tiny_llama_dir, out, "--lora", "--algo", algo, "--group-size", str(max(answers, 2)), *TINY)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]  # one writer: rank 0
     assert rows[-1]["episode"] == 2 * 4 * answers * 2  # two processes × batch 4 × answers per prompt × 2 steps
@@ -111,16 +115,9 @@ def test_kl_budget_under_two_ddp_processes_stops_both_on_the_same_step(tiny_llam
     from safetensors.torch import load_file
 
     out = tmp_path / "ddp"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # step 1's rollouts come from the start (KL 0); later ones from a policy large updates away
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                           "-m", "toolkit", "rlhf", "--policy", str(tiny_llama_dir), "--prompts", str(PROMPTS),
-                           "--out", str(out), "--learning-rate", "1e-3", "--kl-coef", "0",
-                           "--kl-budget", "1e-3", "--save-every", "1", "--keep-checkpoints", "0", *TINY[2:],
-                           "--steps", "6"],
-                          capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]  # neither rank waits for the other at a step it skipped
+    _rlhf_under_torchrun(tiny_llama_dir, out, "--learning-rate", "1e-3", "--kl-coef", "0", "--kl-budget", "1e-3",
+                         "--save-every", "1", "--keep-checkpoints", "0", *TINY[2:], "--steps", "6")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     over = next(r["step"] for r in rows if r["objective/kl"] > 1e-3)  # the k1 mean of 8 answers can be < 0
     assert [r["step"] for r in rows] == list(range(1, over + 1)) and over >= 2
