@@ -24,12 +24,9 @@ mean is over real tokens only. Functions that take several same-shaped tensors t
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
-
-from rlhf.policy import entropy_of, logprobs_of
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -154,53 +151,44 @@ def policy_loss(*, new_logprobs: torch.Tensor, logprobs: torch.Tensor, advantage
     return pg_loss, stats
 
 
-def _entropy(logits: torch.Tensor, mask: torch.Tensor, ent_coef: float) -> torch.Tensor:
-    """Mean entropy over real tokens; differentiable only when the bonus is on."""
-    with contextlib.nullcontext() if ent_coef else torch.no_grad():
-        return masked_mean(entropy_of(logits), mask)
-
-
-def ppo_loss(*, logits: torch.Tensor, new_values: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor,
+def ppo_loss(*, new_logprobs: torch.Tensor, entropy: torch.Tensor, new_values: torch.Tensor, mask: torch.Tensor,
              logprobs: torch.Tensor, values: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
              cliprange: float, cliprange_value: float, vf_coef: float,
              ent_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_pg + vf_coef · L_vf − ent_coef · entropy on one micro-batch, and its statistics.
+    """L_pg + vf_coef · L_vf − ent_coef · H on one micro-batch, and its statistics.
 
-    `logits` / `new_values` come from the policy being updated; `logprobs` / `values` from the rollout."""
-    pg_loss, stats = policy_loss(new_logprobs=logprobs_of(logits, responses), logprobs=logprobs,
-                                 advantages=advantages, mask=mask, cliprange=cliprange)
+    `new_logprobs` / `entropy` / `new_values` come from the policy being updated (`entropy` differentiable when
+    ent_coef is on); `logprobs` / `values` from the rollout."""
+    pg_loss, stats = policy_loss(new_logprobs=new_logprobs, logprobs=logprobs, advantages=advantages, mask=mask,
+                                 cliprange=cliprange)
 
     vpredclipped = values + torch.clamp(new_values - values, -cliprange_value, cliprange_value)
     vf_losses1 = (new_values - returns) ** 2
     vf_losses2 = (vpredclipped - returns) ** 2
     vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
 
-    entropy = _entropy(logits, mask, ent_coef)
-    loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy
+    mean_entropy = masked_mean(entropy, mask)
+    loss = pg_loss + vf_coef * vf_loss - ent_coef * mean_entropy
     with torch.no_grad():
         stats.update({"vf_loss": vf_loss.detach(), "vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).float(), mask),
-                      "entropy": entropy.detach()})
+                      "entropy": mean_entropy.detach()})
     return loss, stats
 
 
-def group_loss(*, logits: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
+def group_loss(*, new_logprobs: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
                ref_logprobs: torch.Tensor, advantages: torch.Tensor, cliprange: float, kl_coef: float,
-               ent_coef: float,
-               new_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """GRPO / RLOO: L_pg + kl_coef · mean k3(π_new, π_ref) − ent_coef · entropy on one micro-batch (kl_coef 0
-    when the KL is in the reward), and the same statistics as `ppo_loss` (the value ones 0). `new_logprobs`:
-    log π_new(responses) when the caller already took them from `logits`."""
-    if new_logprobs is None:
-        new_logprobs = logprobs_of(logits, responses)
+               ent_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO / RLOO: L_pg + kl_coef · mean k3(π_new, π_ref) − ent_coef · H on one micro-batch (kl_coef 0 when the
+    KL is in the reward), and the same statistics as `ppo_loss` (the value ones 0)."""
     pg_loss, stats = policy_loss(new_logprobs=new_logprobs, logprobs=logprobs, advantages=advantages, mask=mask,
                                  cliprange=cliprange)
     loss = pg_loss
     if kl_coef:
         loss = loss + kl_coef * masked_mean(kl_k3(new_logprobs, ref_logprobs), mask)
-    entropy = _entropy(logits, mask, ent_coef)
-    loss = loss - ent_coef * entropy
+    mean_entropy = masked_mean(entropy, mask)
+    loss = loss - ent_coef * mean_entropy
     zero = torch.zeros((), device=pg_loss.device)
-    stats.update({"vf_loss": zero, "vf_clipfrac": zero, "entropy": entropy.detach()})
+    stats.update({"vf_loss": zero, "vf_clipfrac": zero, "entropy": mean_entropy.detach()})
     return loss, stats
 
 

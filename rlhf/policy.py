@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from toolkit.errors import UserError
 from toolkit.prefix_cache import position_ids_from_mask, shared_prefix_forward
@@ -61,27 +62,46 @@ def _grouped_hidden(decoder: nn.Module, query_responses: torch.Tensor, attention
 
 
 def response_logits(lm: nn.Module, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Temperature-scaled logits, exactly as the sampler scales them: [B, R, V] in float32. Scaled in place: the
-    head's output is not saved for backward, and a second [B, R, V] tensor is what a batch's peak memory is made of."""
+    """Temperature-scaled logits, exactly as the sampler scales them, in float32: [..., V]. Scaled in place: the
+    head's output is not saved for backward."""
     return causal_lm(lm).get_output_embeddings()(hidden).float().div_(temperature)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(token) under `logits` ([B, R, V] -> [B, R]): the token's logit minus its row's logsumexp, one answer
-    at a time, so that no [B, R, V] log-softmax is kept for backward and the softmax temporaries are one answer's
-    (the vocabulary makes these the largest tensors of an update; TRL's selective_log_softmax does the same)."""
-    token_logits = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return token_logits - torch.cat([torch.logsumexp(answer, dim=-1) for answer in logits.split(1)])
+    """log π(token) under `logits` ([..., V] -> [...]): the token's logit minus its row's logsumexp (no
+    log-softmax of the whole vocabulary is formed)."""
+    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of π at each position ([B, R, V] -> [B, R]), one answer at a time for the same reason."""
-    return torch.cat([_entropy(answer) for answer in logits.split(1)])
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of π at each position ([..., V] -> [...])."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def response_logprobs(lm: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                      entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log π(tokens) [B, R], entropy [B, R] or None) from the response positions' hidden states, one answer at a
+    time: an answer's [R, V] logits are formed, used and freed, and with autograd on they are recomputed in
+    backward (a checkpoint keeps only the answer's hidden states). No [B, R, V] tensor exists: with a 49k
+    vocabulary it was an update's largest tensor, twice over with its gradient. `entropy`: "none", "stat" (a
+    statistic, no gradient) or "loss" (differentiable, for an entropy bonus)."""
+    if entropy not in ("none", "stat", "loss"):
+        raise ValueError(f"entropy must be none, stat or loss, not {entropy!r}")
+
+    def one_answer(answer_hidden: torch.Tensor, answer_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = response_logits(lm, answer_hidden, temperature)
+        logprobs = logprobs_of(logits, answer_tokens)
+        if entropy == "none":
+            return (logprobs,)
+        with contextlib.nullcontext() if entropy == "loss" else torch.no_grad():
+            return logprobs, entropy_of(logits)
+
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    answers = [checkpoint(one_answer, h, t, use_reentrant=False) if recompute else one_answer(h, t)
+               for h, t in zip(hidden.split(1), tokens.split(1), strict=True)]
+    logprobs = torch.cat([a[0] for a in answers])
+    return logprobs, (torch.cat([a[1] for a in answers]) if entropy != "none" else None)
 
 
 class Critic(nn.Module):
@@ -120,18 +140,20 @@ class ActorCritic(nn.Module):
         return self.v_head is not None or self.critic is not None
 
     def forward(self, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int,
-                temperature: float, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(temperature-scaled logits [B, R, V], values [B, R] or None without a value model) for the
-        response positions; `group_size` as `response_hidden` (one forward, so DDP's hooks see both passes)."""
+                temperature: float, responses: torch.Tensor, group_size: int = 1,
+                entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(log π(responses) [B, R], entropy [B, R] or None, values [B, R] or None without a value model) at the
+        response positions; `group_size` as `response_hidden`, `entropy` as `response_logprobs` (one forward, so
+        DDP's hooks see both passes)."""
         hidden = response_hidden(self.lm, query_responses, attention_mask, context_length, group_size)
-        logits = response_logits(self.lm, hidden, temperature)
+        logprobs, entropy_values = response_logprobs(self.lm, hidden, responses, temperature, entropy)
         if self.v_head is not None:
             values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
         elif self.critic is not None:
             values = self.critic(query_responses, attention_mask, context_length)
         else:
             values = None
-        return logits, values
+        return logprobs, entropy_values, values
 
     def value_state_dict(self) -> dict[str, torch.Tensor]:
         module = self.v_head if self.v_head is not None else self.critic
@@ -161,7 +183,7 @@ class Reference:
         ctx = self.actor.lm.disable_adapter() if self.frozen_lm is None else self.gathered(lm)
         with ctx:
             hidden = response_hidden(lm, query_responses, attention_mask, context_length, group_size)
-            return logprobs_of(response_logits(lm, hidden, temperature), responses)
+            return response_logprobs(lm, hidden, responses, temperature)[0]
 
 
 def frozen_copy(lm: nn.Module) -> nn.Module:

@@ -46,7 +46,6 @@ from rlhf.objective import (
     ppo_loss,
     token_kl,
 )
-from rlhf.policy import logprobs_of
 from rlhf.rewards import RewardFn, score_rollout
 from rlhf.rollout import Rollout, TokenizedPrompt, batch_indices, sample
 from rlhf.run import (
@@ -181,9 +180,8 @@ def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
         if cfg.logprobs_from_update:  # ppo_update fills them in
             logprobs, values = torch.zeros(responses.shape, device=responses.device), None
         else:
-            logits, values = actor(rollout.query_responses, rollout.attention_mask, ctx, cfg.temperature, group)
-            logprobs = logprobs_of(logits, responses)
-            del logits
+            logprobs, _, values = actor(rollout.query_responses, rollout.attention_mask, ctx, cfg.temperature,
+                                        responses, group)
         ref_logprobs = run.reference.logprobs(rollout.query_responses, rollout.attention_mask, ctx,
                                               cfg.temperature, responses, group)
     raw_scores = score_rollout(run.reward_fn, [p.text for p in prompts], rollout.responses_text,
@@ -217,26 +215,24 @@ def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, retur
                 columns, response_columns, context_length = _trim(rows, rollout.attention_mask, mask,
                                                                   rollout.context_length)
                 with gradient_sync(accelerator, actor, g == accumulation - 1), autocast(accelerator, cfg.bf16):
-                    new_logits, new_values = actor(rollout.query_responses[rows, columns],
-                                                   rollout.attention_mask[rows, columns], context_length,
-                                                   cfg.temperature, group)
                     micro = (rows, response_columns)
+                    new_logprobs, entropy, new_values = actor(
+                        rollout.query_responses[rows, columns], rollout.attention_mask[rows, columns], context_length,
+                        cfg.temperature, rollout.responses[micro], group, "loss" if cfg.ent_coef else "stat")
                     if returns is None:  # grpo / rloo
-                        new_logprobs = logprobs_of(new_logits, rollout.responses[micro])
                         if cfg.logprobs_from_update:
                             experience.logprobs[micro] = new_logprobs.detach().float()
                         loss, stats = group_loss(
-                            logits=new_logits, responses=rollout.responses[micro], mask=mask[micro],
+                            new_logprobs=new_logprobs, entropy=entropy, mask=mask[micro],
                             logprobs=experience.logprobs[micro], ref_logprobs=experience.ref_logprobs[micro],
                             advantages=advantages[micro], cliprange=cfg.cliprange, kl_coef=kl_in_loss,
-                            ent_coef=cfg.ent_coef, new_logprobs=new_logprobs)
+                            ent_coef=cfg.ent_coef)
                     else:
                         loss, stats = ppo_loss(
-                            logits=new_logits, new_values=new_values, responses=rollout.responses[micro],
-                            mask=mask[micro], logprobs=experience.logprobs[micro],
-                            values=experience.values[micro], advantages=advantages[micro], returns=returns[micro],
-                            cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
-                            ent_coef=cfg.ent_coef)
+                            new_logprobs=new_logprobs, entropy=entropy, new_values=new_values, mask=mask[micro],
+                            logprobs=experience.logprobs[micro], values=experience.values[micro],
+                            advantages=advantages[micro], returns=returns[micro], cliprange=cfg.cliprange,
+                            cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef, ent_coef=cfg.ent_coef)
                     if not torch.isfinite(loss):
                         raise nan_error(run, step, epoch, m)
                     accelerator.backward(loss / accumulation)

@@ -337,10 +337,10 @@ def generate_served(spec: str, chats: Sequence[list[dict[str, str]]], seeds: Seq
 def answer_logprobs(model: Any, pad_id: int, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]],
                     temperature: float, advance: Callable[[int], None]) -> list[list[float]]:
     """log π(a_t) of each answer token, teacher-forced, from the temperature-scaled logits that sampling used
-    (rlhf's response_hidden / response_logits / logprobs_of; greedy decoding samples from T = 1)."""
+    (rlhf's response_hidden / response_logprobs; greedy decoding samples from T = 1)."""
     import torch
 
-    from rlhf.policy import logprobs_of, response_hidden, response_logits
+    from rlhf.policy import response_hidden, response_logprobs
     from toolkit.generation import left_pad
 
     scale = temperature if temperature > 0 else 1.0
@@ -359,7 +359,7 @@ def answer_logprobs(model: Any, pad_id: int, prompt_ids: Sequence[list[int]], an
             sequences = torch.cat([queries, responses], 1).to(device)
             mask = torch.cat([query_mask, response_mask], 1).to(device)
             hidden = response_hidden(model, sequences, mask, queries.shape[1])
-            logprobs = logprobs_of(response_logits(model, hidden, scale), responses.to(device)).cpu()
+            logprobs = response_logprobs(model, hidden, responses.to(device), scale)[0].cpu()
             out += [logprobs[i, :len(a)].tolist() for i, a in enumerate(answers)]
             advance(len(answers))
     return out

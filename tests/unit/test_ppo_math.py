@@ -129,11 +129,11 @@ def _loss_inputs(shift: float):
     logits = torch.randn(B, R, V)
     responses = torch.randint(0, V, (B, R))
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    old_logprobs = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0] - shift
+    new_logprobs = torch.log_softmax(logits, -1).gather(-1, responses[..., None])[..., 0]
     values = torch.randn(B, R)
     advantages = torch.tensor([[1.0, -1.0, 0.5, 2.0], [-0.5, 1.0, 0.0, 0.0]])
-    return dict(logits=logits, new_values=values, responses=responses, mask=mask, logprobs=old_logprobs,
-                values=values.clone(), advantages=advantages, returns=values + 0.3)
+    return dict(new_logprobs=new_logprobs, entropy=torch.rand(B, R), new_values=values, mask=mask,
+                logprobs=new_logprobs - shift, values=values.clone(), advantages=advantages, returns=values + 0.3)
 
 
 def _coefficients(cfg: PPOConfig) -> dict[str, float]:
@@ -197,7 +197,7 @@ def test_k3_is_never_negative_and_zero_only_where_the_policies_agree():
 
 def test_group_loss_is_the_policy_loss_plus_beta_k3_and_has_ppo_s_statistics():
     inputs = _loss_inputs(0.0)
-    common = dict(logits=inputs["logits"], responses=inputs["responses"], mask=inputs["mask"],
+    common = dict(new_logprobs=inputs["new_logprobs"], entropy=inputs["entropy"], mask=inputs["mask"],
                   logprobs=inputs["logprobs"], advantages=inputs["advantages"], cliprange=0.2, ent_coef=0.0)
     ref_logprobs = inputs["logprobs"] - 0.3
     loss0, stats = group_loss(**common, ref_logprobs=ref_logprobs, kl_coef=0.0)
@@ -208,9 +208,9 @@ def test_group_loss_is_the_policy_loss_plus_beta_k3_and_has_ppo_s_statistics():
     loss, _ = group_loss(**common, ref_logprobs=ref_logprobs, kl_coef=0.5)
     k3 = math.exp(-0.3) - 1 + 0.3  # the same log-ratio on every real token
     assert loss.item() == pytest.approx(loss0.item() + 0.5 * k3, rel=1e-5)
-    logits = inputs["logits"].clone().requires_grad_(True)
-    group_loss(**{**common, "logits": logits}, ref_logprobs=ref_logprobs, kl_coef=0.0)[0].backward()
-    assert logits.grad[1, 2:].abs().max() == 0  # padding gets no gradient
+    new_logprobs = inputs["new_logprobs"].clone().requires_grad_(True)
+    group_loss(**{**common, "new_logprobs": new_logprobs}, ref_logprobs=ref_logprobs, kl_coef=0.0)[0].backward()
+    assert new_logprobs.grad[1, 2:].abs().max() == 0  # padding gets no gradient
 
 
 def test_algo_settings_are_checked_and_minibatches_cover_the_groups():
@@ -251,19 +251,34 @@ def test_zero3_generation_gathers_the_policy_only_when_asked():
 
 
 def test_log_probs_and_entropy_one_answer_at_a_time_equal_the_whole_batch_formulas():
-    from rlhf.policy import entropy_of, logprobs_of
+    from rlhf.policy import response_logprobs
 
     torch.manual_seed(0)
-    logits = (4 * torch.randn(3, 5, 257)).requires_grad_()
-    tokens = torch.randint(0, 257, (3, 5))
-    logp = torch.log_softmax(logits, dim=-1)
+    V, H, T = 257, 16, 0.7
+    lm = torch.nn.Module()
+    head = torch.nn.Linear(H, V, bias=False)
+    lm.get_output_embeddings = lambda: head
+    hidden = torch.randn(3, 5, H, requires_grad=True)
+    tokens = torch.randint(0, V, (3, 5))
+    logp = torch.log_softmax(head(hidden) / T, dim=-1)
     expected = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    got = logprobs_of(logits, tokens)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(entropy_of(logits), -(logp.exp() * logp).sum(-1), rtol=0, atol=1e-5)
+    expected_entropy = -(logp.exp() * logp).sum(-1)
     weights = torch.randn(3, 5)
-    (grad_got,) = torch.autograd.grad((got * weights).sum(), logits)
-    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), logits)
-    torch.testing.assert_close(grad_got, grad_expected, rtol=0, atol=1e-6)
-    empty = torch.zeros(0, 5, 257)  # a micro-batch with no answer
-    assert logprobs_of(empty, tokens[:0]).shape == entropy_of(empty).shape == (0, 5)
+    for entropy in ("stat", "loss"):
+        got, got_entropy = response_logprobs(lm, hidden, tokens, T, entropy)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got_entropy, expected_entropy, rtol=0, atol=1e-5)
+        assert got_entropy.requires_grad == (entropy == "loss")
+        # the recomputed logits give the gradient of the whole-batch formula, to the head's weight too
+        got_grads = torch.autograd.grad((got * weights).sum(), (hidden, head.weight))
+        expected_grads = torch.autograd.grad((expected * weights).sum(), (hidden, head.weight), retain_graph=True)
+        for got_grad, expected_grad in zip(got_grads, expected_grads, strict=True):
+            torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-5)
+    (entropy_grad,) = torch.autograd.grad(response_logprobs(lm, hidden, tokens, T, "loss")[1].sum(), hidden)
+    torch.testing.assert_close(entropy_grad, torch.autograd.grad(expected_entropy.sum(), hidden)[0], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert response_logprobs(lm, hidden, tokens, T)[1] is None
+    empty = response_logprobs(lm, hidden[:0], tokens[:0], T, "stat")  # a micro-batch with no answer
+    assert empty[0].shape == empty[1].shape == (0, 5)
+    with pytest.raises(ValueError, match="entropy"):
+        response_logprobs(lm, hidden, tokens, T, "yes")

@@ -11,7 +11,15 @@ import torch
 from support.cli import FIXTURES
 
 from rlhf.config import PPOConfig
-from rlhf.policy import ActorCritic, Reference, frozen_copy, load_critic, logprobs_of
+from rlhf.policy import (
+    ActorCritic,
+    Reference,
+    frozen_copy,
+    load_critic,
+    logprobs_of,
+    response_hidden,
+    response_logits,
+)
 from rlhf.rollout import batch_indices, load_prompts, sample
 from rlhf.trainer import train
 from toolkit.errors import UserError
@@ -45,9 +53,8 @@ def prompt_ids(tokenizer) -> list[list[int]]:
 
 def forward_logprobs(lm, rollout, temperature: float) -> torch.Tensor:
     with torch.no_grad():
-        logits, _ = ActorCritic(lm)(rollout.query_responses, rollout.attention_mask, rollout.context_length,
-                                    temperature)
-    return logprobs_of(logits, rollout.responses)
+        return ActorCritic(lm)(rollout.query_responses, rollout.attention_mask, rollout.context_length,
+                               temperature, rollout.responses)[0]
 
 
 def test_sampling_logprobs_equal_a_fresh_forward_pass_with_left_padding(tiny_llama_dir):
@@ -97,8 +104,8 @@ def test_a_group_s_prompt_runs_once_with_the_same_logits_and_gradients(tiny_llam
     results = []
     for group_size in (1, 3):
         actor.zero_grad()
-        logits, _ = actor(*args, group_size=group_size)
-        picked = logprobs_of(logits, rollout.responses) * rollout.response_mask
+        logprobs, _, _ = actor(*args, rollout.responses, group_size=group_size)
+        picked = logprobs * rollout.response_mask
         picked.sum().backward()
         results.append((picked.detach(), {n: p.grad.clone() for n, p in actor.named_parameters() if p.requires_grad}))
     (plain, plain_grads), (grouped, grouped_grads) = results
@@ -114,8 +121,9 @@ def test_a_group_s_prompt_runs_once_with_the_same_logits_and_gradients(tiny_llam
 def _train_steps(actor: ActorCritic, rollout, n: int = 3, lr: float = 1e-2) -> None:
     optimizer = torch.optim.Adam([p for p in actor.parameters() if p.requires_grad], lr=lr)
     for _ in range(n):
-        logits, values = actor(rollout.query_responses, rollout.attention_mask, rollout.context_length, 1.0)
-        loss = -logprobs_of(logits, rollout.responses).mean() + values.pow(2).mean()
+        logprobs, _, values = actor(rollout.query_responses, rollout.attention_mask, rollout.context_length, 1.0,
+                                    rollout.responses)
+        loss = -logprobs.mean() + values.pow(2).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -371,12 +379,12 @@ def test_k1_kl_is_unbiased_for_the_exact_kl_of_the_sampled_prefixes(tiny_llama_d
     assert not mask.all()  # some rows stop at EOS: padding is exercised
     args = (rollout.query_responses, rollout.attention_mask, rollout.context_length, T)
     with torch.no_grad():
-        logits, _ = actor(*args)
+        logits = response_logits(lm, response_hidden(lm, *args[:3]), T)
         ref_logits = ref_lm.get_output_embeddings()(
             ref_lm.get_decoder()(input_ids=rollout.query_responses, attention_mask=rollout.attention_mask,
                                  position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0))
             .last_hidden_state[:, rollout.context_length - 1:-1]) / T
-    logprobs = logprobs_of(logits, rollout.responses)
+    logprobs = actor(*args, rollout.responses)[0].detach()
     ref_logprobs = reference.logprobs(*args, rollout.responses)
     # padding holds junk log-probs (the pad token's): the KL must ignore them
     _, kl, _ = per_token_rewards(scores=torch.zeros(len(mask)), logprobs=logprobs, ref_logprobs=ref_logprobs,
