@@ -1,7 +1,8 @@
 """Actor, critic and reference.
 
 - Actor: the causal LM (optionally a peft LoRA model). One trunk forward gives the hidden states of
-  the response positions; the LM head turns them into temperature-scaled logits.
+  the response positions; the LM head turns them into temperature-scaled logits one answer at a time,
+  which give the answer's log-probs (and entropy) and are freed (`response_logprobs`).
 - Critic: a scalar value head on the same hidden states (default), or a separate model whose
   backbone and score head come from the reward model (`--critic reward`) or any directory. GRPO and
   RLOO have neither (`value_head=False`): no value parameters, values None.
