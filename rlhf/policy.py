@@ -83,12 +83,14 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
 def response_logprobs(lm: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
                       entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log π(tokens) [B, R], entropy [B, R] or None) from the response positions' hidden states, one answer at a
-    time: an answer's [R, V] logits are formed, used and freed, and with autograd on they are recomputed in
-    backward (a checkpoint keeps only the answer's hidden states). No [B, R, V] tensor exists: with a 49k
-    vocabulary it was an update's largest tensor, twice over with its gradient. `entropy`: "none", "stat" (a
-    statistic, no gradient) or "loss" (differentiable, for an entropy bonus)."""
+    time: an answer's [R, V] logits are formed, used and freed. No [B, R, V] tensor exists: with a 49k vocabulary
+    it was an update's largest tensor, twice over with its gradient. With autograd on, a frozen head (LoRA) gives
+    the gradient from what forward kept (`_FrozenHeadLogprobs`); a head that trains has its answer's logits
+    recomputed in backward (a checkpoint). `entropy`: "none", "stat" (a statistic, no gradient) or "loss"
+    (differentiable, for an entropy bonus)."""
     if entropy not in ("none", "stat", "loss"):
         raise ValueError(f"entropy must be none, stat or loss, not {entropy!r}")
+    head = causal_lm(lm).get_output_embeddings()
 
     def one_answer(answer_hidden: torch.Tensor, answer_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = response_logits(lm, answer_hidden, temperature)
@@ -98,11 +100,49 @@ def response_logprobs(lm: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor,
         with contextlib.nullcontext() if entropy == "loss" else torch.no_grad():
             return logprobs, entropy_of(logits)
 
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
-    answers = [checkpoint(one_answer, h, t, use_reentrant=False) if recompute else one_answer(h, t)
-               for h, t in zip(hidden.split(1), tokens.split(1), strict=True)]
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        answer = one_answer
+    elif entropy != "loss" and _frozen_plain_linear(head):
+        def answer(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return _FrozenHeadLogprobs.apply(h, head.weight, t, temperature)
+    else:
+        def answer(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return checkpoint(one_answer, h, t, use_reentrant=False)
+    answers = [answer(h, t) for h, t in zip(hidden.split(1), tokens.split(1), strict=True)]
     logprobs = torch.cat([a[0] for a in answers])
     return logprobs, (torch.cat([a[1] for a in answers]) if entropy != "none" else None)
+
+
+def _frozen_plain_linear(head: nn.Module) -> bool:
+    # A ZeRO-3 partitioned weight (ds_id) is whole only inside the module's own call: not for this path.
+    return (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
+            and getattr(head.weight, "ds_id", None) is None)
+
+
+class _FrozenHeadLogprobs(torch.autograd.Function):
+    """log π(tokens) and entropy (no gradient) of one answer through a frozen, bias-free head W. The gradient is
+    ∂ log π(y_t) / ∂h_t = (W_y − E_π[W]) / T, formed in forward ([R, V] × [V, H], the product backward would
+    otherwise make from logits it kept or recomputed): backward is a product with that [R, H] tensor."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = nn.functional.linear(hidden, weight).float().div_(temperature)
+        logprobs = logprobs_of(logits, tokens)  # the sampler-side formula, bit for bit (ratio = 1 at the start)
+        logp = torch.log_softmax(logits, dim=-1)
+        del logits
+        probs = logp.exp()
+        entropy = -(probs * logp).sum(-1)
+        expected_row = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward((weight[tokens] - expected_row).float().div_(temperature))
+        ctx.hidden_dtype = hidden.dtype
+        ctx.mark_non_differentiable(entropy)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor | None):
+        (direction,) = ctx.saved_tensors
+        return (grad_logprobs.unsqueeze(-1) * direction).to(ctx.hidden_dtype), None, None, None
 
 
 class Critic(nn.Module):

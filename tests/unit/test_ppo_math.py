@@ -276,7 +276,16 @@ def test_log_probs_and_entropy_one_answer_at_a_time_equal_the_whole_batch_formul
             torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-5)
     (entropy_grad,) = torch.autograd.grad(response_logprobs(lm, hidden, tokens, T, "loss")[1].sum(), hidden)
     torch.testing.assert_close(entropy_grad, torch.autograd.grad(expected_entropy.sum(), hidden)[0], rtol=0, atol=1e-5)
+    head.weight.requires_grad_(False)  # a frozen head (LoRA): the gradient formed in forward, the same
+    got, got_entropy = response_logprobs(lm, hidden, tokens, T, "stat")
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_entropy, expected_entropy, rtol=0, atol=1e-5)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), hidden)
+    logp = torch.log_softmax(head(hidden) / T, dim=-1)
+    (expected_grad,) = torch.autograd.grad((logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * weights).sum(), hidden)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=1e-5)
     with torch.no_grad():
+        assert torch.equal(response_logprobs(lm, hidden, tokens, T)[0], got)  # as the rollout takes them
         assert response_logprobs(lm, hidden, tokens, T)[1] is None
     empty = response_logprobs(lm, hidden[:0], tokens[:0], T, "stat")  # a micro-batch with no answer
     assert empty[0].shape == empty[1].shape == (0, 5)
