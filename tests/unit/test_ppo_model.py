@@ -14,6 +14,8 @@ from rlhf.config import PPOConfig
 from rlhf.policy import (
     ActorCritic,
     Reference,
+    _frozen_plain_linear,
+    causal_lm,
     frozen_copy,
     load_critic,
     logprobs_of,
@@ -83,7 +85,7 @@ def test_sampling_logprobs_equal_a_fresh_forward_pass_with_left_padding(tiny_lla
     assert (forward_logprobs(lm, rollout, 1.0)[real] - rollout.sample_logprobs[real]).abs().max() > 1e-3
 
 
-def test_a_group_s_prompt_runs_once_with_the_same_logits_and_gradients(tiny_llama_dir):
+def test_a_group_s_prompt_runs_once_with_the_same_logits_and_gradients(tiny_llama_dir, monkeypatch):
     lm, tok = load_causal_lm(tiny_llama_dir)
     eos_prone(lm, tok)
     lm = add_lora(lm, 4, 8, "all-linear", task_type="CAUSAL_LM")
@@ -101,18 +103,22 @@ def test_a_group_s_prompt_runs_once_with_the_same_logits_and_gradients(tiny_llam
         pytest.fail("no batch with a row that stopped early")
     args = (rollout.query_responses, rollout.attention_mask, rollout.context_length, 0.7)
     actor = ActorCritic(lm, value_head=False)
+    assert _frozen_plain_linear(causal_lm(lm).get_output_embeddings())  # a LoRA model's head takes that path
     results = []
-    for group_size in (1, 3):
+    # the frozen head's gradient formed in forward (LoRA), then the logits recomputed in backward (a checkpoint)
+    for group_size, frozen_head_path in ((1, True), (3, True), (1, False)):
+        monkeypatch.setattr("rlhf.policy._frozen_plain_linear", lambda head, fast=frozen_head_path: fast)
         actor.zero_grad()
         logprobs, _, _ = actor(*args, rollout.responses, group_size=group_size)
         picked = logprobs * rollout.response_mask
         picked.sum().backward()
         results.append((picked.detach(), {n: p.grad.clone() for n, p in actor.named_parameters() if p.requires_grad}))
-    (plain, plain_grads), (grouped, grouped_grads) = results
-    torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=1e-5)
+    (plain, plain_grads), *others = results
     assert plain_grads and all(grad.abs().max() > 0 for grad in plain_grads.values())
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(grouped_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    for other, other_grads in others:
+        torch.testing.assert_close(other, plain, atol=1e-5, rtol=1e-5)
+        for name, grad in plain_grads.items():
+            torch.testing.assert_close(other_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
     reference = Reference(actor, None)
     torch.testing.assert_close(reference.logprobs(*args, rollout.responses, group_size=3),
                                reference.logprobs(*args, rollout.responses), atol=1e-5, rtol=1e-5)
