@@ -88,7 +88,8 @@ class PPOConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.", min=0)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", min=0)
     bf16: bool = _f(False, "bfloat16 autocast (GPUs with bf16, recent CPUs).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward, and the logits of a head that "
+                                             "trains (less memory, ~30% slower).")
     gather_for_generation: bool = _f(True, "Under DeepSpeed ZeRO-3, gather the whole policy on each GPU to "
                                      "generate (fast; needs the full weights' memory). Off: ZeRO-3 gathers "
                                      "layer by layer (slow, fits 33B/65B).")

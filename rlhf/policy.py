@@ -81,13 +81,14 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(lm: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
-                      entropy: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+                      entropy: str = "none", recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log π(tokens) [B, R], entropy [B, R] or None) from the response positions' hidden states, one answer at a
-    time: an answer's [R, V] logits are formed, used and freed. No [B, R, V] tensor exists: with a 49k vocabulary
-    it was an update's largest tensor, twice over with its gradient. With autograd on, a frozen head (LoRA) gives
-    the gradient from what forward kept (`_FrozenHeadLogprobs`); a head that trains has its answer's logits
-    recomputed in backward (a checkpoint). `entropy`: "none", "stat" (a statistic, no gradient) or "loss"
-    (differentiable, for an entropy bonus)."""
+    time: an answer's [R, V] logits are formed, used and freed, so the softmax temporaries are one answer's. With
+    autograd on, a frozen head (LoRA) gives the gradient from what forward kept (`_FrozenHeadLogprobs`): no
+    [B, R, V] tensor exists, which with a 49k vocabulary was an update's largest, twice over with its gradient. A
+    head that trains keeps its logits for backward, or with `recompute` (--gradient-checkpointing) recomputes each
+    answer's there (a checkpoint: less memory, one more head product). `entropy`: "none", "stat" (a statistic, no
+    gradient) or "loss" (differentiable, for an entropy bonus)."""
     if entropy not in ("none", "stat", "loss"):
         raise ValueError(f"entropy must be none, stat or loss, not {entropy!r}")
     head = causal_lm(lm).get_output_embeddings()
@@ -105,9 +106,11 @@ def response_logprobs(lm: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor,
     elif entropy != "loss" and _frozen_plain_linear(head):
         def answer(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return _FrozenHeadLogprobs.apply(h, head.weight, t, temperature)
-    else:
+    elif recompute:
         def answer(h: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return checkpoint(one_answer, h, t, use_reentrant=False)
+    else:
+        answer = one_answer
     answers = [answer(h, t) for h, t in zip(hidden.split(1), tokens.split(1), strict=True)]
     logprobs = torch.cat([a[0] for a in answers])
     return logprobs, (torch.cat([a[1] for a in answers]) if entropy != "none" else None)
@@ -165,9 +168,11 @@ class Critic(nn.Module):
 class ActorCritic(nn.Module):
     """Everything that trains, in one module (one optimizer, one DDP wrapper)."""
 
-    def __init__(self, lm: nn.Module, critic: Critic | None = None, value_head: bool = True):
+    def __init__(self, lm: nn.Module, critic: Critic | None = None, value_head: bool = True,
+                 recompute_logits: bool = False):
         super().__init__()
         self.lm = lm
+        self.recompute_logits = recompute_logits  # as `response_logprobs`' recompute
         self.critic = critic
         self.v_head = None
         if critic is None and value_head:
@@ -187,7 +192,8 @@ class ActorCritic(nn.Module):
         response positions; `group_size` as `response_hidden`, `entropy` as `response_logprobs` (one forward, so
         DDP's hooks see both passes)."""
         hidden = response_hidden(self.lm, query_responses, attention_mask, context_length, group_size)
-        logprobs, entropy_values = response_logprobs(self.lm, hidden, responses, temperature, entropy)
+        logprobs, entropy_values = response_logprobs(self.lm, hidden, responses, temperature, entropy,
+                                                     self.recompute_logits)
         if self.v_head is not None:
             values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()
         elif self.critic is not None:

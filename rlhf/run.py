@@ -139,7 +139,7 @@ def _load_models(cfg: PPOConfig, longest_prompt: int,
         causal_lm(lm).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.train()  # checkpointing only acts in train mode; dropout is already off
     critic = None if cfg.critic == "value-head" else load_critic(cfg.critic, cfg.reward, tokenizer)
-    actor = ActorCritic(lm, critic, value_head=cfg.algo == "ppo")
+    actor = ActorCritic(lm, critic, value_head=cfg.algo == "ppo", recompute_logits=cfg.gradient_checkpointing)
     context = model_context_length(causal_lm(lm))
     if longest_prompt + cfg.max_new_tokens > context:
         raise UserError(f"longest prompt ({longest_prompt} tokens) + --max-new-tokens {cfg.max_new_tokens} exceeds "

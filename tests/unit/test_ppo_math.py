@@ -264,12 +264,12 @@ def test_log_probs_and_entropy_one_answer_at_a_time_equal_the_whole_batch_formul
     expected = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     expected_entropy = -(logp.exp() * logp).sum(-1)
     weights = torch.randn(3, 5)
-    for entropy in ("stat", "loss"):
-        got, got_entropy = response_logprobs(lm, hidden, tokens, T, entropy)
+    for entropy, recompute in (("stat", False), ("loss", False), ("stat", True), ("loss", True)):
+        got, got_entropy = response_logprobs(lm, hidden, tokens, T, entropy, recompute)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         torch.testing.assert_close(got_entropy, expected_entropy, rtol=0, atol=1e-5)
         assert got_entropy.requires_grad == (entropy == "loss")
-        # the recomputed logits give the gradient of the whole-batch formula, to the head's weight too
+        # kept or recomputed, the logits give the gradient of the whole-batch formula, to the head's weight too
         got_grads = torch.autograd.grad((got * weights).sum(), (hidden, head.weight))
         expected_grads = torch.autograd.grad((expected * weights).sum(), (hidden, head.weight), retain_graph=True)
         for got_grad, expected_grad in zip(got_grads, expected_grads, strict=True):

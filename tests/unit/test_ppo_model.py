@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.cli import FIXTURES
+from torch.utils.checkpoint import checkpoint
 
 from rlhf.config import PPOConfig
 from rlhf.policy import (
@@ -105,9 +106,11 @@ def test_a_group_s_prompt_runs_once_with_the_same_logits_and_gradients(tiny_llam
     actor = ActorCritic(lm, value_head=False)
     assert _frozen_plain_linear(causal_lm(lm).get_output_embeddings())  # a LoRA model's head takes that path
     results = []
-    # the frozen head's gradient formed in forward (LoRA), then the logits recomputed in backward (a checkpoint)
-    for group_size, frozen_head_path in ((1, True), (3, True), (1, False)):
+    # the frozen head's gradient formed in forward (LoRA), then the logits kept or recomputed (a checkpoint)
+    for group_size, frozen_head_path, recompute in ((1, True, False), (3, True, False), (1, False, False),
+                                                    (1, False, True)):
         monkeypatch.setattr("rlhf.policy._frozen_plain_linear", lambda head, fast=frozen_head_path: fast)
+        actor.recompute_logits = recompute
         actor.zero_grad()
         logprobs, _, _ = actor(*args, rollout.responses, group_size=group_size)
         picked = logprobs * rollout.response_mask
@@ -255,6 +258,25 @@ def test_running_each_group_s_prompt_once_trains_as_running_every_row(tiny_llama
     step_shared, step_rows = (_weights(tmp_path / run / "policy") - start for run in ("shared", "rows"))
     assert step_rows.norm() > 0.1  # the policy moved
     assert (step_shared - step_rows).norm() < 1e-4 * step_rows.norm()
+
+
+def test_gradient_checkpointing_recomputes_and_trains_as_without_it(tiny_llama_dir, tmp_path, monkeypatch):
+    recomputed = []  # every weight trains, the head too: its logits are recomputed in backward
+    monkeypatch.setattr("rlhf.policy.checkpoint", lambda *a, **k: recomputed.append(1) or checkpoint(*a, **k))
+    settings = dict(steps=1, ppo_epochs=1, num_minibatches=1, learning_rate=3e-3)
+    train(tiny_cfg(tiny_llama_dir, tmp_path / "checkpointed", gradient_checkpointing=True, **settings))
+    assert recomputed
+    recomputed.clear()
+    train(tiny_cfg(tiny_llama_dir, tmp_path / "plain", **settings))
+    assert not recomputed
+    a, b = _metrics(tmp_path / "checkpointed"), _metrics(tmp_path / "plain")
+    for key, value in b[0].items():
+        if key not in VOLATILE:
+            assert a[0][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    start = _weights(tiny_llama_dir)
+    step_checkpointed, step_plain = (_weights(tmp_path / run / "policy") - start for run in ("checkpointed", "plain"))
+    assert step_plain.norm() > 0.1  # the policy moved
+    assert (step_checkpointed - step_plain).norm() < 1e-4 * step_plain.norm()
 
 
 def _weights(model_dir: Path) -> torch.Tensor:
