@@ -248,16 +248,7 @@ def test_running_each_group_s_prompt_once_trains_as_running_every_row(tiny_llama
     train(shared)
     monkeypatch.setattr(PPOConfig, "shares_group_prompts", property(lambda self: False))
     train(tiny_cfg(tiny_llama_dir, tmp_path / "rows", **settings))
-    a, b = _metrics(tmp_path / "shared"), _metrics(tmp_path / "rows")
-    for key, value in b[0].items():  # the rollout: same answers, scores, log-probs and KL
-        if key not in VOLATILE:
-            assert a[0][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
-    # the update: the same step, up to rounding (here ~1e-6 of it). Later steps are not compared: on some CPUs
-    # that rounding sends step 2's sampling down another path and the two runs part
-    start = _weights(tiny_llama_dir)
-    step_shared, step_rows = (_weights(tmp_path / run / "policy") - start for run in ("shared", "rows"))
-    assert step_rows.norm() > 0.1  # the policy moved
-    assert (step_shared - step_rows).norm() < 1e-4 * step_rows.norm()
+    _assert_same_first_step(tiny_llama_dir, tmp_path / "shared", tmp_path / "rows")
 
 
 def test_gradient_checkpointing_recomputes_and_trains_as_without_it(tiny_llama_dir, tmp_path, monkeypatch):
@@ -269,14 +260,19 @@ def test_gradient_checkpointing_recomputes_and_trains_as_without_it(tiny_llama_d
     recomputed.clear()
     train(tiny_cfg(tiny_llama_dir, tmp_path / "plain", **settings))
     assert not recomputed
-    a, b = _metrics(tmp_path / "checkpointed"), _metrics(tmp_path / "plain")
-    for key, value in b[0].items():
+    _assert_same_first_step(tiny_llama_dir, tmp_path / "checkpointed", tmp_path / "plain")
+
+
+def _assert_same_first_step(start_dir: Path, run: Path, expected: Path) -> None:
+    for key, value in _metrics(expected)[0].items():  # the rollout: same answers, scores, log-probs and KL
         if key not in VOLATILE:
-            assert a[0][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
-    start = _weights(tiny_llama_dir)
-    step_checkpointed, step_plain = (_weights(tmp_path / run / "policy") - start for run in ("checkpointed", "plain"))
-    assert step_plain.norm() > 0.1  # the policy moved
-    assert (step_checkpointed - step_plain).norm() < 1e-4 * step_plain.norm()
+            assert _metrics(run)[0][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    # the update: the same step, up to rounding (here ~1e-6 of it). Later steps are not compared: on some CPUs
+    # that rounding sends step 2's sampling down another path and the two runs part
+    start = _weights(start_dir)
+    step, expected_step = _weights(run / "policy") - start, _weights(expected / "policy") - start
+    assert expected_step.norm() > 0.1  # the policy moved
+    assert (step - expected_step).norm() < 1e-4 * expected_step.norm()
 
 
 def _weights(model_dir: Path) -> torch.Tensor:
