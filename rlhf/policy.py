@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from toolkit.errors import UserError
+from toolkit.head_logprobs import FrozenHeadLogprobs, frozen_plain_linear, logprobs_of
 from toolkit.prefix_cache import position_ids_from_mask, shared_prefix_forward
 from toolkit.training.model import disable_dropout
 
@@ -68,12 +69,6 @@ def response_logits(lm: nn.Module, hidden: torch.Tensor, temperature: float) -> 
     return causal_lm(lm).get_output_embeddings()(hidden).float().div_(temperature)
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(token) under `logits` ([..., V] -> [...]): the token's logit minus its row's logsumexp (no
-    log-softmax of the whole vocabulary is formed)."""
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def entropy_of(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of π at each position ([..., V] -> [...])."""
     logp = torch.log_softmax(logits, dim=-1)
@@ -84,7 +79,7 @@ def response_logprobs(lm: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor,
                       entropy: str = "none", recompute: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log π(tokens) [B, R], entropy [B, R] or None) from the response positions' hidden states, one answer at a
     time: an answer's [R, V] logits are formed, used and freed, so the softmax temporaries are one answer's. With
-    autograd on, a frozen head (LoRA) gives the gradient from what forward kept (`_FrozenHeadLogprobs`): no
+    autograd on, a frozen head (LoRA) gives the gradient from what forward kept (`FrozenHeadLogprobs`): no
     [B, R, V] tensor exists, which with a 49k vocabulary was an update's largest, twice over with its gradient. A
     head that trains keeps its logits for backward, or with `recompute` (--gradient-checkpointing) recomputes each
     answer's there (a checkpoint: less memory, one more head product). `entropy`: "none", "stat" (a statistic, no
@@ -107,8 +102,8 @@ def response_logprobs(lm: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor,
         return zip(batch.split(1), tokens.split(1), strict=True)
 
     grad = torch.is_grad_enabled() and hidden.requires_grad
-    if grad and entropy != "loss" and _frozen_plain_linear(head):
-        answers = [_FrozenHeadLogprobs.apply(h, head.weight, t, temperature) for h, t in per_answer(hidden)]
+    if grad and entropy != "loss" and frozen_plain_linear(head):
+        answers = [FrozenHeadLogprobs.apply(h, head.weight, t, temperature) for h, t in per_answer(hidden)]
     elif grad and recompute:
         answers = [checkpoint(one_answer, h, t, use_reentrant=False) for h, t in per_answer(hidden)]
     elif grad:  # kept for backward anyway: one head product for the batch (tiny PPO, all weights: 1.40 s/step, not 1.8)
@@ -117,38 +112,6 @@ def response_logprobs(lm: nn.Module, hidden: torch.Tensor, tokens: torch.Tensor,
         answers = [one_answer(h, t) for h, t in per_answer(hidden)]
     logprobs = torch.cat([a[0] for a in answers])
     return logprobs, (torch.cat([a[1] for a in answers]) if entropy != "none" else None)
-
-
-def _frozen_plain_linear(head: nn.Module) -> bool:
-    # A ZeRO-3 partitioned weight (ds_id) is whole only inside the module's own call: not for this path.
-    return (type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad
-            and getattr(head.weight, "ds_id", None) is None)
-
-
-class _FrozenHeadLogprobs(torch.autograd.Function):
-    """log π(tokens) and entropy (no gradient) of one answer through a frozen, bias-free head W. The gradient is
-    ∂ log π(y_t) / ∂h_t = (W_y − E_π[W]) / T, formed in forward ([R, V] × [V, H], the product backward would
-    otherwise make from logits it kept or recomputed): backward is a product with that [R, H] tensor."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = nn.functional.linear(hidden, weight).float().div_(temperature)
-        logprobs = logprobs_of(logits, tokens)  # the sampler-side formula, bit for bit (ratio = 1 at the start)
-        logp = torch.log_softmax(logits, dim=-1)
-        del logits
-        probs = logp.exp()
-        entropy = -(probs * logp).sum(-1)
-        expected_row = probs.to(weight.dtype) @ weight
-        ctx.save_for_backward((weight[tokens] - expected_row).float().div_(temperature))
-        ctx.hidden_dtype = hidden.dtype
-        ctx.mark_non_differentiable(entropy)
-        return logprobs, entropy
-
-    @staticmethod
-    def backward(ctx, grad_logprobs: torch.Tensor, _grad_entropy: torch.Tensor | None):
-        (direction,) = ctx.saved_tensors
-        return (grad_logprobs.unsqueeze(-1) * direction).to(ctx.hidden_dtype), None, None, None
 
 
 class Critic(nn.Module):

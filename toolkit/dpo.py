@@ -11,19 +11,21 @@ logits = β·((log π(c) − log π(r)) − (log π_ref(c) − log π_ref(r))),
 
 where log π(x) sums the answer's token log-probs (prompt and padding masked). Chosen and rejected answers go
 through the model in one forward; where a batch saves ≥ 10% of token positions by it, each pair's prompt runs
-once and both answers run on its KV cache (`shared_prompt_batch`, as train-reward's shared prefix). The
-reference is the policy with its LoRA adapter switched off, or a frozen copy without LoRA; `--precompute-ref`
-computes its log-probs once before training. A plain torch loop under Accelerate (DDP / bf16 / gradient
-accumulation), as `sft`.
+once and both answers run on its KV cache (`shared_prompt_batch`, as train-reward's shared prefix). The LM head
+meets only the answer tokens' positions, a chunk at a time, and a frozen head (LoRA) keeps no logits for backward
+(`toolkit.head_logprobs`). The reference is the policy with its LoRA adapter switched off, or a frozen copy
+without LoRA; `--precompute-ref` computes its log-probs once before training. A plain torch loop under Accelerate
+(DDP / bf16 / gradient accumulation), as `sft`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,14 +181,24 @@ def collate_pairs(batch: list[PairTokens], pad_id: int, share: bool) -> dict[str
 
 # ---- the maths -------------------------------------------------------------------------------------------------
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """Per row: the sum (or mean) of the log-probs of the labelled tokens, each predicted by the logits one
-    position before it; IGNORE labels (prompt, padding) count for nothing."""
+def sequence_logps(outputs: torch.Tensor, labels: torch.Tensor, average: bool = False,
+                   head: torch.nn.Linear | None = None) -> torch.Tensor:
+    """Per row: the sum (or mean) of the log-probs of the labelled tokens, each predicted by the output one
+    position before it; IGNORE labels (prompt, padding) count for nothing. `outputs`: logits, or, with `head`,
+    the hidden states that feed it: then only the labelled positions meet the head, a chunk at a time, and a
+    frozen head (LoRA) keeps no logits for backward (`toolkit.head_logprobs`)."""
     import torch
 
+    from toolkit.head_logprobs import head_logprobs
+
     targets = labels[:, 1:]
-    token_logps = -torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                                     ignore_index=IGNORE, reduction="none").view_as(targets)
+    if head is None:
+        token_logps = -torch.nn.functional.cross_entropy(outputs[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                                         ignore_index=IGNORE, reduction="none").view_as(targets)
+    else:
+        scored = targets != IGNORE
+        token_logps = torch.zeros(targets.shape, device=outputs.device).masked_scatter(
+            scored, head_logprobs(head, outputs[:, :-1][scored], targets[scored]))
     total = token_logps.sum(-1)
     return total / (targets != IGNORE).sum(-1).clamp(min=1) if average else total
 
@@ -194,34 +206,62 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
 def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False,
                        prefix_model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probs of a batch from `collate_pairs`: a shared-prompt batch (see
-    `_shared_prompt_logps`; `prefix_model`, default `model`, runs its prompts), or a plain one in one forward.
+    `_shared_prompt_outputs`; `prefix_model`, default `model`, runs its prompts), or a plain one in one forward.
     The vocabulary projection runs only from the position before the earliest answer token on
     (`logits_to_keep`): prompt positions predict nothing that is scored, and their [rows, positions,
-    vocabulary] logits are the largest tensor."""
-    if "prefix_ids" in batch:
-        return _shared_prompt_logps(model, prefix_model if prefix_model is not None else model, batch, average)
-    labels = batch["labels"]
-    first_answer = int((labels != IGNORE).float().argmax(-1).min())
-    keep = labels.shape[1] - max(first_answer - 1, 0)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   logits_to_keep=keep).logits
-    logps = sequence_logps(logits, labels[:, labels.shape[1] - keep:], average)
+    vocabulary] logits are the largest tensor. A plain linear head (not ZeRO-3-partitioned) is applied apart: the
+    model returns its hidden states, and only the answer tokens' positions meet the head (`sequence_logps`)."""
+    from rlhf.policy import causal_lm
+    from toolkit.head_logprobs import plain_linear
+
+    prefix_model = prefix_model if prefix_model is not None else model
+    lm = causal_lm(prefix_model)
+    head = lm.get_output_embeddings()
+    head = head if plain_linear(head) else None
+    with _hidden_states_out(lm) if head is not None else contextlib.nullcontext():
+        if "prefix_ids" in batch:
+            outputs, labels = _shared_prompt_outputs(model, prefix_model, batch)
+        else:
+            labels = batch["labels"]
+            first_answer = int((labels != IGNORE).float().argmax(-1).min())
+            keep = labels.shape[1] - max(first_answer - 1, 0)
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                            logits_to_keep=keep).logits
+            labels = labels[:, labels.shape[1] - keep:]
+    logps = sequence_logps(outputs, labels, average, head)
+    if "prefix_ids" in batch:  # pairs lie interleaved
+        return logps[0::2], logps[1::2]
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 
 
-def _shared_prompt_logps(model: torch.nn.Module, prefix_model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                         average: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A causal token sees only what precedes it, so a pair's prompt has the same keys and values under either
-    answer: the prompts run once (left-padded, positions from the mask, only the last position's logits),
-    both answers run on their cache (gradients flow through it), and the prompt's last logits predict each
-    suffix's token 0. Under DDP `prefix_model` is the unwrapped module and `model` the wrapped one: DDP then
-    sees one forward, and the one backward reaches every parameter once."""
+@contextlib.contextmanager
+def _hidden_states_out(lm: torch.nn.Module) -> Iterator[None]:
+    """Within: the causal LM's `.logits` are its last hidden states (its head set aside for an identity), still
+    through the (DDP- or DeepSpeed-) wrapped model's own call."""
+    import torch
+
+    head = lm.get_output_embeddings()
+    lm.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield
+    finally:
+        lm.set_output_embeddings(head)
+
+
+def _shared_prompt_outputs(model: torch.nn.Module, prefix_model: torch.nn.Module,
+                           batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs, labels) of a shared-prompt batch, chosen and rejected rows interleaved. A causal token sees only
+    what precedes it, so a pair's prompt has the same keys and values under either answer: the prompts run once
+    (left-padded, positions from the mask, only the last position's output), both answers run on their cache
+    (gradients flow through it), and the prompt's last output predicts each suffix's token 0. Under DDP
+    `prefix_model` is the unwrapped module and `model` the wrapped one: DDP then sees one forward, and the one
+    backward reaches every parameter once."""
     import torch
 
     from toolkit.prefix_cache import shared_prefix_forward
 
-    # Column 0 stands for the prompt's last position; as in the plain forward, logits start one before the
+    # Column 0 stands for the prompt's last position; as in the plain forward, outputs start one before the
     # earliest scored token.
     labels = torch.nn.functional.pad(batch["suffix_labels"], (1, 0), value=IGNORE)
     width = labels.shape[1] - 1  # the suffixes'
@@ -231,11 +271,10 @@ def _shared_prompt_logps(model: torch.nn.Module, prefix_model: torch.nn.Module, 
                                            batch["suffix_mask"], 2, prefix_model=prefix_model,
                                            prefix_kwargs={"logits_to_keep": 1},
                                            suffix_kwargs={"logits_to_keep": min(keep, width)})
-    logits = suffix.logits
+    outputs = suffix.logits
     if keep > width:
-        logits = torch.cat([prefix.logits.repeat_interleave(2, dim=0).to(logits.dtype), logits], dim=1)
-    logps = sequence_logps(logits, labels[:, labels.shape[1] - keep:], average)
-    return logps[0::2], logps[1::2]
+        outputs = torch.cat([prefix.logits.repeat_interleave(2, dim=0).to(outputs.dtype), outputs], dim=1)
+    return outputs, labels[:, labels.shape[1] - keep:]
 
 
 def chosen_nll(chosen: torch.Tensor, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:

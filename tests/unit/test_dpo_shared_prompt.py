@@ -60,7 +60,8 @@ def test_shared_prompt_logps_and_gradients_equal_the_concatenated_forward(tiny_l
                         layer.mlp.down_proj.weight.grad.clone(), model.model.embed_tokens.weight.grad.clone()))
     for got, want in zip(*results, strict=True):
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, want, atol=1e-4 if got.dim() == 1 else 1e-6, rtol=1e-4)
+        # float32 sums in another order: the embedding's gradient (up to ~30 here) differs by ~1e-5 at most
+        torch.testing.assert_close(got, want, atol=1e-4 if got.dim() == 1 else 2e-5, rtol=1e-4)
 
 
 def test_the_shared_batch_scores_only_answer_tokens_and_keeps_a_token_of_each_answer():

@@ -15,9 +15,9 @@ from rlhf.config import PPOConfig
 from rlhf.policy import (
     ActorCritic,
     Reference,
-    _frozen_plain_linear,
     causal_lm,
     frozen_copy,
+    frozen_plain_linear,
     load_critic,
     logprobs_of,
     response_hidden,
@@ -104,12 +104,12 @@ def test_a_group_s_prompt_runs_once_with_the_same_logits_and_gradients(tiny_llam
         pytest.fail("no batch with a row that stopped early")
     args = (rollout.query_responses, rollout.attention_mask, rollout.context_length, 0.7)
     actor = ActorCritic(lm, value_head=False)
-    assert _frozen_plain_linear(causal_lm(lm).get_output_embeddings())  # a LoRA model's head takes that path
+    assert frozen_plain_linear(causal_lm(lm).get_output_embeddings())  # a LoRA model's head takes that path
     results = []
     # the frozen head's gradient formed in forward (LoRA), then the logits kept or recomputed (a checkpoint)
     for group_size, frozen_head_path, recompute in ((1, True, False), (3, True, False), (1, False, False),
                                                     (1, False, True)):
-        monkeypatch.setattr("rlhf.policy._frozen_plain_linear", lambda head, fast=frozen_head_path: fast)
+        monkeypatch.setattr("rlhf.policy.frozen_plain_linear", lambda head, fast=frozen_head_path: fast)
         actor.recompute_logits = recompute
         actor.zero_grad()
         logprobs, _, _ = actor(*args, rollout.responses, group_size=group_size)
