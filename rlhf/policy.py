@@ -27,12 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from toolkit.errors import UserError
 from toolkit.head_logprobs import FrozenHeadLogprobs, frozen_plain_linear, logprobs_of
 from toolkit.prefix_cache import position_ids_from_mask, shared_prefix_forward
-from toolkit.training.model import disable_dropout
-
-
-def causal_lm(lm: nn.Module) -> nn.Module:
-    """The transformers *ForCausalLM inside a peft model (LoRA layers stay injected and active)."""
-    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+from toolkit.training.model import causal_lm, disable_dropout
 
 
 def response_hidden(lm: nn.Module, query_responses: torch.Tensor, attention_mask: torch.Tensor,

@@ -20,12 +20,11 @@ without LoRA; `--precompute-ref` computes its log-probs once before training. A 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,41 +183,25 @@ def collate_pairs(batch: list[PairTokens], pad_id: int, share: bool) -> dict[str
 def sequence_logps(outputs: torch.Tensor, labels: torch.Tensor, average: bool = False,
                    head: torch.nn.Linear | None = None) -> torch.Tensor:
     """Per row: the sum (or mean) of the log-probs of the labelled tokens, each predicted by the output one
-    position before it; IGNORE labels (prompt, padding) count for nothing. `outputs`: logits, or, with `head`,
-    the hidden states that feed it: then only the labelled positions meet the head, a chunk at a time, and a
-    frozen head (LoRA) keeps no logits for backward (`toolkit.head_logprobs`)."""
-    import torch
+    position before it; IGNORE labels (prompt, padding) count for nothing. `outputs`: logits, or with `head` the
+    hidden states that feed it (`toolkit.head_logprobs.labelled_logprobs`)."""
+    from toolkit.head_logprobs import labelled_logprobs
 
-    from toolkit.head_logprobs import head_logprobs
-
-    targets = labels[:, 1:]
-    if head is None:
-        token_logps = -torch.nn.functional.cross_entropy(outputs[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                                         ignore_index=IGNORE, reduction="none").view_as(targets)
-    else:
-        scored = targets != IGNORE
-        token_logps = torch.zeros(targets.shape, device=outputs.device).masked_scatter(
-            scored, head_logprobs(head, outputs[:, :-1][scored], targets[scored]))
-    total = token_logps.sum(-1)
-    return total / (targets != IGNORE).sum(-1).clamp(min=1) if average else total
+    total = labelled_logprobs(outputs, labels, head).sum(-1)
+    return total / (labels[:, 1:] != IGNORE).sum(-1).clamp(min=1) if average else total
 
 
 def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool = False,
                        prefix_model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) sequence log-probs of a batch from `collate_pairs`: a shared-prompt batch (see
     `_shared_prompt_outputs`; `prefix_model`, default `model`, runs its prompts), or a plain one in one forward.
-    The vocabulary projection runs only from the position before the earliest answer token on
-    (`logits_to_keep`): prompt positions predict nothing that is scored, and their [rows, positions,
-    vocabulary] logits are the largest tensor. A plain linear head (not ZeRO-3-partitioned) is applied apart: the
-    model returns its hidden states, and only the answer tokens' positions meet the head (`sequence_logps`)."""
-    from rlhf.policy import causal_lm
-    from toolkit.head_logprobs import plain_linear
+    The model's outputs start at the position before the earliest answer token (`logits_to_keep`): prompt
+    positions predict nothing that is scored. A plain linear head (not ZeRO-3-partitioned) is applied apart to
+    the answer tokens' hidden states alone (`toolkit.head_logprobs.hidden_states_out`)."""
+    from toolkit.head_logprobs import hidden_states_out
 
     prefix_model = prefix_model if prefix_model is not None else model
-    lm = causal_lm(prefix_model)
-    head = lm.get_output_embeddings()
-    head = head if plain_linear(head) else None
-    with _hidden_states_out(lm) if head is not None else contextlib.nullcontext():
+    with hidden_states_out(prefix_model) as head:
         if "prefix_ids" in batch:
             outputs, labels = _shared_prompt_outputs(model, prefix_model, batch)
         else:
@@ -233,20 +216,6 @@ def concatenated_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], a
         return logps[0::2], logps[1::2]
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
-
-
-@contextlib.contextmanager
-def _hidden_states_out(lm: torch.nn.Module) -> Iterator[None]:
-    """Within: the causal LM's `.logits` are its last hidden states (its head set aside for an identity), still
-    through the (DDP- or DeepSpeed-) wrapped model's own call."""
-    import torch
-
-    head = lm.get_output_embeddings()
-    lm.set_output_embeddings(torch.nn.Identity())
-    try:
-        yield
-    finally:
-        lm.set_output_embeddings(head)
 
 
 def _shared_prompt_outputs(model: torch.nn.Module, prefix_model: torch.nn.Module,

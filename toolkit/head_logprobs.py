@@ -4,13 +4,22 @@ With LoRA the head (the output embeddings) does not train, so the gradient of lo
 state h that fed it is (W_y − E_π[W]) / T. `FrozenHeadLogprobs` forms it in forward with the [N, V] × [V, H]
 product that backward would otherwise make from logits it kept: forward keeps one [N, H] tensor and no logits, and
 backward is a product with it. With a 49k vocabulary the logits and their gradient were a step's largest tensors.
-Used by `rlhf` (every answer's log-probs in the update) and `dpo` (the answers' log-probs of a pair batch).
+Used by `rlhf` (every answer's log-probs in the update), `dpo` (the answers' log-probs of a pair batch) and `sft`
+(the assistant tokens' loss), the last two through `hidden_states_out` and `labelled_logprobs`: the model returns
+its hidden states and only the labelled positions meet the head.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
+
+from toolkit.training.model import causal_lm
+
+IGNORE = -100  # a label that scores nothing (prompt, padding)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -70,3 +79,34 @@ def head_logprobs(head: nn.Linear, hidden: torch.Tensor, tokens: torch.Tensor, t
 
     pieces = [one_chunk(h, t) for h, t in zip(hidden.split(chunk), tokens.split(chunk), strict=True)]
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def hidden_states_out(model: nn.Module) -> Iterator[nn.Linear | None]:
+    """Within: if the causal LM's head is `plain_linear`, the model returns its last hidden states as `.logits`
+    (the head set aside for an identity, so the call still goes through the model's own, DDP- or DeepSpeed-wrapped
+    forward) and the head is yielded, to be applied apart; else None is yielded and nothing changes. `model`: the
+    unwrapped model (peft or not)."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    if not plain_linear(head):
+        yield None
+        return
+    lm.set_output_embeddings(nn.Identity())
+    try:
+        yield head
+    finally:
+        lm.set_output_embeddings(head)
+
+
+def labelled_logprobs(outputs: torch.Tensor, labels: torch.Tensor, head: nn.Linear | None = None) -> torch.Tensor:
+    """[B, T − 1] log-probs of labels[:, 1:], each predicted by the output one position before it, 0 where the
+    label is IGNORE. `outputs`: [B, T, V] logits, or with `head` the [B, T, H] hidden states that feed it: then
+    only the labelled positions meet the head (`head_logprobs`)."""
+    targets = labels[:, 1:]
+    if head is None:
+        return -nn.functional.cross_entropy(outputs[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                            ignore_index=IGNORE, reduction="none").view_as(targets)
+    scored = targets != IGNORE
+    return torch.zeros(targets.shape, device=outputs.device).masked_scatter(
+        scored, head_logprobs(head, outputs[:, :-1][scored], targets[scored]))

@@ -355,6 +355,7 @@ def _optimizer_step(run: _Run, micro: list[dict[str, Any]], n_tokens: int, step:
     is the mean over all its assistant tokens however they fall into micro-batches."""
     import torch
 
+    from toolkit.head_logprobs import hidden_states_out, labelled_logprobs
     from toolkit.training.accelerator import autocast, gradient_sync
 
     accelerator, model, cfg = run.accelerator, run.model, run.cfg
@@ -362,10 +363,10 @@ def _optimizer_step(run: _Run, micro: list[dict[str, Any]], n_tokens: int, step:
     for g, batch in enumerate(micro):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with gradient_sync(accelerator, model, g == len(micro) - 1), autocast(accelerator, cfg.bf16):
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                ignore_index=IGNORE, reduction="sum") / max(1, n_tokens)
+            # The head (where plain) meets the assistant tokens' hidden states alone, outside the model's call.
+            with hidden_states_out(run.unwrapped) as head:
+                outputs = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+            loss = -labelled_logprobs(outputs, batch["labels"], head).sum() / max(1, n_tokens)
             if not torch.isfinite(loss):
                 raise UserError(f"loss became NaN at step {step}; stopped without saving; lower "
                                 "--learning-rate and --resume from the last checkpoint")

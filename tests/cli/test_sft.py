@@ -243,3 +243,28 @@ def test_bf16_lora_trains_on_a_bfloat16_base(tiny_llama_dir, tmp_path):
         if lora:
             adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
             assert {t.dtype for t in adapter.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "all-weights"])
+def test_first_step_loss_is_the_mean_nll_of_the_assistant_tokens(tiny_llama, tiny_llama_dir, tmp_path, monkeypatch,
+                                                                 lora):
+    """The head meets the assistant tokens' hidden states apart from the model's call (a frozen head through
+    FrozenHeadLogprobs); the loss stays the plain cross-entropy of the logits over those tokens."""
+    from toolkit.head_logprobs import FrozenHeadLogprobs
+    from toolkit.sft import SFTConfig, train_sft
+
+    model, tokenizer = tiny_llama
+    examples, _ = load_examples(str(FIXTURES / "alpaca-24.json"), tokenizer, 64, limit=4)
+    batch = collate(examples, tokenizer.pad_token_id, False)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=IGNORE)
+    frozen_calls = []
+    original = FrozenHeadLogprobs.forward
+    monkeypatch.setattr(FrozenHeadLogprobs, "forward", staticmethod(lambda *a: frozen_calls.append(1) or original(*a)))
+    result = train_sft(SFTConfig(data=str(FIXTURES / "alpaca-24.json"), model=str(tiny_llama_dir),
+                                 out=str(tmp_path / "sft"), limit=4, batch_size=4, max_steps=1, max_length=64,
+                                 lora=lora, learning_rate=1e-3))
+    assert result.history[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert bool(frozen_calls) == lora  # a head that trains keeps its chunks' logits instead

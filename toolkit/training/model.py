@@ -17,6 +17,11 @@ def base_dtype(*, bf16: bool, lora: bool) -> torch.dtype | None:
     return torch.bfloat16 if bf16 and lora else None
 
 
+def causal_lm(lm: nn.Module) -> nn.Module:
+    """The transformers *ForCausalLM inside a peft model (LoRA layers stay injected and active)."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off everywhere: PPO's ratio must compare the same function before and after an update, and a
     reward must not depend on the forward it came from (TRL and OpenRLHF do the same). Covers nn.Dropout
@@ -65,7 +70,6 @@ def make_trainable(model: nn.Module, *, lora: bool, lora_r: int, lora_alpha: int
     if lora:
         model = add_lora(model, lora_r, lora_alpha, lora_target, task_type="CAUSAL_LM", base=base)
     if gradient_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        causal_lm(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
