@@ -21,7 +21,11 @@ Every term is a count of numbers times their bytes; nothing is fitted. Sources:
   (the adapter's output and its scaled copy: measured with peft, 2·(3h + 2·kv + 2I) for LLaMA's 7 linears).
   With gradient checkpointing only each layer's input (h) is kept, plus one layer's full set during its
   recomputation.
-- logits: the LM head's b·s·V in fp32, log-softmax and its gradient: 3 copies (causal LMs only).
+- logits (causal LMs only): the head meets the scored positions' hidden states apart from the model, HEAD_CHUNK
+  positions at a time (toolkit.head_logprobs). A frozen head (LoRA) keeps no logits for backward: one chunk's
+  fp32 logits, log-softmax and probabilities at a time. A head that trains keeps every position's fp32 logits, plus
+  one chunk's log-softmax and gradient. Under ZeRO-3 (a partitioned head) the model's own head: b·s·V fp32 logits,
+  log-softmax and their gradient, 3 copies.
 - rollout KV cache (PPO / GRPO / RLOO generation): 2 (K and V) · layers · kv heads · head dim · tokens · batch;
   under ZeRO-3 generation gathers the other GPUs' shards of the weights (TRL and OpenRLHF do the same), or one
   layer at a time with `gather_for_generation: false`.
@@ -247,8 +251,20 @@ def activations(shape: Shape, cfg: PlanConfig, sequences: int, tokens: int, logi
         kept = shape.layers * per_token_layer
     total = sequences * tokens * kept * bytes_
     if logits:
-        total += 3 * sequences * tokens * shape.vocab * 4  # fp32 logits, log-softmax, their gradient
+        total += head_logits(shape, cfg, sequences * tokens)
     return float(total)
+
+
+HEAD_CHUNK = 256  # positions per head product: toolkit.head_logprobs.head_logprobs' `chunk`
+
+
+def head_logits(shape: Shape, cfg: PlanConfig, positions: int) -> float:
+    """The LM head's fp32 [positions, V] tensors at the backward's peak (see the module's docstring)."""
+    row = shape.vocab * 4
+    if cfg.zero == 3:
+        return 3.0 * positions * row
+    chunk = min(HEAD_CHUNK, positions) * row
+    return 3.0 * chunk if cfg.lora else positions * row + 2.0 * chunk
 
 
 def kv_cache(shape: Shape, cfg: PlanConfig, sequences: int, tokens: int) -> float:

@@ -9,12 +9,14 @@ import pytest
 from toolkit.errors import UserError
 from toolkit.plan import (
     GIB,
+    HEAD_CHUNK,
     PRESETS,
     PlanConfig,
     Shape,
     best_fit,
     estimate,
     gathered_weights,
+    head_logits,
     kv_cache,
     model_states,
     parse_memory,
@@ -134,3 +136,16 @@ def test_parse_memory(text, gib):
 def test_bad_settings_are_one_line(cfg, message):
     with pytest.raises(UserError, match=message):
         estimate(replace(cfg))
+
+
+def test_the_head_keeps_no_logits_when_frozen_and_applied_apart():
+    import inspect
+
+    from toolkit.head_logprobs import head_logprobs
+
+    assert HEAD_CHUNK == inspect.signature(head_logprobs).parameters["chunk"].default
+    shape, positions = PRESETS["llama-7b"], 4 * 1024
+    row = shape.vocab * 4
+    assert head_logits(shape, PlanConfig(lora=True), positions) == 3 * HEAD_CHUNK * row  # one chunk at a time
+    assert head_logits(shape, PlanConfig(), positions) == positions * row + 2 * HEAD_CHUNK * row  # kept
+    assert head_logits(shape, PlanConfig(lora=True, zero=3, gpus=8), positions) == 3 * positions * row
