@@ -32,7 +32,7 @@ Every term is a count of numbers times their bytes; nothing is fitted. Sources:
 
 Checked against measured peaks on CPU (tests/cli/test_plan_cli.py, benchmarks/plan_memory.py): the peak resident
 memory a real `llamakit sft` adds per rank, for LLaMA sizes of 30M, 82M and 176M parameters, full and LoRA,
-without DeepSpeed and under ZeRO-2 and ZeRO-3 on 2 ranks: within 7% at 82M, 2-14% over at 176M, 10-24% under at
+without DeepSpeed and under ZeRO-2 and ZeRO-3 on 2 ranks: within 13% at 82M, 2-14% over at 176M, 9-24% under at
 30M (docs/plan-memory.md).
 """
 

@@ -19,7 +19,7 @@ def conversations(tmp_path_factory) -> Path:
 
 
 # Peaks measured with glibc's mmap threshold fixed (benchmarks/plan_memory.py says why): at 82M the estimate
-# came within 7% of every run, ZeRO-0/2/3, full and LoRA; at 30M it is 10-24% (91-193 MiB) under, the
+# came within 13% of every run, ZeRO-0/2/3, full and LoRA; at 30M it is 9-24% (43-193 MiB) under, the
 # allocator/autograd workspace it leaves out weighing more there. Under ZeRO-3 it was 25% (82M) and 32% (30M)
 # under before it counted what DeepSpeed keeps (its fp32 copies, the whole largest gradient, the gathered weights).
 # One ZeRO case (2 ranks: a minute of the suite); the benchmark measures the twelve.
