@@ -1,4 +1,5 @@
-"""Token log-probs through a frozen LM head without keeping the [tokens, vocabulary] logits for backward.
+"""Token log-probs through the LM head applied apart from its model, a chunk of positions at a time; a frozen head
+keeps no [tokens, vocabulary] logits for backward.
 
 With LoRA the head (the output embeddings) does not train, so the gradient of log π(y) with respect to the hidden
 state h that fed it is (W_y − E_π[W]) / T. `FrozenHeadLogprobs` forms it in forward with the [N, V] × [V, H]
