@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from toolkit.training.model import causal_lm
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2 ... over real tokens only, so a left-padded row sees the same positions as a right-padded one."""
@@ -22,8 +24,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def cache_kwarg(model: nn.Module) -> str:
     """Name of the KV-cache argument: transformers >= 5.24 calls it `cache`, older ones `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    forward = type(causal_lm(model)).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def shared_prefix_forward(model: nn.Module, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
