@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 PROMPTS = ROOT / "tests" / "fixtures" / "prompts-alpaca-32.jsonl"
 PAIRS = ROOT / "tests" / "fixtures" / "hh-harmless-200.jsonl"
 METHODS = ("ppo", "grpo", "dpo")
+MINIBATCHES = 2  # per PPO / GRPO epoch
 # (layers, hidden, intermediate, heads, kv heads): TinyLlama-1.1B and LLaMA-7B
 SIZES = {"1b": (22, 2048, 5632, 32, 4), "7b": (32, 4096, 11008, 32, 32), "tiny": (2, 64, 128, 4, 4)}
 
@@ -79,13 +80,13 @@ def rl_run(model_dir: Path, out: Path, args: argparse.Namespace, device: str, al
                     group_size=args.group_size, steps=args.steps, batch_size=prompts,
                     max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     truncate_prompts=True, lora=True, bf16=on_gpu, gradient_checkpointing=True, ppo_epochs=1,
-                    num_minibatches=2, seed=0, overwrite=True)
+                    num_minibatches=MINIBATCHES, seed=0, overwrite=True)
     started = _reset_peak(on_gpu)
     rows = train(cfg).history
     seconds = time.perf_counter() - started
     rollout_tokens = sum(r["response/length_avg"] * prompts * group for r in rows)
     plan = PlanConfig(stage="rlhf", model=str(model_dir), lora=True, bf16=on_gpu, gradient_checkpointing=True,
-                      batch_size=prompts, max_prompt_tokens=args.max_prompt_tokens,
+                      batch_size=prompts, num_minibatches=MINIBATCHES, max_prompt_tokens=args.max_prompt_tokens,
                       max_new_tokens=args.max_new_tokens, algo=algo, group_size=args.group_size,
                       reward_model="rules", framework_gib=0)
     return {**_measured(rows, plan, on_gpu, seconds),

@@ -25,7 +25,8 @@ Every term is a count of numbers times their bytes; nothing is fitted. Sources:
   positions at a time (toolkit.head_logprobs). A frozen head (LoRA) keeps no logits for backward: one chunk's
   fp32 logits, log-softmax and probabilities at a time. A head that trains keeps every position's fp32 logits, plus
   one chunk's log-softmax and gradient. Under ZeRO-3 (a partitioned head) the model's own head: b·s·V fp32 logits,
-  log-softmax and their gradient, 3 copies.
+  log-softmax and their gradient, 3 copies. rlhf scores the answer positions only, one answer at a time, and
+  GRPO / RLOO run a group's prompt once for its K answers (not under DeepSpeed or gradient checkpointing).
 - rollout KV cache (PPO / GRPO / RLOO generation): 2 (K and V) · layers · kv heads · head dim · tokens · batch;
   under ZeRO-3 generation gathers the other GPUs' shards of the weights (TRL and OpenRLHF do the same), or one
   layer at a time with `gather_for_generation: false`.
@@ -138,7 +139,8 @@ class PlanConfig:
     offload: bool = False
     bf16: bool = True
     gradient_checkpointing: bool = False
-    batch_size: int = 1  # sequences (sft), pairs (train-reward, dpo) or rollouts (rlhf) per micro-batch
+    batch_size: int = 1  # per micro-batch: sequences (sft), pairs (train-reward, dpo); rlhf: prompts per rollout
+    num_minibatches: int = 1  # rlhf: the update's backward holds 1/num_minibatches of the rollouts
     max_length: int = 1024  # sft / train-reward / dpo: tokens per sequence
     max_prompt_tokens: int = 256  # rlhf
     max_new_tokens: int = 128  # rlhf
@@ -160,6 +162,9 @@ class PlanConfig:
             raise UserError("--gpus: at least 1")
         if self.algo not in ALGOS:
             raise UserError(f"--algo: one of {', '.join(ALGOS)}, not {self.algo!r}")
+        rollouts = self.batch_size * (1 if self.algo == "ppo" else self.group_size)
+        if self.stage == "rlhf" and rollouts % self.num_minibatches:
+            raise UserError(f"--num-minibatches: must divide the {rollouts} rollouts of a batch (as rlhf requires)")
 
 
 @dataclass
@@ -258,13 +263,14 @@ def activations(shape: Shape, cfg: PlanConfig, sequences: int, tokens: int, logi
 HEAD_CHUNK = 256  # positions per head product: toolkit.head_logprobs.head_logprobs' `chunk`
 
 
-def head_logits(shape: Shape, cfg: PlanConfig, positions: int) -> float:
-    """The LM head's fp32 [positions, V] tensors at the backward's peak (see the module's docstring)."""
+def head_logits(shape: Shape, cfg: PlanConfig, positions: int, chunk: int = HEAD_CHUNK) -> float:
+    """The LM head's fp32 [positions, V] tensors at the backward's peak (see the module's docstring); `chunk`
+    positions meet the head at a time (rlhf: one answer's)."""
     row = shape.vocab * 4
     if cfg.zero == 3:
         return 3.0 * positions * row
-    chunk = min(HEAD_CHUNK, positions) * row
-    return 3.0 * chunk if cfg.lora else positions * row + 2.0 * chunk
+    chunk_bytes = min(chunk, positions) * row
+    return 3.0 * chunk_bytes if cfg.lora else positions * row + 2.0 * chunk_bytes
 
 
 def kv_cache(shape: Shape, cfg: PlanConfig, sequences: int, tokens: int) -> float:
@@ -294,14 +300,23 @@ def estimate(cfg: PlanConfig) -> Plan:
 def _rlhf_parts(plan: Plan, shape: Shape, cfg: PlanConfig) -> None:
     rollouts = cfg.batch_size * (1 if cfg.algo == "ppo" else cfg.group_size)
     tokens = cfg.max_prompt_tokens + cfg.max_new_tokens
-    plan.parts["activations"] = activations(shape, cfg, rollouts, tokens, logits=True)
+    # The update's backward holds one minibatch. GRPO / RLOO run a group's prompt once (rlhf.config.
+    # shares_group_prompts; not under DeepSpeed); the head meets the answer positions only, one answer at a time
+    # (rlhf.policy.response_logprobs).
+    update = rollouts // cfg.num_minibatches
+    shared = cfg.algo != "ppo" and not cfg.gradient_checkpointing and cfg.zero == 0
+    prompt_runs = max(1, update // cfg.group_size) if shared else update
+    plan.parts["activations"] = (
+        activations(shape, cfg, prompt_runs, cfg.max_prompt_tokens, logits=False)
+        + activations(shape, cfg, update, cfg.max_new_tokens, logits=False)
+        + head_logits(shape, cfg, update * cfg.max_new_tokens, chunk=cfg.max_new_tokens))
     plan.parts["rollout_kv_cache"] = kv_cache(shape, cfg, rollouts, tokens)
     plan.parts["reference"] = 0.0 if cfg.lora else frozen_copy(shape, cfg)
     if cfg.reward_model != "rules":
         plan.parts["reward_model"] = frozen_copy(shape_of(cfg.reward_model) if cfg.reward_model else shape, cfg)
     if cfg.algo == "ppo" and cfg.critic != "value-head":
         critic = shape_of(cfg.critic)
-        plan.parts["critic"] = sum(model_states(critic, cfg).values()) + activations(critic, cfg, rollouts, tokens,
+        plan.parts["critic"] = sum(model_states(critic, cfg).values()) + activations(critic, cfg, update, tokens,
                                                                                      logits=False)
 
 

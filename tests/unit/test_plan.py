@@ -13,6 +13,7 @@ from toolkit.plan import (
     PRESETS,
     PlanConfig,
     Shape,
+    activations,
     best_fit,
     estimate,
     gathered_weights,
@@ -110,6 +111,32 @@ def test_rlhf_counts_the_copies_and_the_reference_is_free_with_lora():
     grpo = estimate(PlanConfig(stage="rlhf", algo="grpo", group_size=4, batch_size=2))
     ppo = estimate(PlanConfig(stage="rlhf", batch_size=8))
     assert grpo.parts["rollout_kv_cache"] == ppo.parts["rollout_kv_cache"]  # 2 prompts × 4 answers = 8 rollouts
+
+
+
+def test_rlhf_head_meets_answers_only_and_a_group_runs_its_prompt_once():
+    shape = PRESETS["llama-7b"]
+    ppo = PlanConfig(stage="rlhf", lora=True, batch_size=8)
+    per_prompt_token = activations(shape, ppo, 8, 1, logits=False)
+    longer = estimate(replace(ppo, max_prompt_tokens=512)).parts["activations"]
+    # 256 more prompt tokens: their layer activations and nothing at the head
+    assert longer - estimate(ppo).parts["activations"] == pytest.approx(256 * per_prompt_token)
+    # a frozen head forms one answer's logits at a time
+    no_head = activations(shape, ppo, 8, 256, logits=False) + activations(shape, ppo, 8, 128, logits=False)
+    assert estimate(ppo).parts["activations"] - no_head == pytest.approx(3 * 128 * shape.vocab * 4)
+    grpo = PlanConfig(stage="rlhf", algo="grpo", group_size=4, batch_size=2, lora=True)  # 8 rollouts, 2 prompts
+    saved = estimate(ppo).parts["activations"] - estimate(grpo).parts["activations"]
+    assert saved == pytest.approx(6 * 256 * activations(shape, ppo, 1, 1, logits=False))
+    for unshared in (replace(grpo, gradient_checkpointing=True), replace(grpo, zero=2, gpus=2)):
+        like_ppo = replace(ppo, gradient_checkpointing=unshared.gradient_checkpointing, zero=unshared.zero,
+                           gpus=unshared.gpus)
+        assert estimate(unshared).parts["activations"] == estimate(like_ppo).parts["activations"]
+    # two minibatches: the backward holds 4 rollouts, the rollout still generates all 8
+    halves = replace(ppo, num_minibatches=2)
+    assert estimate(halves).parts["activations"] == estimate(replace(ppo, batch_size=4)).parts["activations"]
+    assert estimate(halves).parts["rollout_kv_cache"] == estimate(ppo).parts["rollout_kv_cache"]
+    with pytest.raises(UserError, match="--num-minibatches"):
+        estimate(replace(ppo, batch_size=3, num_minibatches=2))
 
 
 def test_best_fit_prefers_the_least_machinery():

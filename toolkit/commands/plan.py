@@ -25,7 +25,9 @@ DEFAULTS = PlanConfig()
 @click.option("--bf16/--no-bf16", default=DEFAULTS.bf16, show_default=True, help="16-bit weights and activations.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Keep only each layer's input for the backward.")
 @click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size, show_default=True,
-              help="Per GPU and micro-batch: sequences (sft), pairs (train-reward, dpo), prompts (rlhf).")
+              help="Per GPU: sequences (sft) or pairs (train-reward, dpo) per micro-batch; prompts per rollout (rlhf).")
+@click.option("--num-minibatches", type=click.IntRange(1), default=DEFAULTS.num_minibatches, show_default=True,
+              help="rlhf: minibatches per update epoch, as rlhf's flag (its default 2); the backward holds one.")
 @click.option("--max-length", type=click.IntRange(1), default=DEFAULTS.max_length, show_default=True,
               help="Tokens per sequence (sft, train-reward, dpo).")
 @click.option("--max-prompt-tokens", type=click.IntRange(1), default=DEFAULTS.max_prompt_tokens, show_default=True,
