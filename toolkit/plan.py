@@ -343,7 +343,12 @@ def launch_command(plan: Plan) -> str:
     command = {"sft": "sft", "train-reward": "train-reward", "rlhf": "rlhf", "dpo": "dpo"}[cfg.stage]
     flags = [*(["--lora"] if cfg.lora else []), *(["--bf16"] if cfg.bf16 else []),
              *(["--gradient-checkpointing"] if cfg.gradient_checkpointing else []),
-             *(["--algo", cfg.algo] if cfg.stage == "rlhf" and cfg.algo != "ppo" else []),
+             *(["--algo", cfg.algo, "--group-size", str(cfg.group_size)]
+               if cfg.stage == "rlhf" and cfg.algo != "ppo" else []),
+             # rlhf's own defaults differ: the run launched is the run estimated
+             *(["--batch-size", str(cfg.batch_size), "--num-minibatches", str(cfg.num_minibatches),
+                "--max-prompt-tokens", str(cfg.max_prompt_tokens), "--max-new-tokens", str(cfg.max_new_tokens)]
+               if cfg.stage == "rlhf" else []),
              *(["--no-gather-for-generation"] if cfg.stage == "rlhf" and cfg.zero == 3
                and not cfg.gather_for_generation else [])]
     if cfg.zero:

@@ -19,6 +19,7 @@ from toolkit.plan import (
     gathered_weights,
     head_logits,
     kv_cache,
+    launch_command,
     model_states,
     parse_memory,
 )
@@ -137,6 +138,10 @@ def test_rlhf_head_meets_answers_only_and_a_group_runs_its_prompt_once():
     assert estimate(halves).parts["rollout_kv_cache"] == estimate(ppo).parts["rollout_kv_cache"]
     with pytest.raises(UserError, match="--num-minibatches"):
         estimate(replace(ppo, batch_size=3, num_minibatches=2))
+    # the launch command runs what was estimated, not rlhf's own defaults
+    assert launch_command(estimate(replace(grpo, num_minibatches=2))) == (
+        "llamakit rlhf --policy llama-7b --lora --bf16 --algo grpo --group-size 4 --batch-size 2 "
+        "--num-minibatches 2 --max-prompt-tokens 256 --max-new-tokens 128")
 
 
 def test_best_fit_prefers_the_least_machinery():
