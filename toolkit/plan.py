@@ -162,9 +162,14 @@ class PlanConfig:
             raise UserError("--gpus: at least 1")
         if self.algo not in ALGOS:
             raise UserError(f"--algo: one of {', '.join(ALGOS)}, not {self.algo!r}")
-        rollouts = self.batch_size * (1 if self.algo == "ppo" else self.group_size)
-        if self.stage == "rlhf" and rollouts % self.num_minibatches:
-            raise UserError(f"--num-minibatches: must divide the {rollouts} rollouts of a batch (as rlhf requires)")
+        if self.stage == "rlhf" and self.rollouts % self.num_minibatches:
+            raise UserError(f"--num-minibatches: must divide the {self.rollouts} rollouts of a batch "
+                            "(as rlhf requires)")
+
+    @property
+    def rollouts(self) -> int:
+        """rlhf: answers per rollout batch (one per prompt for PPO, group_size for GRPO / RLOO)."""
+        return self.batch_size * (1 if self.algo == "ppo" else self.group_size)
 
 
 @dataclass
@@ -298,7 +303,7 @@ def estimate(cfg: PlanConfig) -> Plan:
 
 
 def _rlhf_parts(plan: Plan, shape: Shape, cfg: PlanConfig) -> None:
-    rollouts = cfg.batch_size * (1 if cfg.algo == "ppo" else cfg.group_size)
+    rollouts = cfg.rollouts
     tokens = cfg.max_prompt_tokens + cfg.max_new_tokens
     # The update's backward holds one minibatch. GRPO / RLOO run a group's prompt once (rlhf.config.
     # shares_group_prompts; not under DeepSpeed); the head meets the answer positions only, one answer at a time

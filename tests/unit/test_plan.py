@@ -114,7 +114,6 @@ def test_rlhf_counts_the_copies_and_the_reference_is_free_with_lora():
     assert grpo.parts["rollout_kv_cache"] == ppo.parts["rollout_kv_cache"]  # 2 prompts × 4 answers = 8 rollouts
 
 
-
 def test_rlhf_head_meets_answers_only_and_a_group_runs_its_prompt_once():
     shape = PRESETS["llama-7b"]
     ppo = PlanConfig(stage="rlhf", lora=True, batch_size=8)
