@@ -202,16 +202,15 @@ def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, retur
     mask = rollout.response_mask
     kl_in_loss = run.kl_ctl.value if cfg.kl_mode == "loss" else 0.0  # β of the k3 term (grpo / rloo)
     update_stats = {k: torch.zeros(epochs, minibatches, accumulation) for k in STAT_NAMES}
-    # A micro-batch of the whole rollout holds whole groups: in order, each group's prompt runs once.
-    group = _prompt_group(run) if minibatches == accumulation == 1 else 1
+    # grpo / rloo shuffle whole groups where a micro-batch holds whole ones: each group's prompt then runs once
+    shuffled = 1 if cfg.algo == "ppo" or micro_size % cfg.group_size else cfg.group_size
+    group = _prompt_group(run) if shuffled > 1 else 1
     for epoch in range(epochs):
-        order = torch.randperm(cfg.rollout_size)
+        order = (torch.randperm(cfg.rollout_size // shuffled)[:, None] * shuffled + torch.arange(shuffled)).flatten()
         for m in range(minibatches):
             minibatch = order[m * cfg.minibatch_size:(m + 1) * cfg.minibatch_size]
             for g in range(accumulation):
                 rows = minibatch[g * micro_size:(g + 1) * micro_size].to(accelerator.device)
-                if group > 1:
-                    rows = rows.sort().values
                 columns, response_columns, context_length = _trim(rows, rollout.attention_mask, mask,
                                                                   rollout.context_length)
                 with gradient_sync(accelerator, actor, g == accumulation - 1), autocast(accelerator, cfg.bf16):

@@ -305,12 +305,13 @@ def estimate(cfg: PlanConfig) -> Plan:
 def _rlhf_parts(plan: Plan, shape: Shape, cfg: PlanConfig) -> None:
     rollouts = cfg.rollouts
     tokens = cfg.max_prompt_tokens + cfg.max_new_tokens
-    # The update's backward holds one minibatch. GRPO / RLOO run a group's prompt once (rlhf.config.
-    # shares_group_prompts; not under DeepSpeed); the head meets the answer positions only, one answer at a time
-    # (rlhf.policy.response_logprobs).
+    # The update's backward holds one minibatch. GRPO / RLOO run a group's prompt once where a minibatch holds
+    # whole groups (rlhf.config.shares_group_prompts; not under DeepSpeed); the head meets the answer positions
+    # only, one answer at a time (rlhf.policy.response_logprobs).
     update = rollouts // cfg.num_minibatches
-    shared = cfg.algo != "ppo" and not cfg.gradient_checkpointing and cfg.zero == 0
-    prompt_runs = max(1, update // cfg.group_size) if shared else update
+    shared = (cfg.algo != "ppo" and update % cfg.group_size == 0 and not cfg.gradient_checkpointing
+              and cfg.zero == 0)
+    prompt_runs = update // cfg.group_size if shared else update
     plan.parts["activations"] = (
         activations(shape, cfg, prompt_runs, cfg.max_prompt_tokens, logits=False)
         + activations(shape, cfg, update, cfg.max_new_tokens, logits=False)

@@ -127,6 +127,9 @@ def test_rlhf_head_meets_answers_only_and_a_group_runs_its_prompt_once():
     grpo = PlanConfig(stage="rlhf", algo="grpo", group_size=4, batch_size=2, lora=True)  # 8 rollouts, 2 prompts
     saved = estimate(ppo).parts["activations"] - estimate(grpo).parts["activations"]
     assert saved == pytest.approx(6 * 256 * activations(shape, ppo, 1, 1, logits=False))
+    # a minibatch of 2 rollouts holds no whole group of 4, so rlhf runs every row's prompt
+    assert estimate(replace(grpo, num_minibatches=4)).parts["activations"] == pytest.approx(
+        estimate(replace(ppo, batch_size=2)).parts["activations"])
     for unshared in (replace(grpo, gradient_checkpointing=True), replace(grpo, zero=2, gpus=2)):
         like_ppo = replace(ppo, gradient_checkpointing=unshared.gradient_checkpointing, zero=unshared.zero,
                            gpus=unshared.gpus)

@@ -15,6 +15,7 @@ from rlhf.config import PPOConfig
 from rlhf.policy import (
     ActorCritic,
     Reference,
+    _grouped_hidden,
     causal_lm,
     frozen_copy,
     frozen_plain_linear,
@@ -240,12 +241,18 @@ def test_one_epoch_of_one_minibatch_takes_log_pi_old_from_the_update_and_trains_
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])  # rloo: the KL in the reward, so the rollout's forward runs too
-def test_running_each_group_s_prompt_once_trains_as_running_every_row(tiny_llama_dir, tmp_path, monkeypatch, algo):
-    settings = dict(steps=1, algo=algo, ppo_epochs=1, num_minibatches=1, learning_rate=3e-3, batch_size=2,
-                    group_size=3)
+@pytest.mark.parametrize("minibatches", [1, 2])  # 2: each minibatch holds one whole group of 3
+def test_running_each_group_s_prompt_once_trains_as_running_every_row(tiny_llama_dir, tmp_path, monkeypatch, algo,
+                                                                       minibatches):
+    settings = dict(steps=1, algo=algo, ppo_epochs=1, num_minibatches=minibatches, learning_rate=3e-3,
+                    batch_size=2, group_size=3)
     shared = tiny_cfg(tiny_llama_dir, tmp_path / "shared", **settings)
     assert shared.shares_group_prompts
+    grouped = []
+    monkeypatch.setattr("rlhf.policy._grouped_hidden", lambda *a: grouped.append(a[-1]) or _grouped_hidden(*a))
     train(shared)
+    rollout_forwards = 1 if shared.logprobs_from_update else 2  # the reference's (and the policy's, for π_old)
+    assert grouped == [3] * (rollout_forwards + minibatches)  # the update's forwards ran each prompt once too
     monkeypatch.setattr(PPOConfig, "shares_group_prompts", property(lambda self: False))
     train(tiny_cfg(tiny_llama_dir, tmp_path / "rows", **settings))
     _assert_same_first_step(tiny_llama_dir, tmp_path / "shared", tmp_path / "rows")
