@@ -141,6 +141,7 @@ class PlanConfig:
     gradient_checkpointing: bool = False
     batch_size: int = 1  # per micro-batch: sequences (sft), pairs (train-reward, dpo); rlhf: prompts per rollout
     num_minibatches: int = 1  # rlhf: the update's backward holds 1/num_minibatches of the rollouts
+    gradient_accumulation_steps: int = 1  # rlhf: micro-batches per minibatch (the backward holds one)
     max_length: int = 1024  # sft / train-reward / dpo: tokens per sequence
     max_prompt_tokens: int = 256  # rlhf
     max_new_tokens: int = 128  # rlhf
@@ -165,6 +166,9 @@ class PlanConfig:
         if self.stage == "rlhf" and self.rollouts % self.num_minibatches:
             raise UserError(f"--num-minibatches: must divide the {self.rollouts} rollouts of a batch "
                             "(as rlhf requires)")
+        if self.stage == "rlhf" and self.rollouts // self.num_minibatches % self.gradient_accumulation_steps:
+            raise UserError(f"--gradient-accumulation-steps: must divide the minibatch size "
+                            f"{self.rollouts // self.num_minibatches} (as rlhf requires)")
 
     @property
     def rollouts(self) -> int:
@@ -305,10 +309,10 @@ def estimate(cfg: PlanConfig) -> Plan:
 def _rlhf_parts(plan: Plan, shape: Shape, cfg: PlanConfig) -> None:
     rollouts = cfg.rollouts
     tokens = cfg.max_prompt_tokens + cfg.max_new_tokens
-    # The update's backward holds one minibatch. GRPO / RLOO run a group's prompt once where a minibatch holds
-    # whole groups (rlhf.config.shares_group_prompts; not under DeepSpeed); the head meets the answer positions
-    # only, one answer at a time (rlhf.policy.response_logprobs).
-    update = rollouts // cfg.num_minibatches
+    # The update's backward holds one micro-batch (a minibatch ÷ gradient accumulation steps). GRPO / RLOO run a
+    # group's prompt once where it holds whole groups (rlhf.config.shares_group_prompts; not under DeepSpeed); the
+    # head meets the answer positions only, one answer at a time (rlhf.policy.response_logprobs).
+    update = rollouts // cfg.num_minibatches // cfg.gradient_accumulation_steps
     shared = (cfg.algo != "ppo" and update % cfg.group_size == 0 and not cfg.gradient_checkpointing
               and cfg.zero == 0)
     prompt_runs = update // cfg.group_size if shared else update
@@ -355,6 +359,8 @@ def launch_command(plan: Plan) -> str:
              *(["--batch-size", str(cfg.batch_size), "--num-minibatches", str(cfg.num_minibatches),
                 "--max-prompt-tokens", str(cfg.max_prompt_tokens), "--max-new-tokens", str(cfg.max_new_tokens)]
                if cfg.stage == "rlhf" else []),
+             *(["--gradient-accumulation-steps", str(cfg.gradient_accumulation_steps)]
+               if cfg.stage == "rlhf" and cfg.gradient_accumulation_steps > 1 else []),
              *(["--no-gather-for-generation"] if cfg.stage == "rlhf" and cfg.zero == 3
                and not cfg.gather_for_generation else [])]
     if cfg.zero:

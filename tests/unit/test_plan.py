@@ -140,6 +140,13 @@ def test_rlhf_head_meets_answers_only_and_a_group_runs_its_prompt_once():
     assert estimate(halves).parts["rollout_kv_cache"] == estimate(ppo).parts["rollout_kv_cache"]
     with pytest.raises(UserError, match="--num-minibatches"):
         estimate(replace(ppo, batch_size=3, num_minibatches=2))
+    # two micro-batches of one minibatch: the backward holds one of them, as with two minibatches
+    accumulated = replace(ppo, gradient_accumulation_steps=2)
+    assert estimate(accumulated).parts == estimate(halves).parts
+    assert "--num-minibatches 1 --max-prompt-tokens 256 --max-new-tokens 128 --gradient-accumulation-steps 2" in (
+        launch_command(estimate(accumulated)))
+    with pytest.raises(UserError, match="--gradient-accumulation-steps: must divide the minibatch size 4"):
+        estimate(replace(halves, gradient_accumulation_steps=3))
     # the launch command runs what was estimated, not rlhf's own defaults
     assert launch_command(estimate(replace(grpo, num_minibatches=2))) == (
         "llamakit rlhf --policy llama-7b --lora --bf16 --algo grpo --group-size 4 --batch-size 2 "

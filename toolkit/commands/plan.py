@@ -28,6 +28,9 @@ DEFAULTS = PlanConfig()
               help="Per GPU: sequences (sft) or pairs (train-reward, dpo) per micro-batch; prompts per rollout (rlhf).")
 @click.option("--num-minibatches", type=click.IntRange(1), default=DEFAULTS.num_minibatches, show_default=True,
               help="rlhf: minibatches per update epoch, as rlhf's flag (its default 2); the backward holds one.")
+@click.option("--gradient-accumulation-steps", type=click.IntRange(1),
+              default=DEFAULTS.gradient_accumulation_steps, show_default=True,
+              help="rlhf: micro-batches per minibatch, as rlhf's flag; the backward holds one.")
 @click.option("--max-length", type=click.IntRange(1), default=DEFAULTS.max_length, show_default=True,
               help="Tokens per sequence (sft, train-reward, dpo).")
 @click.option("--max-prompt-tokens", type=click.IntRange(1), default=DEFAULTS.max_prompt_tokens, show_default=True,
