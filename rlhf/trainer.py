@@ -203,10 +203,10 @@ def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, retur
     kl_in_loss = run.kl_ctl.value if cfg.kl_mode == "loss" else 0.0  # β of the k3 term (grpo / rloo)
     update_stats = {k: torch.zeros(epochs, minibatches, accumulation) for k in STAT_NAMES}
     # grpo / rloo shuffle whole groups where a micro-batch holds whole ones: each group's prompt then runs once
-    shuffled = 1 if cfg.algo == "ppo" or micro_size % cfg.group_size else cfg.group_size
-    group = _prompt_group(run) if shuffled > 1 else 1
+    block = 1 if cfg.algo == "ppo" or micro_size % cfg.group_size else cfg.group_size  # rows shuffled as one
+    group = _prompt_group(run) if block > 1 else 1
     for epoch in range(epochs):
-        order = (torch.randperm(cfg.rollout_size // shuffled)[:, None] * shuffled + torch.arange(shuffled)).flatten()
+        order = (torch.randperm(cfg.rollout_size // block)[:, None] * block + torch.arange(block)).flatten()
         for m in range(minibatches):
             minibatch = order[m * cfg.minibatch_size:(m + 1) * cfg.minibatch_size]
             for g in range(accumulation):
