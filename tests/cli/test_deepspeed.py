@@ -183,7 +183,8 @@ def test_grpo_under_zero2_trains_without_a_critic_and_resumes(tiny_llama_dir, tm
             "--num-minibatches", "2", "--max-new-tokens", "8", *EVERY_STEP]
     launch_two_steps(2, out, args)
     first, second = rows(out)
-    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-4) and first["loss/value_avg"] == 0.0  # no critic
+    # the mean of both minibatches' ratios: the first is on-policy (1 exactly), the second follows one optimizer step
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-3) and first["loss/value_avg"] == 0.0  # no critic
     assert first["objective/kl_k3"] == pytest.approx(0.0, abs=1e-6) and second["objective/kl_k3"] > 0
     saved = load_file(out / "policy" / "model.safetensors")
     assert_whole_and_trained(saved, load_file(tiny_llama_dir / "model.safetensors"))
