@@ -166,9 +166,10 @@ class PlanConfig:
         if self.stage == "rlhf" and self.rollouts % self.num_minibatches:
             raise UserError(f"--num-minibatches: must divide the {self.rollouts} rollouts of a batch "
                             "(as rlhf requires)")
-        if self.stage == "rlhf" and self.rollouts // self.num_minibatches % self.gradient_accumulation_steps:
-            raise UserError(f"--gradient-accumulation-steps: must divide the minibatch size "
-                            f"{self.rollouts // self.num_minibatches} (as rlhf requires)")
+        minibatch = self.rollouts // self.num_minibatches
+        if self.stage == "rlhf" and minibatch % self.gradient_accumulation_steps:
+            raise UserError(f"--gradient-accumulation-steps: must divide the minibatch size {minibatch} "
+                            "(as rlhf requires)")
 
     @property
     def rollouts(self) -> int:
