@@ -166,15 +166,19 @@ class PlanConfig:
         if self.stage == "rlhf" and self.rollouts % self.num_minibatches:
             raise UserError(f"--num-minibatches: must divide the {self.rollouts} rollouts of a batch "
                             "(as rlhf requires)")
-        minibatch = self.rollouts // self.num_minibatches
-        if self.stage == "rlhf" and minibatch % self.gradient_accumulation_steps:
-            raise UserError(f"--gradient-accumulation-steps: must divide the minibatch size {minibatch} "
+        if self.stage == "rlhf" and self.minibatch % self.gradient_accumulation_steps:
+            raise UserError(f"--gradient-accumulation-steps: must divide the minibatch size {self.minibatch} "
                             "(as rlhf requires)")
 
     @property
     def rollouts(self) -> int:
         """rlhf: answers per rollout batch (one per prompt for PPO, group_size for GRPO / RLOO)."""
         return self.batch_size * (1 if self.algo == "ppo" else self.group_size)
+
+    @property
+    def minibatch(self) -> int:
+        """rlhf: rollouts per minibatch of the update."""
+        return self.rollouts // self.num_minibatches
 
 
 @dataclass
@@ -313,7 +317,7 @@ def _rlhf_parts(plan: Plan, shape: Shape, cfg: PlanConfig) -> None:
     # The update's backward holds one micro-batch (a minibatch ÷ gradient accumulation steps). GRPO / RLOO run a
     # group's prompt once where it holds whole groups (rlhf.config.shares_group_prompts; not under DeepSpeed); the
     # head meets the answer positions only, one answer at a time (rlhf.policy.response_logprobs).
-    update = rollouts // cfg.num_minibatches // cfg.gradient_accumulation_steps
+    update = cfg.minibatch // cfg.gradient_accumulation_steps
     shared = (cfg.algo != "ppo" and update % cfg.group_size == 0 and not cfg.gradient_checkpointing
               and cfg.zero == 0)
     prompt_runs = update // cfg.group_size if shared else update
