@@ -7,23 +7,30 @@ step), every stage runs through the real CLI (`llamakit ...` in a process of its
   2. preferences   `generate-data preferences` on train: K answers per prompt from the policy itself,
                    labelled by `rules:constraints` (the checker labels pairs; nothing else sees it)
   3. reward        `train-reward` on those pairs (the proxy RM sees pairs only, never the checker)
-  4. ppo_rm        `rlhf --lora` against the proxy RM;  ppo_rules: the same against `rules:constraints`
-  5. eval_*        `eval-policy` of each trained policy against the base on the held-out prompts
+  4. dpo           `dpo --lora` on the same pairs (`--start dpo`, the default): the start PPO builds on
+  5. ppo_rm        `rlhf --lora` against the proxy RM;  ppo_rules: the same against `rules:constraints`
+  6. eval_*        `eval-policy` of each trained policy against the base on the held-out prompts
+
+`--start dpo` is the recipe docs/method-comparison.md found (pairs with `--revise --contrast`, DPO, then PPO with
+4 epochs a batch and β to DPO's policy); `--start base` is PPO from the base, the issue's literal protocol, which
+moved the held-out gold by less than a point (docs/rlhf-effect.md).
 
 Every PPO step logs all its rollouts (samples.jsonl), so the gold score of each step is computed here
 offline with the checker (toolkit.constraints) and drawn against the proxy RM score (the
 over-optimisation picture of Gao et al. 2022: the proxy keeps rising, does the gold?).
 
 Prints ONE JSON line: {"base_gold", "ppo_rm_gold", "ppo_rules_gold", "ppo_rm_kl", "ppo_rules_kl",
-"rm_heldout_accuracy", "seconds_per_stage", "per_family", ...}. Gold = mean share of a held-out prompt's
-constraints satisfied; kl = eval-policy's sampled KL(policy ‖ base) in nats per answer on held-out
-prompts; rm_heldout_accuracy = how often the proxy RM orders two held-out answers (base / ppo_rm /
-ppo_rules answers to one prompt) as the checker does, over pairs whose gold differs.
+"rm_heldout_accuracy", "seconds_per_stage", "per_family", ...}, with `--start dpo` also "dpo_gold" and
+"dpo_kl". Gold = mean share of a held-out prompt's constraints satisfied; kl = eval-policy's sampled
+KL(policy ‖ base) in nats per answer on held-out prompts; rm_heldout_accuracy = how often the proxy RM
+orders two held-out answers (base / dpo / ppo_rm / ppo_rules answers to one prompt) as the checker does,
+over pairs whose gold differs.
 Progress goes to stderr. `--out DIR` keeps the work; a stage whose output is complete is skipped, so a
 killed run continues where it stopped (the seconds of stages done earlier are kept in DIR/timings.json).
 
     .venv/bin/python benchmarks/rlhf_effect.py --quick --parallel --out /tmp/rlhf-effect-quick   # smoke run
-    .venv/bin/python benchmarks/rlhf_effect.py --out /tmp/rlhf-effect --plot docs/rlhf-effect.png
+    .venv/bin/python benchmarks/rlhf_effect.py --parallel --out /tmp/rlhf-effect --plot docs/rlhf-effect.png
+    .venv/bin/python benchmarks/rlhf_effect.py --start base --parallel --out /tmp/rlhf-effect-base   # PPO from the base
     .venv/bin/python benchmarks/rlhf_effect.py --tiny --out DIR        # tiny random LLaMA: tests only
 """
 
@@ -58,12 +65,23 @@ MODES: dict[str, dict[str, Any]] = {
              "new_tokens": 3, "eval_tokens": 3, "kinds": "lowercase", "per_prompt": "1"},
     "quick": {"train": 32, "heldout": 32, "candidates": 4, "pref_tokens": 48, "steps": 6, "batch_size": 8,
               "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
-    # full: sized for the hour on a 2-core CPU without AVX-512 (SmolLM2 samples ~25-60 tokens/s there, a PPO
-    # step of 16 rollouts costs ~116 s): 16 steps x 16 rollouts, 2 PPO epochs, 48-token answers. It took 85 min
-    # on 2026-12-02 (docs/rlhf-effect.md), and PPO moved the policy too little to show an effect.
+    # full: sized for the hour on a 2-core CPU without AVX-512 (SmolLM2 samples ~25-60 tokens/s there). From the
+    # base (`--start base`): 160 train prompts, 16 PPO steps x 16 rollouts, 2 epochs; 85 min on 2026-12-02
+    # (docs/rlhf-effect.md), and PPO moved the policy too little to show an effect. After DPO: see AFTER_DPO.
     "full": {"train": 160, "heldout": 400, "candidates": 4, "pref_tokens": 48, "steps": 16, "batch_size": 16,
              "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
 }
+# `--start dpo` (full): 480 train prompts (~640 pairs with --revise --contrast), DPO 85 steps of 4 pairs at lr
+# 2.6e-4 (docs/method-comparison.md "DPO within 10 minutes": +9.6 at 2.56 nats, the 10-minute recipe that leaves
+# the most KL for PPO), then PPO 8 steps x 32 rollouts, 4 epochs x 2 minibatches, β 0.04 to DPO's policy (the best
+# run inside 5 nats found: +17.2 at 4.93 on 400 after C1). quick / tiny: one epoch over their pairs.
+AFTER_DPO: dict[str, dict[str, Any]] = {
+    "tiny": {"dpo_steps": 0, "dpo_batch": 2},
+    "quick": {"dpo_steps": 0, "dpo_batch": 4},
+    "full": {"train": 480, "steps": 8, "batch_size": 32, "dpo_steps": 85, "dpo_batch": 4},
+}
+# PPO's defaults per start: from the base, the 2026-12-02 run's; after DPO, the recipe above
+PPO_DEFAULTS = {"base": {"ppo_epochs": 2, "kl_coef": 0.1}, "dpo": {"ppo_epochs": 4, "kl_coef": 0.04}}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -175,10 +193,11 @@ def paired_gold_change(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return paired_points([100 * (s["policy"] - s["baseline"]) for s in sides.values() if len(s) == 2])
 
 
-def per_family(base: dict[str, Any], rm: dict[str, Any], rules: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    families = sorted(set(base["per_family"]) | set(rm["per_family"]) | set(rules["per_family"]))
+def per_family(base: dict[str, Any], policies: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per constraint family: its held-out count and the share met by the base and by each named policy."""
+    families = sorted(set(base["per_family"]).union(*(p["per_family"] for p in policies.values())))
     return {f: {"n": base["family_answers"].get(f, 0), "base": _r(base["per_family"].get(f)),
-                "ppo_rm": _r(rm["per_family"].get(f)), "ppo_rules": _r(rules["per_family"].get(f))}
+                **{name: _r(p["per_family"].get(f)) for name, p in policies.items()}}
             for f in families}
 
 
@@ -341,17 +360,34 @@ def main() -> None:
                       "(34 min on the shared, busy 2-core box; the issue's goal is 10 min)")
     mode.add_argument("--tiny", action="store_true", help="tiny random LLaMA and the test fixtures (tests)")
     common_arguments(parser)
-    parser.add_argument("--steps", type=int, default=None, help="PPO steps per run")
-    parser.add_argument("--batch-size", type=int, default=None, help="PPO rollouts per step")
-    parser.add_argument("--kl-coef", type=float, default=0.1, help="PPO β")
+    parser.add_argument("--start", choices=("dpo", "base"), default="dpo", help="where PPO starts: DPO's policy "
+                        "on the pairs (the recipe; pairs with --revise --contrast unless --no-revise / --no-contrast) "
+                        "or the base (plain pairs)")
+    parser.add_argument("--steps", type=int, default=None, help="PPO steps per run (mode's default)")
+    parser.add_argument("--batch-size", type=int, default=None, help="PPO rollouts per step (mode's default)")
+    parser.add_argument("--kl-coef", type=float, default=None, help="PPO β (start's default: 0.04 after DPO, "
+                        "0.1 from the base)")
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="PPO learning rate (LoRA)")
     parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--ppo-epochs", type=int, default=2, help="PPO epochs per rollout batch")
+    parser.add_argument("--ppo-epochs", type=int, default=None, help="PPO epochs per rollout batch (start's "
+                        "default: 4 after DPO, 2 from the base)")
+    parser.add_argument("--dpo-steps", type=int, default=None, help="DPO optimizer steps (mode's default; 0: one "
+                        "epoch)")
+    parser.add_argument("--dpo-learning-rate", type=float, default=2.6e-4, help="DPO learning rate (LoRA)")
     parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/rlhf-effect.png)")
+    parser.set_defaults(revise=None, contrast=None)
     args = parser.parse_args()
 
+    after_dpo = args.start == "dpo"
+    for flag in ("revise", "contrast"):
+        if getattr(args, flag) is None:
+            setattr(args, flag, after_dpo)
+    for key, value in PPO_DEFAULTS[args.start].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.parallel = args.parallel or args.tiny
-    name, size = sizes(args, MODES, ("train", "heldout", "candidates", "steps", "batch_size"))
+    modes = {mode: {**MODES[mode], **(AFTER_DPO[mode] if after_dpo else {})} for mode in MODES}
+    name, size = sizes(args, modes, ("train", "heldout", "candidates", "steps", "batch_size", "dpo_steps"))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rlhf-effect-"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -360,9 +396,26 @@ def main() -> None:
     policy, train_prompts, held_prompts, pairs, rm_dir = (data.policy, data.train_prompts, data.held_prompts,
                                                           data.pairs, data.rm_dir)
     n_pairs = len(read_jsonl(pairs))
+    evaluation = ["--prompts", held_prompts, "--baseline", policy, "--scorer", "rules:constraints", "--reward",
+                  rm_dir, "--temperature", args.temperature, "--max-new-tokens", size["eval_tokens"],
+                  "--batch-size", 32, "--seed", args.seed, "--overwrite", "--json", *(["--bf16"] if args.bf16 else [])]
+
+    # ---- DPO on the same pairs: the policy PPO starts from ---------------------------------------------
+    start = policy
+    if after_dpo:
+        start = str(out / "dpo" / "policy")
+        stages.run("dpo", ["dpo", "--data", pairs, "--policy", policy, "--out", out / "dpo", "--lora", "--lora-r",
+                           args.lora_r, "--lora-alpha", 2 * args.lora_r, "--learning-rate", args.dpo_learning_rate,
+                           "--beta", 1.0, "--rpo-alpha", 1.0, "--epochs", 1, "--max-steps", size["dpo_steps"],
+                           "--batch-size", size["dpo_batch"], "--max-length", 512, "--precompute-ref",
+                           "--seed", args.seed, "--overwrite", "--json"])
+        # answers the base once: the PPO evaluations read its answers (--baseline-answers)
+        stages.run("eval_dpo", ["eval-policy", start, "--out", out / "eval-dpo", *evaluation],
+                   stdout_json=out / "eval-dpo.json")
+        evaluation += ["--baseline-answers", out / "eval-dpo"]
 
     # ---- PPO: against the proxy RM, and against the checker itself -------------------------------------
-    ppo = ["--policy", policy, "--prompts", train_prompts, "--steps", size["steps"], "--batch-size",
+    ppo = ["--policy", start, "--prompts", train_prompts, "--steps", size["steps"], "--batch-size",
            size["batch_size"], "--max-new-tokens", size["new_tokens"], "--temperature", args.temperature, "--lora",
            "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r, "--learning-rate", args.learning_rate,
            "--ppo-epochs", args.ppo_epochs,
@@ -373,9 +426,6 @@ def main() -> None:
                 ("ppo_rules", ["rlhf", "--reward", "rules:constraints", "--out", out / "ppo-rules", *ppo], None)]
 
     # ---- held-out: each trained policy against the base ------------------------------------------------
-    evaluation = ["--prompts", held_prompts, "--baseline", policy, "--scorer", "rules:constraints", "--reward",
-                  rm_dir, "--temperature", args.temperature, "--max-new-tokens", size["eval_tokens"],
-                  "--batch-size", 32, "--seed", args.seed, "--overwrite", "--json", *(["--bf16"] if args.bf16 else [])]
     evals = [(f"eval_{run}", ["eval-policy", out / f"ppo-{run}" / "policy", "--out", out / f"eval-{run}", *evaluation],
               out / f"eval-{run}.json") for run in ("rm", "rules")]
     for jobs in (ppo_runs, evals):
@@ -388,11 +438,15 @@ def main() -> None:
     # ---- results ---------------------------------------------------------------------------------------
     ev_rm = json.loads((out / "eval-rm.json").read_text())
     ev_rules = json.loads((out / "eval-rules.json").read_text())
+    trained = {"ppo_rm": ev_rm, "ppo_rules": ev_rules}
+    if after_dpo:
+        trained = {"dpo": json.loads((out / "eval-dpo.json").read_text()), **trained}
+    answer_files = {run: out / f"eval-{run.removeprefix('ppo_')}" / "answers.jsonl" for run in trained}
     rm_metrics = json.loads((out / "train-reward.json").read_text())
     constraints_by_prompt = {r["prompt"]: r["constraints"] for r in read_jsonl(train_prompts)}
     rm_curve = curves(out / "ppo-rm", constraints_by_prompt)
     rules_curve = curves(out / "ppo-rules", constraints_by_prompt)
-    accuracy, n_rm_pairs = rm_agreement([out / "eval-rm" / "answers.jsonl", out / "eval-rules" / "answers.jsonl"])
+    accuracy, n_rm_pairs = rm_agreement(list(answer_files.values()))
     leaks = leaked(held_prompts, train_prompts, [pairs, out / "ppo-rm" / "samples.jsonl",
                                                  out / "ppo-rules" / "samples.jsonl"])
     if leaks:
@@ -400,35 +454,33 @@ def main() -> None:
     base_gold = ev_rm["baseline"]["scorer"]
     figure = out / "rlhf-effect.png"
     plot(figure, rm_curve, rules_curve, base_gold,
-         f"llamakit rlhf-effect ({name}): {Path(policy).name}, {size['steps']} PPO steps x {size['batch_size']}, "
+         f"llamakit rlhf-effect ({name}): {Path(policy).name}{', after DPO' if after_dpo else ''}, "
+         f"{size['steps']} PPO steps x {size['batch_size']}, "
          f"β {args.kl_coef}, lr {args.learning_rate}, LoRA r {args.lora_r}")
     if args.plot:
         Path(args.plot).write_bytes(figure.read_bytes())
     result = {
-        "base_gold": _r(base_gold), "ppo_rm_gold": _r(ev_rm["policy"]["scorer"]),
-        "ppo_rules_gold": _r(ev_rules["policy"]["scorer"]),
-        "ppo_rm_kl": _r(ev_rm["kl"]), "ppo_rules_kl": _r(ev_rules["kl"]),
-        "gold_change": {"ppo_rm": gold_change(out / "eval-rm" / "answers.jsonl"),
-                        "ppo_rules": gold_change(out / "eval-rules" / "answers.jsonl")},
+        "base_gold": _r(base_gold), **{f"{run}_gold": _r(ev["policy"]["scorer"]) for run, ev in trained.items()},
+        **{f"{run}_kl": _r(ev["kl"]) for run, ev in trained.items()},
+        "gold_change": {run: gold_change(answers) for run, answers in answer_files.items()},
         "rm_heldout_accuracy": accuracy, "rm_heldout_pairs": n_rm_pairs,
         "rm_calibration_accuracy": _r(rm_metrics["heldout"]["calibrated"]["accuracy"]),
         "rm_calibration_pairs": rm_metrics["heldout"]["calibrated"]["n"],
         "seconds_per_stage": stages.seconds,
-        "per_family": per_family(ev_rm["baseline"], ev_rm["policy"], ev_rules["policy"]),
+        "per_family": per_family(ev_rm["baseline"], {run: ev["policy"] for run, ev in trained.items()}),
         "base_gold_rules_eval": _r(ev_rules["baseline"]["scorer"]),
         "win_rate_rm": _r(ev_rm["win_rate"].get("scorer", {}).get("rate")),
         "win_rate_rules": _r(ev_rules["win_rate"].get("scorer", {}).get("rate")),
-        "proxy_rm_score": {"base": _r(ev_rm["baseline"]["reward"]), "ppo_rm": _r(ev_rm["policy"]["reward"]),
-                           "ppo_rules": _r(ev_rules["policy"]["reward"])},
-        "words": {"base": _r(ev_rm["baseline"]["words"], 1), "ppo_rm": _r(ev_rm["policy"]["words"], 1),
-                  "ppo_rules": _r(ev_rules["policy"]["words"], 1)},
-        "eos_rate": {"base": _r(ev_rm["baseline"]["eos_rate"]), "ppo_rm": _r(ev_rm["policy"]["eos_rate"]),
-                     "ppo_rules": _r(ev_rules["policy"]["eos_rate"])},
+        **{key: {"base": _r(ev_rm["baseline"][field], digits),
+                 **{run: _r(ev["policy"][field], digits) for run, ev in trained.items()}}
+           for key, field, digits in (("proxy_rm_score", "reward", 4), ("words", "words", 1),
+                                      ("eos_rate", "eos_rate", 4))},
         "curves": {"ppo_rm": rm_curve, "ppo_rules": rules_curve},
         "pairs": n_pairs, "train_prompts": len(read_jsonl(train_prompts)),
         "heldout_prompts": len(read_jsonl(held_prompts)), "heldout_in_training": leaks,
         "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "steps": size["steps"],
-        "batch_size": size["batch_size"], "candidates": size["candidates"], "revise": args.revise,
+        "batch_size": size["batch_size"], "candidates": size["candidates"], "start": args.start,
+        "dpo_steps": size["dpo_steps"] if after_dpo else None, "revise": args.revise,
         "contrast": args.contrast, "max_new_tokens": size["new_tokens"],
         "temperature": args.temperature, "kl_coef": args.kl_coef, "learning_rate": args.learning_rate,
         "lora_r": args.lora_r, "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty,

@@ -1,8 +1,8 @@
 """benchmarks/rlhf_effect.py --tiny: every stage through the real CLI on a tiny random LLaMA and the fixtures.
 
-One run for the module (constraints, preferences, train-reward, two PPO runs, two eval-policy runs), then
-checks on its JSON line, on the files it kept, and on a second run over the same --out (all stages done,
-so it only recomputes the results).
+One run for the module (constraints, preferences, train-reward, DPO, two PPO runs from DPO's policy, three
+eval-policy runs), then checks on its JSON line, on the files it kept, and on a second run over the same --out
+(all stages done, so it only recomputes the results).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 from support.cli import ROOT, one_json_line, run_tiny_benchmark
 
 SCRIPT = ROOT / "benchmarks" / "rlhf_effect.py"
-STAGES = {"constraints_train", "constraints_heldout", "preferences", "train_reward", "ppo_rm", "ppo_rules",
-          "eval_rm", "eval_rules"}
+STAGES = {"constraints_train", "constraints_heldout", "preferences", "train_reward", "dpo", "eval_dpo", "ppo_rm",
+          "ppo_rules", "eval_rm", "eval_rules"}
+TRAINED = ("dpo", "ppo_rm", "ppo_rules")
 
 
 
@@ -32,20 +33,20 @@ def rows(path: Path) -> list[dict]:
 
 def test_json_line_keys_and_types(tiny_run):
     _, result = tiny_run
-    for key in ("base_gold", "ppo_rm_gold", "ppo_rules_gold", "rm_heldout_accuracy"):
+    for key in ("base_gold", *(f"{run}_gold" for run in TRAINED), "rm_heldout_accuracy"):
         assert isinstance(result[key], float) and 0.0 <= result[key] <= 1.0, key
-    for key in ("ppo_rm_kl", "ppo_rules_kl"):
-        assert isinstance(result[key], float), key
+    for run in TRAINED:
+        assert isinstance(result[f"{run}_kl"], float), run
     assert set(result["seconds_per_stage"]) == STAGES
     assert all(isinstance(s, float) and s > 0 for s in result["seconds_per_stage"].values())
     assert result["per_family"], "no constraint family in the held-out evaluation"
     for family, row in result["per_family"].items():
-        assert set(row) == {"n", "base", "ppo_rm", "ppo_rules"}, family
+        assert set(row) == {"n", "base", *TRAINED}, family
         assert isinstance(row["n"], int) and row["n"] > 0
-        assert all(isinstance(row[k], float) for k in ("base", "ppo_rm", "ppo_rules"))
+        assert all(isinstance(row[k], float) for k in ("base", *TRAINED))
     assert result["heldout_in_training"] == 0
     assert result["pairs"] >= 4
-    for run in ("ppo_rm", "ppo_rules"):  # every held-out prompt paired with its base answer
+    for run in TRAINED:  # every held-out prompt paired with its base answer
         assert result["gold_change"][run]["n"] == result["heldout_prompts"], run
 
 
@@ -76,6 +77,22 @@ def test_heldout_prompts_never_reach_training(tiny_run):
     assert evaluated == {r["prompt"] for r in rows(out / "heldout-prompts.jsonl")}
 
 
+def test_ppo_starts_from_dpo_and_the_base_answers_once(tiny_run):
+    out, result = tiny_run
+    assert result["start"] == "dpo"
+    for run in ("ppo-rm", "ppo-rules"):
+        config = json.loads((out / run / "run.json").read_text())["config"]
+        assert config["policy"] == str(out / "dpo" / "policy"), run
+    base_answers = {(r["prompt"], r["answer"]) for r in rows(out / "eval-dpo" / "answers.jsonl")
+                    if r["policy"] == "baseline"}
+    assert base_answers
+    for run in ("rm", "rules"):
+        summary = json.loads((out / f"eval-{run}" / "summary.json").read_text())
+        assert summary["baseline_answers"] == str(out / "eval-dpo"), run
+        assert {(r["prompt"], r["answer"]) for r in rows(out / f"eval-{run}" / "answers.jsonl")
+                if r["policy"] == "baseline"} == base_answers, run
+
+
 def test_rerun_skips_finished_stages(tiny_run):
     out, first = tiny_run
     proc = run_tiny_benchmark(SCRIPT, out)
@@ -101,3 +118,13 @@ def test_gold_change_pairs_policy_and_base_answers_of_the_same_prompt(tmp_path):
     assert change["n"] == 4 and change["points"] == 25.0
     assert change["ci95"] == [round(25 - half, 1), round(25 + half, 1)]
     assert change["ci95"][0] < 0 < change["ci95"][1]  # 4 prompts: the interval spans zero
+
+
+def test_start_base_runs_ppo_from_the_base_on_plain_pairs(tmp_path):
+    out = tmp_path / "run"
+    result = one_json_line(run_tiny_benchmark(SCRIPT, out, "--start", "base"))
+    assert set(result["seconds_per_stage"]) == STAGES - {"dpo", "eval_dpo"}
+    assert "dpo_gold" not in result and result["start"] == "base"
+    assert not result["revise"] and not result["contrast"] and result["ppo_epochs"] == 2
+    tiny = str(out / "tiny-llama")
+    assert json.loads((out / "ppo-rules" / "run.json").read_text())["config"]["policy"] == tiny
