@@ -53,6 +53,7 @@ from benchmarks.rlhf_effect import (  # noqa: E402
     _loadavg,
     _r,
     common_arguments,
+    dpo_command,
     leaked,
     prepare,
     read_jsonl,
@@ -108,11 +109,9 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
 
     return [
         ppo_run("ppo_rm", data.rm_dir, base),
-        ("dpo", ["dpo", "--data", data.pairs, "--policy", data.policy, "--out", out / "dpo", *lora,
-                 "--learning-rate", args.dpo_learning_rate, "--beta", args.dpo_beta,
-                 "--rpo-alpha", args.dpo_rpo_alpha, "--epochs", budget["dpo_epochs"],
-                 "--max-steps", budget["dpo_steps"], "--batch-size", budget["dpo_batch"], "--max-length", 512,
-                 "--precompute-ref", "--seed", args.seed, "--overwrite", "--json"], None),
+        ("dpo", dpo_command(data, out, lora_r=args.lora_r, learning_rate=args.dpo_learning_rate, beta=args.dpo_beta,
+                            rpo_alpha=args.dpo_rpo_alpha, epochs=budget["dpo_epochs"], max_steps=budget["dpo_steps"],
+                            batch_size=budget["dpo_batch"], seed=args.seed), None),
         critic_free_run("grpo", "grpo", base),
         critic_free_run("rloo", "rloo", base),
         critic_free_run("grpo", "dpo_grpo", after_dpo),

@@ -341,6 +341,15 @@ def prepare(args: argparse.Namespace, size: dict[str, Any], out: Path, stages: S
     return Data(policy, train_prompts, held_prompts, pairs, rm_dir)
 
 
+def dpo_command(data: Data, out: Path, *, lora_r: int, learning_rate: float, beta: float, rpo_alpha: float,
+                epochs: float, max_steps: int, batch_size: int, seed: int) -> list[Any]:
+    """`llamakit dpo` on the pairs from the base policy, LoRA, reference log-probs precomputed: OUT/dpo."""
+    return ["dpo", "--data", data.pairs, "--policy", data.policy, "--out", out / "dpo", "--lora", "--lora-r", lora_r,
+            "--lora-alpha", 2 * lora_r, "--learning-rate", learning_rate, "--beta", beta, "--rpo-alpha", rpo_alpha,
+            "--epochs", epochs, "--max-steps", max_steps, "--batch-size", batch_size, "--max-length", 512,
+            "--precompute-ref", "--seed", seed, "--overwrite", "--json"]
+
+
 def sizes(args: argparse.Namespace, modes: dict[str, dict[str, Any]], overrides: tuple[str, ...]) -> tuple[str, dict]:
     """The mode's sizes, with the flags given on the command line in their place."""
     name = "tiny" if args.tiny else "quick" if args.quick else "full"
@@ -404,11 +413,9 @@ def main() -> None:
     start = policy
     if after_dpo:
         start = str(out / "dpo" / "policy")
-        stages.run("dpo", ["dpo", "--data", pairs, "--policy", policy, "--out", out / "dpo", "--lora", "--lora-r",
-                           args.lora_r, "--lora-alpha", 2 * args.lora_r, "--learning-rate", args.dpo_learning_rate,
-                           "--beta", 1.0, "--rpo-alpha", 1.0, "--epochs", 1, "--max-steps", size["dpo_steps"],
-                           "--batch-size", size["dpo_batch"], "--max-length", 512, "--precompute-ref",
-                           "--seed", args.seed, "--overwrite", "--json"])
+        stages.run("dpo", dpo_command(data, out, lora_r=args.lora_r, learning_rate=args.dpo_learning_rate, beta=1.0,
+                                      rpo_alpha=1.0, epochs=1, max_steps=size["dpo_steps"],
+                                      batch_size=size["dpo_batch"], seed=args.seed))
         # answers the base once: the PPO evaluations read its answers (--baseline-answers)
         stages.run("eval_dpo", ["eval-policy", start, "--out", out / "eval-dpo", *evaluation],
                    stdout_json=out / "eval-dpo.json")
