@@ -366,7 +366,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="a smoke run: 32 + 32 prompts, 6 PPO steps "
-                      "(34 min on the shared, busy 2-core box; the issue's goal is 10 min)")
+                      "(8:00 alone on the 2-core box, 2026-12-06; the issue's goal is 10 min)")
     mode.add_argument("--tiny", action="store_true", help="tiny random LLaMA and the test fixtures (tests)")
     common_arguments(parser)
     parser.add_argument("--start", choices=("dpo", "base"), default="dpo", help="where PPO starts: DPO's policy "
