@@ -168,3 +168,47 @@ def test_bad_margin_and_score_fields(tmp_path):
     f = write_jsonl(tmp_path / "h.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "no turns"}])
     with pytest.raises(UserError, match=r"h\.jsonl:1: field 'rejected': no 'Assistant:' turn"):
         load_preferences(f)
+
+
+def _ranked_row(prompt: str, scored: list[tuple[str, float]], chosen: str, rejected: str) -> dict:
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "meta": {"candidates": [{"text": t, "score": s} for t, s in scored]}}
+
+
+def test_candidate_pairs_are_every_two_candidates_that_score_apart(tmp_path):
+    """K candidates as `generate-data preferences` keeps them: every two that score apart become a pair, better
+    first, their score difference the margin; the row's own pair, ties and a candidate without a numeric score give
+    none, and a row without candidates keeps just its pair. Without the flag the file reads as before."""
+    rows = [_ranked_row("Q1", [("a", 1.0), ("b", 0.5), ("c", 0.5), ("d", 0.0), ("e", True)], "a", "d"),
+            {"prompt": "Q2", "chosen": "x", "rejected": "y"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    assert [(p.chosen, p.rejected) for p in load_preferences(path).pairs] == [("a", "d"), ("x", "y")]
+    pairs = load_preferences(path, candidate_pairs=True).pairs
+    got = [(p.prompt, p.chosen, p.rejected, p.margin, p.line) for p in pairs]
+    assert got == [("Q1", "a", "d", 0.0, 1),
+                   ("Q1", "a", "b", 0.5, 1), ("Q1", "a", "c", 0.5, 1), ("Q1", "b", "d", 0.5, 1),
+                   ("Q1", "c", "d", 0.5, 1), ("Q2", "x", "y", 0.0, 2)]
+
+
+def test_candidate_pairs_hold_out_whole_prompts(tmp_path):
+    """A prompt's comparisons share answers, so --eval-split holds out prompts: no prompt is on both sides, and
+    every pair is on one side."""
+    from toolkit.reward.train import TrainConfig, _load
+
+    rows = [_ranked_row(f"Q{i}", [(f"good {i}", 1.0), (f"fair {i}", 0.5), (f"bad {i}", 0.0)], f"good {i}", f"bad {i}")
+            for i in range(10)]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    cfg = TrainConfig(data=str(path), out=str(tmp_path / "rm"), candidate_pairs=True, eval_split=0.3)
+    train, _, heldout, fmt, _ = _load(cfg, [])
+    assert fmt == "preference" and len(train) + len(heldout) == 10 * 3
+    assert {p.prompt for p in train}.isdisjoint({p.prompt for p in heldout})
+    assert len({p.prompt for p in heldout}) == 3
+
+
+def test_candidate_pairs_without_candidates_is_one_line_through_the_cli(tmp_path):
+    out = tmp_path / "rm"
+    proc = run_cli("train-reward", "--data", HH, "--out", out, "--candidate-pairs", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--candidate-pairs: no row keeps two candidates" in lines[0], proc.stderr
+    assert "hh-harmless-200.jsonl" in lines[0] and not out.exists()

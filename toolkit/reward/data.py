@@ -8,6 +8,7 @@ the PPO loop's (prompt, response) all look alike to the reward model (`toolkit.r
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -29,10 +30,12 @@ class PreferenceData:
     bad_rows: list[str] = field(default_factory=list)  # the one-line error of each row set aside
 
 
-def load_preferences(path: str | os.PathLike, fmt: str = "auto", skip_bad_rows: bool = False) -> PreferenceData:
+def load_preferences(path: str | os.PathLike, fmt: str = "auto", skip_bad_rows: bool = False,
+                     candidate_pairs: bool = False) -> PreferenceData:
     """Read a preference file (JSONL / JSON / Parquet) or a `datasets` save_to_disk directory
     (`toolkit.io.located_rows`). A row that does not parse stops the read, or with `skip_bad_rows` is set aside
-    and named in `bad_rows`; a file with no good row is an error either way."""
+    and named in `bad_rows`; a file with no good row is an error either way. `candidate_pairs`: each row's
+    `ranked_candidate_pairs` follow its own pair."""
     if fmt not in FORMATS:
         raise UserError(f"unknown --format '{fmt}' (one of {', '.join(FORMATS)})")
     path = str(path)
@@ -42,19 +45,48 @@ def load_preferences(path: str | os.PathLike, fmt: str = "auto", skip_bad_rows: 
         first, loc = rows[0]
         fmt = detect_format(first, loc["file"], loc.get("line"))
     data = PreferenceData(source=path, format=fmt, bad_rows=bad_rows)
+    n_candidate_pairs = 0
     for row, loc in rows:
         try:
             if fmt == "chatllama":
                 data.scored.append(scored_answer(row, loc))
             else:
-                data.pairs.append(preference_pair(row, fmt, loc))
+                pair = preference_pair(row, fmt, loc)
+                data.pairs.append(pair)
+                if candidate_pairs:
+                    ranked = ranked_candidate_pairs(row, pair)
+                    data.pairs.extend(ranked)
+                    n_candidate_pairs += len(ranked)
         except UserError as error:
             if not skip_bad_rows:
                 raise BadRow(str(error)) from None
             data.bad_rows.append(str(error))
     if data.bad_rows and not (data.pairs or data.scored):
         raise UserError(f"no good row: all {len(data.bad_rows)} set aside, the first: {data.bad_rows[0]}", file=path)
+    if candidate_pairs and not n_candidate_pairs and not data.scored:
+        raise UserError("--candidate-pairs: no row keeps two candidates that score apart in meta.candidates "
+                        "(`generate-data preferences` writes them there)", file=path)
     return data
+
+
+def ranked_candidate_pairs(row: dict[str, Any], pair: Pair) -> list[Pair]:
+    """Every two of the row's scored candidates (`meta.candidates`, as `generate-data preferences` keeps the K
+    answers it ranked) that score apart, the better one chosen and the score difference as margin: the
+    K-choose-2 comparisons a prompt gives (InstructGPT's reward model trains on all of them). The row's own pair
+    and pairs of identical texts are left out; a row without scored candidates gives none."""
+    meta = row.get("meta")
+    candidates = meta.get("candidates") if isinstance(meta, dict) else None
+    if not isinstance(candidates, list):
+        return []
+    ranked = [(c["text"], float(c["score"])) for c in candidates
+              if isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("score"), (int, float))
+              and not isinstance(c.get("score"), bool)]
+    pairs = []
+    for (text_a, score_a), (text_b, score_b) in itertools.combinations(ranked, 2):
+        (better, high), (worse, low) = sorted([(text_a, score_a), (text_b, score_b)], key=lambda c: -c[1])
+        if high > low and better != worse and (better, worse) != (pair.chosen, pair.rejected):
+            pairs.append(Pair(pair.prompt, better, worse, round(high - low, 4), pair.line))
+    return pairs
 
 
 def detect_format(row: dict[str, Any], path: str = "<data>", line: int | None = None) -> str:

@@ -67,6 +67,10 @@ class TrainConfig:
     center_rewards: float = _f(0.0, "Coefficient of mean (r_c + r_r)^2 (0.01 is the usual value; 0 = off).",
                                min=0)  # the usual value: Eisenstein et al. 2023
     use_margin: bool = _f(True, "Honour a `margin` column when the data has one.", flag="margin")
+    candidate_pairs: bool = _f(False, "Also train on every two of a row's K scored candidates (meta.candidates, kept "
+                               "by `generate-data preferences`) that score apart: all K-choose-2 comparisons of a "
+                               "prompt, as InstructGPT's RM; --eval-split then holds out whole prompts.",
+                               negatable=False)
     skip_bad_rows: bool = _f(False, SKIP_BAD_ROWS_HELP, negatable=False)
     lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights; merged on save.", negatable=False)
     lora_r: int = _f(16, min=1)
@@ -210,7 +214,8 @@ def bradley_terry_loss(r_chosen, r_rejected, margin=None, center: float = 0.0):
 def _read(path: str, cfg: TrainConfig, warnings: list[str]) -> PreferenceData:
     """A preference file; with --skip-bad-rows its rows that do not parse are set aside, named in a warning."""
     with suggesting_skip_bad_rows():
-        data = load_preferences(path, cfg.format, skip_bad_rows=cfg.skip_bad_rows)
+        data = load_preferences(path, cfg.format, skip_bad_rows=cfg.skip_bad_rows,
+                                candidate_pairs=cfg.candidate_pairs)
     if data.bad_rows:
         warnings.append(set_aside_warning(data.bad_rows))
     return data
@@ -245,6 +250,17 @@ def _load(cfg: TrainConfig, warnings: list[str]) -> tuple[list[Pair], list[Score
             train_scored = [r for r in data.scored if r.prompt not in held_set]
             heldout_scored = [r for r in data.scored if r.prompt in held_set]
             heldout, train_pairs = pairs_from_scored(heldout_scored), []
+        elif cfg.candidate_pairs:
+            # a prompt's comparisons share its answers: hold out whole prompts, or calibration sees trained answers
+            prompts = sorted({pair.prompt for pair in data.pairs})
+            if len(prompts) < 2:
+                raise UserError(f"--candidate-pairs holds out whole prompts: needs at least 2, got {len(prompts)}",
+                                file=data.source)
+            n_out = min(len(prompts) - 1, max(1, round(len(prompts) * cfg.eval_split)))
+            held_set = set(split(prompts, n_out / len(prompts), cfg.seed)[1])
+            train_pairs = [pair for pair in data.pairs if pair.prompt not in held_set]
+            heldout = [pair for pair in data.pairs if pair.prompt in held_set]
+            train_scored = []
         else:
             _require_pairs(data, 2)
             n_out = min(len(data.pairs) - 1, max(1, round(len(data.pairs) * cfg.eval_split)))
