@@ -274,6 +274,9 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contrast", action=argparse.BooleanOptionalAction, default=False,
                         help="pairs through `generate-data preferences --contrast` too: after each pair, its chosen "
                         "answer against itself in a format its prompt did not ask for")
+    parser.add_argument("--candidate-pairs", action=argparse.BooleanOptionalAction, default=False,
+                        help="the proxy RM trains on every two of a prompt's K answers that the checker scores apart "
+                        "too (`train-reward --candidate-pairs`), not only on the pairs")
     parser.add_argument("--missing-eos-penalty", type=float, default=0.0, help="0: the checker already fails a "
                         "cut answer where it matters (end phrase, P.S., JSON, quotes); a penalty taught the quick "
                         "run's policies to stop early, which costs the at-least-N-words and bullet constraints")
@@ -336,7 +339,8 @@ def prepare(args: argparse.Namespace, size: dict[str, Any], out: Path, stages: S
     # ---- the proxy reward model: pairs only ------------------------------------------------------------
     rm_dir = out / "rm"
     stages.run("train_reward", ["train-reward", "--data", pairs, "--out", rm_dir, "--model", rm_backbone,
-                                "--eval-split", 0.2, "--seed", args.seed, "--overwrite", "--json"],
+                                "--eval-split", 0.2, "--seed", args.seed, "--overwrite", "--json",
+                                *(["--candidate-pairs"] if args.candidate_pairs else [])],
                stdout_json=out / "train-reward.json")
     return Data(policy, train_prompts, held_prompts, pairs, rm_dir)
 
@@ -488,7 +492,7 @@ def main() -> None:
         "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "steps": size["steps"],
         "batch_size": size["batch_size"], "candidates": size["candidates"], "start": args.start,
         "dpo_steps": size["dpo_steps"] if after_dpo else None, "revise": args.revise,
-        "contrast": args.contrast, "max_new_tokens": size["new_tokens"],
+        "contrast": args.contrast, "candidate_pairs": args.candidate_pairs, "max_new_tokens": size["new_tokens"],
         "temperature": args.temperature, "kl_coef": args.kl_coef, "learning_rate": args.learning_rate,
         "lora_r": args.lora_r, "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty,
         "seconds": round(sum(stages.seconds.values()), 1),  # all stages, over resumed runs too

@@ -24,7 +24,7 @@ TRAINED = ("dpo", "ppo_rm", "ppo_rules")
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("rlhf-effect") / "run"
-    return out, one_json_line(run_tiny_benchmark(SCRIPT, out))
+    return out, one_json_line(run_tiny_benchmark(SCRIPT, out, "--candidate-pairs"))
 
 
 def rows(path: Path) -> list[dict]:
@@ -91,6 +91,17 @@ def test_ppo_starts_from_dpo_and_the_base_answers_once(tiny_run):
         assert summary["baseline_answers"] == str(out / "eval-dpo"), run
         assert {(r["prompt"], r["answer"]) for r in rows(out / f"eval-{run}" / "answers.jsonl")
                 if r["policy"] == "baseline"} == base_answers, run
+
+
+def test_candidate_pairs_reach_the_reward_model_only(tiny_run):
+    """--candidate-pairs: the proxy RM trains and calibrates on more pairs than the file holds (every two of a
+    prompt's candidates the checker scores apart); DPO reads the file's pairs as they are."""
+    out, result = tiny_run
+    assert result["candidate_pairs"] is True
+    n_rows = len(rows(out / "pairs.jsonl"))
+    rm = json.loads((out / "train-reward.json").read_text())
+    assert rm["train"]["pairs"] + rm["heldout"]["raw"]["n"] + rm["heldout"]["raw"].get("ties", 0) > n_rows
+    assert json.loads((out / "logs" / "dpo.out").read_text())["pairs"] == n_rows
 
 
 def test_rerun_skips_finished_stages(tiny_run):
