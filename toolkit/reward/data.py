@@ -82,8 +82,8 @@ def ranked_candidate_pairs(row: dict[str, Any], pair: Pair) -> list[Pair]:
               if isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("score"), (int, float))
               and not isinstance(c.get("score"), bool)]
     pairs = []
-    for (text_a, score_a), (text_b, score_b) in itertools.combinations(ranked, 2):
-        (better, high), (worse, low) = sorted([(text_a, score_a), (text_b, score_b)], key=lambda c: -c[1])
+    for a, b in itertools.combinations(ranked, 2):
+        (better, high), (worse, low) = (a, b) if a[1] >= b[1] else (b, a)
         if high > low and better != worse and (better, worse) != (pair.chosen, pair.rejected):
             pairs.append(Pair(pair.prompt, better, worse, round(high - low, 4), pair.line))
     return pairs
@@ -130,3 +130,9 @@ def split(items: list, fraction: float, seed: int) -> tuple[list, list]:
     n_out = int(round(len(items) * fraction))
     held = set(order[:n_out])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def split_by_prompt(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) with every item of a prompt on one side: `split` of the sorted distinct prompts."""
+    held = set(split(sorted({item.prompt for item in items}), fraction, seed)[1])
+    return [x for x in items if x.prompt not in held], [x for x in items if x.prompt in held]

@@ -27,7 +27,14 @@ from toolkit.errors import SKIP_BAD_ROWS_HELP, UserError, set_aside_warning, sug
 from toolkit.options import SEED_MAX, check_ranges
 from toolkit.options import flag_field as _f
 from toolkit.reward.constants import METHODS, TEMPERATURE_PRIOR_SD
-from toolkit.reward.data import FORMATS, PreferenceData, load_preferences, pairs_from_scored, split
+from toolkit.reward.data import (
+    FORMATS,
+    PreferenceData,
+    load_preferences,
+    pairs_from_scored,
+    split,
+    split_by_prompt,
+)
 from toolkit.rows import Pair, Scored
 from toolkit.training.trackers import REPORT_TO, move_tracked, staging_dir, start_tracking, stop_tracking
 
@@ -244,22 +251,16 @@ def _load(cfg: TrainConfig, warnings: list[str]) -> tuple[list[Pair], list[Score
         where = f"{cfg.eval_split:.0%} held out of {cfg.data}"
         if data.scored:
             # Split by prompt: every answer to a prompt lands on the same side, so held-out pairs exist.
-            prompts = sorted({row.prompt for row in data.scored})
-            _, held_prompts = split(prompts, cfg.eval_split, cfg.seed)
-            held_set = set(held_prompts)
-            train_scored = [r for r in data.scored if r.prompt not in held_set]
-            heldout_scored = [r for r in data.scored if r.prompt in held_set]
+            train_scored, heldout_scored = split_by_prompt(data.scored, cfg.eval_split, cfg.seed)
             heldout, train_pairs = pairs_from_scored(heldout_scored), []
         elif cfg.candidate_pairs:
             # a prompt's comparisons share its answers: hold out whole prompts, or calibration sees trained answers
-            prompts = sorted({pair.prompt for pair in data.pairs})
-            if len(prompts) < 2:
-                raise UserError(f"--candidate-pairs holds out whole prompts: needs at least 2, got {len(prompts)}",
+            n_prompts = len({pair.prompt for pair in data.pairs})
+            if n_prompts < 2:
+                raise UserError(f"--candidate-pairs holds out whole prompts: needs at least 2, got {n_prompts}",
                                 file=data.source)
-            n_out = min(len(prompts) - 1, max(1, round(len(prompts) * cfg.eval_split)))
-            held_set = set(split(prompts, n_out / len(prompts), cfg.seed)[1])
-            train_pairs = [pair for pair in data.pairs if pair.prompt not in held_set]
-            heldout = [pair for pair in data.pairs if pair.prompt in held_set]
+            n_out = min(n_prompts - 1, max(1, round(n_prompts * cfg.eval_split)))
+            train_pairs, heldout = split_by_prompt(data.pairs, n_out / n_prompts, cfg.seed)
             train_scored = []
         else:
             _require_pairs(data, 2)
