@@ -155,14 +155,31 @@ def main(argv: list[str] | None = None) -> None:
         raise
     if _caught:  # the work ended anyway (the signal came as its event loop stopped): still say so
         _exit_interrupted(_caught[0])
-    _leave_process_group()
-    sys.exit(result if isinstance(result, int) else 0)
+    code = result if isinstance(result, int) else 0
+    if _leave_process_group():
+        _exit_now(code)
+    sys.exit(code)
 
 
-def _leave_process_group() -> None:
-    """Under torchrun / accelerate launch, leave the process group before the interpreter exits, as PyTorch asks:
-    without it, a ZeRO-3 rank that had finished its work once aborted at exit ("terminate called without an active
-    exception"; the group's threads outliving the interpreter is the likely cause), failing the whole launch."""
+def _leave_process_group() -> bool:
+    """Under torchrun / accelerate launch, leave the process group before the interpreter exits, as PyTorch asks.
+    True when this process was in one."""
     dist = sys.modules.get("torch.distributed")  # only when the command loaded torch
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def _exit_now(code: int) -> None:
+    """End a launched rank whose work is saved without the interpreter's teardown: a ZeRO-3 rank that had
+    finished, printed its summary and left its group still aborted now and then in the C++ runtime's exit
+    ("terminate called without an active exception": a thread of DeepSpeed's or the group's destroyed while
+    running), and the launcher then failed the whole run. Every file is written and closed by now; only the
+    streams need flushing."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
