@@ -186,6 +186,57 @@ def test_length_grouped_batches_cover_everything_once_and_reduce_padding():
     assert length_grouped_batches(lengths, 16, seed=1) != grouped  # another epoch, another order
 
 
+def test_prompt_units_stay_side_by_side_and_single_items_batch_as_before():
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(1, 7, 200).tolist()  # pairs per prompt: 1 … 6
+    units, start = [], 0
+    for size in sizes:
+        units.append(list(range(start, start + size)))
+        start += size
+    lengths = rng.integers(10, 256, start).tolist()
+    for group in (True, False):
+        batches = length_grouped_batches(lengths, 16, seed=0, group=group, units=units)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(start))
+        if not group:  # one shuffled order: a unit's items are consecutive in it
+            assert all(flat.index(u[-1]) - flat.index(u[0]) == len(u) - 1 for u in units)
+        # a unit's items are cut over at most two batches
+        batch_of = {i: k for k, b in enumerate(batches) for i in b}
+        assert all(len({batch_of[i] for i in u}) <= 2 for u in units)
+        together = sum(len({batch_of[i] for i in u}) == 1 for u in units)
+        assert together > 0.6 * len(units)
+        singles = [[i] for i in range(start)]
+        assert (length_grouped_batches(lengths, 16, seed=3, group=group, units=singles)
+                == length_grouped_batches(lengths, 16, seed=3, group=group))
+
+
+def test_a_text_that_recurs_in_a_micro_batch_is_forwarded_once():
+    from types import SimpleNamespace
+
+    from toolkit.reward.model import pad
+    from toolkit.reward.train import TrainConfig, _batch_tensors, prompt_units
+    from toolkit.rows import Pair
+
+    # one prompt's three answers a > b > c as its three comparisons, and a pair of another prompt
+    pairs = [Pair("p1", "a", "b"), Pair("p1", "a", "c"), Pair("p1", "b", "c"), Pair("p2", "x", "y")]
+    assert prompt_units(pairs) == [[0, 1, 2], [3]]
+    token = {"a": [5, 6, 7], "b": [5, 8], "c": [5, 9, 9, 9], "x": [4], "y": [4, 3]}
+    ids = [token[t] for p in pairs for t in (p.chosen, p.rejected)]
+    run = SimpleNamespace(ids=ids, tokenizer=SimpleNamespace(pad_token_id=0), shared=False,
+                          units=prompt_units(pairs))
+    cfg = TrainConfig(data="d", out="o")
+    batch = [0, 1, 2, 3]
+    (input_ids, mask), gather = _batch_tensors(cfg, run, batch)
+    assert input_ids.shape[0] == 5  # a, b, c, x, y: 5 forwards for 8 texts
+    every_text, every_mask = pad([ids[2 * i] for i in batch] + [ids[2 * i + 1] for i in batch], 0)
+    # the reward of the batch's k-th text (chosen first, then rejected) is the forward's gather[k]-th
+    assert input_ids[gather].tolist() == every_text.tolist()
+    assert mask[gather].tolist() == every_mask.tolist()
+    run.units = None  # --no-group-by-prompt: every text forwarded
+    (input_ids, _), gather = _batch_tensors(cfg, run, batch)
+    assert input_ids.shape[0] == 8 and gather is None
+
+
 def test_ece_noise_of_a_constant_confidence_by_hand():
     # Every pair at p = 0.7: both non-empty bins hold one side of each pair, so ECE = |k/n − 0.7| with
     # k ~ Binomial(n, 0.7) chosen wins; its median is ≈ 0.6745 · sqrt(0.7 · 0.3 / n) (normal approximation).

@@ -84,6 +84,10 @@ class TrainConfig:
     bf16: bool = _f(False, "bfloat16 autocast (fast on GPUs / CPUs with bf16 units).", negatable=False)
     gradient_checkpointing: bool = _f(False, "Less memory, ~30% more compute.", negatable=False)
     group_by_length: bool = _f(True, "Batch texts of similar length together (less padding).")
+    group_by_prompt: bool = _f(True, "Keep a prompt's pairs side by side in the micro-batches and forward each "
+                               "distinct text of a micro-batch once (InstructGPT's grouping of a prompt's K-choose-2 "
+                               "comparisons; the loss is the same). Encoder backbones: a causal one runs each pair's "
+                               "shared prefix once instead.")
     shared_prefix: bool = _f(True, "Causal backbones (LLaMA): run a pair's shared dialogue once and both answers on "
                              "its cache.")
     calibration: str = _f("temperature", choices=METHODS)
@@ -159,6 +163,7 @@ class _Run:
     targets: list[float]  # regression: each row's score
     margins: list[float]  # pairs: each pair's margin (0 without --margin)
     shared: bool  # pairs run their shared dialogue once (model.shared_prefix_batch)
+    units: list[list[int]] | None  # items kept side by side in the batches (a prompt's pairs), or each alone
     n_cut: int  # texts cut to --max-length
     tag: str = ""  # which model of the run this is ("member 2/3", "fold 1/5"): progress label, tracker prefix
 
@@ -188,21 +193,41 @@ class _Log:
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, group: bool = True,
-                           megabatch: int = 50) -> list[list[int]]:
+                           megabatch: int = 50, units: list[list[int]] | None = None) -> list[list[int]]:
     """Shuffle, sort each megabatch of `megabatch` batches by length, cut into batches, shuffle the batches:
-    random like a plain shuffle across batches, similar lengths inside one (HF's LengthGroupedSampler)."""
+    random like a plain shuffle across batches, similar lengths inside one (HF's LengthGroupedSampler).
+    `units` (default: each item alone) are items that move together and stay side by side, so that a unit
+    of at most `batch_size` items shares a batch with its own items as often as the cut allows."""
     rng = random.Random(seed)
-    order = list(range(len(lengths)))
+    units = units if units is not None else [[i] for i in range(len(lengths))]
+    order = list(range(len(units)))
     rng.shuffle(order)
-    if not group:
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group:
+        chunks, size, start = [], batch_size * megabatch, 0
+        while start < len(order):  # megabatches of whole units, about `size` items each
+            end, n = start, 0
+            while end < len(order) and n < size:
+                n += len(units[order[end]])
+                end += 1
+            chunks.append(sorted(order[start:end], key=lambda u: -max(lengths[i] for i in units[u])))
+            start = end
+    else:
+        chunks = [order]
     batches = []
-    size = batch_size * megabatch
-    for start in range(0, len(order), size):
-        chunk = sorted(order[start:start + size], key=lambda i: -lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
+    for chunk in chunks:
+        items = [i for u in chunk for i in units[u]]
+        batches += [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    if group:
+        rng.shuffle(batches)
     return batches
+
+
+def prompt_units(pairs: list[Pair]) -> list[list[int]]:
+    """The pairs' indices grouped by prompt, in order of first appearance."""
+    units: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        units.setdefault(pair.prompt, []).append(i)
+    return list(units.values())
 
 
 def bradley_terry_loss(r_chosen, r_rejected, margin=None, center: float = 0.0):
@@ -405,6 +430,7 @@ def _set_up(cfg: TrainConfig, accelerator, train_pairs: list[Pair], train_scored
         for w in warnings:  # whole lines: a warning names files and rows, and a script may grep it
             console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     per_item = 1 if regression else 2
+    units = prompt_units(train_pairs) if not regression and not shared and cfg.group_by_prompt else None
     lengths = [max(len(ids[per_item * i + k]) for k in range(per_item)) for i in range(len(ids) // per_item)]
 
     batches_per_epoch, total_steps = _step_counts(cfg, len(lengths), accelerator.num_processes)
@@ -418,7 +444,7 @@ def _set_up(cfg: TrainConfig, accelerator, train_pairs: list[Pair], train_scored
     return _Run(accelerator=accelerator, model=model, tokenizer=tokenizer, backbone_path=backbone_path,
                 encoder=encoder, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
                 batches_per_epoch=batches_per_epoch, texts=texts, ids=ids, lengths=lengths, targets=targets,
-                margins=margins, shared=shared, n_cut=n_cut, tag=tag)
+                margins=margins, shared=shared, units=units, n_cut=n_cut, tag=tag)
 
 
 def _step_counts(cfg: TrainConfig, n_items: int, world: int) -> tuple[int, int]:
@@ -447,7 +473,7 @@ def _train(cfg: TrainConfig, run: _Run, heldout: list[Pair]) -> _Log:
     with _progress_bar(cfg.show_progress and run.accelerator.is_main_process, run.total_steps, label) as show:
         for epoch in range(cfg.epochs):
             batches = length_grouped_batches(run.lengths, cfg.batch_size, cfg.seed * 1000 + epoch,
-                                             cfg.group_by_length)
+                                             cfg.group_by_length, units=run.units)
             started = time.perf_counter()
             micro_losses: list[float] = []  # of the step under way, in this epoch
             for batch in batches[:run.batches_per_epoch * world][rank::world]:
@@ -503,10 +529,12 @@ def _train_micro_batch(cfg: TrainConfig, run: _Run, batch: list[int], last: bool
     from toolkit.training.accelerator import autocast, gradient_sync
 
     accelerator, model = run.accelerator, run.model
-    tensors = _batch_tensors(cfg, run, batch)
+    tensors, gather = _batch_tensors(cfg, run, batch)
     with gradient_sync(accelerator, model, last):
         with autocast(accelerator, cfg.bf16):
             rewards = model(*(t.to(accelerator.device) for t in tensors))
+        if gather is not None:
+            rewards = rewards[gather.to(rewards.device)]
         loss, right = _loss(cfg, run, batch, rewards, interleaved=len(tensors) == 4)
         accelerator.backward(loss / cfg.gradient_accumulation_steps)
     if last:
@@ -518,19 +546,30 @@ def _train_micro_batch(cfg: TrainConfig, run: _Run, batch: list[int], last: bool
     return loss.item(), right, sum(t.numel() for t in tensors[1::2])  # the masks: padded positions run too
 
 
-def _batch_tensors(cfg: TrainConfig, run: _Run, batch: list[int]) -> tuple:
-    """The model's inputs for the items of `batch`: a shared-prefix batch where it pays, else padded texts."""
+def _batch_tensors(cfg: TrainConfig, run: _Run, batch: list[int]) -> tuple[tuple, Any]:
+    """(the model's inputs for the items of `batch`, gather): a shared-prefix batch where it pays, else padded
+    texts. `gather` (or None) maps the forwarded texts' rewards back to the batch's texts where a text that
+    recurs in the batch (a prompt's answer in several of its pairs) is forwarded once."""
+    import torch
+
     from toolkit.reward.model import pad, shared_prefix_batch
 
     ids, pad_id = run.ids, run.tokenizer.pad_token_id
     if run.shared:
         tensors = shared_prefix_batch([ids[2 * i] for i in batch], [ids[2 * i + 1] for i in batch], pad_id)
         if tensors is not None:
-            return tensors
+            return tensors, None
     if cfg.objective == "regression":
-        return pad([ids[i] for i in batch], pad_id)
+        return pad([ids[i] for i in batch], pad_id), None
     # All chosen first, then all rejected: one forward, split in two.
-    return pad([ids[2 * i] for i in batch] + [ids[2 * i + 1] for i in batch], pad_id)
+    texts = [ids[2 * i] for i in batch] + [ids[2 * i + 1] for i in batch]
+    if run.units is None:
+        return pad(texts, pad_id), None
+    distinct: dict[tuple[int, ...], int] = {}
+    gather = [distinct.setdefault(tuple(t), len(distinct)) for t in texts]
+    if len(distinct) == len(texts):
+        return pad(texts, pad_id), None
+    return pad([list(t) for t in distinct], pad_id), torch.tensor(gather)
 
 
 def _loss(cfg: TrainConfig, run: _Run, batch: list[int], rewards, interleaved: bool) -> tuple[Any, float]:
@@ -563,8 +602,10 @@ def _score_pairs(cfg: TrainConfig, run: _Run, model, pairs: list[Pair]) -> list[
     from toolkit.reward.model import score_texts
 
     texts = [t for p in pairs for t in (p.chosen_text, p.rejected_text)]
-    rewards = score_texts(model, run.encoder, texts, cfg.eval_batch_size, run.accelerator.device)
-    return list(zip(rewards[0::2], rewards[1::2], strict=True))
+    distinct = list(dict.fromkeys(texts))  # a prompt's answer in several held-out pairs is scored once
+    scores = dict(zip(distinct, score_texts(model, run.encoder, distinct, cfg.eval_batch_size, run.accelerator.device),
+                      strict=True))
+    return [(scores[p.chosen_text], scores[p.rejected_text]) for p in pairs]
 
 
 # ---- after training: statistics, calibration, the directory -----------------------------------------------
