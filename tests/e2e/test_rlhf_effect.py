@@ -46,6 +46,8 @@ def test_json_line_keys_and_types(tiny_run):
         assert all(isinstance(row[k], float) for k in ("base", *TRAINED))
     assert result["heldout_in_training"] == 0
     assert result["pairs"] >= 4
+    assert result["kl_budget"] is None and result["ppo_steps_kept"] == {"ppo_rm": result["steps"],
+                                                                        "ppo_rules": result["steps"]}
     for run in TRAINED:  # every held-out prompt paired with its base answer
         assert result["gold_change"][run]["n"] == result["heldout_prompts"], run
 
