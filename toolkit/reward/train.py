@@ -86,8 +86,8 @@ class TrainConfig:
     group_by_length: bool = _f(True, "Batch texts of similar length together (less padding).")
     group_by_prompt: bool = _f(True, "Keep a prompt's pairs side by side in the micro-batches and forward each "
                                "distinct text of a micro-batch once (InstructGPT's grouping of a prompt's K-choose-2 "
-                               "comparisons; the loss is the same). Encoder backbones: a causal one runs each pair's "
-                               "shared prefix once instead.")
+                               "comparisons; the loss is the same). Not with --shared-prefix on a causal backbone, "
+                               "which runs each pair's dialogue once instead.")
     shared_prefix: bool = _f(True, "Causal backbones (LLaMA): run a pair's shared dialogue once and both answers on "
                              "its cache.")
     calibration: str = _f("temperature", choices=METHODS)
