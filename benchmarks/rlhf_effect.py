@@ -62,14 +62,14 @@ MODES: dict[str, dict[str, Any]] = {
     # tiny: a random model's 3-token answers are all lowercase about a third of the time, so K=4 of them
     # disagree on `lowercase` for most prompts (longer answers, or other kinds, give all-tied candidates)
     "tiny": {"train": 12, "heldout": 6, "candidates": 4, "pref_tokens": 3, "steps": 2, "batch_size": 4,
-             "new_tokens": 3, "eval_tokens": 3, "kinds": "lowercase", "per_prompt": "1"},
+             "new_tokens": 3, "eval_tokens": 3, "kinds": "lowercase", "per_prompt": "1", "kl_prompts": 6},
     "quick": {"train": 32, "heldout": 32, "candidates": 4, "pref_tokens": 48, "steps": 6, "batch_size": 8,
-              "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
+              "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3", "kl_prompts": 32},
     # full: sized for the hour on a 2-core CPU without AVX-512 (SmolLM2 samples ~25-60 tokens/s there). From the
     # base (`--start base`): 160 train prompts, 16 PPO steps x 16 rollouts, 2 epochs; 85 min on 2026-12-02
     # (docs/rlhf-effect.md), and PPO moved the policy too little to show an effect. After DPO: see AFTER_DPO.
     "full": {"train": 160, "heldout": 400, "candidates": 4, "pref_tokens": 48, "steps": 16, "batch_size": 16,
-             "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3"},
+             "new_tokens": 48, "eval_tokens": 48, "kinds": "", "per_prompt": "1..3", "kl_prompts": 64},
 }
 # `--start dpo` (full): 480 train prompts (~640 pairs with --revise --contrast), DPO 85 steps of 4 pairs at lr
 # 2.6e-4 (docs/method-comparison.md "DPO within 10 minutes": +9.6 at 2.56 nats, the 10-minute recipe that leaves
@@ -401,6 +401,10 @@ def main() -> None:
     parser.add_argument("--kl-budget", type=float, default=None, help="each PPO run ends at its first rollout batch "
                         "more than this many nats from its start, on the last policy inside (`rlhf --kl-budget`); "
                         "unset: every step runs")
+    parser.add_argument("--kl-target", type=float, default=None, help="pull each PPO policy back towards the base "
+                        "in weight space until its KL from the base, measured on train prompts, is at most this many "
+                        "nats (`llamakit interpolate --kl-target`); the evaluations then read the pulled-back "
+                        "policies. Unset: off")
     parser.add_argument("--dpo-steps", type=int, default=None, help="DPO optimizer steps (mode's default; 0: one "
                         "epoch)")
     parser.add_argument("--dpo-learning-rate", type=float, default=2.6e-4, help="DPO learning rate (LoRA)")
@@ -458,10 +462,23 @@ def main() -> None:
     ppo_runs = [("ppo_rm", ["rlhf", "--reward", rm_dir, "--out", out / "ppo-rm", *ppo], None),
                 ("ppo_rules", ["rlhf", "--reward", "rules:constraints", "--out", out / "ppo-rules", *ppo], None)]
 
+    # ---- optional: each PPO policy pulled back towards the base to a KL target (WiSE-FT) ---------------
+    evaluated = {run: out / f"ppo-{run}" / "policy" for run in ("rm", "rules")}
+    interpolations = []
+    if args.kl_target is not None:
+        for run in evaluated:
+            interpolations.append((f"interpolate_{run}", [
+                "interpolate", "--policy", evaluated[run], "--base", policy, "--kl-target", args.kl_target,
+                "--prompts", train_prompts, "--limit", size["kl_prompts"], "--temperature", args.temperature,
+                "--max-new-tokens", size["eval_tokens"], "--batch-size", 32, "--seed", args.seed,
+                "--out", out / f"ppo-{run}" / "interpolated", "--overwrite", "--json"],
+                out / f"interpolate-{run}.json"))
+            evaluated[run] = out / f"ppo-{run}" / "interpolated"
+
     # ---- held-out: each trained policy against the base ------------------------------------------------
-    evals = [(f"eval_{run}", ["eval-policy", out / f"ppo-{run}" / "policy", "--out", out / f"eval-{run}", *evaluation],
+    evals = [(f"eval_{run}", ["eval-policy", evaluated[run], "--out", out / f"eval-{run}", *evaluation],
               out / f"eval-{run}.json") for run in ("rm", "rules")]
-    for jobs in (ppo_runs, evals):
+    for jobs in (ppo_runs, interpolations, evals):
         if args.parallel:
             stages.run_together(jobs)
         else:
@@ -490,7 +507,8 @@ def main() -> None:
          f"llamakit rlhf-effect ({name}): {Path(policy).name}{', after DPO' if after_dpo else ''}, "
          f"{size['steps']} PPO steps x {size['batch_size']}, "
          f"β {args.kl_coef}, lr {args.learning_rate}, LoRA r {args.lora_r}"
-         + (f", --kl-budget {args.kl_budget:g}" if args.kl_budget is not None else ""))
+         + (f", --kl-budget {args.kl_budget:g}" if args.kl_budget is not None else "")
+         + (f", pulled back to {args.kl_target:g} nats" if args.kl_target is not None else ""))
     if args.plot:
         Path(args.plot).write_bytes(figure.read_bytes())
     result = {
@@ -512,6 +530,9 @@ def main() -> None:
         "curves": {"ppo_rm": rm_curve, "ppo_rules": rules_curve},
         "ppo_steps_kept": {run: ppo_steps_kept(out / f"ppo-{run.removeprefix('ppo_')}")
                            for run in ("ppo_rm", "ppo_rules")},
+        "interpolated": {f"ppo_{run}": json.loads((out / f"interpolate-{run}.json").read_text())
+                         for run in ("rm", "rules")} if args.kl_target is not None else None,
+        "kl_target": args.kl_target,
         "pairs": n_pairs, "train_prompts": len(read_jsonl(train_prompts)),
         "heldout_prompts": len(read_jsonl(held_prompts)), "heldout_in_training": leaks,
         "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "steps": size["steps"],

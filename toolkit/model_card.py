@@ -20,21 +20,22 @@ CHUNK = 1 << 20
 def render_card(*, method: str, summary: str, base: str, data: str, rows: int, unit: str, config: Mapping[str, Any],
                 metrics: Mapping[str, Any], model_dir: str | os.PathLike, adapter_dir: str | os.PathLike | None = None,
                 tags: Sequence[str] = (), argv: Sequence[str] | None = None) -> str:
-    """The card's text. `base` and `data` as the user gave them; `rows` counted in `unit` (conversations,
-    prompts, pairs); `argv` defaults to this process's sys.argv."""
+    """The card's text. `base` and `data` as the user gave them (`data` "" for a model made without data);
+    `rows` counted in `unit` (conversations, prompts, pairs); `argv` defaults to this process's sys.argv."""
     import jinja2
     from huggingface_hub import ModelCard, ModelCardData
 
     from toolkit.models import hub_id
     from toolkit.resources import template_path
 
-    dataset = _hub_dataset(data)
+    dataset = _hub_dataset(data) if data else None
     card_data = ModelCardData(library_name="transformers", base_model=hub_id(base), tags=["llamakit", method, *tags],
                               datasets=[dataset] if dataset else None, pipeline_tag="text-generation")
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
     text = env.from_string(template_path("model_card.md").read_text(encoding="utf-8")).render(
         card_data=card_data.to_yaml(), title="/".join(Path(model_dir).parts[-2:]), summary=summary,
-        base=base, command=command_line(argv), data=data, fingerprint=data_fingerprint(data), rows=rows, unit=unit,
+        base=base, command=command_line(argv), data=data, fingerprint=data_fingerprint(data) if data else None,
+        rows=rows, unit=unit,
         config=[(k, _cell(v)) for k, v in config.items()], metrics=[(k, _cell(v)) for k, v in metrics.items()],
         model_dir=str(model_dir), adapter_dir=str(adapter_dir) if adapter_dir else None)
     return str(ModelCard(text))  # parsed once here: a card the Hub tools cannot read is a bug, not a file

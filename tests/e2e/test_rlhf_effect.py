@@ -141,3 +141,27 @@ def test_start_base_runs_ppo_from_the_base_on_plain_pairs(tmp_path):
     assert not result["revise"] and not result["contrast"] and result["ppo_epochs"] == 2
     tiny = str(out / "tiny-llama")
     assert json.loads((out / "ppo-rules" / "run.json").read_text())["config"]["policy"] == tiny
+
+
+def test_kl_target_evaluates_the_policies_pulled_back_towards_the_base(tiny_run, tmp_path):
+    """--kl-target: each PPO policy goes through `interpolate` (measured on train prompts) and the held-out
+    evaluations read the interpolated models. Over a copy of the finished run only those stages and the
+    evaluations run again (the base's answers too: the copy's base model is another path)."""
+    import shutil
+
+    done, _ = tiny_run
+    out = tmp_path / "run"
+    shutil.copytree(done, out)
+    for stage in ("eval_dpo", "eval_rm", "eval_rules"):
+        (out / f".done-{stage}").unlink()
+    result = one_json_line(run_tiny_benchmark(SCRIPT, out, "--kl-target", "0.5"))
+    assert set(result["seconds_per_stage"]) == STAGES | {"interpolate_rm", "interpolate_rules"}
+    assert result["kl_target"] == 0.5
+    for run in ("rm", "rules"):
+        pulled = result["interpolated"][f"ppo_{run}"]
+        assert pulled["measurements"][0]["weight"] == 1.0 and 0 < pulled["weight"] <= 1.0
+        assert pulled["within_kl_target"] == (pulled["measurements"][-1]["kl"] <= 0.5)
+        summary = json.loads((out / f"eval-{run}" / "summary.json").read_text())
+        assert summary["policy"]["path"] == str(out / f"ppo-{run}" / "interpolated"), run
+        assert json.loads((out / f"ppo-{run}" / "interpolated" / "llamakit-manifest.json").read_text())[
+            "weight"] == pulled["weight"]
