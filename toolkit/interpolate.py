@@ -127,6 +127,7 @@ def interpolate(cfg: InterpolateConfig) -> InterpolateResult:
 
     started = time.perf_counter()
     _check(cfg)
+    prompts = _read_prompts(cfg) if cfg.kl_target > 0 else []  # a bad file is refused before the models load
     model, tokenizer = load_causal_lm(cfg.policy, dtype=torch.float32)
     base, base_tokenizer = load_causal_lm(cfg.base, dtype=torch.float32)
     if not same_vocabulary(tokenizer, base_tokenizer):
@@ -144,7 +145,7 @@ def interpolate(cfg: InterpolateConfig) -> InterpolateResult:
     within: bool | None = None
     weight = cfg.weight
     if cfg.kl_target > 0:
-        measure_at = _measurer(cfg, model, tokenizer, base)
+        measure_at = _measurer(cfg, prompts, model, tokenizer, base)
 
         def measure(w: float) -> Measurement:
             at(w)
@@ -156,17 +157,32 @@ def interpolate(cfg: InterpolateConfig) -> InterpolateResult:
     return InterpolateResult(Path(cfg.out), weight, measurements, within, time.perf_counter() - started)
 
 
-def _measurer(cfg: InterpolateConfig, model: Any, tokenizer: Any, base: Any) -> Callable[[float], Measurement]:
-    """KL(θ_w ‖ BASE) on the answers θ_w samples to the first --limit prompts: eval-policy's estimator (the sum of
-    the answer's teacher-forced log-ratios), the same seeds at every weight."""
-    from toolkit.console import progress
-    from toolkit.eval_policy import EvalConfig, answer_logprobs, generate_local, read_prompts, row_seed
+def _eval_config(cfg: InterpolateConfig) -> Any:
+    from toolkit.eval_policy import EvalConfig
 
-    ecfg = EvalConfig(policy=cfg.policy, prompts=cfg.prompts, baseline=cfg.base, temperature=cfg.temperature,
+    return EvalConfig(policy=cfg.policy, prompts=cfg.prompts, baseline=cfg.base, temperature=cfg.temperature,
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, limit=cfg.limit)
-    prompts = read_prompts(ecfg, tokenizer)
+
+
+def _read_prompts(cfg: InterpolateConfig) -> list[Any]:
+    """The first --limit prompt rows in POLICY's chat template, as eval-policy reads them."""
+    from toolkit.eval_policy import read_prompts
+    from toolkit.models import load_tokenizer
+
+    prompts = read_prompts(_eval_config(cfg), load_tokenizer(cfg.policy))
     if not prompts:
         raise UserError("no prompts to measure the KL on", file=cfg.prompts)
+    return prompts
+
+
+def _measurer(cfg: InterpolateConfig, prompts: list[Any], model: Any, tokenizer: Any,
+              base: Any) -> Callable[[float], Measurement]:
+    """KL(θ_w ‖ BASE) on the answers θ_w samples to `prompts`: eval-policy's estimator (the sum of the answer's
+    teacher-forced log-ratios), the same seeds at every weight."""
+    from toolkit.console import progress
+    from toolkit.eval_policy import answer_logprobs, generate_local, row_seed
+
+    ecfg = _eval_config(cfg)
     context = getattr(model.config, "max_position_embeddings", None)
     for p in prompts:
         if context and len(p.ids) + cfg.max_new_tokens > context:

@@ -152,6 +152,11 @@ def test_bad_input_is_one_line_and_nothing_is_replaced(tiny_llama_dir, trained, 
     line = one_line_error(*cli("interpolate", "--policy", trained, "--base", tiny_llama_dir, "--kl-target", "2",
                                "--out", tmp_path / "a")[::2])
     assert "--prompts" in line
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "Name a fruit."}\n{not json\n', encoding="utf-8")
+    line = one_line_error(*cli("interpolate", "--policy", trained, "--base", tiny_llama_dir, "--kl-target", "2",
+                               "--prompts", broken, "--out", tmp_path / "a")[::2])
+    assert f"{broken}:2" in line and not (tmp_path / "a").exists()
     line = one_line_error(*cli("interpolate", "--policy", trained, "--base", tiny_llama_dir, "--out",
                                tmp_path / "b")[::2])
     assert "nothing to do" in line
