@@ -163,6 +163,14 @@ def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def standard_error(values: Sequence[float]) -> float | None:
+    """The standard error of the mean of `values` (sample standard deviation / √n); None below two values."""
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
 def family_means(parts: Sequence[Mapping[str, float]]) -> tuple[dict[str, float], dict[str, int]]:
     """Per constraint kind: the mean of `constraints/<kind>` over the answers whose prompt asks for it
     (each answer's share of its prompt's constraints of that kind), and how many answers that is."""
@@ -705,10 +713,7 @@ def summarize(cfg: EvalConfig, policy: Side, baseline: Side | None, kls: list[fl
         if verdicts is not None:
             wins["judge"] = win_rate([{"policy": 1.0, "baseline": 0.0}.get(v["outcome"], 0.5) for v in verdicts])
             wins["judge"]["no_verdict"] = sum("none" in (v["first"], v["swapped"]) for v in verdicts)
-    kl_sem = None
-    if kls is not None and len(kls) > 1:
-        m = sum(kls) / len(kls)
-        kl_sem = math.sqrt(sum((k - m) ** 2 for k in kls) / (len(kls) - 1) / len(kls))
+    kl_sem = standard_error(kls) if kls is not None else None
     return {"policy": side_summary(policy), "baseline": side_summary(baseline) if baseline is not None else None,
             "kl": mean(kls) if kls is not None else None, "kl_sem": kl_sem, "kl_unavailable": why_no_kl,
             "kl_note": BEST_OF_KL_NOTE if cfg.best_of > 1 else None,

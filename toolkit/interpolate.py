@@ -127,7 +127,7 @@ def interpolate(cfg: InterpolateConfig) -> InterpolateResult:
 
     started = time.perf_counter()
     _check(cfg)
-    prompts = _read_prompts(cfg) if cfg.kl_target > 0 else []  # a bad file is refused before the models load
+    ids = _prompt_ids(cfg) if cfg.kl_target > 0 else []  # a bad file is refused before the models load
     model, tokenizer = load_causal_lm(cfg.policy, dtype=torch.float32)
     base, base_tokenizer = load_causal_lm(cfg.base, dtype=torch.float32)
     if not same_vocabulary(tokenizer, base_tokenizer):
@@ -145,7 +145,7 @@ def interpolate(cfg: InterpolateConfig) -> InterpolateResult:
     within: bool | None = None
     weight = cfg.weight
     if cfg.kl_target > 0:
-        measure_at = _measurer(cfg, prompts, model, tokenizer, base)
+        measure_at = _measurer(cfg, ids, model, tokenizer, base)
 
         def measure(w: float) -> Measurement:
             at(w)
@@ -164,31 +164,25 @@ def _eval_config(cfg: InterpolateConfig) -> Any:
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, limit=cfg.limit)
 
 
-def _read_prompts(cfg: InterpolateConfig) -> list[Any]:
-    """The first --limit prompt rows in POLICY's chat template, as eval-policy reads them."""
-    from toolkit.eval_policy import read_prompts
-    from toolkit.models import load_tokenizer
+def _prompt_ids(cfg: InterpolateConfig) -> list[list[int]]:
+    """The first --limit prompts in POLICY's chat template, read and checked as eval-policy does (each leaves room
+    for --max-new-tokens in POLICY's context)."""
+    from toolkit.eval_policy import encode_prompts, resolve_source
 
-    prompts = read_prompts(_eval_config(cfg), load_tokenizer(cfg.policy))
-    if not prompts:
+    _, ids = encode_prompts(resolve_source(cfg.policy, "--policy"), _eval_config(cfg), "--policy")
+    if not ids:
         raise UserError("no prompts to measure the KL on", file=cfg.prompts)
-    return prompts
+    return ids
 
 
-def _measurer(cfg: InterpolateConfig, prompts: list[Any], model: Any, tokenizer: Any,
+def _measurer(cfg: InterpolateConfig, ids: list[list[int]], model: Any, tokenizer: Any,
               base: Any) -> Callable[[float], Measurement]:
-    """KL(θ_w ‖ BASE) on the answers θ_w samples to `prompts`: eval-policy's estimator (the sum of the answer's
-    teacher-forced log-ratios), the same seeds at every weight."""
+    """KL(θ_w ‖ BASE) on the answers θ_w samples to the prompts `ids`: eval-policy's estimator (the sum of the
+    answer's teacher-forced log-ratios), the same seeds at every weight."""
     from toolkit.console import progress
-    from toolkit.eval_policy import answer_logprobs, generate_local, row_seed
+    from toolkit.eval_policy import answer_logprobs, generate_local, row_seed, standard_error
 
     ecfg = _eval_config(cfg)
-    context = getattr(model.config, "max_position_embeddings", None)
-    for p in prompts:
-        if context and len(p.ids) + cfg.max_new_tokens > context:
-            raise UserError(f"prompt is {len(p.ids)} tokens: with --max-new-tokens {cfg.max_new_tokens} it does not "
-                            f"fit the context ({context} tokens)", file=cfg.prompts, line=p.row)
-    ids = [p.ids for p in prompts]
     seeds = [row_seed(cfg.seed, k) for k in range(len(ids))]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -201,9 +195,7 @@ def _measurer(cfg: InterpolateConfig, prompts: list[Any], model: Any, tokenizer:
             own = answer_logprobs(model, pad_id, ids, tokens, cfg.temperature, advance)
             ref = answer_logprobs(base, pad_id, ids, tokens, cfg.temperature, advance)
         kls = [sum(a) - sum(b) for a, b in zip(own, ref, strict=True)]
-        mean = sum(kls) / len(kls)
-        var = sum((k - mean) ** 2 for k in kls) / (len(kls) - 1) if len(kls) > 1 else 0.0
-        return Measurement(weight, mean, math.sqrt(var / len(kls)))
+        return Measurement(weight, sum(kls) / len(kls), standard_error(kls) or 0.0)
 
     return measure
 
