@@ -22,6 +22,11 @@ first) is the answer every metric sees. Candidate c of a row has its own seed, t
 With --baseline-answers DIR, BASE's answers are read from an earlier run's OUT instead of generated again (the
 same BASE, prompts, seeds and sampling settings, checked): one base, many checkpoints, half the generation.
 BASE is still loaded for the log-probs of the KL; every score is computed again.
+
+The KL on POLICY's answers needs log POLICY and log BASE of each answer token. BASE's come from a teacher-forced
+pass; POLICY's are the sampler's own (float32: equal to a teacher-forced pass to ~1e-6 per token, and one pass
+over every prompt and answer fewer), or with --recompute-logprobs (the default with --bf16) a teacher-forced pass
+too, which also reports the sampler's gap from it.
 """
 
 from __future__ import annotations
@@ -83,6 +88,9 @@ class EvalConfig:
     out: str | None = None
     overwrite: bool = False
     baseline_answers: str | None = None  # an earlier eval-policy OUT whose BASE answers are reused
+    # POLICY's log-probs of its answers for the KL: None = the sampler's in float32 (equal to a teacher-forced pass
+    # to ~1e-6 per token), a second teacher-forced pass with --bf16, where the two drift apart
+    recompute_logprobs: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,8 @@ class Side:
     scores: list[float] | None = None
     parts: list[dict[str, float]] | None = None
     rewards: list[float] | None = None
-    logprobs: list[list[float]] | None = None  # teacher-forced, on POLICY's answers
+    logprobs: list[list[float]] | None = None  # on POLICY's answers: BASE's teacher-forced; POLICY's per `kl_from`
+    kl_from: str | None = None  # POLICY: "sampler" or "teacher-forced" log-probs of its own answers
     candidate_rewards: list[list[float]] | None = None  # --best-of: every candidate's reward, per row
     kept: list[int] | None = None  # --best-of: which candidate each row kept
     generated_tokens: int | None = None  # --best-of: tokens of all candidates (what the side's time bought)
@@ -613,6 +622,12 @@ def reused_baseline(cfg: EvalConfig, source: Source, rows: Sequence[tuple[Tokeni
     return answers, float(base.get("seconds") or 0.0)
 
 
+def recomputes_logprobs(cfg: EvalConfig) -> bool:
+    """Whether POLICY's log-probs of its own answers come from a teacher-forced pass (as BASE's always do) rather
+    than from the sampler: asked for, or by default with --bf16."""
+    return cfg.bf16 if cfg.recompute_logprobs is None else cfg.recompute_logprobs
+
+
 def load_reward(cfg: EvalConfig) -> Any:
     """The reward model of --reward (refused when not calibrated), or None."""
     if not cfg.reward:
@@ -646,8 +661,13 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     # transient: a failure half-way is one line on the terminal, not bars and a line
     with progress(transient=True) as bar:
         # POLICY's log-probs of its own answers are taken teacher-forced, exactly as BASE's of the same answers
+        recompute = recomputes_logprobs(cfg)
         policy = run_side("policy", sources["policy"], ids.get("policy"), cfg, prompts, bar, rm,
-                          own_logprobs=why_no_kl is None)
+                          own_logprobs=why_no_kl is None and recompute)
+        if why_no_kl is None:
+            policy.kl_from = "teacher-forced" if recompute else "sampler"
+            if not recompute:
+                policy.logprobs = [a.sampler_logprobs for a in policy.answers]
         baseline = None
         if cfg.baseline:
             baseline = run_side("baseline", sources["baseline"], ids.get("baseline"), cfg, prompts, bar, rm,
@@ -672,7 +692,7 @@ def side_summary(side: Side) -> dict[str, Any]:
     tokens = sum(a.tokens for a in side.answers)
     generated = side.generated_tokens if side.generated_tokens is not None else tokens
     gap = None
-    if side.logprobs is not None and side.name == "policy":
+    if side.kl_from == "teacher-forced":
         # the sampler's log-probs (KV cache, batched) against the teacher-forced ones used for the KL
         diffs = [abs(s - t) for a, lps in zip(side.answers, side.logprobs, strict=True)
                  for s, t in zip(a.sampler_logprobs, lps, strict=True)]
@@ -682,7 +702,8 @@ def side_summary(side: Side) -> dict[str, Any]:
             "per_family": per_family, "family_answers": counts, "reward": mean(side.rewards or []),
             "tokens": tokens / n if n else None, "words": mean([_words(a.text) for a in side.answers]),
             "eos_rate": mean([float(a.finish_reason == "stop") for a in side.answers]),
-            "sampler_logprob_gap": gap, "best_of": best_of_summary(side), "seconds": round(side.seconds, 3),
+            "sampler_logprob_gap": gap, "kl_logprobs": side.kl_from, "best_of": best_of_summary(side),
+            "seconds": round(side.seconds, 3),
             "tokens_per_s": round(generated / side.seconds, 1) if side.seconds > 0 else None}
 
 

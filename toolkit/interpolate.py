@@ -178,7 +178,7 @@ def _prompt_ids(cfg: InterpolateConfig) -> list[list[int]]:
 def _measurer(cfg: InterpolateConfig, ids: list[list[int]], model: Any, tokenizer: Any,
               base: Any) -> Callable[[float], Measurement]:
     """KL(θ_w ‖ BASE) on the answers θ_w samples to the prompts `ids`: eval-policy's estimator (the sum of the
-    answer's teacher-forced log-ratios), the same seeds at every weight."""
+    answer's log-ratios: θ_w's from the sampler, BASE's teacher-forced), the same seeds at every weight."""
     from toolkit.console import progress
     from toolkit.eval_policy import answer_logprobs, generate_local, row_seed, standard_error
 
@@ -188,13 +188,12 @@ def _measurer(cfg: InterpolateConfig, ids: list[list[int]], model: Any, tokenize
 
     def measure(weight: float) -> Measurement:
         with progress(transient=True) as bar:
-            task = bar.add_task(f"KL at w = {weight:.3f}", total=3 * len(ids), status="")
+            task = bar.add_task(f"KL at w = {weight:.3f}", total=2 * len(ids), status="")
             advance = lambda n: bar.advance(task, n)  # noqa: E731 - a one-line callback
             answers = generate_local(model, tokenizer, ids, seeds, ecfg, advance)
             tokens = [a.token_ids for a in answers]
-            own = answer_logprobs(model, pad_id, ids, tokens, cfg.temperature, advance)
             ref = answer_logprobs(base, pad_id, ids, tokens, cfg.temperature, advance)
-        kls = [sum(a) - sum(b) for a, b in zip(own, ref, strict=True)]
+        kls = [sum(a.sampler_logprobs) - sum(b) for a, b in zip(answers, ref, strict=True)]
         return Measurement(weight, sum(kls) / len(kls), standard_error(kls) or 0.0)
 
     return measure

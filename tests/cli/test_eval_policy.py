@@ -1,11 +1,13 @@
 """`llamakit eval-policy` (issue 15, part 2) on tiny random LLaMAs, through the real CLI in this process.
 
 The truths checked: a policy against itself (same seeds) gives the same answers, win rate ½ exactly and KL 0
-exactly; a perturbed copy gives KL > 0, and each answer's KL equals log-probs summed by hand from a plain
-forward; the reported means (per constraint family, reward model) equal the ones recomputed from
-answers.jsonl; a served BASE (the real `llamakit serve`) works with the KL reported unavailable; bad input is
-one line and exit 2, and --out never replaces what the user had. With --best-of N each kept answer is the
-candidate the reward model scores highest, and --best-of 1 is the run without the flag.
+exactly (POLICY's log-probs teacher-forced, as BASE's); a perturbed copy gives KL > 0, the same from the
+sampler's log-probs (the default) as from a teacher-forced pass, and each answer's KL equals log-probs summed
+by hand from a plain forward; the reported means (per constraint family, reward model) equal the ones
+recomputed from answers.jsonl; a served BASE (the real `llamakit serve`) works with the KL reported
+unavailable; bad input is one line and exit 2, and --out never replaces what the user had. With --best-of N
+each kept answer is the candidate the reward model scores highest, and --best-of 1 is the run without the
+flag.
 """
 
 from __future__ import annotations
@@ -164,7 +166,8 @@ def test_batched_answer_logprobs_equal_a_plain_forward(tiny_llama):
 def against_itself(tiny_llama_dir, prompts, work):
     out = work / "self"
     rc, stdout, err = cli("eval-policy", tiny_llama_dir, "--prompts", prompts, "--baseline", tiny_llama_dir,
-                          "--scorer", "rules:constraints", "--samples", "2", *TINY, "--out", out, "--json")
+                          "--scorer", "rules:constraints", "--samples", "2", *TINY, "--recompute-logprobs",
+                          "--out", out, "--json")
     assert rc == 0, err
     return json.loads(stdout), out
 
@@ -182,6 +185,7 @@ def test_policy_against_itself_wins_half_exactly_at_kl_zero(against_itself):
     assert scorer["rate"] == 0.5 and scorer["ties"] == scorer["n"] == 16
     assert scorer["low"] < 0.5 < scorer["high"]
     # the sampler (KV cache, batched) and the teacher-forced pass agree on the log-probs
+    assert summary["policy"]["kl_logprobs"] == "teacher-forced"
     assert summary["policy"]["sampler_logprob_gap"] < 1e-4
 
 
@@ -248,6 +252,14 @@ def test_a_perturbed_policy_from_its_run_dir_has_kl_and_reward_means(perturbed_r
         assert summary[side]["reward"] == pytest.approx(sum(rewards) / len(rewards))
     by_reward = summary["win_rate"]["reward"]
     assert by_reward["n"] == 8 and by_reward["wins"] + by_reward["ties"] + by_reward["losses"] == 8
+    # POLICY's log-probs were the sampler's (the float32 default); a teacher-forced pass gives the same KLs
+    assert summary["policy"]["kl_logprobs"] == "sampler" and summary["policy"]["sampler_logprob_gap"] is None
+    rc, stdout, err = cli("eval-policy", perturbed_run, "--prompts", prompts, "--baseline", tiny_llama_dir,
+                          *TINY, "--recompute-logprobs", "--baseline-answers", out, "--json")
+    assert rc == 0, err
+    recomputed = json.loads(stdout)
+    assert recomputed["policy"]["kl_logprobs"] == "teacher-forced"
+    assert recomputed["kl"] == pytest.approx(summary["kl"], abs=1e-4)
     expected = paired_outcomes([r["scores"]["reward"] for r in rows if r["policy"] == "policy"],
                                [r["scores"]["reward"] for r in rows if r["policy"] == "baseline"])
     assert by_reward["rate"] == pytest.approx(sum(expected) / len(expected))

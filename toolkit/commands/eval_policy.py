@@ -47,6 +47,10 @@ MODEL_HELP = ("an embedded alias (smollm2-135m), a Hugging Face directory, an sf
 @click.option("--chat-template/--no-chat-template", default=True, show_default=True,
               help="Wrap prompts in a local model's chat template (a server applies its own).")
 @click.option("--bf16", is_flag=True, help="Load local models in bfloat16 (faster on CPUs with avx512_bf16).")
+@click.option("--recompute-logprobs/--sampler-logprobs", default=None,
+              help="POLICY's log-probs of its answers for the KL from a teacher-forced pass (and the sampler's gap "
+                   "from it reported) or the sampler's own, one pass fewer. Default: the sampler's in float32, "
+                   "recomputed with --bf16.")
 @click.option("--base-url", type=NON_EMPTY, default=None,
               help="OpenAI-compatible server for openai: specs (POLICY, --baseline, --judge).")
 @click.option("--api-key-env", type=NON_EMPTY, default="OPENAI_API_KEY", show_default=True,
