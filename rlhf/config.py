@@ -20,6 +20,7 @@ from toolkit.options import flag_field as _f
 from toolkit.training.trackers import REPORT_TO
 
 ALGOS = ("ppo", "grpo", "rloo")
+GUIDES = ("none", "revise")  # rlhf/guide.py
 KL_IN = ("auto", "loss", "reward")
 
 
@@ -39,6 +40,10 @@ class PPOConfig:
     algo: str = _f("ppo", "ppo (value head or critic) | grpo | rloo (critic-free: a baseline from "
                    "--group-size answers per prompt).", choices=ALGOS)
     group_size: int = _f(4, "Answers per prompt for grpo/rloo (K, at least 2).", min=1)
+    guide: str = _f("none", "grpo/rloo: revise puts each group's best answer, edited by code to meet more of its "
+                    "prompt's constraints (rows with `constraints`, as generate-data constraints writes), in place of "
+                    "the group's worst where the reward scores the edit higher (off-policy guidance, LUFFY-style).",
+                    choices=GUIDES)
     # --- rollout -----------------------------------------------------------------------------------
     batch_size: int = _f(8, "Prompts (= responses) per rollout batch, per process.", min=1)
     max_new_tokens: int = _f(64, "Response budget in tokens; generation stops at EOS.", min=1)
@@ -140,6 +145,10 @@ class PPOConfig:
                 bad("group_size", f"--algo {self.algo} needs at least 2 answers per prompt")
             if self.critic != "value-head":
                 bad("critic", f"--algo {self.algo} trains no critic; leave it at value-head")
+        if self.guide not in GUIDES:
+            bad("guide", " | ".join(GUIDES))
+        if self.guide != "none" and self.algo == "ppo":
+            bad("guide", "needs --algo grpo or rloo (a revised answer joins its prompt's group)")
         if self.rollout_size % self.num_minibatches:
             batch = (f"--batch-size {self.batch_size}" if self.algo == "ppo" else
                      f"--batch-size × --group-size {self.rollout_size}")

@@ -96,6 +96,9 @@ def start_run(cfg: PPOConfig, reward_fn: RewardFn | None) -> Run:
     if n_truncated and is_main:
         console.print(f"[yellow]warning:[/] {n_truncated} prompt(s) longer than --max-prompt-tokens "
                       f"{cfg.max_prompt_tokens} were cut from the left")
+    if cfg.guide == "revise" and not any(p.context.get("constraints") for p in prompts):
+        raise UserError("--guide revise edits answers to meet their row's `constraints`, and no row has any "
+                        "(`llamakit generate-data constraints` writes them)", file=cfg.prompts)
     reward_fn = reward_fn or make_reward_fn(cfg.reward, prompts, cfg.prompts, cfg.reward_uncertainty_penalty)
     actor, ref_lm, tokenizer = _load_models(cfg, max(len(p.ids) for p in prompts), zero_stage(accelerator) == 3)
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from rlhf.config import PPOConfig
+from rlhf.guide import end_token, revise_groups
 from rlhf.objective import (
     gae,
     group_advantages,
@@ -75,12 +76,19 @@ class Experience:
     ref_logprobs: torch.Tensor  # [B, R] log π_ref(a_t)
     values: torch.Tensor | None  # [B, R] V_t, 0 on padding; None without a value model (grpo / rloo)
     raw_scores: torch.Tensor  # [B] the reward's scores, before the no-EOS penalty
+    guided: torch.Tensor  # [B] bool: a revised answer in place of a sample (--guide revise), not the policy's own
+
+    @property
+    def sampled(self) -> torch.Tensor:
+        """[B] bool: the rows the policy sampled, which the step's KL, entropy and score statistics read."""
+        return ~self.guided
 
     def samples(self, step: int, n: int) -> list[dict[str, Any]]:
-        """The first `n` prompt / response / score rows, for samples.jsonl."""
+        """The first `n` prompt / response / score rows, for samples.jsonl (a revised answer marked so)."""
         r = self.rollout
         return [{"step": step, "prompt": self.prompts[i].text, "response": r.responses_text[i],
-                 "score": float(self.raw_scores[i]), "finish_reason": r.finish_reasons[i]}
+                 "score": float(self.raw_scores[i]), "finish_reason": r.finish_reasons[i],
+                 **({"source": "revised"} if self.guided[i] else {})}
                 for i in range(min(n, len(self.prompts)))]
 
 
@@ -138,7 +146,7 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
                 # ---- 5. KL controller (log π_old is complete only now with cfg.logprobs_from_update) ----------
                 kl = token_kl(experience.logprobs, experience.ref_logprobs, mask)
                 kl_coef = kl_ctl.value
-                batch_kl = float(accelerator.reduce(kl.sum(1).mean(), "mean"))
+                batch_kl = float(accelerator.reduce(kl.sum(1)[experience.sampled].mean(), "mean"))
                 kl_ctl.update(batch_kl, cfg.rollout_size * world)
 
                 # ---- 6. log, samples, checkpoint ------------------------------------------------------------
@@ -167,8 +175,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
 
 
 def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
-    """Step 1: generate one response per prompt, then log π, V (with a value model), log π_ref on it, and
-    score it."""
+    """Step 1: generate one response per prompt (with --guide revise, then put each group's revised best answer
+    in place of its worst: rlhf/guide.py), then log π, V (with a value model), log π_ref on it, and score it."""
     cfg, actor = run.cfg, run.unwrapped
     with torch.no_grad(), autocast(run.accelerator, cfg.bf16):
         # the gather ends with generation: ZeRO-3's own hooks then fetch for the forwards below (a forward of a
@@ -176,6 +184,16 @@ def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
         with _gathered(run.accelerator, actor.lm, cfg.gather_for_generation):
             rollout = sample(actor.lm, run.tokenizer, [p.ids for p in prompts], cfg.max_new_tokens,
                              cfg.temperature, cfg.top_p, cfg.top_k)
+    texts, contexts = [p.text for p in prompts], [p.context for p in prompts]
+    guided = torch.zeros(len(prompts), dtype=torch.bool, device=run.accelerator.device)
+    raw_scores = None
+    if cfg.guide == "revise":  # the revised answers join their groups before any forward reads the rollout
+        raw_scores = score_rollout(run.reward_fn, texts, rollout.responses_text, rollout.finish_reasons,
+                                   run.accelerator.device, contexts)
+        rollout, raw_scores, guided = revise_groups(prompts, rollout, raw_scores, cfg.group_size, run.reward_fn,
+                                                    run.tokenizer, end_token(actor.lm, run.tokenizer),
+                                                    cfg.max_new_tokens)
+    with torch.no_grad(), autocast(run.accelerator, cfg.bf16):
         responses, ctx, group = rollout.responses, rollout.context_length, _prompt_group(run)
         if cfg.logprobs_from_update:  # ppo_update fills them in
             logprobs, values = torch.zeros(responses.shape, device=responses.device), None
@@ -184,11 +202,12 @@ def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
                                         responses, group)
         ref_logprobs = run.reference.logprobs(rollout.query_responses, rollout.attention_mask, ctx,
                                               cfg.temperature, responses, group)
-    raw_scores = score_rollout(run.reward_fn, [p.text for p in prompts], rollout.responses_text,
-                               rollout.finish_reasons, run.accelerator.device, [p.context for p in prompts])
+    if raw_scores is None:
+        raw_scores = score_rollout(run.reward_fn, texts, rollout.responses_text, rollout.finish_reasons,
+                                   run.accelerator.device, contexts)
     if values is not None:
         values = values * rollout.response_mask.float()
-    return Experience(prompts, rollout, logprobs, ref_logprobs, values, raw_scores)
+    return Experience(prompts, rollout, logprobs, ref_logprobs, values, raw_scores, guided)
 
 
 def ppo_update(run: Run, experience: Experience, advantages: torch.Tensor, returns: torch.Tensor | None,
@@ -264,16 +283,19 @@ def metrics_row(run: Run, step: int, experience: Experience, *, kl: torch.Tensor
                 update_stats: dict[str, torch.Tensor]) -> dict[str, Any]:
     """One metrics.jsonl row (TRL's names), averaged over processes."""
     accelerator, rollout = run.accelerator, experience.rollout
-    maskf = rollout.response_mask.float()
+    sampled = experience.sampled  # a revised answer (--guide revise) is not the policy's: its rows are left out
+    maskf = rollout.response_mask.float()[sampled]
+    logprobs, ref_logprobs = experience.logprobs[sampled], experience.ref_logprobs[sampled]
+    kl, scores = kl[sampled], scores[sampled]
     non_score_reward = -kl_coef * kl
     local = {
         "objective/kl": kl.sum(1).mean(),
-        "objective/kl_k3": kl_k3(experience.logprobs, experience.ref_logprobs).mul(maskf).sum(1).mean(),
-        "objective/entropy": (-experience.logprobs * maskf).sum(1).mean(),
+        "objective/kl_k3": kl_k3(logprobs, ref_logprobs).mul(maskf).sum(1).mean(),
+        "objective/entropy": (-logprobs * maskf).sum(1).mean(),
         "objective/non_score_reward": non_score_reward.sum(1).mean(),
         "objective/rlhf_reward": scores.mean() + non_score_reward.sum(1).mean(),
         "objective/scores": scores.mean(),
-        "objective/raw_scores": experience.raw_scores.mean(),
+        "objective/raw_scores": experience.raw_scores[sampled].mean(),
         "policy/approxkl_avg": update_stats["approxkl"].mean(),
         "policy/clipfrac_avg": update_stats["clipfrac"].mean(),
         "loss/policy_avg": update_stats["pg_loss"].mean(),
@@ -285,12 +307,14 @@ def metrics_row(run: Run, step: int, experience: Experience, *, kl: torch.Tensor
         "response/length_avg": maskf.sum(1).mean(),
         # the sampler's log-probs against the forward pass's: ~1e-5 when the rollout is on-policy
         # (bf16, top-p / top-k < 1 widen it: the sampler renormalises over the tokens it keeps)
-        "val/sampling_logprob_gap": (rollout.sample_logprobs - experience.logprobs).abs().mul(maskf).max(),
+        "val/sampling_logprob_gap": (rollout.sample_logprobs[sampled] - logprobs).abs().mul(maskf).max(),
     }
     reduced = accelerator.reduce(torch.stack([v.float().to(accelerator.device) for v in local.values()]), "mean")
     row: dict[str, Any] = {"step": step, "episode": step * run.cfg.rollout_size * accelerator.num_processes}
     row.update({k: float(v) for k, v in zip(local, reduced.tolist(), strict=True)})
-    row["val/num_eos_tokens"] = int(accelerator.reduce(rollout.contain_eos.sum(), "sum"))
+    row["val/num_eos_tokens"] = int(accelerator.reduce(rollout.contain_eos[sampled].sum(), "sum"))
+    if run.cfg.guide != "none":
+        row["guide/revised"] = int(accelerator.reduce(experience.guided.sum(), "sum"))
     row["objective/kl_coef"] = kl_coef
     row["lr"] = run.optimizer.param_groups[0]["lr"]
     return row

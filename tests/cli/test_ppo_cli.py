@@ -78,6 +78,38 @@ def test_critic_free_cli_writes_metrics_checkpoints_and_a_policy(tiny_llama_dir,
     assert last == f"error: --group-size: --algo {algo} needs at least 2 answers per prompt"
 
 
+def test_grpo_guided_by_revised_answers_trains_on_them_and_keeps_them_out_of_the_statistics(tiny_llama_dir,
+                                                                                             tmp_path):
+    prompts = tmp_path / "constraints.jsonl"
+    made = run_cli("generate-data", "constraints", "--prompts", FIXTURES / "alpaca-24.json", "--out", prompts,
+                   "--kinds", "lowercase,no_commas", "--per-prompt", "1", "--limit", "8", "--seed", "0")
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "guided"
+    proc = run_cli("rlhf", "--algo", "grpo", "--guide", "revise", "--group-size", "2", "--policy", tiny_llama_dir,
+                   "--reward", "rules:constraints", "--prompts", prompts, "--out", out, "--steps", "2",
+                   "--batch-size", "4", "--num-minibatches", "2", "--ppo-epochs", "1", "--max-new-tokens", "16",
+                   "--sample-every", "1", "--samples-per-step", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    revised = [r["guide/revised"] for r in rows]
+    assert sum(revised) >= 1 and all(0 <= n <= 4 for n in revised), revised  # at most one per group
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    marked = [s for s in samples if s.get("source") == "revised"]
+    assert len(marked) == sum(revised)  # every row of each step is in samples.jsonl
+    assert all(s["score"] > 0 and s["finish_reason"] == "stop" for s in marked)
+    for r, n in zip(rows, revised, strict=True):  # the statistics read the sampled rows only
+        sampled = [s for s in samples if s["step"] == r["step"] and s.get("source") != "revised"]
+        assert len(sampled) == 8 - n
+        assert r["objective/raw_scores"] == pytest.approx(sum(s["score"] for s in sampled) / len(sampled))
+    for settings, message in ((("--algo", "ppo"), "--guide: needs --algo grpo or rloo"),
+                              (("--algo", "grpo", "--prompts", PROMPTS, "--reward", "rules:length"),
+                               "--guide revise edits answers to meet their row's `constraints`")):
+        bad = run_cli("rlhf", "--guide", "revise", "--policy", tiny_llama_dir, "--prompts", prompts, "--out",
+                      tmp_path / "bad", *settings)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr
+        assert message in bad.stderr.strip().splitlines()[-1]
+
+
 def test_rlhf_cli_bad_input_is_one_clear_line(tiny_llama_dir, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
