@@ -36,7 +36,7 @@ def end_token(lm, tokenizer) -> int:
 
 
 def revise_groups(prompts: Sequence[TokenizedPrompt], rollout: Rollout, scores: torch.Tensor, group_size: int,
-                  reward_fn: RewardFn, tokenizer, end_token: int, max_new_tokens: int
+                  reward_fn: RewardFn, tokenizer, eos_id: int, max_new_tokens: int
                   ) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
     """(rollout, scores, guided [B] bool): per group of `group_size` consecutive rows, the best answer (a finished
     one among equals) revised to meet its row's `constraints`; where the reward scores the revision higher and it
@@ -56,7 +56,7 @@ def revise_groups(prompts: Sequence[TokenizedPrompt], rollout: Rollout, scores: 
                          cut=rollout.finish_reasons[best] == "length")
         if edited is None:
             continue
-        tokens = tokenizer(edited, add_special_tokens=False).input_ids + [end_token]
+        tokens = tokenizer(edited, add_special_tokens=False).input_ids + [eos_id]
         if len(tokens) > max_new_tokens:
             continue
         worst = min((i for i in reversed(rows) if i != best), key=lambda i: float(scores[i]))
