@@ -660,7 +660,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     reused = reused_baseline(cfg, sources["baseline"], rows) if cfg.baseline_answers else None
     # transient: a failure half-way is one line on the terminal, not bars and a line
     with progress(transient=True) as bar:
-        # POLICY's log-probs of its own answers are taken teacher-forced, exactly as BASE's of the same answers
+        # POLICY's log-probs of its own answers: the sampler's, or teacher-forced as BASE's (recomputes_logprobs)
         recompute = recomputes_logprobs(cfg)
         policy = run_side("policy", sources["policy"], ids.get("policy"), cfg, prompts, bar, rm,
                           own_logprobs=why_no_kl is None and recompute)
