@@ -89,24 +89,44 @@ class Stages:
         """Start the jobs not done yet at once (one torch thread each; a lone job gets `self.threads`,
         0 = torch's default)."""
         pending = [job for job in jobs if not self.done(job[0])]
-        for name, _, _ in jobs:
+        self.run_graph([(*job, ()) for job in jobs], slots=max(1, len(pending)))
+
+    def run_graph(self, jobs: list[tuple[str, list[Any], Path | None, tuple[str, ...]]], slots: int) -> None:
+        """Run the jobs (name, args, stdout_json, after) at most `slots` at a time, each as soon as every stage it
+        comes after is done and a slot is free; among the ready ones, the first in the list goes first, so the
+        list orders them by priority (the longest chain first). With more than one slot every job gets one torch
+        thread: they share the 2 cores, and OpenMP threads spin against each other. A job after a stage that
+        failed never starts; the others finish, then the failures are raised together."""
+        for name, *_ in jobs:
             if self.done(name):
                 log(f"{name}: done before ({self.seconds.get(name, 0):.0f} s), skipped")
-        # two stages at once share the 2 cores: one torch thread each (OpenMP threads spin against each other)
-        threads = 1 if len(pending) > 1 else self.threads
+        pending = [job for job in jobs if not self.done(job[0])]
+        names = {job[0] for job in jobs}
+        for name, _, _, after in pending:
+            unknown = [a for a in after if a not in names and not self.done(a)]
+            if unknown:
+                raise ValueError(f"stage {name} comes after {unknown}, which are neither done nor in the graph")
+        threads = 1 if slots > 1 else self.threads
         logs = self.out / "logs"
         logs.mkdir(exist_ok=True)
-        running = {}
-        for name, args, stdout_json in pending:
-            args = [str(a) for a in args]
-            log(f"{name}: llamakit {' '.join(args)}")
-            process = self._fork_server().Process(target=_run_stage, args=(args, str(logs), name, threads),
-                                                  name=name)
-            process.start()
-            running[process.sentinel] = (name, args, stdout_json, process, time.perf_counter())
-        failed = []
-        while running:
-            for sentinel in wait(list(running)):  # whichever stage ends first: its own wall time
+        running: dict[Any, tuple[str, list[str], Path | None, Any, float]] = {}
+        failed: list[str] = []
+        while pending or running:
+            while not failed and len(running) < slots:
+                ready = next((job for job in pending if all(self.done(a) for a in job[3])), None)
+                if ready is None:
+                    break
+                pending.remove(ready)
+                name, args, stdout_json, _ = ready
+                args = [str(a) for a in args]
+                log(f"{name}: llamakit {' '.join(args)}")
+                process = self._fork_server().Process(target=_run_stage, args=(args, str(logs), name, threads),
+                                                      name=name)
+                process.start()
+                running[process.sentinel] = (name, args, stdout_json, process, time.perf_counter())
+            if not running:
+                break  # what is left waits on a stage that failed
+            for sentinel in wait(list(running), timeout=None)[:1]:  # one at a time: a freed slot starts the next
                 name, args, stdout_json, process, start = running.pop(sentinel)
                 process.join()
                 seconds = time.perf_counter() - start
@@ -125,3 +145,5 @@ class Stages:
                 log(f"{name}: {seconds:.0f} s")
         if failed:
             raise SystemExit("\n".join(failed))
+        if pending:
+            raise ValueError(f"stages {[job[0] for job in pending]} wait on each other")
