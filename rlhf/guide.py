@@ -41,6 +41,7 @@ def revise_groups(prompts: Sequence[TokenizedPrompt], rollout: Rollout, scores: 
     """(rollout, scores, guided [B] bool): per group of `group_size` consecutive rows, the best answer (a finished
     one among equals) revised to meet its row's `constraints`; where the reward scores the revision higher and it
     fits `max_new_tokens`, it replaces the lowest-scoring answer (the last among equals)."""
+    from toolkit.generation import pad_token_id
     from toolkit.revise import improve
 
     replaced: dict[int, tuple[list[int], str]] = {}
@@ -73,7 +74,7 @@ def revise_groups(prompts: Sequence[TokenizedPrompt], rollout: Rollout, scores: 
             scores[worst] = score
     guided = torch.zeros(len(prompts), dtype=torch.bool, device=scores.device)
     guided[list(replaced)] = True
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     return replace_responses(rollout, replaced, pad_id), scores, guided
 
 

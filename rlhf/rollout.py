@@ -113,7 +113,7 @@ class Rollout:
 def sample(lm, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
            top_p: float = 1.0, top_k: int = 0) -> Rollout:
     """Generate one response per prompt (batched, KV cache, stop on EOS) and lay the batch out as tensors."""
-    from toolkit.generation import SamplingParams, eos_token_ids, generate, left_pad
+    from toolkit.generation import SamplingParams, eos_token_ids, generate, left_pad, pad_token_id
 
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)]
     try:
@@ -124,7 +124,7 @@ def sample(lm, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temp
                             "lower --learning-rate and resume from the last checkpoint") from None
         raise
     device = next(lm.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     eos = eos_token_ids(lm, tokenizer)
     queries, query_mask = left_pad(prompt_ids, pad_id)
     R = max(1, max(len(c.token_ids) for c in completions))

@@ -545,7 +545,9 @@ def _step_indices(run: _Run, step: int) -> list[list[int]]:
 
 
 def _batch(run: _Run, pairs: list[PairTokens], indices: list[int]) -> dict[str, torch.Tensor]:
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    from toolkit.generation import pad_token_id
+
+    pad_id = pad_token_id(run.tokenizer)
     tensors = collate_pairs([pairs[i] for i in indices], pad_id, run.shared)
     return {k: v.to(run.accelerator.device) for k, v in tensors.items()}
 

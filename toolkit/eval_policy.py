@@ -475,7 +475,9 @@ def _with_model(source: Source, cfg: EvalConfig, work: Callable[[Any, Any], Any]
 
 def _logprobs(side: Side, model: Any, tokenizer: Any, ids: Sequence[list[int]], of: Sequence[Answer],
               cfg: EvalConfig, bar: Any) -> None:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    from toolkit.generation import pad_token_id
+
+    pad_id = pad_token_id(tokenizer)
     side.logprobs = answer_logprobs(model, pad_id, ids, [a.token_ids for a in of], cfg.temperature,
                                     _task(bar, f"log-probs ({side.name})", len(of)))
 

@@ -99,6 +99,12 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id a batch pads with: the tokenizer's pad token (`load_tokenizer` sets it to EOS where a model has
+    none), else 0; padded positions are masked, so the id only has to be a valid one."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -258,7 +264,7 @@ def generate(model, tokenizer, prompts: Sequence[Sequence[int]], params: Sequenc
     for p in params:
         check_params(p)
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     eos = torch.tensor(sorted(eos_token_ids(model, tokenizer)) or [pad_id], device=device)
     watchers = [_StopWatcher(tokenizer, p.stop) for p in params]
     watch = [bool(p.stop) or on_text is not None for p in params]

@@ -181,10 +181,11 @@ def _measurer(cfg: InterpolateConfig, ids: list[list[int]], model: Any, tokenize
     answer's log-ratios: θ_w's from the sampler, BASE's teacher-forced), the same seeds at every weight."""
     from toolkit.console import progress
     from toolkit.eval_policy import answer_logprobs, generate_local, row_seed, standard_error
+    from toolkit.generation import pad_token_id
 
     ecfg = _eval_config(cfg)
     seeds = [row_seed(cfg.seed, k) for k in range(len(ids))]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
 
     def measure(weight: float) -> Measurement:
         with progress(transient=True) as bar:

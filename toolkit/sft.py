@@ -338,13 +338,14 @@ def _resume(accelerator: Accelerator, out: Path, unwrapped: torch.nn.Module, opt
 
 def _step_batches(run: _Run, step: int) -> tuple[list[dict[str, Any]], int]:
     """This process's micro-batches for optimizer step `step` (0-based), and their labelled tokens."""
+    from toolkit.generation import pad_token_id
     from toolkit.training.batches import step_micro_batches
 
     cfg, accelerator = run.cfg, run.accelerator
     indices = step_micro_batches(len(run.examples), step=step, steps_per_epoch=run.steps_per_epoch,
                                  batch_size=cfg.batch_size, accumulation=cfg.gradient_accumulation_steps,
                                  rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed)
-    pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(run.tokenizer)
     micro = [collate([run.examples[i] for i in b], pad_id, cfg.packing) for b in indices]
     return micro, sum(int((m["labels"][:, 1:] != IGNORE).sum()) for m in micro)
 
