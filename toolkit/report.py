@@ -23,6 +23,7 @@ from toolkit.io import read_existing
 
 STAGE_ORDER = ("instructions", "conversations", "preferences", "sft", "train-reward", "rlhf", "compare",
                "constraints", "rlhf-constraints", "eval-policy")
+ALGO_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO"}
 PPO_KEYS = (("objective/scores", "reward model score"), ("objective/rlhf_reward", "reward − KL penalty"),
             ("objective/kl", "KL to reference"), ("objective/entropy", "entropy"),
             ("policy/clipfrac_avg", "clip fraction"), ("val/num_eos_tokens", "responses with EOS"))
@@ -183,13 +184,16 @@ def _headline_section(run: Path, stages: list[dict]) -> Section | None:
             for label, key, digits in metrics if after.get(key) is not None]
     rows.append(["KL(after ‖ before)", "0", kl_text(summary), ""])
     rows += [[label, "", text, ""] for label, text in win_rows(summary)]
-    steps = next((s["result"].get("steps") for s in stages if s["stage"] == "rlhf-constraints"), "?")
+    trained = next((s["result"] for s in stages if s["stage"] == "rlhf-constraints"), {})
+    method = ALGO_NAMES.get(trained.get("algo", "ppo"), "RL") + (" (with revised answers)"
+                                                                 if trained.get("guide", "none") != "none" else "")
     blocks = [Block("text", f"{summary['prompts']} held-out instructions (no training stage saw them), one answer "
                             f"each at temperature {summary['temperature']}, at most {summary['max_new_tokens']} "
-                            f"tokens. Before: {before.get('model', '?')}. After: {steps} PPO steps on the checker "
-                            f"(rules:constraints) from it. Win rate: 95% Wilson interval, ties count ½. A run "
-                            f"this small shows the pipeline end to end; it is too short and too few prompts to "
-                            f"measure what training does to a model (docs/method-comparison.md does)."),
+                            f"tokens. Before: {before.get('model', '?')}. After: {trained.get('steps', '?')} "
+                            f"{method} steps on the checker (rules:constraints) from it. Win rate: 95% Wilson "
+                            f"interval, ties count ½. A run this small shows the pipeline end to end; it is too "
+                            f"short and too few prompts to measure what training does to a model "
+                            f"(docs/method-comparison.md does)."),
               Block("table", header=["held-out", "before", "after", "change"], rows=rows)]
     families = after.get("per_family") or {}
     if families:

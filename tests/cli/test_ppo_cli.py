@@ -27,7 +27,7 @@ def test_rlhf_cli_writes_a_complete_output_dir(tiny_llama_dir, tmp_path):
                    "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 2
+    assert summary["steps"] == 2 and (summary["algo"], summary["guide"]) == ("ppo", "none")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     for name in TRL_METRICS:

@@ -82,9 +82,11 @@ def test_constraints_slice_keeps_heldout_instructions_out_of_training(demo_run):
     assert max(len(p) for p in held | trained) <= CONSTRAINT_MAX_CHARS  # no page-long seed-task inputs
     pool = {r["prompt"] for r in read_existing(demo_run / "data" / "prompts.jsonl")}
     assert not held & pool
-    rollouts = {r["prompt"] for r in read_existing(demo_run / "ppo-constraints" / "samples.jsonl")}
+    rollouts = {r["prompt"] for r in read_existing(demo_run / "grpo-constraints" / "samples.jsonl")}
     train_prompts = {r["prompt"] for r in read_existing(demo_run / "data" / "constraint-train.jsonl")}
     assert rollouts and rollouts <= train_prompts
+    trained = json.loads((demo_run / "stages" / "rlhf-constraints.json").read_text())["result"]
+    assert (trained["algo"], trained["guide"]) == ("grpo", "revise")
     summary = json.loads((demo_run / "eval" / "summary.json").read_text())
     assert summary["prompts"] == len(held) and summary["kl"] is not None
     assert 0 <= summary["baseline"]["scorer"] <= 1 and 0 <= summary["policy"]["scorer"] <= 1
@@ -97,6 +99,7 @@ def test_report_opens_with_before_and_after_and_holds_its_plots(demo_run):
         assert f"<h2>{heading}" in html, heading
     assert html.index("<h2>Headline") < html.index("<h2>Stages")  # the report opens with before → after
     assert "constraints met" in html and "KL(after" in html
+    assert "GRPO (with revised answers) steps on the checker" in html
     assert html.count("data:image/png;base64,") >= 4  # self-contained: the plots are inside
     assert (demo_run / "report.md").read_text().startswith("# llamakit run report")
     pairs = read_existing(demo_run / "data" / "preferences.jsonl")
@@ -123,7 +126,7 @@ def test_a_failing_stage_is_one_line_with_its_reason_and_the_finished_stages_sta
     run = tmp_path / "run"
     shutil.copytree(demo_run, run)
     (run / "stages" / "eval-policy.json").unlink()
-    (run / "ppo-constraints" / "policy" / "config.json").unlink()  # the stage's input is no longer a model
+    (run / "grpo-constraints" / "policy" / "config.json").unlink()  # the stage's input is no longer a model
     failed = run_demo(run, demo_models)
     assert failed.returncode == 2
     last = failed.stderr.strip().splitlines()[-1]

@@ -44,10 +44,11 @@ def rlhf_cmd(as_json: bool, **settings) -> None:
     from toolkit.console import emit_json
 
     note_checkpoints_kept(settings["out"])
-    result = train(PPOConfig(**settings))
+    cfg = PPOConfig(**settings)
+    result = train(cfg)
     if as_json and result.policy_dir is not None:
-        emit_json({"out": str(result.out), "policy": str(result.policy_dir), "steps": result.step,
-                   "final": result.history[-1] if result.history else {}})
+        emit_json({"out": str(result.out), "policy": str(result.policy_dir), "algo": cfg.algo, "guide": cfg.guide,
+                   "steps": result.step, "final": result.history[-1] if result.history else {}})
 
 
 def note_checkpoints_kept(out: str) -> None:
