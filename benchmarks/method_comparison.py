@@ -271,7 +271,7 @@ def main() -> None:
               "learning_rate": args.learning_rate, "dpo_learning_rate": args.dpo_learning_rate,
               "dpo_beta": args.dpo_beta, "dpo_rpo_alpha": args.dpo_rpo_alpha, "lora_r": args.lora_r,
               "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty,
-              "parallel": args.parallel, "seconds": round(sum(stages.seconds.values()), 1),
+              "parallel": args.parallel, "stage_seconds_sum": round(sum(stages.seconds.values()), 1),
               "seconds_this_run": round(time.perf_counter() - started, 1), "load_avg": _loadavg(),
               "figure": str(figure), "out": str(out)}
     (out / "result.json").write_text(json.dumps(result, indent=1))

@@ -546,7 +546,8 @@ def main() -> None:
         "kl_budget": args.kl_budget, "max_new_tokens": size["new_tokens"],
         "temperature": args.temperature, "kl_coef": args.kl_coef, "learning_rate": args.learning_rate,
         "lora_r": args.lora_r, "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty,
-        "seconds": round(sum(stages.seconds.values()), 1),  # all stages, over resumed runs too
+        # every stage's own wall time added up, over resumed runs too: stages run side by side count each
+        "stage_seconds_sum": round(sum(stages.seconds.values()), 1),
         "seconds_this_run": round(time.perf_counter() - started, 1), "load_avg": _loadavg(), "figure": str(figure),
         "out": str(out),
     }
