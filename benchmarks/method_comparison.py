@@ -28,6 +28,8 @@ change over the base on the same prompts with its 95% interval.
         # pairs best against worst of the policy's own answers, plain DPO (the default is the recipe: --revise, RPO)
     .venv/bin/python benchmarks/method_comparison.py --contrast --dpo-steps 150 --out /tmp/methods-contrast
         # contrast pairs too: DPO's gold at less KL (docs/method-comparison.md, "Contrast pairs")
+    .venv/bin/python benchmarks/method_comparison.py --guide revise --out /tmp/methods-guided
+        # GRPO and RLOO with each group's best answer edited to meet its constraints (`rlhf --guide revise`)
     .venv/bin/python benchmarks/method_comparison.py --tiny --out DIR        # tiny random LLaMA: tests only
 """
 
@@ -97,7 +99,7 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
           "--max-prompt-tokens", 384, "--seed", args.seed, "--overwrite", "--json"]
     critic_free = ["--reward", "rules:constraints", "--steps", budget["rl_steps"], "--batch-size",
                    budget["rl_prompts"], "--group-size", budget["group_size"],
-                   "--samples-per-step", budget["rl_prompts"] * budget["group_size"]]
+                   "--samples-per-step", budget["rl_prompts"] * budget["group_size"], "--guide", args.guide]
     base, after_dpo = ["--policy", data.policy], ["--policy", out / "dpo" / "policy"]
 
     def critic_free_run(algo: str, name: str, policy: list[Any]) -> tuple[str, list[Any], None]:
@@ -229,6 +231,10 @@ def main() -> None:
     parser.add_argument("--ppo-steps", type=int, default=None, help="steps of the PPO arms (mode's default; full: "
                         "12; the best run inside 5 nats after C1 was 8 with --ppo-epochs 4)")
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--guide", choices=("none", "revise"), default="none", help="GRPO and RLOO (grpo, rloo, "
+                        "dpo_grpo): `rlhf --guide revise` puts each group's best answer, edited by code to meet its "
+                        "constraints, in place of the group's worst (docs/method-comparison.md: GRPO from the base "
+                        "+13.8 points with it, +7.7 without, at 7.9 and 3.0 nats)")
     parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/method-comparison.png)")
     args = parser.parse_args()
 
@@ -270,7 +276,7 @@ def main() -> None:
               "max_new_tokens": size["new_tokens"], "temperature": args.temperature, "kl_coef": args.kl_coef,
               "learning_rate": args.learning_rate, "dpo_learning_rate": args.dpo_learning_rate,
               "dpo_beta": args.dpo_beta, "dpo_rpo_alpha": args.dpo_rpo_alpha, "lora_r": args.lora_r,
-              "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty,
+              "ppo_epochs": args.ppo_epochs, "missing_eos_penalty": args.missing_eos_penalty, "guide": args.guide,
               "parallel": args.parallel, "stage_seconds_sum": round(sum(stages.seconds.values()), 1),
               "seconds_this_run": round(time.perf_counter() - started, 1), "load_avg": _loadavg(),
               "figure": str(figure), "out": str(out)}

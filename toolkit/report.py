@@ -191,9 +191,8 @@ def _headline_section(run: Path, stages: list[dict]) -> Section | None:
                             f"each at temperature {summary['temperature']}, at most {summary['max_new_tokens']} "
                             f"tokens. Before: {before.get('model', '?')}. After: {trained.get('steps', '?')} "
                             f"{method} steps on the checker (rules:constraints) from it. Win rate: 95% Wilson "
-                            f"interval, ties count ½. A run this small shows the pipeline end to end; it is too "
-                            f"short and too few prompts to measure what training does to a model "
-                            f"(docs/method-comparison.md does)."),
+                            f"interval, ties count ½. This few prompts tell a large change from noise, not a small "
+                            f"one; benchmarks/rlhf_effect.py measures on 400 (docs/rlhf-effect.md)."),
               Block("table", header=["held-out", "before", "after", "change"], rows=rows)]
     families = after.get("per_family") or {}
     if families:

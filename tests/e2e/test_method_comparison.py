@@ -20,7 +20,15 @@ METHODS = ("base", "best_of_4", *TRAINED)
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("methods") / "run"
-    return out, one_json_line(run_tiny_benchmark(SCRIPT, out, "--contrast", "--ppo-steps", "1"))
+    return out, one_json_line(run_tiny_benchmark(SCRIPT, out, "--contrast", "--ppo-steps", "1", "--guide", "revise"))
+
+
+def test_guide_reaches_the_critic_free_runs_only(tiny_run):
+    out, result = tiny_run
+    assert result["guide"] == "revise"
+    guides = {m: json.loads((out / m / "run.json").read_text())["config"]["guide"] for m in TRAINED if m != "dpo"}
+    assert guides == {"ppo_rm": "none", "grpo": "revise", "rloo": "revise", "dpo_grpo": "revise", "dpo_ppo": "none",
+                      "dpo_ppo_rm": "none"}
 
 
 def test_one_entry_per_method_with_the_five_figures(tiny_run):
