@@ -72,7 +72,7 @@ FAST = Sizes(instructions=4, conversations=3, turns=2, candidates=2, preference_
              constraint_tokens=16)
 # The families an edit by code fixes (rlhf --guide revise), so a few GRPO steps can learn them from the edits: with
 # these, two demos' slices moved +17.7 points [+7.4, +28.0] and +9.4 [-3.9, +22.6] on 48 held-out prompts
-# (docs/demo.md), where 3 PPO steps on the old six families read -17 to +6 over eight runs. Keywords
+# (docs/demo.md). Keywords
 # (which no edit adds) and forbidden words (met by 93% of answers before training) only dilute the before → after;
 # bullets, JSON and quotes need more room than 40 tokens leave. The benchmark keeps all twelve families.
 CONSTRAINT_KINDS = "word_limit,no_commas,start_word,title,end_phrase,postscript,lowercase"
