@@ -72,9 +72,9 @@ FAST = Sizes(instructions=4, conversations=3, turns=2, candidates=2, preference_
              constraint_tokens=16)
 # The families an edit by code fixes (rlhf --guide revise), so a few GRPO steps can learn them from the edits: with
 # these, two demos' slices moved +17.7 points [+7.4, +28.0] and +9.4 [-3.9, +22.6] on 48 held-out prompts
-# (docs/demo.md). Keywords
-# (which no edit adds) and forbidden words (met by 93% of answers before training) only dilute the before → after;
-# bullets, JSON and quotes need more room than 40 tokens leave. The benchmark keeps all twelve families.
+# (docs/demo.md). Keywords (which no edit adds) and forbidden words (met by 93% of answers before training) only
+# dilute the before → after; bullets, JSON and quotes need more room than 40 tokens leave. The benchmark keeps all
+# twelve families.
 CONSTRAINT_KINDS = "word_limit,no_commas,start_word,title,end_phrase,postscript,lowercase"
 CONSTRAINT_GROUP = 4  # answers per prompt in the slice's GRPO
 CONSTRAINT_MAX_CHARS = 300  # some seed tasks carry a page of input; PPO and eval-policy cost grows with the prompt
