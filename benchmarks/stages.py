@@ -88,8 +88,7 @@ class Stages:
     def run_together(self, jobs: list[tuple[str, list[Any], Path | None]]) -> None:
         """Start the jobs not done yet at once (one torch thread each; a lone job gets `self.threads`,
         0 = torch's default)."""
-        pending = [job for job in jobs if not self.done(job[0])]
-        self.run_graph([(*job, ()) for job in jobs], slots=max(1, len(pending)))
+        self.run_graph([(*job, ()) for job in jobs], slots=max(1, sum(not self.done(job[0]) for job in jobs)))
 
     def run_graph(self, jobs: list[tuple[str, list[Any], Path | None, tuple[str, ...]]], slots: int) -> None:
         """Run the jobs (name, args, stdout_json, after) at most `slots` at a time, each as soon as every stage it

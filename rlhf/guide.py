@@ -74,8 +74,7 @@ def revise_groups(prompts: Sequence[TokenizedPrompt], rollout: Rollout, scores: 
             scores[worst] = score
     guided = torch.zeros(len(prompts), dtype=torch.bool, device=scores.device)
     guided[list(replaced)] = True
-    pad_id = pad_token_id(tokenizer)
-    return replace_responses(rollout, replaced, pad_id), scores, guided
+    return replace_responses(rollout, replaced, pad_token_id(tokenizer)), scores, guided
 
 
 def replace_responses(rollout: Rollout, new: dict[int, tuple[list[int], str]], pad_id: int) -> Rollout:

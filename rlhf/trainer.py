@@ -175,8 +175,8 @@ def train(cfg: PPOConfig, reward_fn: RewardFn | None = None,
 
 
 def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
-    """Step 1: generate one response per prompt (with --guide revise, then put each group's revised best answer
-    in place of its worst: rlhf/guide.py), then log π, V (with a value model), log π_ref on it, and score it."""
+    """Step 1: generate one response per prompt and score it (with --guide revise, then put each group's revised
+    best answer in place of its worst: rlhf/guide.py), then log π, V (with a value model) and log π_ref on it."""
     cfg, actor = run.cfg, run.unwrapped
     with torch.no_grad(), autocast(run.accelerator, cfg.bf16):
         # the gather ends with generation: ZeRO-3's own hooks then fetch for the forwards below (a forward of a
@@ -184,12 +184,10 @@ def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
         with _gathered(run.accelerator, actor.lm, cfg.gather_for_generation):
             rollout = sample(actor.lm, run.tokenizer, [p.ids for p in prompts], cfg.max_new_tokens,
                              cfg.temperature, cfg.top_p, cfg.top_k)
-    texts, contexts = [p.text for p in prompts], [p.context for p in prompts]
+    raw_scores = score_rollout(run.reward_fn, [p.text for p in prompts], rollout.responses_text,
+                               rollout.finish_reasons, run.accelerator.device, [p.context for p in prompts])
     guided = torch.zeros(len(prompts), dtype=torch.bool, device=run.accelerator.device)
-    raw_scores = None
     if cfg.guide == "revise":  # the revised answers join their groups before any forward reads the rollout
-        raw_scores = score_rollout(run.reward_fn, texts, rollout.responses_text, rollout.finish_reasons,
-                                   run.accelerator.device, contexts)
         rollout, raw_scores, guided = revise_groups(prompts, rollout, raw_scores, cfg.group_size, run.reward_fn,
                                                     run.tokenizer, end_token(actor.lm, run.tokenizer),
                                                     cfg.max_new_tokens)
@@ -202,9 +200,6 @@ def collect(run: Run, prompts: list[TokenizedPrompt]) -> Experience:
                                         responses, group)
         ref_logprobs = run.reference.logprobs(rollout.query_responses, rollout.attention_mask, ctx,
                                               cfg.temperature, responses, group)
-    if raw_scores is None:
-        raw_scores = score_rollout(run.reward_fn, texts, rollout.responses_text, rollout.finish_reasons,
-                                   run.accelerator.device, contexts)
     if values is not None:
         values = values * rollout.response_mask.float()
     return Experience(prompts, rollout, logprobs, ref_logprobs, values, raw_scores, guided)
