@@ -30,6 +30,9 @@ change over the base on the same prompts with its 95% interval.
         # contrast pairs too: DPO's gold at less KL (docs/method-comparison.md, "Contrast pairs")
     .venv/bin/python benchmarks/method_comparison.py --guide revise --out /tmp/methods-guided
         # GRPO and RLOO with each group's best answer edited to meet its constraints (`rlhf --guide revise`)
+    .venv/bin/python benchmarks/method_comparison.py --methods dpo_grpo --guide revise --contrast --heldout 400 \
+        --dpo-steps 85 --dpo-learning-rate 2.6e-4 --rl-steps 24 --out /tmp/dpo-guided-grpo
+        # one pipeline only (and the DPO it starts from): DPO, then GRPO with revised answers; no proxy RM
     .venv/bin/python benchmarks/method_comparison.py --tiny --out DIR        # tiny random LLaMA: tests only
 """
 
@@ -70,6 +73,9 @@ FIRST_WAVE = ("ppo_rm", "dpo", "grpo", "rloo")
 PIPELINES = ("dpo_grpo", "dpo_ppo", "dpo_ppo_rm")
 TRAINED = (*FIRST_WAVE, *PIPELINES)
 METHODS = ("base", "best_of_4", *TRAINED)
+NEEDS_RM = ("best_of_4", "ppo_rm", "dpo_ppo_rm")
+COLORS = dict(zip(METHODS, ("grey", "tab:purple", "tab:orange", "tab:blue", "tab:green", "tab:olive", "tab:cyan",
+                            "tab:red", "tab:pink"), strict=True))
 BEST_OF = 4
 
 # Training budgets per mode, on top of the data sizes. full: the recipe of docs/method-comparison.md (R6, G6, P1)
@@ -89,8 +95,9 @@ MODES = {**EFFECT_MODES, "full": {**EFFECT_MODES["full"], "train": 480, "heldout
 
 
 def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[str, Any], data: Data,
-                  out: Path) -> list[tuple[str, list[Any], None]]:
-    """One CLI command per trained method, all LoRA at the same rank on the same base and train prompts."""
+                  out: Path, methods: tuple[str, ...]) -> list[tuple[str, list[Any], None]]:
+    """One CLI command per trained method of `methods`, all LoRA at the same rank on the same base and train
+    prompts."""
     lora = ["--lora", "--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r]
     rl = ["--prompts", data.train_prompts, "--max-new-tokens", size["new_tokens"],
           "--temperature", args.temperature, *lora, "--learning-rate", args.learning_rate,
@@ -109,7 +116,7 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
         return name, ["rlhf", "--reward", reward, "--out", out / name, "--steps", budget["ppo_steps"], "--batch-size",
                       budget["ppo_batch"], "--samples-per-step", budget["ppo_batch"], *policy, *rl], None
 
-    return [
+    jobs = [
         ppo_run("ppo_rm", data.rm_dir, base),
         ("dpo", dpo_command(data, out, lora_r=args.lora_r, learning_rate=args.dpo_learning_rate, beta=args.dpo_beta,
                             rpo_alpha=args.dpo_rpo_alpha, epochs=budget["dpo_epochs"], max_steps=budget["dpo_steps"],
@@ -120,18 +127,23 @@ def training_jobs(args: argparse.Namespace, size: dict[str, Any], budget: dict[s
         ppo_run("dpo_ppo", "rules:constraints", after_dpo),
         ppo_run("dpo_ppo_rm", data.rm_dir, after_dpo),
     ]
+    return [job for job in jobs if job[0] in methods]
 
 
-def eval_jobs(args: argparse.Namespace, size: dict[str, Any], data: Data, out: Path) -> list[tuple[str, list, Path]]:
-    """Each trained policy against the base on the held-out prompts; best-of-4 of the base alone (--best-of
-    applies to both sides of an eval-policy run, so the base's single samples come from the other runs)."""
-    common = ["--prompts", data.held_prompts, "--scorer", "rules:constraints", "--reward", data.rm_dir,
+def eval_jobs(args: argparse.Namespace, size: dict[str, Any], data: Data, out: Path,
+              methods: tuple[str, ...]) -> list[tuple[str, list, Path]]:
+    """Each trained policy of `methods` against the base on the held-out prompts; best-of-4 of the base alone
+    (--best-of applies to both sides of an eval-policy run, so the base's single samples come from the other
+    runs). The proxy RM scores every answer where it was trained."""
+    reward = ["--reward", data.rm_dir] if any(m in NEEDS_RM for m in methods) else []
+    common = ["--prompts", data.held_prompts, "--scorer", "rules:constraints", *reward,
               "--temperature", args.temperature, "--max-new-tokens", size["eval_tokens"], "--batch-size", 32,
               "--seed", args.seed, "--overwrite", "--json", *(["--bf16"] if args.bf16 else [])]
     jobs = [(f"eval_{m}", ["eval-policy", out / m / "policy", "--baseline", data.policy, "--out",
-                           out / f"eval-{m}", *common], out / f"eval-{m}.json") for m in TRAINED]
-    jobs.append(("eval_best_of_4", ["eval-policy", data.policy, "--best-of", BEST_OF, "--out", out / "eval-best_of_4",
-                                    *common], out / "eval-best_of_4.json"))
+                           out / f"eval-{m}", *common], out / f"eval-{m}.json") for m in TRAINED if m in methods]
+    if "best_of_4" in methods:
+        jobs.append(("eval_best_of_4", ["eval-policy", data.policy, "--best-of", BEST_OF, "--out",
+                                        out / "eval-best_of_4", *common], out / "eval-best_of_4.json"))
     return jobs
 
 
@@ -146,31 +158,35 @@ def paired_change(policy: dict[str, float], base: dict[str, float]) -> dict[str,
     return paired_points([100 * (policy[k] - base[k]) for k in policy if k in base])
 
 
-def summarize(out: Path, stages: Stages) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Per method {gold, kl, mean_length, seconds, peak_rss_mb}; the paired gold changes; per family."""
-    evals = {m: json.loads((out / f"eval-{m}.json").read_text()) for m in (*TRAINED, "best_of_4")}
-    first = evals[TRAINED[0]]
-    base_answers = answers_by_prompt(out / f"eval-{TRAINED[0]}" / "answers.jsonl", "baseline")
-    methods: dict[str, Any] = {"base": {"gold": _r(first["baseline"]["scorer"]), "kl": 0.0,
+def summarize(out: Path, stages: Stages, methods: tuple[str, ...]
+              ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Per method of `methods` (base first) {gold, kl, mean_length, seconds, peak_rss_mb}; the paired gold
+    changes; per family."""
+    trained = [m for m in TRAINED if m in methods]
+    compared = [m for m in METHODS if m in methods and m != "base"]
+    evals = {m: json.loads((out / f"eval-{m}.json").read_text()) for m in compared}
+    first = evals[trained[0]]
+    base_answers = answers_by_prompt(out / f"eval-{trained[0]}" / "answers.jsonl", "baseline")
+    results: dict[str, Any] = {"base": {"gold": _r(first["baseline"]["scorer"]), "kl": 0.0,
                                         "mean_length": _r(first["baseline"]["words"], 1), "seconds": None,
                                         "peak_rss_mb": None}}
     change: dict[str, Any] = {}
-    for m in ("best_of_4", *TRAINED):
+    for m in compared:
         ev = evals[m]
         kl = ev["best_of_kl_bound"] if m == "best_of_4" else ev["kl"]
-        methods[m] = {"gold": _r(ev["policy"]["scorer"]), "kl": _r(kl), "mean_length": _r(ev["policy"]["words"], 1),
+        results[m] = {"gold": _r(ev["policy"]["scorer"]), "kl": _r(kl), "mean_length": _r(ev["policy"]["words"], 1),
                       "seconds": stages.seconds.get(m), "peak_rss_mb": stages.peak_rss_mb.get(m)}
         change[m] = paired_change(answers_by_prompt(out / f"eval-{m}" / "answers.jsonl", "policy"), base_answers)
     # every eval-policy run answered the base with the same per-prompt seeds: their base golds must agree
-    base_golds = {m: evals[m]["baseline"]["scorer"] for m in TRAINED}
+    base_golds = {m: evals[m]["baseline"]["scorer"] for m in trained}
     if max(base_golds.values()) - min(base_golds.values()) > 1e-9:
         log(f"note: the base's held-out gold differs between eval runs: {base_golds}")
     families = sorted(first["baseline"]["per_family"])
     per_family = {f: {"n": first["baseline"]["family_answers"].get(f, 0),
                       "base": _r(first["baseline"]["per_family"].get(f)),
-                      **{m: _r(evals[m]["policy"]["per_family"].get(f)) for m in ("best_of_4", *TRAINED)}}
+                      **{m: _r(evals[m]["policy"]["per_family"].get(f)) for m in compared}}
                   for f in families}
-    return methods, change, per_family
+    return results, change, per_family
 
 
 def plot(path: Path, methods: dict[str, Any], change: dict[str, Any], title: str) -> None:
@@ -180,7 +196,7 @@ def plot(path: Path, methods: dict[str, Any], change: dict[str, Any], title: str
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    names = list(METHODS)
+    names = list(methods)
     golds = [methods[m]["gold"] for m in names]
     errors = [[0.0] * len(names), [0.0] * len(names)]
     for i, m in enumerate(names):
@@ -188,9 +204,7 @@ def plot(path: Path, methods: dict[str, Any], change: dict[str, Any], title: str
         if ci:  # the paired interval of the change, drawn around the method's own gold
             errors[0][i] = max(0.0, golds[i] - (methods["base"]["gold"] + ci[0] / 100))
             errors[1][i] = max(0.0, methods["base"]["gold"] + ci[1] / 100 - golds[i])
-    left.bar(names, golds, yerr=errors, capsize=4, color=["grey", "tab:purple", "tab:orange", "tab:blue",
-                                                           "tab:green", "tab:olive", "tab:cyan", "tab:red",
-                                                           "tab:pink"])
+    left.bar(names, golds, yerr=errors, capsize=4, color=[COLORS[m] for m in names])
     left.tick_params(axis="x", labelrotation=20)
     left.axhline(methods["base"]["gold"], color="grey", ls=":")
     left.set_ylim(0, 1)
@@ -209,6 +223,19 @@ def plot(path: Path, methods: dict[str, Any], change: dict[str, Any], title: str
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def chosen_methods(parser: argparse.ArgumentParser, names: str) -> tuple[str, ...]:
+    """--methods as a tuple in METHODS' order, the base and (for a pipeline) dpo added; refused in one line when a
+    name is unknown or nothing is trained."""
+    chosen = {name.strip() for name in names.split(",") if name.strip()}
+    unknown = sorted(chosen - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS[1:])})")
+    if not chosen & set(TRAINED):
+        parser.error(f"--methods: name at least one trained method ({', '.join(TRAINED)})")
+    chosen |= {"base", *(["dpo"] if chosen & set(PIPELINES) else [])}
+    return tuple(m for m in METHODS if m in chosen)
 
 
 def main() -> None:
@@ -235,21 +262,28 @@ def main() -> None:
                         "dpo_grpo): `rlhf --guide revise` puts each group's best answer, edited by code to meet its "
                         "constraints, in place of the group's worst (docs/method-comparison.md: GRPO from the base "
                         "+13.8 points with it, +7.7 without, at 7.9 and 3.0 nats)")
+    parser.add_argument("--rl-steps", type=int, default=None, help="steps of the critic-free arms (grpo, rloo, "
+                        "dpo_grpo; mode's default; full: 12)")
+    parser.add_argument("--methods", default=",".join(METHODS[1:]), help="the methods to train and evaluate, "
+                        "comma-separated (default: all; the base always; a pipeline brings dpo; the proxy RM is "
+                        "trained only for best_of_4, ppo_rm and dpo_ppo_rm)")
     parser.add_argument("--plot", default="", help="also copy the figure here (e.g. docs/method-comparison.png)")
     args = parser.parse_args()
+    methods = chosen_methods(parser, args.methods)
 
     args.parallel = args.parallel or args.tiny
     name, size = sizes(args, MODES, ("train", "heldout", "candidates"))
-    overrides = {"dpo_steps": args.dpo_steps, "ppo_steps": args.ppo_steps}
+    overrides = {"dpo_steps": args.dpo_steps, "ppo_steps": args.ppo_steps, "rl_steps": args.rl_steps}
     budget = {**TRAINING[name], **{key: value for key, value in overrides.items() if value is not None}}
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="method-comparison-"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     stages = Stages(out, args.threads)
-    data = prepare(args, size, out, stages)
-    training = training_jobs(args, size, budget, data, out)
+    data = prepare(args, size, out, stages, train_reward=any(m in NEEDS_RM for m in methods))
+    training = training_jobs(args, size, budget, data, out, methods)
     first_wave = [job for job in training if job[0] in FIRST_WAVE]
-    for jobs in (first_wave, [job for job in training if job not in first_wave], eval_jobs(args, size, data, out)):
+    evaluations = eval_jobs(args, size, data, out, methods)
+    for jobs in (first_wave, [job for job in training if job not in first_wave], evaluations):
         if args.parallel:  # two at a time, one torch thread each
             for i in range(0, len(jobs), 2):
                 stages.run_together(jobs[i:i + 2])
@@ -258,20 +292,21 @@ def main() -> None:
                 stages.run(*job)
 
     leaks = leaked(data.held_prompts, data.train_prompts,
-                   [data.pairs, *(out / m / "samples.jsonl" for m in TRAINED if m != "dpo")])
+                   [data.pairs, *(out / m / "samples.jsonl" for m in TRAINED if m in methods and m != "dpo")])
     if leaks:
         raise SystemExit(f"{leaks} training inputs are held-out instructions or not from the train split")
-    methods, change, per_family = summarize(out, stages)
+    results, change, per_family = summarize(out, stages, methods)
     figure = out / "method-comparison.png"
-    plot(figure, methods, change, f"llamakit methods ({name}): {Path(data.policy).name}, "
+    plot(figure, results, change, f"llamakit methods ({name}): {Path(data.policy).name}, "
          f"{len(read_jsonl(data.held_prompts))} held-out prompts, LoRA r {args.lora_r}")
     if args.plot:
         Path(args.plot).write_bytes(figure.read_bytes())
-    result = {**methods, "gold_change": change, "per_family": per_family,
+    result = {**results, "gold_change": change, "per_family": per_family,
               "seconds_per_stage": stages.seconds, "peak_rss_mb_per_stage": stages.peak_rss_mb,
               "pairs": len(read_jsonl(data.pairs)), "train_prompts": len(read_jsonl(data.train_prompts)),
               "heldout_prompts": len(read_jsonl(data.held_prompts)), "heldout_in_training": leaks,
-              "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "budget": budget,
+              "mode": name, "policy": args.policy if not args.tiny else "tiny-llama", "methods": list(methods),
+              "budget": budget,
               "revise": args.revise, "contrast": args.contrast,
               "max_new_tokens": size["new_tokens"], "temperature": args.temperature, "kl_coef": args.kl_coef,
               "learning_rate": args.learning_rate, "dpo_learning_rate": args.dpo_learning_rate,

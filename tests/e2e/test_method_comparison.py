@@ -175,3 +175,25 @@ def test_gold_against_kl_takes_one_policy_s_evaluations_on_two_prompt_files_as_o
     (b / "summary.json").write_text(json.dumps({**other, "policy": {**other["policy"], "model": "another"}}))
     proc = gold_vs_kl(f"both={a}+{b}")
     assert proc.returncode != 0 and "evaluations differ in model" in proc.stderr
+
+
+def test_methods_trains_the_named_ones_and_the_dpo_a_pipeline_starts_from(tmp_path):
+    out = tmp_path / "run"
+    result = one_json_line(run_tiny_benchmark(SCRIPT, out, "--methods", "dpo_grpo", "--rl-steps", "1",
+                                              "--guide", "revise"))
+    assert result["methods"] == ["base", "dpo", "dpo_grpo"]
+    assert [m for m in METHODS if m in result] == ["base", "dpo", "dpo_grpo"]
+    assert set(result["gold_change"]) == {"dpo", "dpo_grpo"}
+    assert set(result["per_family"]["lowercase"]) == {"n", "dpo", "dpo_grpo"} | {"base"}
+    assert not (out / "rm").exists()  # no method named reads the proxy RM: it is not trained
+    assert json.loads((out / "eval-dpo_grpo" / "summary.json").read_text())["reward_model"] is None
+    run = json.loads((out / "dpo_grpo" / "run.json").read_text())
+    assert run["steps_done"] == 1 and Path(run["config"]["policy"]) == out / "dpo" / "policy"
+    assert not any((out / m).exists() for m in ("grpo", "rloo", "ppo_rm", "eval-best_of_4"))
+
+
+@pytest.mark.parametrize("methods, message", [("dpo,ppo", "unknown ppo"), ("best_of_4", "at least one trained")])
+def test_methods_refuses_what_it_cannot_run(tmp_path, methods, message):
+    proc = run_tiny_benchmark(SCRIPT, tmp_path / "run", "--methods", methods)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "run").exists()
