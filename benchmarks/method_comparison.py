@@ -168,8 +168,8 @@ def summarize(out: Path, stages: Stages, methods: tuple[str, ...]
     first = evals[trained[0]]
     base_answers = answers_by_prompt(out / f"eval-{trained[0]}" / "answers.jsonl", "baseline")
     results: dict[str, Any] = {"base": {"gold": _r(first["baseline"]["scorer"]), "kl": 0.0,
-                                        "mean_length": _r(first["baseline"]["words"], 1), "seconds": None,
-                                        "peak_rss_mb": None}}
+                                         "mean_length": _r(first["baseline"]["words"], 1), "seconds": None,
+                                         "peak_rss_mb": None}}
     change: dict[str, Any] = {}
     for m in compared:
         ev = evals[m]
