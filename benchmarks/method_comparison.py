@@ -211,7 +211,7 @@ def plot(path: Path, methods: dict[str, Any], change: dict[str, Any], title: str
     left.set_ylabel("held-out gold: share of constraints met")
     left.set_title("gold per method (bars: 95% interval of the paired change)")
     for m in names:
-        right.scatter(methods[m]["kl"], methods[m]["gold"], s=40)
+        right.scatter(methods[m]["kl"], methods[m]["gold"], s=40, color=COLORS[m])
         right.annotate(m, (methods[m]["kl"], methods[m]["gold"]), fontsize=8, xytext=(4, 4),
                        textcoords="offset points")
     right.set_xlabel("KL(policy ‖ base), nats per answer")
@@ -298,7 +298,8 @@ def main() -> None:
     results, change, per_family = summarize(out, stages, methods)
     figure = out / "method-comparison.png"
     plot(figure, results, change, f"llamakit methods ({name}): {Path(data.policy).name}, "
-         f"{len(read_jsonl(data.held_prompts))} held-out prompts, LoRA r {args.lora_r}")
+         f"{len(read_jsonl(data.held_prompts))} held-out prompts, LoRA r {args.lora_r}"
+         + (f", GRPO/RLOO --guide {args.guide}" if args.guide != "none" else ""))
     if args.plot:
         Path(args.plot).write_bytes(figure.read_bytes())
     result = {**results, "gold_change": change, "per_family": per_family,
