@@ -187,12 +187,13 @@ def heldout_accuracy(policy_dirs: list[str], args, heldout: Path) -> list[dict[s
     import torch
 
     from toolkit.dpo import collate, concatenated_logps, dpo_loss, load_pairs
+    from toolkit.generation import pad_token_id
     from toolkit.models import load_causal_lm
 
     torch.set_num_threads(args.threads)
     reference, tokenizer = load_causal_lm(args.model_path)
     pairs, _ = load_pairs(str(heldout), tokenizer, args.max_length, args.max_prompt_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     batches = [collate(pairs[i:i + args.batch_size], pad_id) for i in range(0, len(pairs), args.batch_size)]
     with torch.inference_mode():
         ref = [concatenated_logps(reference, batch) for batch in batches]

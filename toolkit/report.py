@@ -185,8 +185,8 @@ def _headline_section(run: Path, stages: list[dict]) -> Section | None:
     rows.append(["KL(after ‖ before)", "0", kl_text(summary), ""])
     rows += [[label, "", text, ""] for label, text in win_rows(summary)]
     trained = next((s["result"] for s in stages if s["stage"] == "rlhf-constraints"), {})
-    method = ALGO_NAMES.get(trained.get("algo", "ppo"), "RL") + (" (with revised answers)"
-                                                                 if trained.get("guide", "none") != "none" else "")
+    guided = " (with revised answers)" if trained.get("guide", "none") != "none" else ""
+    method = ALGO_NAMES.get(trained.get("algo", "ppo"), "RL") + guided
     blocks = [Block("text", f"{summary['prompts']} held-out instructions (no training stage saw them), one answer "
                             f"each at temperature {summary['temperature']}, at most {summary['max_new_tokens']} "
                             f"tokens. Before: {before.get('model', '?')}. After: {trained.get('steps', '?')} "
